@@ -1,0 +1,88 @@
+"""The kill table: every negative control through the conformance suite.
+
+    python -m equivalence.killtable [--jobs N] [--out DIR] [-- extra pytest options]
+
+Runs `pytest equivalence/test_conformance.py --impl=equivalence.mutants:NAME` for the correct
+control and each mutant (N at a time), reads each conformance report, and prints which
+checks rejected which mutant. Exits 1 if any mutant survives or the correct control fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .mutants import MUTANTS, correct_control
+
+
+def run_one(name: str, out: Path, extra: list[str]) -> dict:
+    report = out / name
+    cmd = [
+        sys.executable, "-m", "pytest", "equivalence/test_conformance.py", "-q", "-p", "no:cacheprovider",
+        f"--impl=equivalence.mutants:{name}", f"--conformance-report={report}", "--hypothesis-profile=ci", *extra,
+    ]  # fmt: skip
+    started = time.perf_counter()
+    # one thread per run: the runs themselves fill the cores, and oversubscribed torch
+    # thread pools made each run ~8x slower on a 2-core machine
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    path = report / "report.json"
+    if not path.exists():  # the run broke before any check ran: show why
+        raise RuntimeError(f"{name}: no report (exit {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    data = json.loads(path.read_text())
+    failed = sorted({r["check"] for r in data["checks"] if r["outcome"] == "failed"})
+    return {"name": name, "conforms": data["conforms"], "killed_by": failed, "seconds": time.perf_counter() - started}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| implementation | the bug it stands for | rejected by | verdict |", "|---|---|---|---|"]
+    for r in rows:
+        doc = (MUTANTS.get(r["name"], correct_control).__doc__ or "").strip().splitlines()[0]
+        if r["name"] == "correct_control":
+            verdict = "passes (correct)" if r["conforms"] else "REJECTED: false alarm"
+        else:
+            verdict = "killed" if r["killed_by"] else "SURVIVED"
+        lines.append(f"| `{r['name']}` | {doc} | {', '.join(r['killed_by']) or '-'} | {verdict} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--jobs", type=int, default=2, help="pytest runs at a time (default 2)")
+    p.add_argument("--out", default=None, help="folder for the per-mutant reports and killtable.md")
+    p.add_argument("--only", nargs="*", default=None, help="run only these mutants")
+    args, extra = p.parse_known_args(argv)
+    extra = [a for a in extra if a != "--"]
+    names = ["correct_control", *(args.only or MUTANTS)]
+    out = Path(args.out or tempfile.mkdtemp(prefix="kdaverify-mutants-"))
+    print(f"running {len(names)} implementations through the conformance suite, {args.jobs} at a time", flush=True)
+    rows = []
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for r in pool.map(lambda n: run_one(n, out, extra), names):
+            status = "conforms" if r["conforms"] else f"rejected by {', '.join(r['killed_by'])}"
+            print(f"  {r['name']:<32} {r['seconds']:6.1f} s  {status}", flush=True)
+            rows.append(r)
+    text = table(rows)
+    print("\n" + text)
+    (out / "killtable.md").write_text("# Kill table\n\n" + text + "\n")
+    print(f"\nreports in {out}")
+    control_ok = rows[0]["conforms"]
+    survivors = [r["name"] for r in rows[1:] if not r["killed_by"]]
+    if not control_ok:
+        print("FAIL: the correct control was rejected: the suite raises a false alarm")
+    if survivors:
+        print(f"FAIL: {len(survivors)} wrong implementation(s) survived: {', '.join(survivors)}")
+    ok = control_ok and not survivors
+    print(f"{len(rows) - 1 - len(survivors)} killed, {len(survivors)} survived; correct control {'passed' if control_ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

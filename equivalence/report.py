@@ -1,0 +1,178 @@
+"""The conformance report: every check with pass / fail / not applicable, the worst errors
+measured with the budget each comparison used, and the smallest failing example Hypothesis
+found. A pytest plugin (registered by conftest.py) collects it; with --conformance-report=DIR
+it is written as report.json and report.md.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import hypothesis
+import torch
+
+from .tolerance import FACTOR, FLOOR_UNITS
+
+CONFORMANCE_TEST = "test_conformance"
+
+
+def parse_id(nodeid: str) -> tuple[str, str] | None:
+    """'...::test_conformance[causality-float32]' -> ('causality', 'float32')."""
+    m = re.search(CONFORMANCE_TEST + r"\[(.+)-([a-z0-9]+)\]$", nodeid)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def falsifying_example(text: str) -> str:
+    """The lines of a Hypothesis failure that rebuild the failing case."""
+    keep = [
+        ln.strip()
+        for ln in text.splitlines()
+        if ln.strip().startswith(("Falsifying example", "Draw 1:", "@reproduce_failure", "You can reproduce"))
+    ]
+    return "\n".join(keep)
+
+
+def failure_message(text: str) -> str:
+    """The AssertionError lines of a failure, without the traceback."""
+    lines = [ln[2:].strip() for ln in text.splitlines() if ln.startswith("E ")]
+    msg = [ln for ln in lines if ln and not ln.startswith(("+", "|", "Falsifying", "Draw", "@reproduce"))]
+    return "\n".join(msg[:8])
+
+
+def environment(impl) -> dict:
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "hypothesis": hypothesis.__version__,
+        "profile": hypothesis.settings.default._current_profile if hasattr(hypothesis.settings.default, "_current_profile") else None,
+        "device": str(impl.device),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    if impl.device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(impl.device)
+        env["cuda"] = torch.version.cuda
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
+
+
+class ConformanceReport:
+    """pytest plugin: one row per (check, dtype)."""
+
+    def __init__(self, impl, out_dir: str | None):
+        self.impl, self.out_dir = impl, out_dir
+        self.verdicts = defaultdict(list)
+        self.rows = {}
+        self.started = time.perf_counter()
+
+    def recorder(self, nodeid: str):
+        return self.verdicts[nodeid].append
+
+    def pytest_runtest_logreport(self, report):
+        key = parse_id(report.nodeid)
+        if key is None or (report.when != "call" and not report.skipped and not report.failed):
+            return
+        check, dtype = key
+        row = {"check": check, "dtype": dtype, "outcome": report.outcome, "seconds": round(report.duration, 3)}
+        if report.skipped:
+            row["outcome"] = "not applicable"
+            row["reason"] = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            row["reason"] = row["reason"].removeprefix("Skipped: ")
+        elif report.failed:
+            text = report.longreprtext
+            row["example"] = falsifying_example(text)
+            row["message"] = failure_message(text)
+        worst = max(self.verdicts.get(report.nodeid, []), key=lambda v: v.ratio, default=None)
+        if worst is not None:
+            row["worst"] = {
+                "what": worst.what,
+                "measured": vars(worst.measured),
+                "budget": vars(worst.budget),
+                "same_precision_reference": vars(worst.reference),
+                "budget_used": worst.ratio,
+            }
+        self.rows[(check, dtype)] = row
+
+    def as_dict(self) -> dict:
+        from .relations import CHECKS
+
+        rows = []
+        for (check, dtype), row in sorted(self.rows.items()):
+            rows.append(dict(row, description=CHECKS[check].description if check in CHECKS else ""))
+        counts = defaultdict(int)
+        for r in rows:
+            counts[r["outcome"]] += 1
+        return {
+            "implementation": self.impl.name,
+            "capabilities": self.impl.caps.declared(),
+            "environment": environment(self.impl),
+            "tolerance_rule": f"error <= {FACTOR:g} x same-precision reference error + {FLOOR_UNITS:g} unit roundoffs "
+            "of the output dtype, for relative RMS and relative max-abs error; NaN/Inf never passes",
+            "conforms": counts["failed"] == 0 and counts["passed"] > 0,
+            "counts": dict(counts),
+            "seconds": round(time.perf_counter() - self.started, 1),
+            "checks": rows,
+        }
+
+    def markdown(self, data: dict) -> str:
+        env = data["environment"]
+        lines = [
+            f"# Conformance report: `{data['implementation']}`",
+            "",
+            f"Verdict: **{'conforms' if data['conforms'] else 'does not conform'}** "
+            f"({', '.join(f'{v} {k}' for k, v in sorted(data['counts'].items()))}; {data['seconds']} s).",
+            "",
+            f"Environment: {', '.join(f'{k} {v}' for k, v in env.items() if v is not None)}.",
+            "",
+            f"Declared capabilities: `{json.dumps(data['capabilities'])}`.",
+            "",
+            f"Tolerance rule: {data['tolerance_rule']}.",
+            "",
+            "| check | dtype | outcome | worst comparison | measured (rel RMS / rel max) | budget | share of budget |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in data["checks"]:
+            w = r.get("worst")
+            if w:
+                m, b = w["measured"], w["budget"]
+                cells = f"{w['what']} | {m['rel_rms']:.2e} / {m['rel_max']:.2e} | {b['rel_rms']:.2e} / {b['rel_max']:.2e} | {w['budget_used']:.2f}"
+            else:
+                cells = "exact comparison | | |" if r["outcome"] != "not applicable" else f"{r.get('reason', '')} | | |"
+            lines.append(f"| {r['check']} | {r['dtype']} | {r['outcome']} | {cells} |")
+        failures = [r for r in data["checks"] if r["outcome"] == "failed"]
+        if failures:
+            lines += ["", "## Failures", ""]
+            for r in failures:
+                lines += [f"### {r['check']} [{r['dtype']}]", "", r["description"], "", "```", r.get("message", ""), r.get("example", ""), "```", ""]
+        lines += ["", "## Checks", ""]
+        from .relations import CHECKS
+
+        lines += [f"- `{c.name}`: {c.description}" for c in CHECKS.values()]
+        return "\n".join(lines) + "\n"
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if not self.rows:
+            return
+        data = self.as_dict()
+        tr = terminalreporter
+        tr.section(f"kdaverify conformance: {data['implementation']}")
+        for r in data["checks"]:
+            w = r.get("worst")
+            extra = f"  worst {w['what']}: {w['budget_used']:.2f} of budget" if w else ""
+            tr.write_line(f"{r['outcome']:>15}  {r['check']} [{r['dtype']}]{extra}")
+        tr.write_line(f"verdict: {'conforms' if data['conforms'] else 'DOES NOT CONFORM'}")
+        if self.out_dir:
+            out = Path(self.out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "report.json").write_text(json.dumps(data, indent=2) + "\n")
+            (out / "report.md").write_text(self.markdown(data))
+            tr.write_line(f"report written to {out / 'report.md'} and report.json")

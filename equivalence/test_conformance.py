@@ -1,0 +1,33 @@
+"""Every check of relations.py against the implementation under test (--impl; by default
+the project's own, see adapters.DEFAULT_IMPL), at each input dtype.
+
+A check whose capability or dtype the implementation does not declare is reported as not
+applicable (skipped with that reason), never as passed.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from .implementation import DTYPES
+from .relations import CHECKS, Harness
+from .strategies import CASE_FAMILIES
+
+PARAMS = [pytest.param(c, d, id=f"{c.name}-{d}") for c in CHECKS.values() for d in DTYPES]
+
+
+@pytest.mark.parametrize(("check", "dtype"), PARAMS)
+def test_conformance(impl, record, check, dtype):
+    if dtype not in impl.caps.dtypes:
+        pytest.skip(f"not applicable: {dtype} inputs not declared")
+    if check.needs and not getattr(impl.caps, check.needs):
+        pytest.skip(f"not applicable: {check.needs} not declared")
+    harness = Harness(impl, DTYPES[dtype], record)
+
+    @given(spec=CASE_FAMILIES[check.cases](impl.caps))
+    def run(spec):
+        check.fn(harness, spec)
+
+    run()

@@ -1,0 +1,77 @@
+"""kdaverify's sessions. `nox -l` lists them; heavy ones are not run by default.
+
+    nox -s verify [-- MODULE:FUNC [pytest options]]   conformance run and report (the main job)
+    nox -s tests                                      the CPU test suite (what CI runs)
+    nox -s mutants                                    negative controls and the kill table (CI too)
+    nox -s lint                                       ruff
+    nox -s fuzz [-- pytest options]                   the same tests under the deep Hypothesis profile
+
+The CPU sessions pin what the tests run against: torch 2.13.0 (CPU build) and triton 3.6.0,
+the Triton of the GPU machines. Override with the environment variables KDAVERIFY_TORCH and
+KDAVERIFY_TRITON (pip requirement strings, e.g. KDAVERIFY_TORCH="torch==2.11.0").
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import nox
+
+nox.options.sessions = ["tests", "lint"]
+nox.options.reuse_existing_virtualenvs = True
+
+TORCH = os.environ.get("KDAVERIFY_TORCH", "torch==2.13.0")
+TRITON = os.environ.get("KDAVERIFY_TRITON", "triton==3.6.0")
+PYTHON = os.environ.get("KDAVERIFY_PYTHON")  # None: the interpreter nox runs under
+REPORTS = "reports/conformance"
+
+
+def _install(session: nox.Session, *extras: str) -> None:
+    session.install(TORCH, TRITON)
+    session.install("-e", f".[{','.join(('test', *extras))}]")
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """The CPU test suite under the bounded `ci` Hypothesis profile, on 2 workers."""
+    _install(session)
+    # one torch thread per xdist worker: two workers already fill two cores
+    session.run("pytest", "-n", "2", "--hypothesis-profile=ci", *session.posargs, env={"OMP_NUM_THREADS": "1"})
+
+
+@nox.session(python=PYTHON)
+def verify(session: nox.Session) -> None:
+    """Oracle self-check, then the conformance suite against MODULE:FUNC (default: the
+    project's own implementation) with a markdown and JSON report in reports/conformance/."""
+    _install(session)
+    args = list(session.posargs)
+    target = args.pop(0) if args and not args[0].startswith("-") else None
+    session.run("python", "-m", "equivalence.selfcheck")
+    impl = target or "default"
+    out = f"{REPORTS}/{re.sub(r'[^A-Za-z0-9_.-]+', '-', impl)}"
+    cmd = ["pytest", "equivalence/test_conformance.py", f"--conformance-report={out}", "-q"]
+    if target:
+        cmd.append(f"--impl={target}")
+    session.run(*cmd, "--hypothesis-profile=ci", *args)
+
+
+@nox.session(python=PYTHON)
+def mutants(session: nox.Session) -> None:
+    """Every negative control through the conformance suite; prints the kill table and fails
+    if any wrong implementation survives or the correct control is rejected."""
+    _install(session)
+    session.run("python", "-m", "equivalence.killtable", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+
+
+@nox.session(python=PYTHON, default=False)
+def fuzz(session: nox.Session) -> None:
+    """The whole suite under the `deep` profile: many examples, for nightly runs."""
+    _install(session)
+    session.run("pytest", "-n", "auto", "--hypothesis-profile=deep", *session.posargs)

@@ -1,0 +1,41 @@
+"""The oracle: KDA and the DPLR delta rule by their definitions, and the chunkwise WY/UT
+algorithm written out plainly (DESIGN.md sections 3-4; arXiv 2510.26692v2).
+
+Tiers (DESIGN.md section 5): kda_recurrent_np is the gold (NumPy float64); kda_recurrent is
+its differentiable PyTorch twin; kda_chunkwise is the chunkwise algorithm kernels implement.
+Nothing here imports from kernels/.
+"""
+
+from .chunkwise import (
+    MATMUL_PRECISIONS,
+    chunk_decay,
+    compose_affine,
+    kda_chunkwise,
+    round_operand,
+    ut_transform,
+    wy_representation,
+)
+from .conventions import Dims, check_kda
+from .dplr import dplr_recurrent, dplr_recurrent_np, kda_as_dplr
+from .gates import beta_activation, kda_gate, l2norm
+from .kda import kda_recurrent, kda_recurrent_np
+
+__all__ = [
+    "MATMUL_PRECISIONS",
+    "Dims",
+    "beta_activation",
+    "check_kda",
+    "chunk_decay",
+    "compose_affine",
+    "dplr_recurrent",
+    "dplr_recurrent_np",
+    "kda_as_dplr",
+    "kda_chunkwise",
+    "kda_gate",
+    "kda_recurrent",
+    "kda_recurrent_np",
+    "l2norm",
+    "round_operand",
+    "ut_transform",
+    "wy_representation",
+]

@@ -37,3 +37,56 @@ reference_recurrent_kda = in_float32(kda_recurrent)
 reference_recurrent_kda.kdaverify_capabilities = Capabilities()
 
 DEFAULT_IMPL = "equivalence.adapters:reference_chunk_kda"
+
+
+# ---------------------------------------------------------------- flash-linear-attention
+
+FLA_DISPATCH_ENV = "FLA_DISABLE_BACKEND_DISPATCH"
+
+
+def _fla_kda():
+    """Import fla.ops.kda with fla's backend dispatch off, so its Triton kernels are what runs
+    (fla-core 0.6.0 otherwise routes some calls to FlashKDA or TileLang when installed).
+    fla reads the switch once, at import: importing it earlier without the switch is an error."""
+    import os
+    import sys
+
+    if "fla" in sys.modules and os.environ.get(FLA_DISPATCH_ENV) != "1":
+        raise RuntimeError(f"fla was imported before {FLA_DISPATCH_ENV}=1 was set; its backend dispatch may be on")
+    os.environ[FLA_DISPATCH_ENV] = "1"
+    try:
+        import fla.ops.kda as kda
+    except ImportError as e:
+        raise ImportError("the fla adapters need flash-linear-attention: pip install 'kdaverify[fla]'") from e
+    return kda
+
+
+# What fla-core 0.6.0's KDA kernels declare. chunk_kda's tl.dot calls take float32 operands
+# at Triton's default precision (TF32 on Ampere and newer: truncated operands, see
+# reference.round_operand) and bf16 operands for bf16 inputs;
+# fused_recurrent_kda does no dot products (fp32 FMA throughout). Both take GVA, cu_seqlens,
+# the in-kernel gate (A_log, dt_bias, lower_bound) and the in-kernel q/k L2 norm; K <= 256, and
+# tl.dot wants K, V >= 16, so the suite gives them 64 and 128 (the sizes models use).
+_FLA_CAPS = dict(head_sizes=(64, 128), gate_in_kernel=True, l2norm_in_kernel=True)
+
+
+def fla_chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, **kw):
+    """flash-linear-attention's chunk_kda (Triton path, dispatch off)."""
+    return _fla_kda().chunk_kda(
+        q, k, v, g, beta, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens, **kw,
+    )  # fmt: skip
+
+
+def fla_fused_recurrent_kda(
+    q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, **kw
+):
+    """flash-linear-attention's fused_recurrent_kda (Triton path, dispatch off)."""
+    return _fla_kda().fused_recurrent_kda(
+        q, k, v, g, beta, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens, **kw,
+    )  # fmt: skip
+
+
+fla_chunk_kda.kdaverify_capabilities = Capabilities(precision="tf32", **_FLA_CAPS)
+fla_fused_recurrent_kda.kdaverify_capabilities = Capabilities(precision="ieee", **_FLA_CAPS)

@@ -2,7 +2,7 @@
 profile and the conformance report.
 
     pytest equivalence --impl=MODULE:FUNC [--impl-dtypes=float32,bfloat16]
-        [--impl-head-sizes=64,128] [--impl-precision=ieee|tf32|bf16] [--impl-state-layout=KV|VK]
+        [--impl-head-sizes=64,128] [--impl-precision=ieee|tf32|tf32_rn|bf16] [--impl-state-layout=KV|VK]
         [--impl-gva=yes|no] [--impl-varlen=yes|no] [--impl-gate-in-kernel=yes|no]
         [--impl-l2norm-in-kernel=yes|no] [--impl-max-t=N] [--device=cpu|cuda]
         [--conformance-report=DIR]
@@ -16,7 +16,7 @@ import torch
 from .adapters import DEFAULT_IMPL
 from .implementation import load_implementation
 from .profiles import load_default
-from .report import ConformanceReport
+from .report import ConformanceReport, Recorder
 
 load_default()
 
@@ -28,7 +28,7 @@ def pytest_addoption(parser):
     g.addoption("--impl", default=DEFAULT_IMPL, help="MODULE:FUNC with the chunk_kda contract (default: %(default)s)")
     g.addoption("--impl-dtypes", default=None, help="comma list of input dtypes it accepts (float32,bfloat16,float16)")
     g.addoption("--impl-head-sizes", default=None, help="comma list of the K and V sizes it supports")
-    g.addoption("--impl-precision", default=None, choices=["ieee", "tf32", "bf16"], help="matmul precision class for fp32 inputs")
+    g.addoption("--impl-precision", default=None, choices=["ieee", "tf32", "tf32_rn", "bf16"], help="matmul precision class for fp32 inputs")
     g.addoption("--impl-state-layout", default=None, choices=["KV", "VK"], help="state layout it reads and returns")
     for flag in ("gva", "varlen", "gate-in-kernel", "l2norm-in-kernel"):
         g.addoption(f"--impl-{flag}", default=None, choices=sorted(_YESNO), help=f"declare {flag} support")
@@ -58,6 +58,8 @@ def _options(config) -> dict:
 def pytest_configure(config):
     device = config.getoption("--device") or ("cuda" if torch.cuda.is_available() else "cpu")
     config.kda_impl = load_implementation(config.getoption("--impl"), _options(config), device)
+    if hasattr(config, "workerinput"):
+        return  # a pytest-xdist worker: the controller collects its reports and writes the report
     config.kda_report = ConformanceReport(config.kda_impl, config.getoption("--conformance-report"))
     config.pluginmanager.register(config.kda_report, "kdaverify-report")
 
@@ -68,6 +70,6 @@ def impl(pytestconfig):
 
 
 @pytest.fixture
-def record(request, pytestconfig):
-    """Collects the Verdicts of one test for the conformance report."""
-    return pytestconfig.kda_report.recorder(request.node.nodeid)
+def record(request):
+    """Collects the Verdicts of one test; its worst goes to the conformance report."""
+    return Recorder(request.node)

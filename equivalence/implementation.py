@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PRECISIONS = ("ieee", "tf32", "bf16")
+PRECISIONS = ("ieee", "tf32", "tf32_rn", "bf16")
 LAYOUTS = ("KV", "VK")
 
 
@@ -31,7 +31,8 @@ class Capabilities:
     dtypes: input dtypes it accepts (o is returned in the input dtype).
     head_sizes: the K and V it supports, or None for any.
     precision: matmul precision class for float32 inputs: "ieee" (full fp32, the default),
-        "tf32" or "bf16" (operands rounded, fp32 accumulation). 16-bit inputs are always
+        "tf32" (operands truncated to tf32, as Triton's tl.dot does), "tf32_rn" (rounded to
+        tf32, as cuBLAS does) or "bf16"; fp32 accumulation in all. 16-bit inputs are always
         held to a bf16-operand reference.
     state_layout: "KV" ([N, HV, K, V], the convention) or "VK" ([N, HV, V, K]); the
         adapter transposes, it never guesses.

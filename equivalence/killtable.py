@@ -26,7 +26,7 @@ def run_one(name: str, out: Path, extra: list[str]) -> dict:
     report = out / name
     cmd = [
         sys.executable, "-m", "pytest", "equivalence/test_conformance.py", "-q", "-p", "no:cacheprovider",
-        f"--impl=equivalence.mutants:{name}", f"--conformance-report={report}", "--hypothesis-profile=ci", *extra,
+        f"--impl=equivalence.mutants:{name}", f"--conformance-report={report}", "--hypothesis-profile=mutants", *extra,
     ]  # fmt: skip
     started = time.perf_counter()
     # one thread per run: the runs themselves fill the cores, and oversubscribed torch

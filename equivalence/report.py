@@ -19,6 +19,28 @@ import torch
 from .tolerance import FACTOR, FLOOR_UNITS
 
 CONFORMANCE_TEST = "test_conformance"
+WORST = "kdaverify_worst"  # the user_properties key a test's worst comparison travels under
+
+
+class Recorder:
+    """Keeps the comparison of a test that used the largest share of its budget, and hands
+    it to the report through the test's user_properties (which also cross pytest-xdist)."""
+
+    def __init__(self, node):
+        self.node, self.worst = node, None
+
+    def __call__(self, verdict) -> None:
+        if self.worst is None or verdict.ratio >= self.worst.ratio:
+            self.worst = verdict
+            entry = {
+                "what": verdict.what,
+                "measured": vars(verdict.measured),
+                "budget": vars(verdict.budget),
+                "same_precision_reference": vars(verdict.reference),
+                "budget_used": verdict.ratio,
+            }
+            self.node.user_properties[:] = [p for p in self.node.user_properties if p[0] != WORST]
+            self.node.user_properties.append((WORST, entry))
 
 
 def parse_id(nodeid: str) -> tuple[str, str] | None:
@@ -27,21 +49,33 @@ def parse_id(nodeid: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
+def _error_lines(text: str) -> list[str]:
+    return [ln[1:].strip() for ln in text.splitlines() if ln.startswith("E")]
+
+
+def _example_start(lines: list[str]) -> int:
+    starts = ("Falsifying example", "Failing test case", "Draw 1:")
+    return next((i for i, ln in enumerate(lines) if ln.startswith(starts)), len(lines))
+
+
 def falsifying_example(text: str) -> str:
-    """The lines of a Hypothesis failure that rebuild the failing case."""
-    keep = [
-        ln.strip()
-        for ln in text.splitlines()
-        if ln.strip().startswith(("Falsifying example", "Draw 1:", "@reproduce_failure", "You can reproduce"))
-    ]
-    return "\n".join(keep)
+    """The lines of a Hypothesis failure that rebuild the failing case: the example up to its
+    closing parenthesis, and the @reproduce_failure blob."""
+    lines = _error_lines(text)
+    i = _example_start(lines)
+    keep = []
+    for ln in lines[i:]:
+        keep.append(ln)
+        if ln == ")":
+            break
+    keep += [ln for ln in lines if "reproduce_failure" in ln]
+    return " ".join(keep).replace("( ", "(").replace(" )", ")")
 
 
 def failure_message(text: str) -> str:
-    """The AssertionError lines of a failure, without the traceback."""
-    lines = [ln[2:].strip() for ln in text.splitlines() if ln.startswith("E ")]
-    msg = [ln for ln in lines if ln and not ln.startswith(("+", "|", "Falsifying", "Draw", "@reproduce"))]
-    return "\n".join(msg[:8])
+    """The assertion message of a failure, without the traceback and the example."""
+    lines = _error_lines(text)
+    return "\n".join(ln for ln in lines[: _example_start(lines)] if ln)[:2000]
 
 
 def environment(impl) -> dict:
@@ -70,12 +104,8 @@ class ConformanceReport:
 
     def __init__(self, impl, out_dir: str | None):
         self.impl, self.out_dir = impl, out_dir
-        self.verdicts = defaultdict(list)
         self.rows = {}
         self.started = time.perf_counter()
-
-    def recorder(self, nodeid: str):
-        return self.verdicts[nodeid].append
 
     def pytest_runtest_logreport(self, report):
         key = parse_id(report.nodeid)
@@ -91,16 +121,11 @@ class ConformanceReport:
             text = report.longreprtext
             row["example"] = falsifying_example(text)
             row["message"] = failure_message(text)
-        worst = max(self.verdicts.get(report.nodeid, []), key=lambda v: v.ratio, default=None)
-        if worst is not None:
-            row["worst"] = {
-                "what": worst.what,
-                "measured": vars(worst.measured),
-                "budget": vars(worst.budget),
-                "same_precision_reference": vars(worst.reference),
-                "budget_used": worst.ratio,
-            }
+        worst = [v for k, v in report.user_properties if k == WORST]
+        if worst:
+            row["worst"] = worst[-1]
         self.rows[(check, dtype)] = row
+        self.write()  # after every check, so a run stopped by a time limit still leaves its report
 
     def as_dict(self) -> dict:
         from .relations import CHECKS
@@ -171,8 +196,14 @@ class ConformanceReport:
             tr.write_line(f"{r['outcome']:>15}  {r['check']} [{r['dtype']}]{extra}")
         tr.write_line(f"verdict: {'conforms' if data['conforms'] else 'DOES NOT CONFORM'}")
         if self.out_dir:
-            out = Path(self.out_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "report.json").write_text(json.dumps(data, indent=2) + "\n")
-            (out / "report.md").write_text(self.markdown(data))
-            tr.write_line(f"report written to {out / 'report.md'} and report.json")
+            self.write()
+            tr.write_line(f"report written to {Path(self.out_dir) / 'report.md'} and report.json")
+
+    def write(self) -> None:
+        if not self.out_dir:
+            return
+        data = self.as_dict()
+        out = Path(self.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(data, indent=2) + "\n")
+        (out / "report.md").write_text(self.markdown(data))

@@ -29,24 +29,29 @@ from .conventions import check_chunk_size, check_kda
 from .kda import expand_heads
 from .packing import run_torch
 
-MATMUL_PRECISIONS = (None, "ieee", "tf32", "bf16")
+MATMUL_PRECISIONS = (None, "ieee", "tf32", "tf32_rn", "bf16")
 
 
 def round_operand(x: torch.Tensor, precision: str | None) -> torch.Tensor:
     """Round x to what a tensor core reads for the given matmul precision.
 
     None / "ieee": unchanged. "bf16": round to bfloat16 (8-bit mantissa) and back.
-    "tf32": round float32 to a 10-bit mantissa, to nearest with ties away from zero as the
-    hardware conversion (cvt.rna.tf32.f32) does; the result is returned in x's dtype.
+    "tf32": float32 truncated to a 10-bit mantissa: what Triton's tl.dot feeds the tensor
+        cores (measured on an H200 with Triton 3.6: a tf32 tl.dot sits 2e-7 from this
+        emulation and 8e-4 from round-to-nearest; equivalence/test_precision_emulation.py).
+    "tf32_rn": rounded to nearest, ties away from zero (cvt.rna.tf32.f32), as cuBLAS does
+        for torch.matmul with allow_tf32 (measured in the same test).
+    The result is returned in x's dtype.
     """
     if precision in (None, "ieee"):
         return x
     if precision == "bf16":
         return x.to(torch.bfloat16).to(x.dtype)
-    if precision == "tf32":
+    if precision in ("tf32", "tf32_rn"):
         bits = x.to(torch.float32).view(torch.int32)
-        bits = (bits + 0x1000) & ~0x1FFF  # add half of the 13 dropped bits, then drop them
-        return bits.view(torch.float32).to(x.dtype)
+        if precision == "tf32_rn":
+            bits = bits + 0x1000  # add half of the 13 dropped bits, then drop them
+        return (bits & ~0x1FFF).view(torch.float32).to(x.dtype)
     raise ValueError(f"matmul_precision: expected one of {MATMUL_PRECISIONS}, got {precision!r}")
 
 
@@ -171,8 +176,8 @@ def kda_chunkwise(
     Shapes and returns as kda_recurrent: q, k [B, T, H, K], v [B, T, HV, V], g [B, T, HV, K],
     beta [B, T, HV], initial_state [N, HV, K, V]. Computed in the dtype of q. chunk_size is
     any power of two; T need not be a multiple of it (the tail chunk is shorter), and packed
-    sequences are chunked each from its own start. matmul_precision in (None, "ieee",
-    "tf32", "bf16") rounds the operands of every product (see round_operand).
+    sequences are chunked each from its own start. matmul_precision in MATMUL_PRECISIONS
+    rounds the operands of every product (see round_operand).
     """
     dims, scale, spans = check_kda(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     C = check_chunk_size(chunk_size)

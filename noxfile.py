@@ -74,4 +74,4 @@ def lint(session: nox.Session) -> None:
 def fuzz(session: nox.Session) -> None:
     """The whole suite under the `deep` profile: many examples, for nightly runs."""
     _install(session)
-    session.run("pytest", "-n", "auto", "--hypothesis-profile=deep", *session.posargs)
+    session.run("pytest", "-n", "auto", "--hypothesis-profile=deep", *session.posargs, env={"OMP_NUM_THREADS": "1"})

@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from reference import kda_chunkwise, kda_recurrent
 
 from .implementation import Capabilities

@@ -28,7 +28,12 @@ def pytest_addoption(parser):
     g.addoption("--impl", default=DEFAULT_IMPL, help="MODULE:FUNC with the chunk_kda contract (default: %(default)s)")
     g.addoption("--impl-dtypes", default=None, help="comma list of input dtypes it accepts (float32,bfloat16,float16)")
     g.addoption("--impl-head-sizes", default=None, help="comma list of the K and V sizes it supports")
-    g.addoption("--impl-precision", default=None, choices=["ieee", "tf32", "tf32_rn", "bf16"], help="matmul precision class for fp32 inputs")
+    g.addoption(
+        "--impl-precision",
+        default=None,
+        choices=["ieee", "tf32", "tf32_rn", "bf16"],
+        help="matmul precision class for fp32 inputs",
+    )
     g.addoption("--impl-state-layout", default=None, choices=["KV", "VK"], help="state layout it reads and returns")
     for flag in ("gva", "varlen", "gate-in-kernel", "l2norm-in-kernel"):
         g.addoption(f"--impl-{flag}", default=None, choices=sorted(_YESNO), help=f"declare {flag} support")

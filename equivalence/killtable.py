@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     if survivors:
         print(f"FAIL: {len(survivors)} wrong implementation(s) survived: {', '.join(survivors)}")
     ok = control_ok and not survivors
-    print(f"{len(rows) - 1 - len(survivors)} killed, {len(survivors)} survived; correct control {'passed' if control_ok else 'FAILED'}")
+    killed = len(rows) - 1 - len(survivors)
+    print(f"{killed} killed, {len(survivors)} survived; correct control {'passed' if control_ok else 'FAILED'}")
     return 0 if ok else 1
 
 

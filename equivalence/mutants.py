@@ -139,7 +139,7 @@ def nan_on_length_one(q, k, v, g, beta, scale, initial_state, cu_seqlens):
     o, S = _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     if cu_seqlens is not None:
         lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-        for n, (a, n_tok) in enumerate(zip(cu_seqlens[:-1].tolist(), lens)):
+        for n, (a, n_tok) in enumerate(zip(cu_seqlens[:-1].tolist(), lens, strict=True)):
             if n_tok == 1:
                 o[:, a] = float("nan")
                 S[n] = float("nan")

@@ -23,7 +23,9 @@ settings.register_profile("dev", max_examples=40, **_common)
 settings.register_profile("deep", max_examples=500, **_common)
 # The kill table asks only which checks reject each wrong implementation: no shrinking, so
 # a mutant that fails on thousand-token cases does not spend minutes minimising them.
-settings.register_profile("mutants", max_examples=12, derandomize=True, phases=[Phase.explicit, Phase.generate], **_common)
+settings.register_profile(
+    "mutants", max_examples=12, derandomize=True, phases=[Phase.explicit, Phase.generate], **_common
+)
 # A GPU run of a Triton kernel compiles (and autotunes) for every new head count and size,
 # so it draws fewer, derandomized examples.
 settings.register_profile("gpu", max_examples=6, derandomize=True, **_common)

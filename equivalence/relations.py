@@ -13,8 +13,8 @@ same case ("to rounding").
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -41,7 +41,9 @@ class Harness:
     def run(self, t: dict, scale=None, **extra):
         o, S = self.impl.call(t, scale=scale, **extra)
         if not isinstance(o, torch.Tensor) or o.dtype != self.dtype:
-            raise AssertionError(f"o: expected a tensor of the input dtype {self.dtype}, got {getattr(o, 'dtype', type(o))}")
+            raise AssertionError(
+                f"o: expected a tensor of the input dtype {self.dtype}, got {getattr(o, 'dtype', type(o))}"
+            )
         if S is None:
             raise AssertionError("final_state: output_final_state=True returned None")
         return o, S
@@ -101,7 +103,9 @@ class Harness:
         oracle = self.oracle(meaning, scale)
         refs = [f(meaning) for f in self.references(scale)]
         x = self.run(t, scale, **extra)
-        self._judge_pair(what, x, oracle, [errors(r[0], oracle[0]) for r in refs], [errors(r[1], oracle[1]) for r in refs])
+        self._judge_pair(
+            what, x, oracle, [errors(r[0], oracle[0]) for r in refs], [errors(r[1], oracle[1]) for r in refs]
+        )
 
     def expect_relation(self, what: str, lhs, rhs, t: dict, scale=None):
         """A metamorphic relation lhs(f) == rhs(f) "to rounding", where f maps inputs to
@@ -311,10 +315,30 @@ CHECKS = {
     c.name: c
     for c in (
         Check("oracle", matches_oracle, "general"),
-        Check("oracle_long_history", matches_oracle, "long", about="The oracle agrees over 1024 to 3072 tokens (small heads)."),
-        Check("oracle_length_one", matches_oracle, "length_one", about="The oracle agrees on T = 1 and on packed length-1 sequences."),
-        Check("gated_deltanet_gate", matches_oracle, "shared_gate", about="The oracle agrees when one gate is shared by all K channels (Gated DeltaNet)."),
-        Check("beta_zero", matches_oracle, "zero_beta", about="The oracle agrees when beta = 0: the initial state only decays."),
+        Check(
+            "oracle_long_history",
+            matches_oracle,
+            "long",
+            about="The oracle agrees over 1024 to 3072 tokens (small heads).",
+        ),
+        Check(
+            "oracle_length_one",
+            matches_oracle,
+            "length_one",
+            about="The oracle agrees on T = 1 and on packed length-1 sequences.",
+        ),
+        Check(
+            "gated_deltanet_gate",
+            matches_oracle,
+            "shared_gate",
+            about="The oracle agrees when one gate is shared by all K channels (Gated DeltaNet).",
+        ),
+        Check(
+            "beta_zero",
+            matches_oracle,
+            "zero_beta",
+            about="The oracle agrees when beta = 0: the initial state only decays.",
+        ),
         Check("causality", causality, "multi_token"),
         Check("state_split", state_split, "unpacked"),
         Check("varlen_equals_separate", varlen_equals_separate, "varlen", needs="varlen"),

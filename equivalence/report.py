@@ -83,7 +83,9 @@ def environment(impl) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "hypothesis": hypothesis.__version__,
-        "profile": hypothesis.settings.default._current_profile if hasattr(hypothesis.settings.default, "_current_profile") else None,
+        "profile": hypothesis.settings.default._current_profile
+        if hasattr(hypothesis.settings.default, "_current_profile")
+        else None,
         "device": str(impl.device),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
@@ -131,7 +133,7 @@ class ConformanceReport:
         from .relations import CHECKS
 
         rows = []
-        for (check, dtype), row in sorted(self.rows.items()):
+        for (check, _), row in sorted(self.rows.items()):
             rows.append(dict(row, description=CHECKS[check].description if check in CHECKS else ""))
         counts = defaultdict(int)
         for r in rows:
@@ -169,7 +171,9 @@ class ConformanceReport:
             w = r.get("worst")
             if w:
                 m, b = w["measured"], w["budget"]
-                cells = f"{w['what']} | {m['rel_rms']:.2e} / {m['rel_max']:.2e} | {b['rel_rms']:.2e} / {b['rel_max']:.2e} | {w['budget_used']:.2f}"
+                measured = f"{m['rel_rms']:.2e} / {m['rel_max']:.2e}"
+                budget = f"{b['rel_rms']:.2e} / {b['rel_max']:.2e}"
+                cells = f"{w['what']} | {measured} | {budget} | {w['budget_used']:.2f}"
             else:
                 cells = "exact comparison | | |" if r["outcome"] != "not applicable" else f"{r.get('reason', '')} | | |"
             lines.append(f"| {r['check']} | {r['dtype']} | {r['outcome']} | {cells} |")
@@ -177,7 +181,17 @@ class ConformanceReport:
         if failures:
             lines += ["", "## Failures", ""]
             for r in failures:
-                lines += [f"### {r['check']} [{r['dtype']}]", "", r["description"], "", "```", r.get("message", ""), r.get("example", ""), "```", ""]
+                lines += [
+                    f"### {r['check']} [{r['dtype']}]",
+                    "",
+                    r["description"],
+                    "",
+                    "```",
+                    r.get("message", ""),
+                    r.get("example", ""),
+                    "```",
+                    "",
+                ]
         lines += ["", "## Checks", ""]
         from .relations import CHECKS
 

@@ -43,10 +43,16 @@ def main() -> int:
         row = [kda_recurrent(**t, output_final_state=True)]
         row += [kda_chunkwise(**t, output_final_state=True, chunk_size=c) for c in (1, 16, 64)]
         dplr = kda_as_dplr(a["q"], a["k"], a["v"], a["g"], a["beta"])
-        row.append(dplr_recurrent_np(**dplr, initial_state=a["initial_state"], cu_seqlens=a["cu_seqlens"], output_final_state=True))
+        row.append(
+            dplr_recurrent_np(
+                **dplr, initial_state=a["initial_state"], cu_seqlens=a["cu_seqlens"], output_final_state=True
+            )
+        )
         errs = [max(errors(o, gold).rel_rms, errors(s, S).rel_rms) for o, s in row]
         worst = max(worst, *errs)
-        name = f"T={spec.T} H={spec.H} HV={spec.HV} K={spec.K} V={spec.V} {spec.gate}" + (" varlen" if spec.seqlens else "")
+        name = f"T={spec.T} H={spec.H} HV={spec.HV} K={spec.K} V={spec.V} {spec.gate}" + (
+            " varlen" if spec.seqlens else ""
+        )
         print(f"  {name:<46} " + " ".join(f"{e:9.1e}" for e in errs))
 
     big = CaseSpec(B=1, T=4096, H=2, K=64, V=64, seed=4).arrays()

@@ -25,6 +25,7 @@ beta_max = st.sampled_from([1.0, 2.0])
 input_scale = st.sampled_from([1e-2, 1e-1, 1.0, 10.0, 100.0])
 scales = st.one_of(st.none(), st.sampled_from([1.0, 0.3, 0.0625]))
 seeds = st.integers(0, 2**31 - 1)
+DEFAULT_CAPS = Capabilities()
 
 
 def partitions(total: int, max_parts: int = 5):
@@ -35,7 +36,7 @@ def partitions(total: int, max_parts: int = 5):
         n = draw_(st.integers(1, min(max_parts, total)))
         cuts = draw_(st.lists(st.integers(1, total - 1), min_size=n - 1, max_size=n - 1, unique=True)) if n > 1 else []
         bounds = [0, *sorted(cuts), total]
-        return tuple(b - a for a, b in zip(bounds, bounds[1:]))
+        return tuple(b - a for a, b in zip(bounds, bounds[1:], strict=False))
 
     return draw()
 
@@ -49,7 +50,7 @@ def _head(caps: Capabilities, small: bool = False):
 @st.composite
 def case_specs(
     draw,
-    caps: Capabilities = Capabilities(),
+    caps: Capabilities = DEFAULT_CAPS,
     T=SHORT_T,
     min_T: int = 1,
     packed: bool | None = None,

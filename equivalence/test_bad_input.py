@@ -220,7 +220,11 @@ def test_packed_initial_state_is_per_sequence(entry):
 
 
 @entries(ENTRIES)
-@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), np.float32("nan")], ids=["nan", "inf", "-inf", "f32nan"])
+@pytest.mark.parametrize(
+    "scale",
+    [float("nan"), float("inf"), -float("inf"), np.float32("nan"), "abc"],
+    ids=["nan", "inf", "-inf", "f32nan", "str"],
+)
 def test_non_finite_scale(entry, scale):
     with pytest.raises(ValueError, match=r"^scale: expected a finite number"):
         call(entry, dict(valid_call(entry), scale=scale))
@@ -229,7 +233,7 @@ def test_non_finite_scale(entry, scale):
 # ------------------------------------------------------------- chunkwise options
 
 
-@pytest.mark.parametrize("chunk_size", [0, -4, 3, 48, 2.5, 100])
+@pytest.mark.parametrize("chunk_size", [0, -4, 3, 48, 2.5, 100, None, True, "16"])
 def test_bad_chunk_size(chunk_size):
     with pytest.raises(ValueError, match=r"^chunk_size: expected a power of two"):
         call("kda_chunkwise", dict(valid_call("kda_chunkwise"), chunk_size=chunk_size))
@@ -269,7 +273,7 @@ def test_bad_gate_shapes(name, change):
         kda_gate(*change(*gate_args()))
 
 
-@pytest.mark.parametrize("lower_bound", [0.0, -0.0, 0.5, -5.001, -10.0, float("nan"), -float("inf")])
+@pytest.mark.parametrize("lower_bound", [0.0, -0.0, 0.5, -5.001, -10.0, float("nan"), -float("inf"), "x"])
 def test_bad_lower_bound(lower_bound):
     with pytest.raises(ValueError, match=r"^lower_bound: expected a float in \[-5, 0\)"):
         kda_gate(*gate_args(), lower_bound=lower_bound)
@@ -307,7 +311,11 @@ def test_numpy_oracle_does_not_mutate_inputs(spec):
     _, S = kda_recurrent_np(**kw)
     assert_unchanged(before, kw)
     assert not np.shares_memory(S, a["initial_state"])
-    dplr = dict(kda_as_dplr(*(a[n] for n in ("q", "k", "v", "g", "beta"))), initial_state=a["initial_state"], cu_seqlens=a["cu_seqlens"])
+    dplr = dict(
+        kda_as_dplr(*(a[n] for n in ("q", "k", "v", "g", "beta"))),
+        initial_state=a["initial_state"],
+        cu_seqlens=a["cu_seqlens"],
+    )
     before = snapshot(dplr)
     dplr_recurrent_np(**dplr, scale=spec.scale, output_final_state=True)
     assert_unchanged(before, dplr)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 from hypothesis import given
-from hypothesis import strategies as st
 
 from .implementation import DTYPES
 from .relations import CHECKS, Harness

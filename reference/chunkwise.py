@@ -51,7 +51,8 @@ def round_operand(x: torch.Tensor, precision: str | None) -> torch.Tensor:
         bits = x.to(torch.float32).view(torch.int32)
         if precision == "tf32_rn":
             bits = bits + 0x1000  # add half of the 13 dropped bits, then drop them
-        return (bits & ~0x1FFF).view(torch.float32).to(x.dtype)
+        rounded = (bits & ~0x1FFF).view(torch.float32).to(x.dtype)
+        return torch.where(x.isnan(), x, rounded)  # a NaN with a low-bit payload stays NaN
     raise ValueError(f"matmul_precision: expected one of {MATMUL_PRECISIONS}, got {precision!r}")
 
 
@@ -151,7 +152,9 @@ def _scan_chunks(q, k, v, g, beta, scale, S, chunk_size, precision):
     outs = []
     for s in range(0, v.shape[2], chunk_size):
         e = s + chunk_size
-        O, S = _chunk_forward(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], g[:, :, s:e], beta[:, :, s:e], S, scale, precision)
+        O, S = _chunk_forward(
+            q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], g[:, :, s:e], beta[:, :, s:e], S, scale, precision
+        )
         outs.append(O)
     return torch.cat(outs, dim=2).transpose(1, 2), S
 

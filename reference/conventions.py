@@ -66,7 +66,7 @@ def check_cu_seqlens(cu_seqlens, B: int, T: int) -> list[tuple[int, int]]:
         raise ValueError(f"cu_seqlens: expected strictly increasing offsets, got {cs.tolist()}")
     if cs[-1] != T:
         raise ValueError(f"cu_seqlens: expected the last offset to equal T = {T}, got {int(cs[-1])}")
-    return [(int(a), int(b)) for a, b in zip(cs[:-1], cs[1:])]
+    return [(int(a), int(b)) for a, b in zip(cs[:-1], cs[1:], strict=True)]
 
 
 def check_qkv(q, k, v) -> tuple[int, int, int, int, int, int]:
@@ -95,7 +95,10 @@ def check_scale(scale, K: int) -> float:
     """scale defaults to K ** -0.5; a given scale must be a finite number."""
     if scale is None:
         return K**-0.5
-    s = float(scale)
+    try:
+        s = float(scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale: expected a finite number, got {scale!r}") from None
     if not np.isfinite(s):
         raise ValueError(f"scale: expected a finite number, got {scale}")
     return s
@@ -124,7 +127,9 @@ def check_dplr(q, k, v, a, b, gk, scale, initial_state, cu_seqlens):
 
 
 def check_chunk_size(chunk_size) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
+        raise ValueError(f"chunk_size: expected a power of two >= 1 (an int), got {chunk_size!r}")
     c = int(chunk_size)
-    if c != chunk_size or c < 1 or c & (c - 1):
+    if c < 1 or c & (c - 1):
         raise ValueError(f"chunk_size: expected a power of two >= 1, got {chunk_size}")
     return c

@@ -34,9 +34,7 @@ def _scan_np(q, k, v, a, b, gk, scale, S):
     return o, S
 
 
-def dplr_recurrent_np(
-    q, k, v, a, b, gk, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
-):
+def dplr_recurrent_np(q, k, v, a, b, gk, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """DPLR delta rule by its recurrence in NumPy float64 (DPLR_EQ).
 
     Args as kda_recurrent_np, with the transition given by a, b, gk [B, T, HV, K] instead
@@ -61,9 +59,7 @@ def _scan_torch(q, k, v, a, b, gk, scale, S):
     return torch.stack(outs, dim=1), S
 
 
-def dplr_recurrent(
-    q, k, v, a, b, gk, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
-):
+def dplr_recurrent(q, k, v, a, b, gk, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """DPLR delta rule in PyTorch: any dtype and device, differentiable (DPLR_EQ).
 
     Computed in the dtype of q; shapes as dplr_recurrent_np.

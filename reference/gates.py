@@ -31,9 +31,12 @@ def kda_gate(z, A_log, dt_bias=None, lower_bound=None):
         g = -exp(A_log[h]) * softplus(z + dt_bias[h, :])                 (lower_bound None)
         g = lower_bound * sigmoid(exp(A_log[h]) * (z + dt_bias[h, :]))     ("safe" gate)
 
+    In floating point the sigmoid saturates, so the safe gate reaches its ends: g lies in
+    [lower_bound, 0].
+
     Args:
         z: [B, T, HV, K].  A_log: [HV].  dt_bias: [HV * K] or None (zero).
-        lower_bound: None, or a float in [-5, 0): the safe gate keeps g in (lower_bound, 0).
+        lower_bound: None, or a float in [-5, 0) for the safe gate.
     Computed in float32 (or float64 if z is float64); returned in that dtype.
     """
     if not isinstance(z, torch.Tensor) or z.dim() != 4:
@@ -43,8 +46,13 @@ def kda_gate(z, A_log, dt_bias=None, lower_bound=None):
         raise ValueError(f"A_log: expected shape [HV] = ({HV},), got {tuple(A_log.shape)}")
     if dt_bias is not None and tuple(dt_bias.shape) != (HV * K,):
         raise ValueError(f"dt_bias: expected shape [HV * K] = ({HV * K},), got {tuple(dt_bias.shape)}")
-    if lower_bound is not None and not -5.0 <= float(lower_bound) < 0.0:
-        raise ValueError(f"lower_bound: expected a float in [-5, 0), got {lower_bound}")
+    if lower_bound is not None:
+        try:
+            ok = -5.0 <= float(lower_bound) < 0.0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"lower_bound: expected a float in [-5, 0), got {lower_bound!r}")
     dt = torch.float64 if z.dtype == torch.float64 else torch.float32
     x = z.to(dt)
     if dt_bias is not None:

@@ -58,9 +58,7 @@ def _scan_np(q, k, v, g, beta, scale, S):
     return o, S
 
 
-def kda_recurrent_np(
-    q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
-):
+def kda_recurrent_np(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """KDA by its recurrence in NumPy float64: the gold reference (KDA_EQ).
 
     Args:
@@ -94,9 +92,7 @@ def _scan_torch(q, k, v, g, beta, scale, S):
     return torch.stack(outs, dim=1), S
 
 
-def kda_recurrent(
-    q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
-):
+def kda_recurrent(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """KDA by its recurrence in PyTorch: any dtype and device, differentiable (KDA_EQ).
 
     Shapes as kda_recurrent_np. Everything, the state included, is computed in the dtype of

@@ -35,7 +35,5 @@ def run_torch(scan, tensors, scale, dims, initial_state, spans, packed):
         S0 = initial_state.to(device=ref.device, dtype=ref.dtype)
     if not packed:
         return scan(*tensors, scale, S0)
-    parts = [
-        scan(*(x[:, a:b] for x in tensors), scale, S0[n : n + 1]) for n, (a, b) in enumerate(spans)
-    ]
+    parts = [scan(*(x[:, a:b] for x in tensors), scale, S0[n : n + 1]) for n, (a, b) in enumerate(spans)]
     return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=0)

@@ -2,8 +2,8 @@
 
 Each stands for a bug seen in real kernels; the first line of its docstring says which.
 They are small edits of the float32 reference (equivalence.adapters), made either by
-changing what is passed in and out, or by swapping one named piece of the oracle (a scan
-step, the chunk decay) for a wrong one for the duration of the call. `nox -s mutants` runs
+changing what is passed in and out, or by swapping one named piece of the oracle (the
+per-token scan, the chunk decay) for a wrong one for the duration of the call. `nox -s mutants` runs
 every one through the conformance suite and prints which checks killed it
 (equivalence.killtable); the correct control, the same reference behind the same adapter,
 must pass.
@@ -44,23 +44,17 @@ def _mutant(fn):
     return call
 
 
-def _with_scan(step):
-    """The float32 recurrence with its per-token scan replaced by `step`."""
+def _swapping(target: str, piece, name: str, doc: str):
+    """A mutant that runs the float32 reference with one named piece of the oracle (target,
+    a dotted path) replaced by a wrong one for the duration of the call: the recurrence's
+    per-token scan, or the chunkwise algorithm's chunk decay."""
+    base = reference_recurrent_kda if target.startswith("reference.kda.") else reference_chunk_kda
 
-    def call(*args, **kw):
-        with mock.patch("reference.kda._scan_torch", step):
-            return _ref(*args, **kw)
+    def call(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, **kw):
+        with mock.patch(target, piece):
+            return base(q, k, v, g, beta, scale, initial_state, True, cu_seqlens)
 
-    return call
-
-
-def _with_decay(decay):
-    """The float32 chunkwise oracle with chunk_decay replaced by `decay`."""
-
-    def call(q, k, v, g, beta, scale=None, initial_state=None, cu_seqlens=None):
-        with mock.patch("reference.chunkwise.chunk_decay", decay):
-            return reference_chunk_kda(q, k, v, g, beta, scale, initial_state, True, cu_seqlens)
-
+    call.__name__, call.__doc__ = name, doc
     return call
 
 
@@ -111,17 +105,22 @@ def _decay_split_exponents(g):
 
 # ------------------------------------------------------------------ the mutants
 
-
-@_mutant
-def future_gate_leak(q, k, v, g, beta, scale, initial_state, cu_seqlens):
-    """A future gate leaks into past outputs: intra-chunk ratios anchored on the chunk's last row."""
-    return _with_decay(_decay_anchored_on_last_row)(q, k, v, g, beta, scale, initial_state, cu_seqlens)
-
-
-@_mutant
-def decay_overflow(q, k, v, g, beta, scale, initial_state, cu_seqlens):
-    """exp(G) and exp(-G) formed separately: Inf/NaN once a chunk's cumulative decay passes -88."""
-    return _with_decay(_decay_split_exponents)(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+future_gate_leak = _swapping(
+    "reference.chunkwise.chunk_decay", _decay_anchored_on_last_row, "future_gate_leak",
+    "A future gate leaks into past outputs: intra-chunk ratios anchored on the chunk's last row.",
+)  # fmt: skip
+decay_overflow = _swapping(
+    "reference.chunkwise.chunk_decay", _decay_split_exponents, "decay_overflow",
+    "exp(G) and exp(-G) formed separately: Inf/NaN once a chunk's cumulative decay passes -88.",
+)  # fmt: skip
+write_missing_beta = _swapping(
+    "reference.kda._scan_torch", _scan_without_beta_write, "write_missing_beta",
+    "The write term missing beta: S += k v^T instead of beta k v^T.",
+)  # fmt: skip
+decay_after_delta = _swapping(
+    "reference.kda._scan_torch", _scan_decay_after_delta, "decay_after_delta",
+    "Decay applied after the delta-rule correction instead of before it.",
+)  # fmt: skip
 
 
 @_mutant
@@ -164,18 +163,6 @@ def gate_off_by_one(q, k, v, g, beta, scale, initial_state, cu_seqlens):
     """Exclusive instead of inclusive gate sum: token t is decayed by g[t - 1]."""
     shifted = torch.cat([torch.zeros_like(g[:, :1]), g[:, :-1]], dim=1)
     return _ref(q, k, v, shifted, beta, scale, initial_state, cu_seqlens)
-
-
-@_mutant
-def write_missing_beta(q, k, v, g, beta, scale, initial_state, cu_seqlens):
-    """The write term missing beta: S += k v^T instead of beta k v^T."""
-    return _with_scan(_scan_without_beta_write)(q, k, v, g, beta, scale, initial_state, cu_seqlens)
-
-
-@_mutant
-def decay_after_delta(q, k, v, g, beta, scale, initial_state, cu_seqlens):
-    """Decay applied after the delta-rule correction instead of before it."""
-    return _with_scan(_scan_decay_after_delta)(q, k, v, g, beta, scale, initial_state, cu_seqlens)
 
 
 @_mutant

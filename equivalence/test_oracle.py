@@ -466,3 +466,25 @@ def test_round_operand_bf16(seed):
     assert ((x.double() - r.double()).abs() / x.double().abs()).max().item() <= 2.0**-8
     for none in (None, "ieee"):
         assert round_operand(x, none) is x
+
+
+# ------------------------------------------------------------- layering
+
+
+def test_reference_does_not_import_kernels():
+    """The oracle stands alone: nothing in reference/ imports from kernels/ (or from the
+    suite), so a kernel bug can never leak into the definition it is checked against."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "reference"
+    offenders = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("kernels", "equivalence", "perf")]
+    assert not offenders, f"reference/ imports project layers above it: {offenders}"

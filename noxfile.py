@@ -44,9 +44,10 @@ def tests(session: nox.Session) -> None:
 def verify(session: nox.Session) -> None:
     """Oracle self-check, then the conformance suite against MODULE:FUNC (default: the
     project's own implementation) with a markdown and JSON report in reports/conformance/."""
-    _install(session)
     args = list(session.posargs)
     target = args.pop(0) if args and not args[0].startswith("-") else None
+    # the built-in flash-linear-attention adapters need fla-core in the session
+    _install(session, *(("fla",) if target and ":fla_" in target else ()))
     session.run("python", "-m", "equivalence.selfcheck")
     impl = target or "default"
     out = f"{REPORTS}/{re.sub(r'[^A-Za-z0-9_.-]+', '-', impl)}"

@@ -62,7 +62,10 @@ def _options(config) -> dict:
 
 def pytest_configure(config):
     device = config.getoption("--device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    config.kda_impl = load_implementation(config.getoption("--impl"), _options(config), device)
+    try:
+        config.kda_impl = load_implementation(config.getoption("--impl"), _options(config), device)
+    except ValueError as e:  # a bad --impl or --impl-* option: a usage error, not a crash
+        raise pytest.UsageError(str(e)) from None
     if hasattr(config, "workerinput"):
         return  # a pytest-xdist worker: the controller collects its reports and writes the report
     config.kda_report = ConformanceReport(config.kda_impl, config.getoption("--conformance-report"))

@@ -118,8 +118,13 @@ def load_callable(target: str):
     if ":" not in target:
         raise ValueError(f"--impl: expected MODULE:FUNC, got {target!r}")
     mod, _, attr = target.partition(":")
-    fn = importlib.import_module(mod)
+    try:
+        fn = importlib.import_module(mod)
+    except ImportError as e:
+        raise ValueError(f"--impl: cannot import module {mod!r}: {e}") from e
     for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise ValueError(f"--impl: {mod!r} has no attribute {attr!r}")
         fn = getattr(fn, part)
     if not callable(fn):
         raise ValueError(f"--impl: {target} is not callable")

@@ -101,6 +101,12 @@ def environment(impl) -> dict:
     return env
 
 
+def verdict(data: dict) -> str:
+    if not data["finished"]:
+        return "incomplete: the run stopped before every check ran"
+    return "conforms" if data["conforms"] else "does not conform"
+
+
 class ConformanceReport:
     """pytest plugin: one row per (check, dtype)."""
 
@@ -108,6 +114,7 @@ class ConformanceReport:
         self.impl, self.out_dir = impl, out_dir
         self.rows = {}
         self.started = time.perf_counter()
+        self.finished = False  # until pytest's summary: a run cut short never "conforms"
 
     def pytest_runtest_logreport(self, report):
         key = parse_id(report.nodeid)
@@ -144,7 +151,8 @@ class ConformanceReport:
             "environment": environment(self.impl),
             "tolerance_rule": f"error <= {FACTOR:g} x same-precision reference error + {FLOOR_UNITS:g} unit roundoffs "
             "of the output dtype, for relative RMS and relative max-abs error; NaN/Inf never passes",
-            "conforms": counts["failed"] == 0 and counts["passed"] > 0,
+            "finished": self.finished,
+            "conforms": self.finished and counts["failed"] == 0 and counts["passed"] > 0,
             "counts": dict(counts),
             "seconds": round(time.perf_counter() - self.started, 1),
             "checks": rows,
@@ -155,7 +163,7 @@ class ConformanceReport:
         lines = [
             f"# Conformance report: `{data['implementation']}`",
             "",
-            f"Verdict: **{'conforms' if data['conforms'] else 'does not conform'}** "
+            f"Verdict: **{verdict(data)}** "
             f"({', '.join(f'{v} {k}' for k, v in sorted(data['counts'].items()))}; {data['seconds']} s).",
             "",
             f"Environment: {', '.join(f'{k} {v}' for k, v in env.items() if v is not None)}.",
@@ -199,6 +207,7 @@ class ConformanceReport:
         return "\n".join(lines) + "\n"
 
     def pytest_terminal_summary(self, terminalreporter):
+        self.finished = True
         if not self.rows:
             return
         data = self.as_dict()
@@ -208,7 +217,7 @@ class ConformanceReport:
             w = r.get("worst")
             extra = f"  worst {w['what']}: {w['budget_used']:.2f} of budget" if w else ""
             tr.write_line(f"{r['outcome']:>15}  {r['check']} [{r['dtype']}]{extra}")
-        tr.write_line(f"verdict: {'conforms' if data['conforms'] else 'DOES NOT CONFORM'}")
+        tr.write_line(f"verdict: {verdict(data)}")
         if self.out_dir:
             self.write()
             tr.write_line(f"report written to {Path(self.out_dir) / 'report.md'} and report.json")

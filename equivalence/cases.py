@@ -13,7 +13,7 @@ Hypothesis.)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -40,7 +40,7 @@ class CaseSpec:
     makes g equal across the K channels (Gated DeltaNet). beta_max: beta ~ U(0, beta_max).
     input_scale multiplies q and v (k is L2-normalised, as real models do, so the
     transition stays a contraction for beta <= 2). scale: the scale argument (None: the
-    default K ** -0.5). h0: pass a random initial state.
+    default K ** -0.5). h0: pass a random initial state. zero_beta: beta = 0 everywhere.
     """
 
     B: int = 1
@@ -57,7 +57,7 @@ class CaseSpec:
     h0: bool = False
     seqlens: tuple[int, ...] | None = None
     seed: int = 0
-    zero_beta: bool = field(default=False)
+    zero_beta: bool = False
 
     def __post_init__(self):
         if self.seqlens is not None and (self.B != 1 or sum(self.seqlens) != self.T):

@@ -18,7 +18,7 @@ from .implementation import load_implementation
 from .profiles import load_default
 from .report import ConformanceReport, Recorder
 
-load_default()
+DEFAULT_PROFILE = load_default()
 
 _YESNO = {"yes": True, "no": False}
 
@@ -68,7 +68,9 @@ def pytest_configure(config):
         raise pytest.UsageError(str(e)) from None
     if hasattr(config, "workerinput"):
         return  # a pytest-xdist worker: the controller collects its reports and writes the report
-    config.kda_report = ConformanceReport(config.kda_impl, config.getoption("--conformance-report"))
+    # Hypothesis' own --hypothesis-profile option wins over the environment variable
+    profile = config.getoption("hypothesis_profile", None) or DEFAULT_PROFILE
+    config.kda_report = ConformanceReport(config.kda_impl, config.getoption("--conformance-report"), profile)
     config.pluginmanager.register(config.kda_report, "kdaverify-report")
 
 

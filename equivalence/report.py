@@ -78,14 +78,12 @@ def failure_message(text: str) -> str:
     return "\n".join(ln for ln in lines[: _example_start(lines)] if ln)[:2000]
 
 
-def environment(impl) -> dict:
+def environment(impl, profile: str | None) -> dict:
     env = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "hypothesis": hypothesis.__version__,
-        "profile": hypothesis.settings.default._current_profile
-        if hasattr(hypothesis.settings.default, "_current_profile")
-        else None,
+        "profile": profile,
         "device": str(impl.device),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
@@ -110,8 +108,8 @@ def verdict(data: dict) -> str:
 class ConformanceReport:
     """pytest plugin: one row per (check, dtype)."""
 
-    def __init__(self, impl, out_dir: str | None):
-        self.impl, self.out_dir = impl, out_dir
+    def __init__(self, impl, out_dir: str | None, profile: str | None = None):
+        self.impl, self.out_dir, self.profile = impl, out_dir, profile
         self.rows = {}
         self.started = time.perf_counter()
         self.finished = False  # until pytest's summary: a run cut short never "conforms"
@@ -148,7 +146,7 @@ class ConformanceReport:
         return {
             "implementation": self.impl.name,
             "capabilities": self.impl.caps.declared(),
-            "environment": environment(self.impl),
+            "environment": environment(self.impl, self.profile),
             "tolerance_rule": f"error <= {FACTOR:g} x same-precision reference error + {FLOOR_UNITS:g} unit roundoffs "
             "of the output dtype, for relative RMS and relative max-abs error; NaN/Inf never passes",
             "finished": self.finished,

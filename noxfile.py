@@ -1,6 +1,6 @@
 """kdaverify's sessions. `nox -l` lists them; heavy ones are not run by default.
 
-    nox -s verify [-- MODULE:FUNC [pytest options]]   conformance run and report (the main job)
+    nox -s verify [-- MODULE:FUNC [kdaverify verify options]]   conformance run and report (the main job)
     nox -s tests                                      the CPU test suite (what CI runs)
     nox -s mutants                                    negative controls and the kill table (CI too)
     nox -s lint                                       ruff
@@ -25,6 +25,7 @@ TORCH = os.environ.get("KDAVERIFY_TORCH", "torch==2.13.0")
 TRITON = os.environ.get("KDAVERIFY_TRITON", "triton==3.6.0")
 PYTHON = os.environ.get("KDAVERIFY_PYTHON")  # None: the interpreter nox runs under
 REPORTS = "reports/conformance"
+DEFAULT_IMPL = "kdaverify.equivalence.adapters:reference_chunk_kda"  # equivalence.adapters.DEFAULT_IMPL
 
 
 def _install(session: nox.Session, *extras: str) -> None:
@@ -37,24 +38,22 @@ def tests(session: nox.Session) -> None:
     """The CPU test suite under the bounded `ci` Hypothesis profile, on 2 workers."""
     _install(session)
     # one torch thread per xdist worker: two workers already fill two cores
-    session.run("pytest", "-n", "2", "--hypothesis-profile=ci", *session.posargs, env={"OMP_NUM_THREADS": "1"})
+    session.run("pytest", "-n", "2", "--kda-profile=ci", *session.posargs, env={"OMP_NUM_THREADS": "1"})
 
 
 @nox.session(python=PYTHON)
 def verify(session: nox.Session) -> None:
     """Oracle self-check, then the conformance suite against MODULE:FUNC (default: the
-    project's own implementation) with a markdown and JSON report in reports/conformance/."""
+    project's own implementation) with a markdown and JSON report in reports/conformance/.
+    Everything after MODULE:FUNC goes to `kdaverify verify` (see `kdaverify verify --help`)."""
     args = list(session.posargs)
-    target = args.pop(0) if args and not args[0].startswith("-") else None
+    target = args.pop(0) if args and not args[0].startswith("-") else DEFAULT_IMPL
     # the built-in flash-linear-attention adapters need fla-core in the session
-    _install(session, *(("fla",) if target and ":fla_" in target else ()))
-    session.run("python", "-m", "equivalence.selfcheck")
-    impl = target or "default"
-    out = f"{REPORTS}/{re.sub(r'[^A-Za-z0-9_.-]+', '-', impl)}"
-    cmd = ["pytest", "equivalence/test_conformance.py", f"--conformance-report={out}", "-q"]
-    if target:
-        cmd.append(f"--impl={target}")
-    session.run(*cmd, "--hypothesis-profile=ci", *args)
+    _install(session, *(("fla",) if ":fla_" in target else ()))
+    session.run("kdaverify", "selfcheck")
+    name = "default" if target == DEFAULT_IMPL else target
+    out = f"{REPORTS}/{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}"
+    session.run("kdaverify", "verify", target, f"--out={out}", "--profile=ci", *args)
 
 
 @nox.session(python=PYTHON)
@@ -62,7 +61,7 @@ def mutants(session: nox.Session) -> None:
     """Every negative control through the conformance suite; prints the kill table and fails
     if any wrong implementation survives or the correct control is rejected."""
     _install(session)
-    session.run("python", "-m", "equivalence.killtable", *session.posargs)
+    session.run("kdaverify", "mutants", *session.posargs)
 
 
 @nox.session(python=PYTHON)
@@ -75,4 +74,4 @@ def lint(session: nox.Session) -> None:
 def fuzz(session: nox.Session) -> None:
     """The whole suite under the `deep` profile: many examples, for nightly runs."""
     _install(session)
-    session.run("pytest", "-n", "auto", "--hypothesis-profile=deep", *session.posargs, env={"OMP_NUM_THREADS": "1"})
+    session.run("pytest", "-n", "auto", "--kda-profile=deep", *session.posargs, env={"OMP_NUM_THREADS": "1"})

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from reference import kda_chunkwise, kda_recurrent
+from kdaverify.reference import kda_chunkwise, kda_recurrent
 
 from .implementation import Capabilities
 
@@ -34,7 +34,7 @@ reference_chunk_kda.kdaverify_capabilities = Capabilities()
 reference_recurrent_kda = in_float32(kda_recurrent)
 reference_recurrent_kda.kdaverify_capabilities = Capabilities()
 
-DEFAULT_IMPL = "equivalence.adapters:reference_chunk_kda"
+DEFAULT_IMPL = "kdaverify.equivalence.adapters:reference_chunk_kda"
 
 
 # ---------------------------------------------------------------- flash-linear-attention

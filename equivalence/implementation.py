@@ -6,77 +6,22 @@ An implementation is any callable with flash-linear-attention's chunk_kda contra
         -> (o [B, T, HV, V], final_state [N, HV, K, V])
 
 plus a Capabilities record of what it claims to support. Capabilities come from, in order:
-the defaults below, an attribute `kdaverify_capabilities` on the callable (a Capabilities
-or a dict of its fields), and the user's --impl-* options. Cases outside the declared
+the defaults of capabilities.Capabilities, an attribute `kdaverify_capabilities` on the callable (a Capabilities
+or a dict of its fields), and the user's --kda-* options. Cases outside the declared
 capabilities are not applicable: never run, never counted as passed.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, fields, replace
+import importlib.util
 
 import numpy as np
 import torch
 
+from .capabilities import Capabilities, parse_capabilities
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PRECISIONS = ("ieee", "tf32", "tf32_rn", "bf16")
-LAYOUTS = ("KV", "VK")
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What an implementation declares.
-
-    dtypes: input dtypes it accepts (o is returned in the input dtype).
-    head_sizes: the K and V it supports, or None for any.
-    precision: matmul precision class for float32 inputs: "ieee" (full fp32, the default),
-        "tf32" (operands truncated to tf32, as Triton's tl.dot does), "tf32_rn" (rounded to
-        tf32, as cuBLAS does) or "bf16"; fp32 accumulation in all. 16-bit inputs are always
-        held to a bf16-operand reference.
-    state_layout: "KV" ([N, HV, K, V], the convention) or "VK" ([N, HV, V, K]); the
-        adapter transposes, it never guesses.
-    gva: supports HV > H.  varlen: supports cu_seqlens.
-    gate_in_kernel: accepts use_gate_in_kernel=True with A_log, dt_bias, lower_bound (g is z).
-    l2norm_in_kernel: accepts use_qk_l2norm_in_kernel=True.
-    max_T: the longest sequence it is given (None: the suite's own limit).
-    """
-
-    dtypes: tuple[str, ...] = ("float32", "bfloat16")
-    head_sizes: tuple[int, ...] | None = None
-    precision: str = "ieee"
-    state_layout: str = "KV"
-    gva: bool = True
-    varlen: bool = True
-    gate_in_kernel: bool = False
-    l2norm_in_kernel: bool = False
-    max_T: int | None = None
-
-    def __post_init__(self):
-        for d in self.dtypes:
-            if d not in DTYPES:
-                raise ValueError(f"dtypes: expected names from {sorted(DTYPES)}, got {d!r}")
-        if not self.dtypes:
-            raise ValueError("dtypes: expected at least one dtype")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
-        if self.state_layout not in LAYOUTS:
-            raise ValueError(f"state_layout: expected one of {LAYOUTS}, got {self.state_layout!r}")
-        if self.head_sizes is not None and (not self.head_sizes or min(self.head_sizes) < 1):
-            raise ValueError(f"head_sizes: expected positive sizes, got {self.head_sizes}")
-
-    def matmul_precision(self, dtype: torch.dtype) -> str:
-        """The precision policy of the same-precision reference for inputs of this dtype."""
-        return self.precision if dtype == torch.float32 else "bf16"
-
-    def declared(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-def parse_capabilities(base: Capabilities, options: dict) -> Capabilities:
-    """Override base with user options; option values of None mean 'not given'."""
-    given = {k: v for k, v in options.items() if v is not None}
-    return replace(base, **given)
 
 
 class Implementation:
@@ -113,27 +58,42 @@ class Implementation:
         return o, S
 
 
+IMPL_OPTION = "--kda-impl"
+
+
 def load_callable(target: str):
-    """Import 'package.module:function'."""
+    """Import 'package.module:function' (a dotted attribute path after the colon)."""
     if ":" not in target:
-        raise ValueError(f"--impl: expected MODULE:FUNC, got {target!r}")
+        raise ValueError(f"{IMPL_OPTION}: expected MODULE:FUNC, got {target!r}")
     mod, _, attr = target.partition(":")
     try:
         fn = importlib.import_module(mod)
     except ImportError as e:
-        raise ValueError(f"--impl: cannot import module {mod!r}: {e}") from e
+        raise ValueError(f"{IMPL_OPTION}: cannot import module {mod!r}: {e}") from e
     for part in attr.split("."):
         if not hasattr(fn, part):
-            raise ValueError(f"--impl: {mod!r} has no attribute {attr!r}")
+            raise ValueError(f"{IMPL_OPTION}: {mod!r} has no attribute {attr!r}")
         fn = getattr(fn, part)
     if not callable(fn):
-        raise ValueError(f"--impl: {target} is not callable")
+        raise ValueError(f"{IMPL_OPTION}: {target} is not callable")
     return fn
 
 
-def load_implementation(target: str, options: dict | None = None, device: str = "cpu") -> Implementation:
-    fn = load_callable(target)
+def check_requirements(fn, name: str) -> None:
+    """An implementation may name the optional modules it needs in an attribute
+    `kdaverify_requires = {module: install command}`; a missing one is a usage error that
+    says how to install it, before any check runs."""
+    for module, install in getattr(fn, "kdaverify_requires", {}).items():
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"{IMPL_OPTION}: {name} needs the module {module!r}, which is not installed: {install}")
+
+
+def load_implementation(target, options: dict | None = None, device: str = "cpu") -> Implementation:
+    """target: 'MODULE:FUNC' or the callable itself. options: Capabilities overrides."""
+    fn = load_callable(target) if isinstance(target, str) else target
+    name = target if isinstance(target, str) else f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', fn)}"
+    check_requirements(fn, name)
     base = getattr(fn, "kdaverify_capabilities", Capabilities())
     if isinstance(base, dict):
         base = Capabilities(**base)
-    return Implementation(fn, target, parse_capabilities(base, options or {}), device)
+    return Implementation(fn, name, parse_capabilities(base, options or {}), device)

@@ -1,8 +1,9 @@
 """The kill table: every negative control through the conformance suite.
 
-    python -m equivalence.killtable [--jobs N] [--out DIR] [-- extra pytest options]
+    kdaverify mutants [--jobs N] [--out DIR] [-- extra pytest options]
+    python -m kdaverify.equivalence.killtable (the same)
 
-Runs `pytest equivalence/test_conformance.py --impl=equivalence.mutants:NAME` for the correct
+Runs the conformance suite with `--kda-impl=kdaverify.equivalence.mutants:NAME` for the correct
 control and each mutant (N at a time), reads each conformance report, and prints which
 checks rejected which mutant. Exits 1 if any mutant survives or the correct control fails.
 """
@@ -20,13 +21,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .mutants import MUTANTS, correct_control
+from .plugin import SUITE
 
 
 def run_one(name: str, out: Path, extra: list[str]) -> dict:
     report = out / name
     cmd = [
-        sys.executable, "-m", "pytest", "equivalence/test_conformance.py", "-q", "-p", "no:cacheprovider",
-        f"--impl=equivalence.mutants:{name}", f"--conformance-report={report}", "--hypothesis-profile=mutants", *extra,
+        sys.executable, "-m", "pytest", str(SUITE), "-q", "-p", "no:cacheprovider",
+        f"--kda-impl=kdaverify.equivalence.mutants:{name}", f"--kda-report={report}", "--kda-profile=mutants", *extra,
     ]  # fmt: skip
     started = time.perf_counter()
     # one thread per run: the runs themselves fill the cores, and oversubscribed torch

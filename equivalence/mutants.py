@@ -15,8 +15,7 @@ import itertools
 from unittest import mock
 
 import torch
-
-from reference import kda_chunkwise, kda_recurrent
+from kdaverify.reference import kda_chunkwise, kda_recurrent
 
 from .adapters import in_float32, reference_chunk_kda, reference_recurrent_kda
 
@@ -48,7 +47,7 @@ def _swapping(target: str, piece, name: str, doc: str):
     """A mutant that runs the float32 reference with one named piece of the oracle (target,
     a dotted path) replaced by a wrong one for the duration of the call: the recurrence's
     per-token scan, or the chunkwise algorithm's chunk decay."""
-    base = reference_recurrent_kda if target.startswith("reference.kda.") else reference_chunk_kda
+    base = reference_recurrent_kda if target.startswith("kdaverify.reference.kda.") else reference_chunk_kda
 
     def call(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, **kw):
         with mock.patch(target, piece):
@@ -106,19 +105,19 @@ def _decay_split_exponents(g):
 # ------------------------------------------------------------------ the mutants
 
 future_gate_leak = _swapping(
-    "reference.chunkwise.chunk_decay", _decay_anchored_on_last_row, "future_gate_leak",
+    "kdaverify.reference.chunkwise.chunk_decay", _decay_anchored_on_last_row, "future_gate_leak",
     "A future gate leaks into past outputs: intra-chunk ratios anchored on the chunk's last row.",
 )  # fmt: skip
 decay_overflow = _swapping(
-    "reference.chunkwise.chunk_decay", _decay_split_exponents, "decay_overflow",
+    "kdaverify.reference.chunkwise.chunk_decay", _decay_split_exponents, "decay_overflow",
     "exp(G) and exp(-G) formed separately: Inf/NaN once a chunk's cumulative decay passes -88.",
 )  # fmt: skip
 write_missing_beta = _swapping(
-    "reference.kda._scan_torch", _scan_without_beta_write, "write_missing_beta",
+    "kdaverify.reference.kda._scan_torch", _scan_without_beta_write, "write_missing_beta",
     "The write term missing beta: S += k v^T instead of beta k v^T.",
 )  # fmt: skip
 decay_after_delta = _swapping(
-    "reference.kda._scan_torch", _scan_decay_after_delta, "decay_after_delta",
+    "kdaverify.reference.kda._scan_torch", _scan_decay_after_delta, "decay_after_delta",
     "Decay applied after the delta-rule correction instead of before it.",
 )  # fmt: skip
 

@@ -1,8 +1,13 @@
-"""Hypothesis profiles: ci (derandomized, bounded), dev (the default), deep, gpu and mutants.
+"""Hypothesis profiles of the suite: ci (derandomized, bounded), dev (the default), deep, gpu
+and mutants.
 
-Pick one with the environment variable KDAVERIFY_PROFILE or Hypothesis' own pytest option
---hypothesis-profile=NAME (the option wins). Every failure prints the falsifying CaseSpec
-and a @reproduce_failure blob, so it can be replayed exactly.
+Pick one with `--kda-profile=NAME` (pytest) or `--profile NAME` (the kdaverify command), or
+the environment variable KDAVERIFY_PROFILE; the option wins. The conformance tests apply the
+chosen profile to themselves, so a host project that runs the suite through the pytest plugin
+keeps its own Hypothesis settings for its own tests. The profiles are also registered with
+Hypothesis under prefixed names (kdaverify-ci, ...), never under a bare name a host project
+may use itself. Every failure prints the falsifying CaseSpec and a @reproduce_failure blob,
+so it can be replayed exactly.
 """
 
 from __future__ import annotations
@@ -18,24 +23,36 @@ _common = dict(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
 )
-settings.register_profile("ci", max_examples=12, derandomize=True, **_common)
-settings.register_profile("dev", max_examples=40, **_common)
-settings.register_profile("deep", max_examples=500, **_common)
-# The kill table asks only which checks reject each wrong implementation: no shrinking, so
-# a mutant that fails on thousand-token cases does not spend minutes minimising them.
-settings.register_profile(
-    "mutants", max_examples=12, derandomize=True, phases=[Phase.explicit, Phase.generate], **_common
-)
-# A GPU run of a Triton kernel compiles (and autotunes) for every new head count and size,
-# so it draws fewer, derandomized examples.
-settings.register_profile("gpu", max_examples=6, derandomize=True, **_common)
-
+PROFILES = {
+    "ci": settings(max_examples=12, derandomize=True, **_common),
+    "dev": settings(max_examples=40, **_common),
+    "deep": settings(max_examples=500, **_common),
+    # The kill table asks only which checks reject each wrong implementation: no shrinking,
+    # so a mutant that fails on thousand-token cases does not spend minutes minimising them.
+    "mutants": settings(max_examples=12, derandomize=True, phases=[Phase.explicit, Phase.generate], **_common),
+    # A GPU run of a Triton kernel compiles (and autotunes) for every new head count and
+    # size, so it draws fewer, derandomized examples.
+    "gpu": settings(max_examples=6, derandomize=True, **_common),
+}
 PROFILE_ENV = "KDAVERIFY_PROFILE"
+DEFAULT = "dev"
+PREFIX = "kdaverify-"
+
+for _name, _settings in PROFILES.items():
+    settings.register_profile(PREFIX + _name, _settings)
 
 
-def load_default() -> str:
-    name = os.environ.get(PROFILE_ENV, "dev")
-    if name not in ("ci", "dev", "deep", "gpu", "mutants"):
-        raise ValueError(f"{PROFILE_ENV}: expected ci, dev, deep, gpu or mutants, got {name!r}")
-    settings.load_profile(name)
+def resolve(option: str | None = None) -> str:
+    """The profile in force: the option if given, else KDAVERIFY_PROFILE, else dev."""
+    name = option or os.environ.get(PROFILE_ENV) or DEFAULT
+    if name not in PROFILES:
+        source = "--kda-profile" if option else PROFILE_ENV
+        raise ValueError(f"{source}: expected one of {', '.join(PROFILES)}, got {name!r}")
+    return name
+
+
+def load(option: str | None = None) -> str:
+    """Make the profile in force Hypothesis' default (for this project's own tests only)."""
+    name = resolve(option)
+    settings.load_profile(PREFIX + name)
     return name

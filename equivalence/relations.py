@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from reference import kda_chunkwise, kda_gate, kda_recurrent, kda_recurrent_np, l2norm
+from kdaverify.reference import kda_chunkwise, kda_gate, kda_recurrent, kda_recurrent_np, l2norm
 
 from .cases import CaseSpec
 from .implementation import Implementation

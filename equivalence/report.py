@@ -208,17 +208,36 @@ class ConformanceReport:
         self.finished = True
         if not self.rows:
             return
-        data = self.as_dict()
         tr = terminalreporter
-        tr.section(f"kdaverify conformance: {data['implementation']}")
+        tr.section(f"kdaverify conformance: {self.impl.name}")
+        for line in self.summary_lines(self.as_dict()):
+            tr.write_line(line)
+
+    def summary_lines(self, data: dict) -> list[str]:
+        """One screen: the failed checks, the counts, the check nearest its budget, the verdict
+        and where the report is."""
+        lines = []
         for r in data["checks"]:
-            w = r.get("worst")
-            extra = f"  worst {w['what']}: {w['budget_used']:.2f} of budget" if w else ""
-            tr.write_line(f"{r['outcome']:>15}  {r['check']} [{r['dtype']}]{extra}")
-        tr.write_line(f"verdict: {verdict(data)}")
+            if r["outcome"] == "failed":
+                first = (r.get("message") or "").splitlines()[:1]
+                lines.append(f"  FAILED {r['check']} [{r['dtype']}]: {first[0] if first else ''}"[:200])
+        counts = data["counts"]
+        lines.append(
+            f"checks: {counts.get('passed', 0)} passed, {counts.get('failed', 0)} failed, "
+            f"{counts.get('not applicable', 0)} not applicable"
+        )
+        judged = [r for r in data["checks"] if r.get("worst") and r["outcome"] == "passed"]
+        if judged:
+            w = max(judged, key=lambda r: r["worst"]["budget_used"])
+            lines.append(
+                f"worst share of budget among passed checks: {w['worst']['budget_used']:.2f} "
+                f"({w['check']} [{w['dtype']}], {w['worst']['what']})"
+            )
+        lines.append(f"verdict: {verdict(data)}  ({data['seconds']} s, profile {data['environment']['profile']})")
         if self.out_dir:
             self.write()
-            tr.write_line(f"report written to {Path(self.out_dir) / 'report.md'} and report.json")
+            lines.append(f"report: {Path(self.out_dir) / 'report.md'} (and report.json)")
+        return lines
 
     def write(self) -> None:
         if not self.out_dir:

@@ -12,8 +12,7 @@ import time
 
 import numpy as np
 import torch
-
-from reference import dplr_recurrent_np, kda_as_dplr, kda_chunkwise, kda_recurrent, kda_recurrent_np
+from kdaverify.reference import dplr_recurrent_np, kda_as_dplr, kda_chunkwise, kda_recurrent, kda_recurrent_np
 
 from .cases import CaseSpec
 from .tolerance import errors

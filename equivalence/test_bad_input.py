@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given
-
-from reference import (
+from kdaverify.equivalence.implementation import Capabilities
+from kdaverify.equivalence.strategies import case_specs
+from kdaverify.reference import (
     dplr_recurrent,
     dplr_recurrent_np,
     kda_as_dplr,
@@ -20,9 +21,6 @@ from reference import (
     kda_recurrent_np,
     round_operand,
 )
-
-from .implementation import Capabilities
-from .strategies import case_specs
 
 # Sizes all distinct (K != V, HV = 2 H) so that a swapped or misread dimension is caught.
 B, T, H, HV, K, V = 2, 5, 2, 4, 3, 2

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from reference import round_operand
+from kdaverify.reference import round_operand
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: it measures the tensor cores")
 N = 64

@@ -1,0 +1,134 @@
+"""What an implementation declares it supports, and how that is spelled on a command line.
+
+Torch-free on purpose: the pytest plugin reads this table to register its --kda-* options in
+every pytest run of a project that has kdaverify installed, and that must stay cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+PRECISIONS = ("ieee", "tf32", "tf32_rn", "bf16")
+LAYOUTS = ("KV", "VK")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an implementation declares.
+
+    dtypes: input dtypes it accepts (o is returned in the input dtype).
+    head_sizes: the K and V it supports, or None for any.
+    precision: matmul precision class for float32 inputs: "ieee" (full fp32, the default),
+        "tf32" (operands truncated to tf32, as Triton's tl.dot does), "tf32_rn" (rounded to
+        tf32, as cuBLAS does) or "bf16"; fp32 accumulation in all. 16-bit inputs are always
+        held to a bf16-operand reference.
+    state_layout: "KV" ([N, HV, K, V], the convention) or "VK" ([N, HV, V, K]); the
+        adapter transposes, it never guesses.
+    gva: supports HV > H.  varlen: supports cu_seqlens.
+    gate_in_kernel: accepts use_gate_in_kernel=True with A_log, dt_bias, lower_bound (g is z).
+    l2norm_in_kernel: accepts use_qk_l2norm_in_kernel=True.
+    max_T: the longest sequence it is given (None: the suite's own limit).
+    """
+
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    head_sizes: tuple[int, ...] | None = None
+    precision: str = "ieee"
+    state_layout: str = "KV"
+    gva: bool = True
+    varlen: bool = True
+    gate_in_kernel: bool = False
+    l2norm_in_kernel: bool = False
+    max_T: int | None = None
+
+    def __post_init__(self):
+        for d in self.dtypes:
+            if d not in DTYPE_NAMES:
+                raise ValueError(f"dtypes: expected names from {list(DTYPE_NAMES)}, got {d!r}")
+        if not self.dtypes:
+            raise ValueError("dtypes: expected at least one dtype")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
+        if self.state_layout not in LAYOUTS:
+            raise ValueError(f"state_layout: expected one of {LAYOUTS}, got {self.state_layout!r}")
+        if self.head_sizes is not None and (not self.head_sizes or min(self.head_sizes) < 1):
+            raise ValueError(f"head_sizes: expected positive sizes, got {self.head_sizes}")
+
+    def matmul_precision(self, dtype) -> str:
+        """The precision policy of the same-precision reference for inputs of this dtype
+        (a torch dtype or its name)."""
+        return self.precision if str(dtype).removeprefix("torch.") == "float32" else "bf16"
+
+    def declared(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def parse_capabilities(base: Capabilities, options: dict) -> Capabilities:
+    """Override base with user options; option values of None mean 'not given'."""
+    given = {k: v for k, v in options.items() if v is not None}
+    return replace(base, **given)
+
+
+# How each declared field is spelled on a command line (pytest --kda-*, kdaverify verify --*):
+# the option is the field name with '-' for '_', lower case; booleans take yes / no, tuples a
+# comma list. One table, so the pytest plugin and the command line can never disagree.
+_YESNO = {"yes": True, "no": False}
+FIELD_CHOICES = {"precision": PRECISIONS, "state_layout": LAYOUTS}
+
+
+def option_name(field: str) -> str:
+    """The command-line spelling of a Capabilities field: max_T -> max-t."""
+    return field.replace("_", "-").lower()
+
+
+def option_specs() -> list[tuple[str, str, dict]]:
+    """(field, option name, argparse keyword arguments) for every Capabilities field."""
+    specs = []
+    for f in fields(Capabilities):
+        doc = _FIELD_HELP.get(f.name, f.name)
+        kw: dict = {"default": None, "help": doc}
+        if f.name in FIELD_CHOICES:
+            kw["choices"] = list(FIELD_CHOICES[f.name])
+        elif isinstance(f.default, bool):
+            kw["choices"] = sorted(_YESNO)
+        elif f.name == "max_T":
+            kw["type"] = int
+            kw["metavar"] = "N"
+        else:
+            kw["metavar"] = "A,B,..."
+        specs.append((f.name, option_name(f.name), kw))
+    return specs
+
+
+def options_from_strings(values: dict) -> dict:
+    """Capabilities overrides from command-line strings keyed by field name (None: not given)."""
+    out = {}
+    for f in fields(Capabilities):
+        v = values.get(f.name)
+        if v is None:
+            out[f.name] = None
+        elif isinstance(f.default, bool):
+            out[f.name] = _YESNO[v]
+        elif f.name == "head_sizes":
+            try:
+                out[f.name] = tuple(int(s) for s in v.split(",") if s)
+            except ValueError:
+                raise ValueError(f"head_sizes: expected a comma list of integers, got {v!r}") from None
+        elif f.name == "dtypes":
+            out[f.name] = tuple(s for s in v.split(",") if s)
+        else:
+            out[f.name] = v
+    return out
+
+
+_FIELD_HELP = {
+    "dtypes": "comma list of input dtypes it accepts (float32,bfloat16,float16)",
+    "head_sizes": "comma list of the K and V sizes it supports (default: any)",
+    "precision": "matmul precision class for float32 inputs",
+    "state_layout": "state layout it reads and returns",
+    "gva": "supports HV > H (grouped value heads)",
+    "varlen": "supports cu_seqlens (packed batches)",
+    "gate_in_kernel": "accepts use_gate_in_kernel=True with A_log, dt_bias, lower_bound",
+    "l2norm_in_kernel": "accepts use_qk_l2norm_in_kernel=True",
+    "max_T": "the longest sequence to give it",
+}

@@ -1,0 +1,133 @@
+"""The kdaverify command: the nox sessions, for people who do not use nox.
+
+    kdaverify verify MODULE:FUNC [--dtypes ... capability options] [--out DIR] [--junitxml FILE] [-- pytest args]
+    kdaverify selfcheck
+    kdaverify mutants [--jobs N] [--out DIR] [--only NAME ...]
+
+`kdaverify COMMAND --help` describes each. `verify` exits 0 if and only if the implementation
+conforms; every other failure exits non-zero too (1: a check failed; 2: a usage error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from kdaverify.equivalence.capabilities import option_specs
+
+COMMANDS: dict[str, tuple[str, callable, callable]] = {}  # name -> (help, add_arguments, run)
+
+
+def command(name: str, help: str, add_arguments=lambda p: None):
+    def register(run):
+        COMMANDS[name] = (help, add_arguments, run)
+        return run
+
+    return register
+
+
+def report_dir(target: str) -> Path:
+    """Where verify writes by default: ./kdaverify-reports/<target with safe characters>."""
+    return Path("kdaverify-reports") / re.sub(r"[^A-Za-z0-9_.-]+", "-", target)
+
+
+def _verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "target", metavar="MODULE:FUNC", help="the callable to verify (flash-linear-attention's chunk_kda contract)"
+    )
+    caps = p.add_argument_group("what the implementation declares (default: its kdaverify_capabilities attribute)")
+    for field, name, kw in option_specs():
+        caps.add_argument(f"--{name}", dest=field, **kw)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--profile", default=None, help="Hypothesis profile: ci, dev, deep, gpu, mutants (default: "
+                   "KDAVERIFY_PROFILE, else dev)")  # fmt: skip
+    p.add_argument("--out", default=None, help="report folder (default: kdaverify-reports/<target>)")
+    p.add_argument("--junitxml", default=None, metavar="FILE", help="also write a JUnit XML file for CI systems")
+    p.add_argument(
+        "-n", "--workers", default=None, help="pytest-xdist workers (a number or 'auto'; needs pytest-xdist)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="pytest's own output instead of a progress bar")
+
+
+@command("verify", "run the conformance suite against MODULE:FUNC and write a report", _verify_arguments)
+def verify(args) -> int:
+    import pytest
+
+    from kdaverify.equivalence.plugin import SUITE
+
+    out = Path(args.out) if args.out else report_dir(args.target)
+    argv = [str(SUITE), f"--kda-impl={args.target}", f"--kda-report={out}", "-q", "-p", "no:cacheprovider"]
+    argv += ["--no-header", "-rN", "--tb=no"]
+    for field, name, _ in option_specs():
+        value = getattr(args, field)
+        if value is not None:
+            argv.append(f"--kda-{name}={value}")
+    if args.device:
+        argv.append(f"--kda-device={args.device}")
+    if args.profile:
+        argv.append(f"--kda-profile={args.profile}")
+    if args.junitxml:
+        argv.append(f"--junitxml={args.junitxml}")
+    if args.workers:
+        argv += ["-n", str(args.workers)]
+    if not args.no_progress:
+        argv.append("--kda-progress")
+    argv += args.pytest_args
+    code = pytest.main(argv)
+    path = out / "report.json"
+    if code in (pytest.ExitCode.USAGE_ERROR, pytest.ExitCode.INTERNAL_ERROR) or not path.exists():
+        return int(code) or 2
+    return 0 if json.loads(path.read_text())["conforms"] else 1
+
+
+@command("selfcheck", "the oracle checks itself: its tiers agree in float64, and its speed")
+def selfcheck(args) -> int:
+    from kdaverify.equivalence.selfcheck import main as run
+
+    return run()
+
+
+def _mutant_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--jobs", type=int, default=2, help="pytest runs at a time (default 2)")
+    p.add_argument("--out", default=None, help="folder for the per-mutant reports and killtable.md")
+    p.add_argument("--only", nargs="*", default=None, help="run only these mutants")
+
+
+@command("mutants", "every negative control through the suite: the kill table", _mutant_arguments)
+def mutants(args) -> int:
+    from kdaverify.equivalence.killtable import main as run
+
+    argv = ["--jobs", str(args.jobs)]
+    if args.out:
+        argv += ["--out", args.out]
+    if args.only:
+        argv += ["--only", *args.only]
+    return run(argv + args.pytest_args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdaverify", description=__doc__.splitlines()[0])
+    from kdaverify import __version__
+
+    p.add_argument("--version", action="version", version=f"kdaverify {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help, add_arguments, _) in COMMANDS.items():
+        epilog = "Arguments after a lone -- are passed to pytest." if name in ("verify", "mutants") else None
+        add_arguments(sub.add_parser(name, help=help, description=help, epilog=epilog))
+    return p
+
+
+def main(argv=None) -> int:
+    """Everything after a lone `--` goes to pytest untouched (verify, mutants)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = parser().parse_args(argv[:cut])
+    args.pytest_args = argv[cut + 1 :]
+    return COMMANDS[args.command][2](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,3 +1,14 @@
-"""Triton kernels for KDA and their torch.autograd wrappers (chunked forward and backward,
-fused recurrent decode, DPLR). None has landed yet: until one does, the project's default
-implementation is the chunkwise reference (equivalence.adapters.DEFAULT_IMPL)."""
+"""Triton kernels for KDA, drop-ins for flash-linear-attention's functions of the same names
+(calling convention: DESIGN.md section 3).
+
+    chunk_kda            chunked WY/UT forward (kda_chunk.py)
+    fused_recurrent_kda  token-by-token recurrence, also the decode kernel (kda_fused_recurrent.py)
+
+Each carries a `kdaverify_capabilities` declaration for the conformance suite. Without a CUDA
+GPU they run under Triton's interpreter (runtime.py).
+"""
+
+from .kda_chunk import chunk_kda
+from .kda_fused_recurrent import fused_recurrent_kda
+
+__all__ = ["chunk_kda", "fused_recurrent_kda"]

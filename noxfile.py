@@ -38,7 +38,10 @@ def tests(session: nox.Session) -> None:
     """The CPU test suite under the bounded `ci` Hypothesis profile, on 2 workers."""
     _install(session)
     # one torch thread per xdist worker: two workers already fill two cores
-    session.run("pytest", "-n", "2", "--kda-profile=ci", *session.posargs, env={"OMP_NUM_THREADS": "1"})
+    # loadgroup: the packaging tests share one built wheel on one worker
+    session.run(
+        "pytest", "-n", "2", "--dist=loadgroup", "--kda-profile=ci", *session.posargs, env={"OMP_NUM_THREADS": "1"}
+    )  # fmt: skip
 
 
 @nox.session(python=PYTHON)

@@ -88,3 +88,4 @@ def fla_fused_recurrent_kda(
 
 fla_chunk_kda.kdaverify_capabilities = Capabilities(precision="tf32", **_FLA_CAPS)
 fla_fused_recurrent_kda.kdaverify_capabilities = Capabilities(precision="ieee", **_FLA_CAPS)
+fla_chunk_kda.kdaverify_requires = fla_fused_recurrent_kda.kdaverify_requires = ("fla",)

@@ -59,6 +59,17 @@ class Implementation:
 
 
 IMPL_OPTION = "--kda-impl"
+# Optional dependencies an implementation may need, and the command that installs each.
+INSTALL = {
+    "triton": "pip install triton (kdaverify's kernels; on a machine without a GPU they run under its interpreter)",
+    "fla": "pip install 'kdaverify[fla]' (flash-linear-attention 0.6.0)",
+    "matplotlib": "pip install 'kdaverify[perf]'",
+}
+
+
+def install_hint(module: str | None) -> str:
+    top = (module or "").split(".")[0]
+    return f"; install it with: {INSTALL[top]}" if top in INSTALL else ""
 
 
 def load_callable(target: str):
@@ -69,7 +80,7 @@ def load_callable(target: str):
     try:
         fn = importlib.import_module(mod)
     except ImportError as e:
-        raise ValueError(f"{IMPL_OPTION}: cannot import module {mod!r}: {e}") from e
+        raise ValueError(f"{IMPL_OPTION}: cannot import module {mod!r}: {e}{install_hint(e.name)}") from e
     for part in attr.split("."):
         if not hasattr(fn, part):
             raise ValueError(f"{IMPL_OPTION}: {mod!r} has no attribute {attr!r}")
@@ -81,11 +92,13 @@ def load_callable(target: str):
 
 def check_requirements(fn, name: str) -> None:
     """An implementation may name the optional modules it needs in an attribute
-    `kdaverify_requires = {module: install command}`; a missing one is a usage error that
-    says how to install it, before any check runs."""
-    for module, install in getattr(fn, "kdaverify_requires", {}).items():
+    `kdaverify_requires = (module, ...)`; a missing one is a usage error that says how to
+    install it, before any check runs."""
+    for module in getattr(fn, "kdaverify_requires", ()):
         if importlib.util.find_spec(module) is None:
-            raise ValueError(f"{IMPL_OPTION}: {name} needs the module {module!r}, which is not installed: {install}")
+            raise ValueError(
+                f"{IMPL_OPTION}: {name} needs the module {module!r}, which is not installed{install_hint(module)}"
+            )
 
 
 def load_implementation(target, options: dict | None = None, device: str = "cpu") -> Implementation:

@@ -310,9 +310,15 @@ def test_ut_transform_inverts(spec):
     k, v, g, beta, M = (x.numpy() for x in (k, v, g, beta, M))
     C = spec.T
     G = np.cumsum(g, axis=-2)
-    below = np.tril(np.ones((C, C), dtype=bool), -1)[..., None]
-    # the exponent is masked before exp: above the diagonal G_r - G_i > 0 could overflow
-    ratio = np.exp(np.where(below, G[..., :, None, :] - G[..., None, :, :], -np.inf))
+    # Gam_r / Gam_i for i < r as the product of exp(g_j) over i < j <= r (zero above the
+    # diagonal): independent of the log-space form, and exact under g = -inf (a reset)
+    decay = np.exp(g)
+    ratio = np.zeros(g.shape[:-1] + (C, g.shape[-1]))
+    for r in range(C):
+        acc = np.ones_like(decay[..., 0, :])
+        for i in range(r - 1, -1, -1):
+            acc = acc * decay[..., i + 1, :]
+            ratio[..., r, i, :] = acc
     L = beta[..., :, None] * np.einsum("...rc,...ric,...ic->...ri", k, ratio, k)
     eye = np.eye(C)
     assert np.all(np.triu(M, 1) == 0), "M: not lower triangular"

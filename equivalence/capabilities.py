@@ -11,6 +11,9 @@ from dataclasses import dataclass, fields, replace
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("ieee", "tf32", "tf32_rn", "bf16")
 LAYOUTS = ("KV", "VK")
+# the dtype g or beta may have: "input" (q's dtype) or a dtype name
+SIDE_DTYPES = ("input", *DTYPE_NAMES)
+STATE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,13 @@ class Capabilities:
     gate_in_kernel: accepts use_gate_in_kernel=True with A_log, dt_bias, lower_bound (g is z).
     l2norm_in_kernel: accepts use_qk_l2norm_in_kernel=True.
     max_T: the longest sequence it is given (None: the suite's own limit).
+    g_dtypes, beta_dtypes: the dtypes g and beta may have beside q, k, v: "input" (q's
+        dtype) or a dtype name. The default is flash-linear-attention's usual call: 16-bit
+        q, k, v with float32 g and beta (and every combination of the two).
+    positional: accepts scale, initial_state and output_final_state positionally, in the
+        contract's order after beta (as flash-linear-attention's chunk_kda does).
+    state_dtype: the precision the state is kept in between tokens and calls: "float32"
+        (the contract) or "bfloat16" (then the state-precision check does not apply).
     """
 
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
@@ -40,6 +50,10 @@ class Capabilities:
     gate_in_kernel: bool = False
     l2norm_in_kernel: bool = False
     max_T: int | None = None
+    g_dtypes: tuple[str, ...] = ("input", "float32")
+    beta_dtypes: tuple[str, ...] = ("input", "float32")
+    positional: bool = True
+    state_dtype: str = "float32"
 
     def __post_init__(self):
         for d in self.dtypes:
@@ -53,6 +67,17 @@ class Capabilities:
             raise ValueError(f"state_layout: expected one of {LAYOUTS}, got {self.state_layout!r}")
         if self.head_sizes is not None and (not self.head_sizes or min(self.head_sizes) < 1):
             raise ValueError(f"head_sizes: expected positive sizes, got {self.head_sizes}")
+        for name in ("g_dtypes", "beta_dtypes"):
+            values = getattr(self, name)
+            if not values or any(d not in SIDE_DTYPES for d in values):
+                raise ValueError(f"{name}: expected one or more of {list(SIDE_DTYPES)}, got {values!r}")
+        if self.state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype: expected one of {STATE_DTYPES}, got {self.state_dtype!r}")
+
+    @property
+    def state_float32(self) -> bool:
+        """The state is kept in float32, as the contract says (the state-precision check's need)."""
+        return self.state_dtype == "float32"
 
     def matmul_precision(self, dtype) -> str:
         """The precision policy of the same-precision reference for inputs of this dtype
@@ -73,7 +98,8 @@ def parse_capabilities(base: Capabilities, options: dict) -> Capabilities:
 # the option is the field name with '-' for '_', lower case; booleans take yes / no, tuples a
 # comma list. One table, so the pytest plugin and the command line can never disagree.
 _YESNO = {"yes": True, "no": False}
-FIELD_CHOICES = {"precision": PRECISIONS, "state_layout": LAYOUTS}
+FIELD_CHOICES = {"precision": PRECISIONS, "state_layout": LAYOUTS, "state_dtype": STATE_DTYPES}
+_LISTS = ("dtypes", "g_dtypes", "beta_dtypes")
 
 
 def option_name(field: str) -> str:
@@ -114,7 +140,7 @@ def options_from_strings(values: dict) -> dict:
                 out[f.name] = tuple(int(s) for s in v.split(",") if s)
             except ValueError:
                 raise ValueError(f"head_sizes: expected a comma list of integers, got {v!r}") from None
-        elif f.name == "dtypes":
+        elif f.name in _LISTS:
             out[f.name] = tuple(s for s in v.split(",") if s)
         else:
             out[f.name] = v
@@ -131,4 +157,8 @@ _FIELD_HELP = {
     "gate_in_kernel": "accepts use_gate_in_kernel=True with A_log, dt_bias, lower_bound",
     "l2norm_in_kernel": "accepts use_qk_l2norm_in_kernel=True",
     "max_T": "the longest sequence to give it",
+    "g_dtypes": "comma list of the dtypes g may have: input (q's dtype) or a dtype name",
+    "beta_dtypes": "comma list of the dtypes beta may have: input (q's dtype) or a dtype name",
+    "positional": "accepts scale, initial_state, output_final_state positionally after beta",
+    "state_dtype": "the precision the state is kept in between tokens and calls",
 }

@@ -28,6 +28,9 @@ GATE_REGIMES = {
     "strong": lambda z, u: -20.0 * u,
     # padding tokens masked with g = -1000 between ordinary logsigmoid tokens
     "masked": lambda z, u: np.where(u < 0.25, -1000.0, -np.logaddexp(0.0, -z)),
+    # g = -inf: a hard reset (exp(-inf) = 0 wipes the state), what masking code produces;
+    # part of the contract (see the README's domain section)
+    "reset": lambda z, u: np.where(u < 0.1, -np.inf, -np.logaddexp(0.0, -z)),
 }
 
 

@@ -33,31 +33,47 @@ class Implementation:
     def __repr__(self) -> str:
         return f"Implementation({self.name}, {self.caps}, device={self.device})"
 
-    def tensors(self, arrays: dict, dtype: torch.dtype) -> dict:
+    def tensors(self, arrays: dict, dtype: torch.dtype, side_dtypes: dict | None = None) -> dict:
         """The inputs as the implementation sees them: q, k, v, g, beta in dtype on the
-        device; initial_state float32; cu_seqlens int64."""
+        device (g or beta in another dtype where side_dtypes, {"g" or "beta": torch dtype},
+        says so); initial_state float32; cu_seqlens int64."""
+        side = side_dtypes or {}
         out = {}
         for name in ("q", "k", "v", "g", "beta"):
-            out[name] = torch.as_tensor(arrays[name]).to(self.device, dtype)
+            out[name] = torch.as_tensor(arrays[name]).to(self.device, side.get(name, dtype))
         h0, cu = arrays.get("initial_state"), arrays.get("cu_seqlens")
         out["initial_state"] = None if h0 is None else torch.as_tensor(h0).to(self.device, torch.float32)
         out["cu_seqlens"] = None if cu is None else torch.as_tensor(np.asarray(cu)).to(self.device, torch.int64)
         return out
 
-    def call(self, t: dict, scale=None, **extra):
-        """Call the implementation on prepared tensors; returns (o, final_state in KV layout)."""
+    def call(self, t: dict, scale=None, output_final_state: bool = True, form: str = "mixed", **extra):
+        """Call the implementation on prepared tensors; returns (o, final_state in KV layout
+        or None).
+
+        form: how the contract's arguments are passed. "mixed" (the default): q, k, v, g,
+        beta positionally, the rest by keyword; "positional": scale, initial_state and
+        output_final_state positionally too (in the contract's order; cu_seqlens and the
+        in-kernel options by keyword); "keyword": everything by keyword."""
+        if form not in CALL_FORMS:
+            raise ValueError(f"form: expected one of {CALL_FORMS}, got {form!r}")
         h0 = t["initial_state"]
         if h0 is not None and self.caps.state_layout == "VK":
             h0 = h0.transpose(-1, -2).contiguous()
-        o, S = self.fn(
-            t["q"], t["k"], t["v"], t["g"], t["beta"],
-            scale=scale, initial_state=h0, output_final_state=True, cu_seqlens=t["cu_seqlens"], **extra,
-        )  # fmt: skip
+        tensors = [t[n] for n in ("q", "k", "v", "g", "beta")]
+        options = dict(scale=scale, initial_state=h0, output_final_state=output_final_state)
+        if form == "positional":
+            o, S = self.fn(*tensors, *options.values(), cu_seqlens=t["cu_seqlens"], **extra)
+        elif form == "keyword":
+            named = dict(zip(("q", "k", "v", "g", "beta"), tensors, strict=True))
+            o, S = self.fn(**named, **options, cu_seqlens=t["cu_seqlens"], **extra)
+        else:
+            o, S = self.fn(*tensors, **options, cu_seqlens=t["cu_seqlens"], **extra)
         if S is not None and self.caps.state_layout == "VK":
             S = S.transpose(-1, -2)
         return o, S
 
 
+CALL_FORMS = ("mixed", "positional", "keyword")
 IMPL_OPTION = "--kda-impl"
 # Optional dependencies an implementation may need, and the command that installs each.
 INSTALL = {

@@ -34,10 +34,11 @@ def _ref(q, k, v, g, beta, scale=None, initial_state=None, cu_seqlens=None, **_)
 
 
 def _mutant(fn):
-    """Give a mutant the contract's keyword arguments."""
+    """Give a mutant the contract's keyword arguments (and honour output_final_state)."""
 
     def call(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, **kw):
-        return fn(q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens)
+        o, S = fn(q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens)
+        return o, (S if output_final_state else None)
 
     call.__name__, call.__doc__ = fn.__name__, fn.__doc__
     return call
@@ -51,7 +52,7 @@ def _swapping(target: str, piece, name: str, doc: str):
 
     def call(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, **kw):
         with mock.patch(target, piece):
-            return base(q, k, v, g, beta, scale, initial_state, True, cu_seqlens)
+            return base(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
 
     call.__name__, call.__doc__ = name, doc
     return call
@@ -258,6 +259,205 @@ def varlen_state_leaks(q, k, v, g, beta, scale, initial_state, cu_seqlens):
     return o, S
 
 
+# ------------------------------------------------- issue 12: argument paths
+
+
+def final_state_flag_ignored(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                             cu_seqlens=None, **kw):  # fmt: skip
+    """output_final_state ignored: the state is returned (and computed) even when not asked for."""
+    return _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+
+
+def state_written_in_place(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                           cu_seqlens=None, **kw):  # fmt: skip
+    """Without output_final_state the final state is written back into initial_state in place."""
+    o, S = _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    if not output_final_state:
+        if initial_state is not None:
+            initial_state.copy_(S)
+        return o, None
+    return o, S
+
+
+@_mutant
+def falsy_scale(q, k, v, g, beta, scale, initial_state, cu_seqlens):
+    """`scale = scale or K ** -0.5`: scale=0 is read as 'use the default'."""
+    return _ref(q, k, v, g, beta, scale or None, initial_state, cu_seqlens)
+
+
+def positional_options_ignored(q, k, v, g, beta, *args, scale=None, initial_state=None, output_final_state=False,
+                               cu_seqlens=None, **kw):  # fmt: skip
+    """Options after beta taken by keyword only: positional scale and initial_state silently dropped."""
+    o, S = _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    return o, (S if output_final_state or args else None)
+
+
+@_mutant
+def default_scale_from_v(q, k, v, g, beta, scale, initial_state, cu_seqlens):
+    """The default scale taken from the value size, V ** -0.5, instead of K ** -0.5."""
+    return _ref(q, k, v, g, beta, v.shape[-1] ** -0.5 if scale is None else scale, initial_state, cu_seqlens)
+
+
+# ------------------------------------------------- issue 12: inputs as callers pass them
+
+
+@_mutant
+def side_inputs_misread(q, k, v, g, beta, scale, initial_state, cu_seqlens):
+    """g and beta read as if they had q's dtype: a float32 g or beta beside bf16 q is reinterpreted."""
+
+    def misread(x):
+        if x.dtype == q.dtype:
+            return x
+        return x.contiguous().view(q.dtype)[..., : x.shape[-1]]  # the first half of the bytes, as q's dtype
+
+    return _ref(q, k, v, misread(g), misread(beta), scale, initial_state, cu_seqlens)
+
+
+# ------------------------------------------------- issue 12: sizes kernels tile by
+
+BLOCK = 64  # the K and V block a kernel tiles head sizes by
+
+
+@_mutant
+def k_block_past_64_dropped(q, k, v, g, beta, scale, initial_state, cu_seqlens):
+    """Only the first 64-lane K block is loaded: key channels past 64 are ignored."""
+    K = q.shape[-1]
+    if K <= BLOCK:
+        return _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    scale = K**-0.5 if scale is None else scale
+    h0 = None if initial_state is None else initial_state[:, :, :BLOCK]
+    o, S = _ref(q[..., :BLOCK], k[..., :BLOCK], v, g[..., :BLOCK], beta, scale, h0, cu_seqlens)
+    full = torch.zeros(*S.shape[:2], K, S.shape[-1], dtype=S.dtype, device=S.device)
+    full[:, :, :BLOCK] = S
+    return o, full
+
+
+@_mutant
+def v_block_past_64_unwritten(q, k, v, g, beta, scale, initial_state, cu_seqlens):
+    """Output columns past the first 64-wide V block never stored (left at zero)."""
+    o, S = _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    o[..., BLOCK:] = 0
+    return o, S
+
+
+@_mutant
+def tiles_past_64_dropped(q, k, v, g, beta, scale, initial_state, cu_seqlens):
+    """A grid of at most 64 (sequence, head) tiles: tiles past the 64th are never run (zeros)."""
+    o, S = _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    HV = v.shape[2]
+    if cu_seqlens is None:
+        for b in range(q.shape[0]):
+            for j in range(HV):
+                if b * HV + j >= TILES:
+                    o[b, :, j] = 0
+                    S[b, j] = 0
+    else:
+        bounds = cu_seqlens.tolist()
+        for n in range(len(bounds) - 1):
+            for j in range(HV):
+                if n * HV + j >= TILES:
+                    o[0, bounds[n] : bounds[n + 1], j] = 0
+                    S[n, j] = 0
+    return o, S
+
+
+TILES = 64
+
+
+@_mutant
+def gva_groups_past_2(q, k, v, g, beta, scale, initial_state, cu_seqlens):
+    """GVA head index by a shift that is right for G <= 2 only: value head j reads j >> 1 (clamped)."""
+    HV, H = v.shape[2], q.shape[2]
+    idx = torch.tensor([min(j >> 1, H - 1) if HV // H > 2 else j // (HV // H) for j in range(HV)], device=q.device)
+    return _ref(q[:, :, idx], k[:, :, idx], v, g, beta, scale, initial_state, cu_seqlens)
+
+
+@_mutant
+def packed_state_lost_at_chunk(q, k, v, g, beta, scale, initial_state, cu_seqlens):
+    """Packed sequences longer than a chunk: each 64-token chunk restarts from the sequence's initial state."""
+    if cu_seqlens is None:
+        return _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    bounds = cu_seqlens.tolist()
+    outs, states = [], []
+    for n in range(len(bounds) - 1):
+        h0 = None if initial_state is None else initial_state[n : n + 1]
+        for s in range(bounds[n], bounds[n + 1], CHUNK):
+            e = min(s + CHUNK, bounds[n + 1])
+            o, S = _ref(*(x[:, s:e] for x in (q, k, v, g, beta)), scale, h0, None)
+            outs.append(o)
+        states.append(S)
+    return torch.cat(outs, dim=1), torch.cat(states, dim=0)
+
+
+@_mutant
+def one_token_tail_misplaced(q, k, v, g, beta, scale, initial_state, cu_seqlens):
+    """T = 64k + 1 with k >= 2: the one-token tail chunk starts from the state one chunk too early."""
+    T = q.shape[1]
+    if cu_seqlens is not None or T % CHUNK != 1 or T < 2 * CHUNK + 1:
+        return _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    o, S = _ref(*(x[:, : T - 1] for x in (q, k, v, g, beta)), scale, initial_state, None)
+    _, S_back = _ref(*(x[:, : T - 1 - CHUNK] for x in (q, k, v, g, beta)), scale, initial_state, None)
+    o_tail, S = _ref(*(x[:, T - 1 :] for x in (q, k, v, g, beta)), scale, S_back, None)
+    return torch.cat([o, o_tail], dim=1), S
+
+
+# ------------------------------------------------- issue 12: the output contract
+
+_buffers: dict = {}
+
+
+@_mutant
+def output_buffer_reused(q, k, v, g, beta, scale, initial_state, cu_seqlens):
+    """o written into one cached buffer per shape and returned: the next call overwrites the last result."""
+    o, S = _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    key = (tuple(o.shape), o.dtype, o.device)
+    if key not in _buffers:
+        _buffers[key] = torch.empty_like(o)
+    return _buffers[key].copy_(o), S
+
+
+@_mutant
+def state_in_input_dtype(q, k, v, g, beta, scale, initial_state, cu_seqlens):
+    """The final state returned in the input dtype (bf16 for bf16 inputs), not float32."""
+    o, S = _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    return o, S.to(q.dtype)
+
+
+# ------------------------------------------------- issue 12: precision under the budget
+
+
+@_mutant
+def output_scaled(q, k, v, g, beta, scale, initial_state, cu_seqlens):
+    """A systematic 0.4% scale error in o (a scale folded in at low precision), inside the bf16 rel_rms budget."""
+    o, S = _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    return (o.double() * 1.004).to(o.dtype), S
+
+
+@_mutant
+def state_rounded_between_calls(q, k, v, g, beta, scale, initial_state, cu_seqlens):
+    """The state kept in the input dtype between calls (bf16 for bf16 inputs) and returned as float32."""
+    o, S = _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    return o, S.to(q.dtype).float()
+
+
+# ------------------------------------------------- issue 12: the domain
+
+
+def _decay_without_reset(g):
+    """exp(G_r - G_i) from the plain cumulative sum: -inf - -inf = NaN after a g = -inf reset."""
+    G = g.cumsum(dim=-2)
+    C = g.shape[-2]
+    D = G[..., :, None, :] - G[..., None, :, :]
+    causal = torch.ones(C, C, dtype=torch.bool, device=g.device).tril()
+    return G, torch.where(causal[..., None], D, torch.full_like(D, float("-inf"))).exp()
+
+
+reset_gate_nan = _swapping(
+    "kdaverify.reference.chunkwise.chunk_decay", _decay_without_reset, "reset_gate_nan",
+    "g = -inf (a hard reset) gives NaN: chunk ratios from the plain cumulative sum, -inf - -inf.",
+)  # fmt: skip
+
+
 MUTANTS = {
     f.__name__: f
     for f in (
@@ -279,5 +479,22 @@ MUTANTS = {
         mutates_gate_input,
         gva_heads_tiled,
         varlen_state_leaks,
+        final_state_flag_ignored,
+        state_written_in_place,
+        falsy_scale,
+        positional_options_ignored,
+        default_scale_from_v,
+        side_inputs_misread,
+        k_block_past_64_dropped,
+        v_block_past_64_unwritten,
+        tiles_past_64_dropped,
+        gva_groups_past_2,
+        packed_state_lost_at_chunk,
+        one_token_tail_misplaced,
+        output_buffer_reused,
+        state_in_input_dtype,
+        output_scaled,
+        state_rounded_between_calls,
+        reset_gate_nan,
     )
 }

@@ -138,12 +138,10 @@ def kda_check(request, kda_profile):
         raise pytest.UsageError("@pytest.mark.kdaverify: expected impl=MODULE:FUNC or a callable")
     dtype_name = kw.pop("dtype", "float32")
     device = kw.pop("device", None) or _device(request.config)
-    from hypothesis import given
-
     from .implementation import DTYPES, load_implementation
     from .relations import CHECKS, Harness
     from .report import Recorder
-    from .strategies import CASE_FAMILIES
+    from .strategies import cases_for
 
     implementation = load_implementation(target, kw, device)
     harness = Harness(implementation, DTYPES[dtype_name], Recorder(request.node))
@@ -154,7 +152,7 @@ def kda_check(request, kda_profile):
         check = CHECKS[name]
         if spec is not None:
             return check.fn(harness, spec)
-        kda_profile(given(spec=CASE_FAMILIES[check.cases](implementation.caps))(lambda spec: check.fn(harness, spec)))()
+        kda_profile(cases_for(check.cases, implementation.caps)(lambda spec: check.fn(harness, spec)))()
 
     return run
 

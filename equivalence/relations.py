@@ -13,6 +13,7 @@ same case ("to rounding").
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ import torch
 from kdaverify.reference import kda_chunkwise, kda_gate, kda_recurrent, kda_recurrent_np, l2norm
 
 from .cases import CaseSpec
-from .implementation import Implementation
+from .implementation import DTYPES, Implementation
 from .tolerance import Verdict, as_f64, errors, judge
 
 REFERENCE_CHUNKS = (64, 16)  # the chunk sizes kernels use (64) and their secondary chunks (16)
@@ -34,10 +35,12 @@ class Harness:
     def __init__(self, impl: Implementation, dtype: torch.dtype, record: Callable[[Verdict], None] = lambda v: None):
         self.impl, self.dtype, self.record = impl, dtype, record
 
-    def inputs(self, arrays: dict) -> dict:
-        return self.impl.tensors(arrays, self.dtype)
+    def inputs(self, arrays: dict, side_dtypes: dict | None = None) -> dict:
+        return self.impl.tensors(arrays, self.dtype, side_dtypes)
 
     def run(self, t: dict, scale=None, **extra):
+        """One call with output_final_state=True; o must have the input dtype, the state
+        must be returned."""
         o, S = self.impl.call(t, scale=scale, **extra)
         if not isinstance(o, torch.Tensor) or o.dtype != self.dtype:
             raise AssertionError(
@@ -56,7 +59,7 @@ class Harness:
             cu_seqlens=None if t["cu_seqlens"] is None else as_f64(t["cu_seqlens"]).astype(np.int64),
         )  # fmt: skip
 
-    def references(self, scale=None) -> list[Callable[[dict], tuple]]:
+    def references(self, scale=None, chunks=(*REFERENCE_CHUNKS, None)) -> list[Callable[[dict], tuple]]:
         """Same-precision references, as functions of the inputs: what correct kernels of
         this class achieve. The chunkwise oracle in float32 with the declared matmul
         precision at chunk sizes 64 and 16, and the float32 recurrence, each output rounded
@@ -80,7 +83,7 @@ class Harness:
 
             return ref
 
-        return [make(c) for c in (*REFERENCE_CHUNKS, None)]
+        return [make(c) for c in chunks]
 
     def _judge_pair(self, what, x, target, scales_o, scales_S):
         verdicts = [
@@ -98,10 +101,14 @@ class Harness:
         final_state) to the float64 oracle on `meaning` (the plain inputs t stands for when
         an in-kernel option transforms them; default t itself), the budget scaled by the
         references' own distance from that oracle."""
-        meaning = t if meaning is None else meaning
+        self.expect_oracle_of(what, self.run(t, scale, **extra), t if meaning is None else meaning, scale)
+
+    def expect_oracle_of(self, what: str, x, meaning: dict, scale=None, chunks=(*REFERENCE_CHUNKS, None)):
+        """Hold a result x = (o, final_state) to the float64 oracle on `meaning`, the budget
+        scaled by the references (chunkwise at the given chunk sizes; None: the float32
+        recurrence) on the same inputs."""
         oracle = self.oracle(meaning, scale)
-        refs = [f(meaning) for f in self.references(scale)]
-        x = self.run(t, scale, **extra)
+        refs = [f(meaning) for f in self.references(scale, chunks)]
         self._judge_pair(
             what, x, oracle, [errors(r[0], oracle[0]) for r in refs], [errors(r[1], oracle[1]) for r in refs]
         )
@@ -296,6 +303,137 @@ def gate_in_kernel(h: Harness, spec: CaseSpec):
     h.expect_oracle("gate in kernel", t, spec.scale, meaning=gated, **extra)
 
 
+# ------------------------------------------------------------ argument paths (issue 12)
+
+
+def final_state_not_requested(h: Harness, spec: CaseSpec):
+    """output_final_state=False: o bitwise equal to the call that asks for the state, None
+    returned for the state, and no input (initial_state included) written."""
+    t = h.inputs(spec.arrays())
+    o, _ = h.run(t, spec.scale)
+    before = {n: x.clone() for n, x in t.items() if x is not None}
+    o2, S2 = h.impl.call(t, scale=spec.scale, output_final_state=False)
+    if S2 is not None:
+        raise AssertionError(f"final_state: output_final_state=False returned {type(S2).__name__}, expected None")
+    bitwise_equal("output_final_state=False: o against output_final_state=True", o2, o)
+    for n, x in before.items():
+        bitwise_equal(f"output_final_state=False: input {n} written", t[n], x)
+
+
+def initial_state_zeros(h: Harness, spec: CaseSpec):
+    """initial_state=None equals an explicit all-zero initial state (to rounding)."""
+    t = h.inputs(spec.arrays())
+    zero_state = torch.zeros(spec.N, spec.HV, spec.K, spec.V, dtype=torch.float32, device=h.impl.device)
+    none, zeros = dict(t, initial_state=None), dict(t, initial_state=zero_state)
+    h.expect_relation("initial_state None vs zeros", lambda f: f(none), lambda f: f(zeros), none, spec.scale)
+
+
+def default_scale(h: Harness, spec: CaseSpec):
+    """scale=None equals the explicit default scale K ** -0.5 (to rounding: the budget is
+    scaled by the references' distance from the oracle on the same inputs)."""
+    t = h.inputs(spec.arrays())
+    explicit = spec.K**-0.5
+    oracle = h.oracle(t, None)
+    refs = [f(t) for f in h.references(None)]
+    h._judge_pair(
+        f"scale=None vs scale={explicit:.6g}",
+        h.run(t, None),
+        h.run(t, explicit),
+        [errors(r[0], oracle[0]) for r in refs],
+        [errors(r[1], oracle[1]) for r in refs],
+    )
+
+
+def scale_zero(h: Harness, spec: CaseSpec):
+    """scale=0 gives o exactly zero (0 is a scale, not 'use the default'), and the same
+    final state as the oracle."""
+    t = h.inputs(spec.arrays())
+    o, S = h.run(t, 0.0)
+    bitwise_equal("scale=0: o", o, torch.zeros_like(o))
+    h.expect_oracle_of("scale=0", (o, S), t, 0.0)
+
+
+def call_forms(h: Harness, spec: CaseSpec):
+    """The contract's arguments passed all by position (scale, initial_state,
+    output_final_state after beta) and all by name give what the usual call gives, bitwise."""
+    t = h.inputs(spec.arrays())
+    usual = h.run(t, spec.scale)
+    for form in ("positional", "keyword"):
+        h.expect_equal(f"{form} form vs the usual call", h.impl.call(t, scale=spec.scale, form=form), usual)
+
+
+def mixed_input_dtypes(h: Harness, spec: CaseSpec):
+    """g and beta in each declared dtype beside q, k, v of the tested dtype (16-bit q, k, v
+    with float32 g and beta is flash-linear-attention's usual call) agree with the oracle on
+    the exact values passed."""
+    caps, arrays = h.impl.caps, spec.arrays()
+    combos = {
+        tuple(None if d == "input" else DTYPES[d] for d in pair)
+        for pair in itertools.product(caps.g_dtypes, caps.beta_dtypes)
+    }
+    combos = {c for c in combos if any(d not in (None, h.dtype) for d in c)}
+    for g_dtype, beta_dtype in sorted(combos, key=str):
+        side = {n: d for n, d in (("g", g_dtype), ("beta", beta_dtype)) if d is not None}
+        names = ", ".join(f"{n} {str(d).removeprefix('torch.')}" for n, d in side.items())
+        h.expect_oracle(f"inputs with {names}", h.inputs(arrays, side), spec.scale)
+
+
+# ------------------------------------------------------------ the output contract
+
+
+def _storage(x: torch.Tensor) -> tuple[int, int]:
+    """The [start, end) byte range of x's storage."""
+    st = x.untyped_storage()
+    return st.data_ptr(), st.data_ptr() + st.nbytes()
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    (a0, a1), (b0, b1) = _storage(a), _storage(b)
+    return a0 < b1 and b0 < a1
+
+
+def output_contract(h: Harness, spec: CaseSpec):
+    """o is [B, T, HV, V] in the input dtype, final_state is float32 [N, HV, K, V]; neither
+    shares memory with an input or with the other; and a returned result stays valid: kept
+    across three more calls with the same shapes, it is bitwise what it was."""
+    t = h.inputs(spec.arrays())
+    o, S = h.run(t, spec.scale)
+    want_o, want_S = (spec.B, spec.T, spec.HV, spec.V), (spec.N, spec.HV, spec.K, spec.V)
+    if tuple(o.shape) != want_o:
+        raise AssertionError(f"o: expected shape [B, T, HV, V] = {want_o}, got {tuple(o.shape)}")
+    if not isinstance(S, torch.Tensor) or S.dtype != torch.float32 or tuple(S.shape) != want_S:
+        got = (getattr(S, "dtype", type(S)), tuple(getattr(S, "shape", ())))
+        raise AssertionError(f"final_state: expected float32 [N, HV, K, V] = {want_S}, got {got}")
+    for n, x in t.items():
+        for what, out in (("o", o), ("final_state", S)):
+            if x is not None and _overlaps(out, x):
+                raise AssertionError(f"{what}: shares memory with the input {n}")
+    if _overlaps(o, S):
+        raise AssertionError("o and final_state share memory")
+    kept = (o.clone(), S.clone())
+    for i in range(1, 4):
+        h.run(h.inputs(spec.with_(seed=spec.seed + i).arrays()), spec.scale)
+    h.expect_equal("a result kept across three more calls", (o, S), kept)
+
+
+# ------------------------------------------------------------ state precision
+
+
+def state_precision_decode(h: Harness, spec: CaseSpec):
+    """A chained decode (one call per token, the returned state carried into the next
+    call) agrees with the oracle over a few hundred tokens, against references that keep
+    the state in float32 between tokens: the float32 recurrence and the chunkwise
+    algorithm with one-token chunks at the declared matmul precision. A state rounded
+    between calls drifts (a slow decay stalls in bf16), and no single probe shows it."""
+    t = h.inputs(spec.arrays())
+    S, outs = t["initial_state"], []
+    for i in range(spec.T):
+        step = {n: t[n][:, i : i + 1].contiguous() for n in ("q", "k", "v", "g", "beta")}
+        o, S = h.run(dict(step, initial_state=S, cu_seqlens=None), spec.scale)
+        outs.append(o)
+    h.expect_oracle_of(f"{spec.T} chained one-token calls", (torch.cat(outs, dim=1), S), t, spec.scale, (1, None))
+
+
 @dataclass(frozen=True)
 class Check:
     """A named check: a function, the family of cases it draws (a key of
@@ -351,5 +489,38 @@ CHECKS = {
         Check("every_output_written", every_output_written, "general"),
         Check("l2norm_in_kernel", l2norm_in_kernel, "general", needs="l2norm_in_kernel"),
         Check("gate_in_kernel", gate_in_kernel, "general", needs="gate_in_kernel"),
+        Check("final_state_not_requested", final_state_not_requested, "general"),
+        Check("initial_state_zeros", initial_state_zeros, "general"),
+        Check("default_scale", default_scale, "general"),
+        Check("scale_zero", scale_zero, "general"),
+        Check("call_forms", call_forms, "general", needs="positional"),
+        Check("mixed_input_dtypes", mixed_input_dtypes, "general"),
+        Check("output_contract", output_contract, "general"),
+        Check("state_precision_decode", state_precision_decode, "decode_chain", needs="state_float32"),
+        Check(
+            "oracle_wide_heads",
+            matches_oracle,
+            "wide_heads",
+            about="The oracle agrees on K and V of 16 to 130 (past one 64-lane block) at short T.",
+        ),
+        Check(
+            "oracle_many_tiles",
+            matches_oracle,
+            "many_tiles",
+            about="The oracle agrees with G in {1, 2, 3, 4, 8}, H up to 3 and more than 64 (sequence, head) tiles.",
+        ),
+        Check(
+            "oracle_block_edges",
+            matches_oracle,
+            "block_edges",
+            about="The oracle agrees for T across 1 to 1024, on both sides of block edges 64k.",
+        ),
+        Check(
+            "oracle_packed_long",
+            matches_oracle,
+            "packed_long",
+            needs="varlen",
+            about="The oracle agrees on packed sequences longer than one chunk, lengths next to 64k.",
+        ),
     )
 }

@@ -6,10 +6,18 @@ safe, strong to -20, masked -1000), beta in [0, 1] or [0, 2], input scales from 
 1e2, explicit or default scale, with and without an initial state, packed batches with
 length-1 sequences, and long histories with small heads. Strategies respect an
 implementation's declared capabilities, so an undeclared case is never drawn.
+
+The sizes kernels tile by are families of their own, each pairing its large dimension with
+small others to keep CPU time bounded: wide heads (K, V of 16 to 130 at short T), many tiles
+(G in {1, 2, 3, 4, 8}, H up to 3, HV up to 16, more than 64 (sequence, head) tiles in one
+call), block edges (T across 1 to 1024 with 64k - 1, 64k, 64k + 1) and packed batches whose
+sequences are longer than one chunk. A class a random draw could miss is reached by explicit
+examples (EXAMPLES), which every profile runs on every run; cases_for applies both.
 """
 
 from __future__ import annotations
 
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from .cases import GATE_REGIMES, CaseSpec
@@ -27,6 +35,23 @@ scales = st.one_of(st.none(), st.sampled_from([1.0, 0.3, 0.0625]))
 seeds = st.integers(0, 2**31 - 1)
 DEFAULT_CAPS = Capabilities()
 
+CHUNK = 64  # the block size kernels tile T by (and the oracle's reference chunk)
+GROUPS = (1, 2, 3, 4, 8)  # G = HV / H; 3 is the odd one out of power-of-two index math
+MAX_HV = 16
+MAX_H = 3
+# Wide heads: past one 64-lane block and past the 128 a kernel may hard-code; short T keeps a
+# case in the milliseconds (the state is K x V per head).
+WIDE_HEAD = st.one_of(st.sampled_from([16, 31, 32, 33, 63, 64, 65, 96, 127, 128, 129, 130]), st.integers(16, 130))
+WIDE_T = st.integers(1, 24)
+# T on both sides of several block edges, and anywhere in between, up to 1024 tokens.
+EDGE_T = st.one_of(
+    st.sampled_from(sorted({CHUNK * k + d for k in (1, 2, 3, 5, 8, 16) for d in (-1, 0, 1)} - {1025})),
+    st.integers(1, 1024),
+)
+TILES = 64  # "more than 64 (sequence, head) tiles": past a 6-bit tile index
+# packed sequence lengths next to chunk multiples, and ordinary ones
+PACKED_LEN = st.one_of(st.sampled_from([1, 63, 64, 65, 127, 128, 129]), st.integers(1, 200))
+
 
 def partitions(total: int, max_parts: int = 5):
     """Lengths >= 1 summing to total, length-1 pieces likely."""
@@ -39,6 +64,13 @@ def partitions(total: int, max_parts: int = 5):
         return tuple(b - a for a, b in zip(bounds, bounds[1:], strict=False))
 
     return draw()
+
+
+def _groups(caps: Capabilities, H: int, min_G: int = 1, max_HV: int = MAX_HV):
+    """G from GROUPS with HV = G * H <= max_HV (1 unless GVA is declared)."""
+    if not caps.gva:
+        return st.just(1)
+    return st.sampled_from([G for G in GROUPS if G >= min_G and G * H <= max(max_HV, H)])
 
 
 def _head(caps: Capabilities, small: bool = False):
@@ -56,6 +88,7 @@ def case_specs(
     packed: bool | None = None,
     min_B: int = 1,
     min_G: int = 1,
+    max_HV: int = MAX_HV,
     small_heads: bool = False,
     **fixed,
 ):
@@ -65,11 +98,12 @@ def case_specs(
         T = min(T, caps.max_T)
     if packed is None:
         packed = caps.varlen and T >= 2 and draw(st.booleans())
-    G = draw(st.integers(min_G, 2)) if caps.gva else 1
+    H = draw(st.integers(1, MAX_H))
+    G = draw(_groups(caps, H, min_G, max_HV))
     spec = dict(
         B=1 if packed else draw(st.integers(min_B, 3)),
         T=T,
-        H=draw(st.integers(1, 2)),
+        H=H,
         G=G,
         K=draw(_head(caps, small_heads)),
         V=draw(_head(caps, small_heads)),
@@ -97,7 +131,57 @@ def length_one_cases(draw, caps: Capabilities):
 def _long(caps: Capabilities):
     hi = LONG_T[1] if caps.max_T is None else min(LONG_T[1], caps.max_T)
     lo = min(LONG_T[0], hi)
-    return case_specs(caps, T=st.integers(lo, hi), packed=False, small_heads=True, B=1, H=1)
+    return case_specs(caps, T=st.integers(lo, hi), packed=False, small_heads=True, B=1, H=1, max_HV=2)
+
+
+def _wide(caps: Capabilities):
+    """Wide heads at short T: K and V of 16 to 130 (or the declared head sizes)."""
+    head = WIDE_HEAD if caps.head_sizes is None else st.sampled_from(sorted(caps.head_sizes))
+    return case_specs(caps, T=WIDE_T, packed=False, B=1, H=1, G=1).flatmap(
+        lambda s: st.builds(s.with_, K=head, V=head, G=_groups(caps, 1))
+    )
+
+
+@st.composite
+def many_tiles(draw, caps: Capabilities):
+    """More than TILES (sequence, head) tiles in one call: H up to 3, G from GROUPS, HV up
+    to 16, and enough batch rows or packed sequences; small heads and short T."""
+    spec = draw(case_specs(caps, T=st.integers(1, 6), packed=False, small_heads=True))
+    H = draw(st.integers(1, MAX_H))
+    G = draw(_groups(caps, H))
+    N = -(-(TILES + 1) // (H * G)) + draw(st.integers(0, 2))
+    if caps.varlen and draw(st.booleans()):
+        lens = tuple(draw(st.lists(st.integers(1, 4), min_size=N, max_size=N)))
+        return spec.with_(B=1, T=sum(lens), H=H, G=G, seqlens=lens)
+    return spec.with_(B=N, H=H, G=G, seqlens=None)
+
+
+def _edges(caps: Capabilities):
+    """T across 1 to 1024 with the block edges 64k - 1, 64k, 64k + 1; small heads."""
+    return case_specs(caps, T=EDGE_T, packed=False, small_heads=True, B=1, H=1, max_HV=2)
+
+
+@st.composite
+def packed_long(draw, caps: Capabilities):
+    """A packed batch whose sequences are longer than one chunk, lengths next to chunk
+    multiples; small heads."""
+    lens = draw(st.lists(PACKED_LEN, min_size=2, max_size=4).filter(lambda ls: max(ls) > CHUNK))
+    if caps.max_T is not None and sum(lens) > caps.max_T:
+        lens = [min(n, max(1, caps.max_T // len(lens))) for n in lens]
+    return draw(
+        case_specs(caps, T=st.just(sum(lens)), packed=True, small_heads=True, H=1, max_HV=2, seqlens=tuple(lens))
+    )
+
+
+@st.composite
+def decode_chain(draw, caps: Capabilities):
+    """A few hundred tokens for a chained decode (one call per token): small heads, a slow
+    gate (near 0 or mild) so the state is long-lived, small beta, an initial state."""
+    T = draw(st.integers(200, 256))
+    if caps.max_T is not None:
+        T = min(T, caps.max_T)
+    spec = draw(case_specs(caps, T=st.just(T), packed=False, small_heads=True, B=1, H=1, G=1, h0=True))
+    return spec.with_(gate=draw(st.sampled_from(["near_zero", "mild"])), beta_max=0.1)
 
 
 CASE_FAMILIES = {
@@ -111,4 +195,96 @@ CASE_FAMILIES = {
     "varlen": lambda caps: case_specs(caps, min_T=2, packed=True).filter(lambda s: s.N >= 2),
     "batch": lambda caps: case_specs(caps, packed=False, min_B=2),
     "gva": lambda caps: case_specs(caps, min_G=2),
+    "wide_heads": _wide,
+    "many_tiles": many_tiles,
+    "block_edges": _edges,
+    "packed_long": packed_long,
+    "decode_chain": decode_chain,
 }
+
+
+# ------------------------------------------------------------ explicit examples per family
+# Each class a family exists for, reached on every run of every profile (Hypothesis runs
+# explicit examples before it draws). Written for the default capabilities and dropped where
+# an implementation's declaration excludes them (see fits).
+def _wide_examples():
+    return [
+        CaseSpec(T=9, K=65, V=130, seed=1, h0=True),  # second K block, third V block
+        CaseSpec(T=17, K=130, V=33, seed=2, G=2, scale=0.0625),
+        CaseSpec(T=5, K=128, V=128, seed=3, gate="strong", h0=True, input_scale=10.0),
+    ]
+
+
+def _tile_examples():
+    return [
+        CaseSpec(B=6, T=3, H=3, G=4, K=3, V=2, seed=4, h0=True),  # 72 tiles, groups of 4
+        CaseSpec(B=3, T=4, H=2, G=8, K=2, V=3, seed=5),  # 48 tiles of HV = 16
+        CaseSpec(B=9, T=2, H=3, G=3, K=2, V=2, seed=6),  # 81 tiles, G = 3
+        _packed((4, 1, 3, 2) * 3 + (2, 1, 3), H=2, G=4, K=2, V=2, seed=7),  # 15 sequences x 8 heads
+    ]
+
+
+def _packed(lens: tuple[int, ...], **kw) -> CaseSpec:
+    return CaseSpec(B=1, T=sum(lens), seqlens=lens, **kw)
+
+
+def _edge_examples():
+    return [
+        CaseSpec(T=T, K=3, V=2, seed=T, h0=True, gate=gate)
+        for T, gate in ((127, "mild"), (128, "safe"), (129, "logsigmoid"), (193, "mild"), (320, "zero"), (1023, "mild"))
+    ]
+
+
+def _packed_long_examples():
+    return [
+        _packed((65, 128, 64), K=3, V=2, seed=8, h0=True, gate="mild"),
+        _packed((129, 1, 63), K=2, V=3, seed=9, gate="safe"),
+    ]
+
+
+def _general_examples():
+    return [
+        CaseSpec(B=2, T=19, H=2, G=2, K=5, V=7, gate="reset", seed=10, h0=True),  # g = -inf resets
+        CaseSpec(B=1, T=70, H=1, G=3, K=4, V=3, gate="masked", seed=11, scale=0.3),
+    ]
+
+
+def _decode_examples():
+    return [CaseSpec(T=200, K=4, V=4, gate="near_zero", beta_max=0.1, seed=12, h0=True)]
+
+
+EXAMPLES = {
+    "general": _general_examples,
+    "wide_heads": _wide_examples,
+    "many_tiles": _tile_examples,
+    "block_edges": _edge_examples,
+    "packed_long": _packed_long_examples,
+    "decode_chain": _decode_examples,
+}
+
+
+def fits(spec: CaseSpec, caps: Capabilities) -> bool:
+    """Whether an explicit example lies inside an implementation's declaration."""
+    heads_ok = caps.head_sizes is None or (spec.K in caps.head_sizes and spec.V in caps.head_sizes)
+    return (
+        heads_ok
+        and (caps.gva or spec.G == 1)
+        and (caps.varlen or spec.seqlens is None)
+        and (caps.max_T is None or spec.T <= caps.max_T)
+    )
+
+
+def examples_for(family: str, caps: Capabilities) -> list[CaseSpec]:
+    return [s for s in EXAMPLES.get(family, list)() if fits(s, caps)]
+
+
+def cases_for(family: str, caps: Capabilities):
+    """A decorator: @given(spec=...) over the family's strategy, with its explicit examples."""
+
+    def apply(fn):
+        fn = given(spec=CASE_FAMILIES[family](caps))(fn)
+        for spec in reversed(examples_for(family, caps)):
+            fn = example(spec=spec)(fn)
+        return fn
+
+    return apply

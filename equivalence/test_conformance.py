@@ -9,10 +9,9 @@ suite's own (--kda-profile), applied here, so a host project's settings are left
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
 from kdaverify.equivalence.implementation import DTYPES
 from kdaverify.equivalence.relations import CHECKS, Harness
-from kdaverify.equivalence.strategies import CASE_FAMILIES
+from kdaverify.equivalence.strategies import cases_for
 
 PARAMS = [pytest.param(c, d, id=f"{c.name}-{d}") for c in CHECKS.values() for d in DTYPES]
 
@@ -26,7 +25,7 @@ def test_conformance(impl, record, kda_profile, check, dtype):
     harness = Harness(impl, DTYPES[dtype], record)
 
     @kda_profile
-    @given(spec=CASE_FAMILIES[check.cases](impl.caps))
+    @cases_for(check.cases, impl.caps)
     def run(spec):
         check.fn(harness, spec)
 

@@ -79,6 +79,7 @@ def assert_pair(what: str, x, target, tol: float) -> None:
 def max_chunk_log_decay(g: np.ndarray, cu_seqlens, chunk_size: int) -> float:
     """The largest |G| (cumulative log decay inside one chunk) the chunkwise algorithm
     forms, chunks counted from each sequence's start as kda_chunkwise does."""
+    g = np.where(np.isneginf(g), 0.0, g)  # a reset (g = -inf) is handled exactly, outside the sums
     T = g.shape[1]
     spans = [(0, T)] if cu_seqlens is None else list(zip(cu_seqlens[:-1], cu_seqlens[1:], strict=True))
     worst = 0.0
@@ -139,6 +140,37 @@ def test_chunkwise_equals_recurrent(chunk_size, family, data):
     got = kda_chunkwise(*args, chunk_size=chunk_size, **kw)
     tol = chunk_tol(a["g"], a["cu_seqlens"], chunk_size)
     assert_pair(f"chunkwise C={chunk_size} vs recurrent", got, gold(spec, a), tol)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 16, 64])
+@given(spec=case_specs(CAPS, T=st.integers(2, 150), gate="reset", h0=True))
+def test_chunkwise_hard_reset(chunk_size, spec):
+    """g = -inf (a hard reset, inside the contract) gives finite results in every tier, equal
+    to the gold: at a reset the state restarts from the token's own write."""
+    a = spec.arrays()
+    assert np.isneginf(a["g"]).any() or spec.T * spec.HV * spec.K < 20, "the reset regime drew no -inf"
+    args, kw = kda_args(as_torch(a), spec)
+    want = gold(spec, a)
+    assert np.all(np.isfinite(want[0])) and np.all(np.isfinite(want[1]))
+    got = kda_chunkwise(*args, chunk_size=chunk_size, **kw)
+    assert_pair(f"chunkwise C={chunk_size} under resets vs recurrent", got, want, chunk_tol(a["g"], None, chunk_size))
+    assert_pair("torch recurrence under resets vs numpy", kda_recurrent(*args, **kw), want, SELF_TOL)
+
+
+def test_reset_wipes_the_state():
+    """A reset on every channel at token t makes everything after t independent of the
+    tokens before it (and of the initial state), in the gold and the chunkwise tier."""
+    spec = CaseSpec(T=40, K=3, V=2, h0=True, seed=3, gate="mild")
+    a = spec.arrays()
+    b = CaseSpec(T=40, K=3, V=2, h0=True, seed=4, gate="mild").arrays()
+    for x in (a, b):
+        x["g"][:, 20] = -np.inf
+    for n in ("q", "k", "v", "g", "beta"):
+        b[n][:, 20:] = a[n][:, 20:]
+    for run in (kda_recurrent_np, kda_chunkwise):
+        (oa, _), (ob, _) = (run(*kda_args(as_torch(x), spec)[0], **kda_args(as_torch(x), spec)[1]) for x in (a, b))
+        assert np.all(np.isfinite(np.asarray(oa)))
+        np.testing.assert_array_equal(np.asarray(oa)[:, 20:], np.asarray(ob)[:, 20:])
 
 
 @given(spec=CASE_FAMILIES["long"](CAPS))
@@ -278,9 +310,15 @@ def test_ut_transform_inverts(spec):
     k, v, g, beta, M = (x.numpy() for x in (k, v, g, beta, M))
     C = spec.T
     G = np.cumsum(g, axis=-2)
-    below = np.tril(np.ones((C, C), dtype=bool), -1)[..., None]
-    # the exponent is masked before exp: above the diagonal G_r - G_i > 0 could overflow
-    ratio = np.exp(np.where(below, G[..., :, None, :] - G[..., None, :, :], -np.inf))
+    # Gam_r / Gam_i for i < r as the product of exp(g_j) over i < j <= r (zero above the
+    # diagonal): independent of the log-space form, and exact under g = -inf (a reset)
+    decay = np.exp(g)
+    ratio = np.zeros(g.shape[:-1] + (C, g.shape[-1]))
+    for r in range(C):
+        acc = np.ones_like(decay[..., 0, :])
+        for i in range(r - 1, -1, -1):
+            acc = acc * decay[..., i + 1, :]
+            ratio[..., r, i, :] = acc
     L = beta[..., :, None] * np.einsum("...rc,...ric,...ic->...ri", k, ratio, k)
     eye = np.eye(C)
     assert np.all(np.triu(M, 1) == 0), "M: not lower triangular"

@@ -8,6 +8,13 @@ FLOOR_UNITS unit roundoffs of the output dtype. Both the relative RMS error and 
 error (relative to the oracle's largest magnitude) must pass. NaN or Inf never passes.
 There is no bare absolute tolerance anywhere in the suite: every budget scales with the
 oracle and with a measured reference error.
+
+A third, signed statistic catches precision that hides under those two: the bias
+<x - oracle, oracle> / |oracle|^2, the relative error along the oracle itself. Correct
+rounding averages out in it (errors of either sign cancel over many elements); a systematic
+scale error does not (a 0.4% scaling of o is a bias of 0.004, inside a bf16 rel_rms budget
+of ~0.02). Its budget is FACTOR times the same-precision references' own |bias| plus the
+noise an unbiased error of the references' size leaves in it, see budget_for.
 """
 
 from __future__ import annotations
@@ -24,6 +31,13 @@ FACTOR = 3.0
 # One rounding of the output on each side: the implementation's and the reference's final
 # cast can each be off by a unit roundoff, and neither is the kernel's fault.
 FLOOR_UNITS = 2.0
+# The bias of an unbiased error e_i (relative rms r) over n_eff equally weighted elements has
+# a standard deviation of about r / sqrt(n_eff). An implementation is allowed errors of the
+# references' rms plus the floor, so their bias noise is allowed up to BIAS_SIGMAS standard
+# deviations: 4 sigma, a false alarm well under 1e-4 per comparison for independent
+# roundings. n_eff = (sum t^2)^2 / sum t^4 (the participation ratio of the target t) counts
+# the elements that carry its norm.
+BIAS_SIGMAS = 4.0
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -37,9 +51,11 @@ class Errors:
 
     rel_rms: float  # ||x - target||_2 / ||target||_2
     rel_max: float  # max |x - target| / max |target|
+    bias: float = 0.0  # <x - target, target> / ||target||_2^2, signed (as a budget: the allowed |bias|)
+    n_eff: float = 1.0  # (sum target^2)^2 / sum target^4: how many elements carry the target's norm
 
     def __str__(self) -> str:
-        return f"rel_rms={self.rel_rms:.3g} rel_max={self.rel_max:.3g}"
+        return f"rel_rms={self.rel_rms:.3g} rel_max={self.rel_max:.3g} bias={self.bias:.3g}"
 
 
 def as_f64(x) -> np.ndarray:
@@ -52,12 +68,18 @@ def errors(x, target) -> Errors:
     """Errors of x against target; a non-finite x (or a shape mismatch) is infinitely wrong."""
     x, target = as_f64(x), as_f64(target)
     if x.shape != target.shape or not np.all(np.isfinite(x)):
-        return Errors(float("inf"), float("inf"))
+        return Errors(float("inf"), float("inf"), float("inf"))
     d = x - target
     tiny = np.finfo(np.float64).tiny  # an all-zero target must be matched exactly
-    rms = float(np.sqrt((d * d).sum()) / max(np.sqrt((target * target).sum()), tiny))
-    mx = float(np.abs(d).max(initial=0.0) / max(np.abs(target).max(initial=0.0), tiny))
-    return Errors(rms, mx)
+    # norms taken after scaling by the largest |target|, so squares neither overflow nor underflow
+    top = max(np.abs(target).max(initial=0.0), tiny)
+    ts, ds = target / top, d / top
+    norm2 = float((ts * ts).sum())
+    rms = float(np.sqrt((ds * ds).sum()) / max(np.sqrt(norm2), tiny))
+    mx = float(np.abs(d).max(initial=0.0) / top)
+    bias = float((ds * ts).sum() / norm2) if norm2 > 0 else (0.0 if not d.any() else float("inf"))
+    n_eff = norm2 * norm2 / float((ts**4).sum()) if norm2 > 0 else 1.0
+    return Errors(rms, mx, bias, n_eff)
 
 
 @dataclass(frozen=True)
@@ -73,13 +95,13 @@ class Verdict:
     @property
     def passed(self) -> bool:
         m, b = self.measured, self.budget
-        return m.rel_rms <= b.rel_rms and m.rel_max <= b.rel_max
+        return m.rel_rms <= b.rel_rms and m.rel_max <= b.rel_max and abs(m.bias) <= b.bias
 
     @property
     def ratio(self) -> float:
         """How much of the budget was used (> 1 fails)."""
         m, b = self.measured, self.budget
-        return max(m.rel_rms / b.rel_rms, m.rel_max / b.rel_max)
+        return max(m.rel_rms / b.rel_rms, m.rel_max / b.rel_max, abs(m.bias) / b.bias)
 
     def __str__(self) -> str:
         verdict = "ok" if self.passed else "FAIL"
@@ -89,9 +111,14 @@ class Verdict:
         )
 
 
-def budget_for(reference: Errors, dtype: torch.dtype) -> Errors:
+def budget_for(reference: Errors, dtype: torch.dtype, n_eff: float = 1.0) -> Errors:
+    """The budget from the references' errors (reference.bias: their largest |bias|) for a
+    target of n_eff effective elements."""
     floor = FLOOR_UNITS * unit_roundoff(dtype)
-    return Errors(FACTOR * reference.rel_rms + floor, FACTOR * reference.rel_max + floor)
+    noise = BIAS_SIGMAS * (reference.rel_rms + floor) / float(np.sqrt(max(n_eff, 1.0)))
+    return Errors(
+        FACTOR * reference.rel_rms + floor, FACTOR * reference.rel_max + floor, FACTOR * reference.bias + noise
+    )
 
 
 def judge(what: str, x, target, reference_errors: list[Errors], dtype: torch.dtype) -> Verdict:
@@ -100,7 +127,13 @@ def judge(what: str, x, target, reference_errors: list[Errors], dtype: torch.dty
     them scales the budget."""
     if not reference_errors:
         raise ValueError("reference_errors: expected at least one measured reference error")
-    ref = Errors(max(e.rel_rms for e in reference_errors), max(e.rel_max for e in reference_errors))
+    ref = Errors(
+        max(e.rel_rms for e in reference_errors),
+        max(e.rel_max for e in reference_errors),
+        max(abs(e.bias) for e in reference_errors),
+    )
     if not np.isfinite(ref.rel_rms):
         raise RuntimeError(f"{what}: a same-precision reference is not finite; the case is out of range")
-    return Verdict(what, errors(x, target), budget_for(ref, dtype), ref, str(dtype).replace("torch.", ""))
+    measured = errors(x, target)
+    budget = budget_for(ref, dtype, measured.n_eff)
+    return Verdict(what, measured, budget, ref, str(dtype).replace("torch.", ""))

@@ -66,11 +66,30 @@ def chunk_decay(g: torch.Tensor):
     Returns (G, R): G [..., C, K] the inclusive cumulative sum, and R [..., C, C, K] with
     R[..., r, i, :] = Gam_r / Gam_i = exp(G_r - G_i) for i <= r and exactly 0 above the
     diagonal (the exponent is masked to -inf before exp, so nothing overflows).
+
+    g = -inf is a hard reset (exp(-inf) = 0: the state is wiped), which masking code
+    produces. G_r - G_i is then -inf - -inf = NaN for two positions after the same reset, so
+    when a chunk holds a reset the exponent is formed from the cumulative sum restarted at
+    each reset (the plain one, bitwise, when there is none) and set to -inf exactly where a
+    reset lies in (i, r]: the ratio is exp of sum_{i < j <= r} g_j either way, with no -inf
+    arithmetic.
     """
+    reset = torch.isneginf(g)
     G = g.cumsum(dim=-2)
     C = g.shape[-2]
     causal = torch.ones(C, C, dtype=torch.bool, device=g.device).tril()
-    D = G[..., :, None, :] - G[..., None, :, :]
+    if bool(reset.any()):
+        # the cumulative sum restarted after each reset, so nothing before a reset (not even
+        # its rounding) reaches the ratios after it
+        finite, acc = torch.empty_like(g), torch.zeros_like(g[..., 0, :])
+        for r in range(C):
+            acc = torch.where(reset[..., r, :], torch.zeros_like(acc), acc + g[..., r, :])
+            finite[..., r, :] = acc
+        resets = reset.to(torch.int32).cumsum(dim=-2)  # resets in [1, r]
+        D = finite[..., :, None, :] - finite[..., None, :, :]
+        D = torch.where(resets[..., :, None, :] != resets[..., None, :, :], torch.full_like(D, float("-inf")), D)
+    else:
+        D = G[..., :, None, :] - G[..., None, :, :]
     R = torch.where(causal[..., None], D, torch.full_like(D, float("-inf"))).exp()
     return G, R
 
@@ -140,7 +159,7 @@ def _chunk_forward(q, k, v, g, beta, S, scale, precision):
     A = _pair_products(q, k, R, precision)  # Tril((Gam*Q)(K/Gam)^T), zero above the diagonal
     O = scale * (_mm(G.exp() * q, S, precision) + _mm(A, Vp, precision))
     G_last = G[..., -1:, :]
-    K_tail = (G_last - G).exp() * k  # (Gam_C / Gam) * K
+    K_tail = R[..., -1, :, :] * k  # (Gam_C / Gam) * K: the last row of R, safe under g = -inf
     S_next = G_last.transpose(-1, -2).exp() * S + _mm(K_tail.transpose(-1, -2), Vp, precision)
     return O, S_next
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields, replace
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("ieee", "tf32", "tf32_rn", "bf16")
 LAYOUTS = ("KV", "VK")
+STRIDED = ("yes", "no", "error")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,11 @@ class Capabilities:
     gate_in_kernel: accepts use_gate_in_kernel=True with A_log, dt_bias, lower_bound (g is z).
     l2norm_in_kernel: accepts use_qk_l2norm_in_kernel=True.
     max_T: the longest sequence it is given (None: the suite's own limit).
+    strided: non-contiguous inputs (views of a fused projection, other layouts, batch
+        slices): "yes" it gives the right answer on them (the default: users pass views),
+        "error" it refuses them with an error that says so (checked), "no" not tested.
+    empty_sequences: accepts zero-length sequences in cu_seqlens (repeated offsets); when
+        False, a clear error for them is checked instead.
     """
 
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
@@ -40,6 +46,8 @@ class Capabilities:
     gate_in_kernel: bool = False
     l2norm_in_kernel: bool = False
     max_T: int | None = None
+    strided: str = "yes"
+    empty_sequences: bool = True
 
     def __post_init__(self):
         for d in self.dtypes:
@@ -51,6 +59,8 @@ class Capabilities:
             raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
         if self.state_layout not in LAYOUTS:
             raise ValueError(f"state_layout: expected one of {LAYOUTS}, got {self.state_layout!r}")
+        if self.strided not in STRIDED:
+            raise ValueError(f"strided: expected one of {STRIDED}, got {self.strided!r}")
         if self.head_sizes is not None and (not self.head_sizes or min(self.head_sizes) < 1):
             raise ValueError(f"head_sizes: expected positive sizes, got {self.head_sizes}")
 
@@ -74,6 +84,7 @@ def parse_capabilities(base: Capabilities, options: dict) -> Capabilities:
 # comma list. One table, so the pytest plugin and the command line can never disagree.
 _YESNO = {"yes": True, "no": False}
 FIELD_CHOICES = {"precision": PRECISIONS, "state_layout": LAYOUTS}
+FIELD_CHOICES["strided"] = STRIDED
 
 
 def option_name(field: str) -> str:
@@ -131,4 +142,6 @@ _FIELD_HELP = {
     "gate_in_kernel": "accepts use_gate_in_kernel=True with A_log, dt_bias, lower_bound",
     "l2norm_in_kernel": "accepts use_qk_l2norm_in_kernel=True",
     "max_T": "the longest sequence to give it",
+    "strided": "non-contiguous inputs: yes (right answers), error (refused loudly, checked), no (not tested)",
+    "empty_sequences": "accepts zero-length sequences (repeated offsets) in cu_seqlens",
 }

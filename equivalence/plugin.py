@@ -143,7 +143,7 @@ def kda_check(request, kda_profile):
     from .implementation import DTYPES, load_implementation
     from .relations import CHECKS, Harness
     from .report import Recorder
-    from .strategies import CASE_FAMILIES
+    from .strategies import strategy_for
 
     implementation = load_implementation(target, kw, device)
     harness = Harness(implementation, DTYPES[dtype_name], Recorder(request.node))
@@ -154,7 +154,8 @@ def kda_check(request, kda_profile):
         check = CHECKS[name]
         if spec is not None:
             return check.fn(harness, spec)
-        kda_profile(given(spec=CASE_FAMILIES[check.cases](implementation.caps))(lambda spec: check.fn(harness, spec)))()
+        cases = strategy_for(check.cases, implementation.caps, implementation.device)
+        kda_profile(given(spec=cases)(lambda spec: check.fn(harness, spec)))()
 
     return run
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from kdaverify.equivalence.implementation import DTYPES
 from kdaverify.equivalence.relations import CHECKS, Harness
-from kdaverify.equivalence.strategies import CASE_FAMILIES
+from kdaverify.equivalence.strategies import strategy_for
 
 PARAMS = [pytest.param(c, d, id=f"{c.name}-{d}") for c in CHECKS.values() for d in DTYPES]
 
@@ -23,10 +23,13 @@ def test_conformance(impl, record, kda_profile, check, dtype):
         pytest.skip(f"not applicable: {dtype} inputs not declared")
     if check.needs and not getattr(impl.caps, check.needs):
         pytest.skip(f"not applicable: {check.needs} not declared")
+    reason = check.applies(impl, DTYPES[dtype]) if check.applies else None
+    if reason:
+        pytest.skip(reason)
     harness = Harness(impl, DTYPES[dtype], record)
 
     @kda_profile
-    @given(spec=CASE_FAMILIES[check.cases](impl.caps))
+    @given(spec=strategy_for(check.cases, impl.caps, impl.device))
     def run(spec):
         check.fn(harness, spec)
 

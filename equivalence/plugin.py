@@ -85,7 +85,28 @@ def _add_suite(config) -> None:
 def _device(config) -> str:
     import torch
 
-    return config.getoption("kda_device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = config.getoption("kda_device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        _prepare_gpu_run()
+        worker = getattr(config, "workerinput", {}).get("workerid", "")
+        if worker.startswith("gw") and torch.cuda.device_count() > 1:
+            # one xdist worker per GPU (and round robin beyond that): -n <number of GPUs>
+            device = f"cuda:{int(worker[2:]) % torch.cuda.device_count()}"
+    return device
+
+
+# Triton writes the result of each autotuning to its on-disk cache only when asked; with it,
+# xdist workers and later runs reuse one tuning instead of benchmarking every config again
+# per process (Triton >= 3.4 reads TRITON_CACHE_AUTOTUNING when a kernel is first tuned).
+# Set it before workers start, so they inherit it; a value the user set is kept.
+GPU_RUN_ENV = {"TRITON_CACHE_AUTOTUNING": "1"}
+
+
+def _prepare_gpu_run() -> None:
+    import os
+
+    for k, v in GPU_RUN_ENV.items():
+        os.environ.setdefault(k, v)
 
 
 def _load(config, target):

@@ -44,8 +44,9 @@ def _timed(fn, device) -> float:
     return time.perf_counter() - t0
 
 
-def measure(target: str, device: str, started: float) -> dict:
-    """One process's measurements (see the module docstring)."""
+def measure(target: str, device: str, started: float, path: Path) -> dict:
+    """One process's measurements (see the module docstring), written to path after every
+    case, so a process stopped by its time limit still leaves what it measured."""
     import torch
 
     from .cases import CaseSpec
@@ -72,6 +73,7 @@ def measure(target: str, device: str, started: float) -> dict:
                 row["references_cpu_s"] = _timed(lambda c=cpu, h=h: [f(c) for f in h.references()], "cpu")
                 row["oracle_cpu_s"] = _timed(lambda c=cpu, h=h: h.oracle(c), "cpu")
                 out["calls"].append(row)
+                path.write_text(json.dumps(out, indent=2))
                 del t, cpu
                 if torch.device(device).type == "cuda":
                     torch.cuda.empty_cache()
@@ -87,7 +89,7 @@ def markdown(results: dict) -> str:
         refs = sum(c["references_device_s"] + c["oracle_device_s"] for c in calls)
         refs_cpu = sum(c["references_cpu_s"] + c["oracle_cpu_s"] for c in calls)
         lines += [
-            f"## {phase} (TRITON_CACHE_AUTOTUNING={PHASES[phase]}): process {r['process_s']:.1f} s",
+            f"## {phase} (TRITON_CACHE_AUTOTUNING={PHASES[phase]}): process {r['process_s']:.1f} s{r['note']}",
             "",
             f"imports {r['imports_s']:.1f} s; first calls (compile + autotune) {first:.1f} s; second calls "
             f"{second:.2f} s; oracle + references on the device {refs:.1f} s, on the CPU {refs_cpu:.1f} s "
@@ -111,12 +113,12 @@ def main(argv=None) -> int:
     p.add_argument("target", metavar="MODULE:FUNC")
     p.add_argument("--out", required=True, help="folder for timing.json, timing.md and the Triton cache")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--phase-timeout", type=float, default=150.0, help="seconds each measuring process may run")
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: one measuring process
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.phase:
-        r = measure(args.target, args.device, float(os.environ["KDAVERIFY_STARTED"]))
-        (out / f"{args.phase}.json").write_text(json.dumps(r, indent=2))
+        measure(args.target, args.device, float(os.environ["KDAVERIFY_STARTED"]), out / f"{args.phase}.json")
         return 0
     out.mkdir(parents=True, exist_ok=True)
     results = {"target": args.target, "device": args.device, "phases": {}}
@@ -137,9 +139,15 @@ def main(argv=None) -> int:
             f"--out={out}",
             f"--phase={phase}",
         ]
-        subprocess.run([*cmd, f"--device={args.device}"], env=env, check=True)
-        r = json.loads((out / f"{phase}.json").read_text())
+        try:
+            subprocess.run([*cmd, f"--device={args.device}"], env=env, check=True, timeout=args.phase_timeout)
+            note = ""
+        except subprocess.TimeoutExpired:
+            note = f" (stopped at its {args.phase_timeout:g} s limit: the cases below are those it finished)"
+        path = out / f"{phase}.json"
+        r = json.loads(path.read_text()) if path.exists() else {"imports_s": float("nan"), "calls": []}
         r["process_s"] = time.perf_counter() - t0
+        r["note"] = note
         results["phases"][phase] = r
         print(f"{phase}: {r['process_s']:.1f} s", flush=True)
     (out / "timing.json").write_text(json.dumps(results, indent=2) + "\n")

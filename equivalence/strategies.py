@@ -14,6 +14,7 @@ import os
 import random
 from dataclasses import dataclass, replace
 
+import numpy as np
 from hypothesis import strategies as st
 
 from .cases import GATE_REGIMES, CaseSpec
@@ -133,6 +134,11 @@ GPU_HEAD_SIZES = (16, 32, 48, 64, 80, 96, 100, 128, 192, 256)
 CHUNK_BOUNDARY_T = tuple(sorted({n for c in (16, 32, 64) for n in (c - 1, c, c + 1, 2 * c + 1)}))
 
 
+# The most elements one input of a GPU case may have (B rows are capped to it): 128 MiB as
+# the float64 arrays a case is made from on the host, so drawing a case stays under a second.
+GPU_ELEMENTS = 2**24
+
+
 @dataclass(frozen=True)
 class Sizes:
     """The sizes a run draws on one kind of device.
@@ -226,10 +232,12 @@ def gpu_case_specs(draw, caps: Capabilities, sizes: Sizes, family: str = "genera
     G = HV // H if caps.gva else 1
     spec = spec.with_(K=K, V=V, H=H, G=max(G, spec.G))
     shape = draw(st.sampled_from(("as drawn", "rows", "many sequences", "chunk boundary")))
-    if shape == "rows" and spec.seqlens is None:
-        spec = spec.with_(B=draw(st.integers(1, sizes.max_B)))
+    if shape == "rows" and spec.seqlens is None and family != "long":
+        row = spec.T * spec.HV * max(K, V)
+        spec = spec.with_(B=draw(st.integers(1, max(1, min(sizes.max_B, GPU_ELEMENTS // row)))))
     elif shape == "many sequences" and spec.seqlens is not None and family in ("general", "varlen"):
-        lens = tuple(draw(st.lists(st.integers(1, 3), min_size=2, max_size=sizes.many_seqs)))
+        n = draw(st.one_of(st.just(sizes.many_seqs), st.integers(2, sizes.many_seqs)))
+        lens = tuple(int(x) for x in 1 + np.random.default_rng(spec.seed).integers(0, 3, n))  # 1 to 3 tokens
         spec = spec.with_(T=sum(lens), seqlens=lens)
     elif shape == "chunk boundary" and spec.seqlens is None and family != "length_one":
         ragged = [t for t in CHUNK_BOUNDARY_T if t % 64 or family != "guard_bands"]  # guard bands want a ragged tail

@@ -56,11 +56,7 @@ class Harness:
         float64 on the device (equal to it to ~1e-12, DESIGN.md section 5), so GPU-sized
         cases never cross to the host to be checked."""
         if t["q"].device.type != "cpu":
-            f64 = {n: None if x is None or n == "cu_seqlens" else x.double() for n, x in t.items()}
-            return kda_recurrent(
-                *(f64[n] for n in ("q", "k", "v", "g", "beta")), scale=scale, output_final_state=True,
-                initial_state=f64["initial_state"], cu_seqlens=t["cu_seqlens"],
-            )  # fmt: skip
+            return oracle_on_device(t, scale)
         return kda_recurrent_np(
             t["q"], t["k"], t["v"], t["g"], t["beta"], scale=scale, output_final_state=True,
             initial_state=None if t["initial_state"] is None else as_f64(t["initial_state"]),
@@ -139,6 +135,15 @@ class Harness:
         a NaN is the oracle checks' business; here only a difference between calls counts."""
         for name, a, b in (("o", x[0], y[0]), ("final_state", x[1], y[1])):
             bitwise_equal(f"{what}: {name}", a, b)
+
+
+def oracle_on_device(t: dict, scale=None):
+    """The PyTorch recurrence in float64 on the inputs' device (the oracle of GPU runs)."""
+    f64 = {n: None if x is None or n == "cu_seqlens" else x.double() for n, x in t.items()}
+    return kda_recurrent(
+        *(f64[n] for n in ("q", "k", "v", "g", "beta")), scale=scale, output_final_state=True,
+        initial_state=f64["initial_state"], cu_seqlens=t["cu_seqlens"],
+    )  # fmt: skip
 
 
 def bitwise_equal(what: str, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -98,3 +98,91 @@ def test_gpu_draws_stay_in_the_buckets(family, data):
 @given(spec=strategy_for("empty_sequences", Capabilities()))
 def test_empty_sequence_cases_have_empty_sequences(spec):
     assert 0 in spec.seqlens and sum(spec.seqlens) == spec.T and any(spec.seqlens)
+
+
+# ------------------------------------------------------------- declared refusals
+
+
+def _refusing(words: str, when):
+    """The default implementation, except that it raises ValueError(words) when when(args)."""
+    from kdaverify.equivalence.adapters import reference_chunk_kda
+
+    def fn(q, k, v, g, beta, **kw):
+        if when(q, k, v, g, beta, kw):
+            raise ValueError(words)
+        return reference_chunk_kda(q, k, v, g, beta, **kw)
+
+    return fn
+
+
+def _harness(fn, **caps):
+    from kdaverify.equivalence.implementation import Implementation
+    from kdaverify.equivalence.relations import Harness
+
+    return Harness(Implementation(fn, "refusing", Capabilities(**caps)), torch.float32)
+
+
+def _strided(q, k, v, g, beta, kw):
+    return not all(x.is_contiguous() for x in (q, k, v, g, beta))
+
+
+def _empty(q, k, v, g, beta, kw):
+    cu = kw.get("cu_seqlens")
+    return cu is not None and bool((cu[1:] == cu[:-1]).any())
+
+
+SPEC = CaseSpec(B=2, T=9, H=1, G=2, K=3, V=4, h0=True)
+EMPTY = CaseSpec(T=9, H=1, K=3, V=4, h0=True, seqlens=(0, 4, 0, 5, 0))
+
+
+def test_strided_error_declared_and_given():
+    from kdaverify.equivalence.relations import strided_inputs
+
+    strided_inputs(_harness(_refusing("q: expected a contiguous tensor", _strided), strided="error"), SPEC)
+    with pytest.raises(AssertionError, match="does not say why"):
+        strided_inputs(_harness(_refusing("bad input", _strided), strided="error"), SPEC)
+    with pytest.raises(AssertionError, match="but the call returned"):
+        strided_inputs(_harness(_refusing("", lambda *a: False), strided="error"), SPEC)
+    with pytest.raises(ValueError, match="contiguous"):  # refusing without declaring it is a failure
+        strided_inputs(_harness(_refusing("q: expected a contiguous tensor", _strided)), SPEC)
+
+
+def test_empty_sequences_refused_when_declared():
+    from kdaverify.equivalence.relations import empty_sequences
+
+    refuses = _refusing("cu_seqlens: empty sequences are not supported", _empty)
+    empty_sequences(_harness(refuses, empty_sequences=False), EMPTY)
+    with pytest.raises(ValueError, match="empty sequences"):
+        empty_sequences(_harness(refuses), EMPTY)
+    empty_sequences(_harness(_refusing("", lambda *a: False)), EMPTY)  # the default implementation passes
+
+
+def test_empty_sequence_state_must_be_written():
+    """An implementation that leaves an empty sequence's final state as NaN fails."""
+    from kdaverify.equivalence.adapters import reference_chunk_kda
+    from kdaverify.equivalence.relations import empty_sequences
+
+    def unwritten(q, k, v, g, beta, cu_seqlens=None, **kw):
+        o, S = reference_chunk_kda(q, k, v, g, beta, cu_seqlens=cu_seqlens, **kw)
+        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        S[[n for n, length in enumerate(lens) if length == 0]] = float("nan")
+        return o, S
+
+    with pytest.raises(AssertionError, match="empty sequence 0: final state"):
+        empty_sequences(_harness(unwritten), EMPTY)
+
+
+@given(spec=strategy_for("varlen", Capabilities()) | strategy_for("general", Capabilities()))
+def test_oracle_on_device_equals_the_numpy_gold(spec):
+    """The oracle GPU runs use (the float64 PyTorch recurrence where the inputs are), here on
+    CPU tensors in bfloat16 as an implementation sees them, equals the NumPy gold."""
+    from kdaverify.equivalence.implementation import DTYPES, load_implementation
+    from kdaverify.equivalence.relations import Harness, oracle_on_device
+    from kdaverify.equivalence.tolerance import errors
+
+    t = Harness(load_implementation("kdaverify.equivalence.adapters:reference_chunk_kda"), DTYPES["bfloat16"]).inputs(
+        spec.arrays()
+    )
+    for got, want in zip(oracle_on_device(t, spec.scale), Harness.oracle(t, spec.scale), strict=True):
+        e = errors(got, want)
+        assert e.rel_rms <= 1e-12 and e.rel_max <= 1e-12, e  # two float64 evaluations (see test_oracle.SELF_TOL)

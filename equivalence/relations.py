@@ -503,16 +503,8 @@ def large_offset(h: Harness, name: str, seed: int):
     blocks, whose short tail (the last sequence) is held to the float64 oracle from the
     state it starts from, and must equal the same sequence run alone."""
     c = _large_case(name, h.impl)
-    try:
-        in_batch, tail = _large_call(h, c, seed)
-    except torch.cuda.OutOfMemoryError as e:
-        import pytest
-
-        need = large_offsets.gib(large_offsets.need_bytes(c, h.dtype))
-        pytest.skip(f"not applicable: ran out of device memory (estimated need {need:.0f} GiB): {e}"[:300])
-    finally:
-        if h.impl.device.type == "cuda":
-            torch.cuda.empty_cache()
+    with _one_large_call_per_device(h.impl.device):
+        in_batch, tail = _large_call_or_skip(h, c, seed)
     alone = h.run(tail)
     oracle = h.oracle(tail)
     refs = [f(tail) for f in h.references()]
@@ -520,6 +512,35 @@ def large_offset(h: Harness, name: str, seed: int):
     h._judge_pair(f"{name}: tail of the large call vs oracle", in_batch, oracle, so, sS)
     h._judge_pair(f"{name}: tail run alone vs oracle", alone, oracle, so, sS)
     h._judge_pair(f"{name}: tail of the large call vs tail run alone", in_batch, alone, so, sS)
+
+
+def _one_large_call_per_device(device: torch.device):
+    """A lock across processes (pytest-xdist workers) so one large-offset case at a time
+    holds a device's memory; filelock comes with torch."""
+    import tempfile
+    from pathlib import Path
+
+    from filelock import FileLock
+
+    index = device.index if device.index is not None else 0
+    return FileLock(Path(tempfile.gettempdir()) / f"kdaverify-large-{device.type}{index}.lock")
+
+
+def _large_call_or_skip(h: Harness, c: LargeCase, seed: int):
+    import pytest
+
+    if h.impl.device.type == "cuda":  # free memory again, now that this process holds the lock
+        reason = large_offsets.not_applicable(c, h.dtype, h.impl.device)
+        if reason:
+            pytest.skip(reason)
+    try:
+        return _large_call(h, c, seed)
+    except torch.cuda.OutOfMemoryError as e:
+        need = large_offsets.gib(large_offsets.need_bytes(c, h.dtype))
+        pytest.skip(f"not applicable: ran out of device memory (estimated need {need:.0f} GiB): {e}"[:300])
+    finally:
+        if h.impl.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _large_call(h: Harness, c: LargeCase, seed: int):

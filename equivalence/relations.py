@@ -574,7 +574,7 @@ BUG_CLASSES = {
     "oracle_long_history": "lost or truncated history, drift and overflow over thousands of tokens",
     "oracle_length_one": "NaN or garbage for length-1 sequences and T = 1",
     "gated_deltanet_gate": "per-channel gate indexing (a gate broadcast from the wrong channel)",
-    "zero_beta": "the delta-rule correction applied when beta = 0, or the initial state ignored",
+    "beta_zero": "the delta-rule correction applied when beta = 0, or the initial state ignored",
     "causality": "future tokens or gates leaking into past outputs (future-anchored exponents)",
     "state_split": "state not handed across calls or chunks; a wrong final state",
     "varlen_equals_separate": "state leaking between packed sequences; wrong sequence offsets",

@@ -186,3 +186,9 @@ def test_oracle_on_device_equals_the_numpy_gold(spec):
     for got, want in zip(oracle_on_device(t, spec.scale), Harness.oracle(t, spec.scale), strict=True):
         e = errors(got, want)
         assert e.rel_rms <= 1e-12 and e.rel_max <= 1e-12, e  # two float64 evaluations (see test_oracle.SELF_TOL)
+
+
+def test_every_check_names_its_bug_class():
+    from kdaverify.equivalence.relations import CHECKS
+
+    assert [n for n, c in CHECKS.items() if not c.bug_class] == []

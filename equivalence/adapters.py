@@ -12,6 +12,7 @@ from __future__ import annotations
 from kdaverify.reference import kda_chunkwise, kda_recurrent
 
 from .implementation import Capabilities
+from .strategies import GPU_HEAD_SIZES
 
 
 def in_float32(fn):
@@ -64,8 +65,10 @@ def _fla_kda():
 # reference.round_operand) and bf16 operands for bf16 inputs;
 # fused_recurrent_kda does no dot products (fp32 FMA throughout). Both take GVA, cu_seqlens,
 # the in-kernel gate (A_log, dt_bias, lower_bound) and the in-kernel q/k L2 norm; K <= 256, and
-# tl.dot wants K, V >= 16, so the suite gives them 64 and 128 (the sizes models use).
-_FLA_CAPS = dict(head_sizes=(64, 128), gate_in_kernel=True, l2norm_in_kernel=True)
+# tl.dot wants K, V >= 16, so the suite gives them the GPU head sizes of issue 10 (16 to 256,
+# not only powers of two: strategies.GPU_HEAD_SIZES). Strided inputs and empty sequences are
+# not declared, so the suite holds them to the defaults (yes): what users pass them.
+_FLA_CAPS = dict(head_sizes=GPU_HEAD_SIZES, gate_in_kernel=True, l2norm_in_kernel=True)
 
 
 def fla_chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, **kw):

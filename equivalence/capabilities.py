@@ -14,6 +14,7 @@ LAYOUTS = ("KV", "VK")
 # the dtype g or beta may have: "input" (q's dtype) or a dtype name
 SIDE_DTYPES = ("input", *DTYPE_NAMES)
 STATE_DTYPES = ("float32", "bfloat16")
+STRIDED = ("yes", "no", "error")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,11 @@ class Capabilities:
         contract's order after beta (as flash-linear-attention's chunk_kda does).
     state_dtype: the precision the state is kept in between tokens and calls: "float32"
         (the contract) or "bfloat16" (then the state-precision check does not apply).
+    strided: non-contiguous inputs (views of a fused projection, other layouts, batch
+        slices): "yes" it gives the right answer on them (the default: users pass views),
+        "error" it refuses them with an error that says so (checked), "no" not tested.
+    empty_sequences: accepts zero-length sequences in cu_seqlens (repeated offsets); when
+        False, a clear error for them is checked instead.
     """
 
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
@@ -54,6 +60,8 @@ class Capabilities:
     beta_dtypes: tuple[str, ...] = ("input", "float32")
     positional: bool = True
     state_dtype: str = "float32"
+    strided: str = "yes"
+    empty_sequences: bool = True
 
     def __post_init__(self):
         for d in self.dtypes:
@@ -65,6 +73,8 @@ class Capabilities:
             raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
         if self.state_layout not in LAYOUTS:
             raise ValueError(f"state_layout: expected one of {LAYOUTS}, got {self.state_layout!r}")
+        if self.strided not in STRIDED:
+            raise ValueError(f"strided: expected one of {STRIDED}, got {self.strided!r}")
         if self.head_sizes is not None and (not self.head_sizes or min(self.head_sizes) < 1):
             raise ValueError(f"head_sizes: expected positive sizes, got {self.head_sizes}")
         for name in ("g_dtypes", "beta_dtypes"):
@@ -98,7 +108,7 @@ def parse_capabilities(base: Capabilities, options: dict) -> Capabilities:
 # the option is the field name with '-' for '_', lower case; booleans take yes / no, tuples a
 # comma list. One table, so the pytest plugin and the command line can never disagree.
 _YESNO = {"yes": True, "no": False}
-FIELD_CHOICES = {"precision": PRECISIONS, "state_layout": LAYOUTS, "state_dtype": STATE_DTYPES}
+FIELD_CHOICES = {"precision": PRECISIONS, "state_layout": LAYOUTS, "state_dtype": STATE_DTYPES, "strided": STRIDED}
 _LISTS = ("dtypes", "g_dtypes", "beta_dtypes")
 
 
@@ -161,4 +171,6 @@ _FIELD_HELP = {
     "beta_dtypes": "comma list of the dtypes beta may have: input (q's dtype) or a dtype name",
     "positional": "accepts scale, initial_state, output_final_state positionally after beta",
     "state_dtype": "the precision the state is kept in between tokens and calls",
+    "strided": "non-contiguous inputs: yes (right answers), error (refused loudly, checked), no (not tested)",
+    "empty_sequences": "accepts zero-length sequences (repeated offsets) in cu_seqlens",
 }

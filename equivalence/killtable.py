@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .mutants import MUTANTS, correct_control
+from .mutants import GPU_ONLY, MUTANTS, correct_control
 from .plugin import SUITE
 
 
@@ -43,11 +43,23 @@ def run_one(name: str, out: Path, extra: list[str]) -> dict:
     return {"name": name, "conforms": data["conforms"], "killed_by": failed, "seconds": time.perf_counter() - started}
 
 
+def _on_gpu(extra: list[str]) -> bool:
+    """Whether the suite's runs will use a CUDA device (--kda-device, else cuda if present)."""
+    for a in extra:
+        if a.startswith("--kda-device="):
+            return a.split("=", 1)[1].startswith("cuda")
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| implementation | the bug it stands for | rejected by | verdict |", "|---|---|---|---|"]
     for r in rows:
         doc = (MUTANTS.get(r["name"], correct_control).__doc__ or "").strip().splitlines()[0]
-        if r["name"] == "correct_control":
+        if r.get("gpu_only"):
+            verdict = f"GPU only, not run here ({GPU_ONLY[r['name']]})"
+        elif r["name"] == "correct_control":
             verdict = "passes (correct)" if r["conforms"] else "REJECTED: false alarm"
         else:
             verdict = "killed" if r["killed_by"] else "SURVIVED"
@@ -64,6 +76,8 @@ def main(argv=None) -> int:
     extra = [a for a in extra if a != "--"]
     names = ["correct_control", *(args.only or MUTANTS)]
     out = Path(args.out or tempfile.mkdtemp(prefix="kdaverify-mutants-"))
+    gpu_only = [n for n in names if n in GPU_ONLY and not _on_gpu(extra)]
+    names = [n for n in names if n not in gpu_only]
     print(f"running {len(names)} implementations through the conformance suite, {args.jobs} at a time", flush=True)
     rows = []
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -71,19 +85,23 @@ def main(argv=None) -> int:
             status = "conforms" if r["conforms"] else f"rejected by {', '.join(r['killed_by'])}"
             print(f"  {r['name']:<32} {r['seconds']:6.1f} s  {status}", flush=True)
             rows.append(r)
+    rows += [{"name": n, "conforms": None, "killed_by": [], "gpu_only": True} for n in gpu_only]
     text = table(rows)
     print("\n" + text)
     (out / "killtable.md").write_text("# Kill table\n\n" + text + "\n")
     print(f"\nreports in {out}")
     control_ok = rows[0]["conforms"]
-    survivors = [r["name"] for r in rows[1:] if not r["killed_by"]]
+    survivors = [r["name"] for r in rows[1:] if not r["killed_by"] and not r.get("gpu_only")]
     if not control_ok:
         print("FAIL: the correct control was rejected: the suite raises a false alarm")
     if survivors:
         print(f"FAIL: {len(survivors)} wrong implementation(s) survived: {', '.join(survivors)}")
     ok = control_ok and not survivors
-    killed = len(rows) - 1 - len(survivors)
-    print(f"{killed} killed, {len(survivors)} survived; correct control {'passed' if control_ok else 'FAILED'}")
+    killed = len(rows) - 1 - len(survivors) - len(gpu_only)
+    print(
+        f"{killed} killed, {len(survivors)} survived, {len(gpu_only)} GPU-only not run; "
+        f"correct control {'passed' if control_ok else 'FAILED'}"
+    )
     return 0 if ok else 1
 
 

@@ -18,6 +18,8 @@ import torch
 from kdaverify.reference import kda_chunkwise, kda_recurrent
 
 from .adapters import in_float32, reference_chunk_kda, reference_recurrent_kda
+from .large_offsets import LIMIT
+from .layouts import as_if_contiguous, read_past_end
 
 correct_control = in_float32(kda_recurrent)
 correct_control.__name__ = "correct_control"
@@ -498,3 +500,95 @@ MUTANTS = {
         reset_gate_nan,
     )
 }
+
+
+# ------------------------------------------------------------------ the bug classes that ship
+# (issue 10): memory bugs of compiled kernels, simulated in PyTorch on the storage a kernel
+# would read.
+
+
+def _read_past_k(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] widened to next_power_of_2(K) lanes with what a load without its mask
+    reads: the next head's (or token's) elements, and past the last row whatever follows x
+    in memory (poison inside guard bands)."""
+    K = x.shape[-1]
+    BK = 1 << (K - 1).bit_length()
+    if BK == K:
+        return x
+    x = x.contiguous()
+    flat = torch.cat([x.reshape(-1), read_past_end(x, BK - K)])
+    rows = x.numel() // K
+    return flat.as_strided((rows, BK), (K, 1)).reshape(*x.shape[:-1], BK)
+
+
+@_mutant
+def reads_past_k(q, k, v, g, beta, scale, initial_state, cu_seqlens):
+    """A load without its mask: q, k, g read next_power_of_2(K) lanes, those past K from the next head in memory."""
+    K = q.shape[-1]
+    wide = [_read_past_k(x) for x in (q, k, g)]
+    h0 = initial_state
+    if h0 is not None and wide[0].shape[-1] != K:  # the padding rows of the state start at zero
+        h0 = torch.cat([h0, h0.new_zeros(*h0.shape[:-2], wide[0].shape[-1] - K, h0.shape[-1])], dim=-2)
+    o, S = _ref(wide[0], wide[1], v, wide[2], beta, K**-0.5 if scale is None else scale, h0, cu_seqlens)
+    return o, S[..., :K, :].contiguous()
+
+
+@_mutant
+def strided_as_contiguous(q, k, v, g, beta, scale, initial_state, cu_seqlens):
+    """Strides ignored: every input read from its storage as if contiguous (a fused projection's view misread)."""
+    q, k, v, g, beta = (as_if_contiguous(x) for x in (q, k, v, g, beta))
+    h0 = None if initial_state is None else as_if_contiguous(initial_state)
+    return _ref(q, k, v, g, beta, scale, h0, cu_seqlens)
+
+
+def _wrapped(x: torch.Tensor, row: int, a: int, b: int) -> torch.Tensor:
+    """Tokens [a, b) of batch row `row` of x [B, T, ...] as read through 32-bit element
+    offsets: each offset taken mod 2^31, so past 2^31 elements they point back into x."""
+    x = x.contiguous()
+    width = x[0, 0].numel()
+    start = (row * x.shape[1] + a) * width
+    pos = (start + torch.arange((b - a) * width, device=x.device)) % LIMIT
+    return x.reshape(-1)[pos].reshape(1, b - a, *x.shape[2:])
+
+
+@_mutant
+def offsets_wrap_2_31(q, k, v, g, beta, scale, initial_state, cu_seqlens):
+    """Pointer offsets in 32 bits: past 2^31 elements they wrap (GPU only: showing it takes tens of GiB)."""
+    big = max(x.numel() for x in (q, k, v, g)) >= LIMIT
+    pool = initial_state is not None and initial_state.numel() >= LIMIT
+    if not (big or pool):
+        return _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    # Inputs this large are a large-offset check's: compute only the last sequence, which
+    # is all that check holds to the oracle (the float32 recurrence over millions of tokens
+    # would take hours), and leave every other output zero.
+    B, T = q.shape[:2]
+    n = B - 1 if cu_seqlens is None else len(cu_seqlens) - 2
+    row, a, b = (B - 1, 0, T) if cu_seqlens is None else (0, int(cu_seqlens[-2]), T)
+    tail = [_wrapped(x, row, a, b) for x in (q, k, v, g, beta)]
+    S = torch.zeros(n + 1, v.shape[2], k.shape[-1], v.shape[-1], device=q.device)
+    h0 = None
+    if initial_state is not None:
+        h0 = _wrapped(initial_state.reshape(1, -1, *initial_state.shape[1:]), 0, n, n + 1)[0]
+    o_tail, S_tail = _ref(*tail, scale, h0, None)
+    o = torch.zeros(*v.shape, dtype=q.dtype, device=q.device)
+    o[row : row + 1, a:b] = o_tail
+    at = (n * S[0].numel()) % LIMIT  # the final state written through a wrapped offset too
+    S.reshape(-1)[at : at + S[0].numel()] = S_tail.reshape(-1)
+    return o, S
+
+
+@_mutant
+def writes_past_state_end(q, k, v, g, beta, scale, initial_state, cu_seqlens):
+    """An out-of-bounds write: the state updated in place one element past its end (a decode kernel off by one)."""
+    o, S = _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    if initial_state is not None:
+        after = initial_state.storage_offset() + initial_state.numel()
+        if after < initial_state.untyped_storage().nbytes() // initial_state.element_size():
+            torch.as_strided(initial_state, (1,), (1,), after).copy_(S.reshape(-1)[-1:])
+    return o, S
+
+
+GPU_ONLY = {"offsets_wrap_2_31": "its inputs past 2^31 elements need a GPU with 32 to 51 GiB free"}
+
+for _m in (reads_past_k, strided_as_contiguous, offsets_wrap_2_31, writes_past_state_end):
+    MUTANTS[_m.__name__] = _m

@@ -5,7 +5,8 @@ In any project that has kdaverify installed:
     pytest --kda-impl=mypkg.ops:my_kda [--kda-dtypes=float32,bfloat16] [--kda-head-sizes=64,128]
         [--kda-precision=ieee|tf32|tf32_rn|bf16] [--kda-state-layout=KV|VK] [--kda-gva=yes|no]
         [--kda-varlen=yes|no] [--kda-gate-in-kernel=yes|no] [--kda-l2norm-in-kernel=yes|no]
-        [--kda-max-t=N] [--kda-device=cpu|cuda] [--kda-profile=ci|dev|deep|gpu|mutants]
+        [--kda-max-t=N] [--kda-strided=yes|no|error] [--kda-empty-sequences=yes|no]
+        [--kda-device=cpu|cuda] [--kda-profile=ci|dev|deep|gpu|mutants]
         [--kda-report=DIR]
 
 runs the whole conformance suite (kdaverify/equivalence/test_conformance.py, from the
@@ -85,7 +86,28 @@ def _add_suite(config) -> None:
 def _device(config) -> str:
     import torch
 
-    return config.getoption("kda_device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = config.getoption("kda_device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        _prepare_gpu_run()
+        worker = getattr(config, "workerinput", {}).get("workerid", "")
+        if worker.startswith("gw") and torch.cuda.device_count() > 1:
+            # one xdist worker per GPU (and round robin beyond that): -n <number of GPUs>
+            device = f"cuda:{int(worker[2:]) % torch.cuda.device_count()}"
+    return device
+
+
+# Triton writes the result of each autotuning to its on-disk cache only when asked; with it,
+# xdist workers and later runs reuse one tuning instead of benchmarking every config again
+# per process (Triton >= 3.4 reads TRITON_CACHE_AUTOTUNING when a kernel is first tuned).
+# Set it before workers start, so they inherit it; a value the user set is kept.
+GPU_RUN_ENV = {"TRITON_CACHE_AUTOTUNING": "1"}
+
+
+def _prepare_gpu_run() -> None:
+    import os
+
+    for k, v in GPU_RUN_ENV.items():
+        os.environ.setdefault(k, v)
 
 
 def _load(config, target):
@@ -152,7 +174,7 @@ def kda_check(request, kda_profile):
         check = CHECKS[name]
         if spec is not None:
             return check.fn(harness, spec)
-        kda_profile(cases_for(check.cases, implementation.caps)(lambda spec: check.fn(harness, spec)))()
+        kda_profile(cases_for(check.cases, implementation.caps, implementation.device)(lambda spec: check.fn(harness, spec)))()
 
     return run
 

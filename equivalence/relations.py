@@ -21,8 +21,11 @@ import numpy as np
 import torch
 from kdaverify.reference import kda_chunkwise, kda_gate, kda_recurrent, kda_recurrent_np, l2norm
 
+from . import large_offsets
 from .cases import CaseSpec
 from .implementation import DTYPES, Implementation
+from .large_offsets import LargeCase
+from .layouts import STRIDED_LAYOUTS, GuardBands
 from .tolerance import Verdict, as_f64, errors, judge
 
 REFERENCE_CHUNKS = (64, 16)  # the chunk sizes kernels use (64) and their secondary chunks (16)
@@ -52,7 +55,11 @@ class Harness:
 
     @staticmethod
     def oracle(t: dict, scale=None):
-        """The float64 NumPy recurrence on the rounded inputs."""
+        """The float64 NumPy recurrence on the rounded inputs; on a GPU its PyTorch twin in
+        float64 on the device (equal to it to ~1e-12, DESIGN.md section 5), so GPU-sized
+        cases never cross to the host to be checked."""
+        if t["q"].device.type != "cpu":
+            return oracle_on_device(t, scale)
         return kda_recurrent_np(
             t["q"], t["k"], t["v"], t["g"], t["beta"], scale=scale, output_final_state=True,
             initial_state=None if t["initial_state"] is None else as_f64(t["initial_state"]),
@@ -70,7 +77,7 @@ class Harness:
 
         def make(chunk):
             def ref(t):
-                cpu = {n: (None if x is None else x.detach().to("cpu")) for n, x in t.items()}
+                cpu = {n: (None if x is None else x.detach()) for n, x in t.items()}  # on the device
                 args = [cpu[n].float() for n in ("q", "k", "v", "g", "beta")]
                 kw = dict(scale=scale, output_final_state=True, cu_seqlens=cpu["cu_seqlens"])
                 h0 = cpu["initial_state"]
@@ -135,6 +142,15 @@ class Harness:
         a NaN is the oracle checks' business; here only a difference between calls counts."""
         for name, a, b in (("o", x[0], y[0]), ("final_state", x[1], y[1])):
             bitwise_equal(f"{what}: {name}", a, b)
+
+
+def oracle_on_device(t: dict, scale=None):
+    """The PyTorch recurrence in float64 on the inputs' device (the oracle of GPU runs)."""
+    f64 = {n: None if x is None or n == "cu_seqlens" else x.double() for n, x in t.items()}
+    return kda_recurrent(
+        *(f64[n] for n in ("q", "k", "v", "g", "beta")), scale=scale, output_final_state=True,
+        initial_state=f64["initial_state"], cu_seqlens=t["cu_seqlens"],
+    )  # fmt: skip
 
 
 def bitwise_equal(what: str, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -273,10 +289,7 @@ def every_output_written(h: Harness, spec: CaseSpec):
     (Reliable on CUDA, whose caching allocator hands the poisoned blocks straight back; on
     the CPU, malloc reuses them for small outputs only.)"""
     t = h.inputs(spec.arrays())
-    numel = 4 * (spec.B * spec.T * spec.HV * spec.V + spec.N * spec.HV * spec.K * spec.V)
-    for size in (numel, numel // 2, numel // 4, 64):
-        poison = torch.full((max(size, 1),), float("nan"), device=h.impl.device)
-        del poison
+    _poison_allocator(h, spec)
     h.expect_oracle("poisoned allocator", t, spec.scale)
 
 
@@ -444,6 +457,13 @@ class Check:
     cases: str
     needs: str | None = None  # a boolean field of Capabilities
     about: str | None = None  # what this use of fn checks, where its docstring is too general
+    guards: str | None = None  # the bug class it guards against (default: BUG_CLASSES[name])
+    # why it cannot run on an implementation at a dtype (a torch dtype), or None if it can
+    applies: Callable[[Implementation, torch.dtype], str | None] | None = None
+
+    @property
+    def bug_class(self) -> str:
+        return self.guards or BUG_CLASSES.get(self.name, "")
 
     @property
     def description(self) -> str:
@@ -524,3 +544,255 @@ CHECKS = {
         ),
     )
 }
+
+
+# ---------------------------------------------------------------- the bug classes that ship
+# (issue 10): checks that see the out-of-bounds, stride, offset, empty-sequence and stale
+# buffer bugs of real kernels, which small contiguous power-of-two cases pass.
+
+
+def _check_bands(bands: GuardBands, what: str) -> None:
+    changed = bands.changed()
+    if changed:
+        raise AssertionError(f"{what}: the bands around {', '.join(changed)} were written (an out-of-bounds write)")
+
+
+def guard_bands(h: Harness, spec: CaseSpec):
+    """Every input inside poisoned guard bands (NaN, then 1e30): outputs still match the
+    oracle, and the bands are bitwise unchanged after the call."""
+    t = h.inputs(spec.arrays())
+    for kind in ("nan", "huge"):
+        bands = GuardBands(t, kind)
+        try:
+            h.expect_oracle(f"inputs inside {kind} guard bands", bands.guarded, spec.scale)
+        except AssertionError as e:
+            written = bands.changed()
+            raise AssertionError(f"{e}\nguard bands written: {', '.join(written) or 'none'}") from None
+        _check_bands(bands, f"{kind} guard bands")
+
+
+def strided_inputs(h: Harness, spec: CaseSpec):
+    """q, k, v (and g, beta) as views of one fused projection, in a transposed-and-back
+    layout, and as a batch slice with stride 2: the oracle's answer, or (declared
+    strided=error) a clear error that names the layout problem."""
+    t = h.inputs(spec.arrays())
+    for name, layout in STRIDED_LAYOUTS.items():
+        views = layout(t)
+        if h.impl.caps.strided == "error":
+            _expect_refusal(f"strided inputs ({name})", lambda v=views: h.run(v, spec.scale), ("contiguous", "stride"))
+        else:
+            h.expect_oracle(f"strided inputs ({name})", views, spec.scale)
+
+
+def _expect_refusal(what: str, call, words: tuple[str, ...]) -> None:
+    """call() must raise an error (not an AssertionError of the harness) whose message
+    contains one of words."""
+    try:
+        call()
+    except AssertionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any exception type is a refusal; its message is checked
+        if not any(w in str(e).lower() for w in words):
+            raise AssertionError(f"{what}: refused, but the error does not say why ({' / '.join(words)}): {e!r}") from e
+        return
+    raise AssertionError(f"{what}: declared to refuse this input with an error, but the call returned")
+
+
+def empty_sequences(h: Harness, spec: CaseSpec):
+    """Zero-length sequences in a packed batch (repeated offsets in cu_seqlens): the
+    oracle's answer, and each empty sequence's final state is exactly its initial state
+    (zeros without one), written even where the allocator's memory held NaN."""
+    t = h.inputs(spec.arrays())
+    if not h.impl.caps.empty_sequences:
+        _expect_refusal("empty sequences", lambda: h.run(t, spec.scale), ("cu_seqlens", "empty", "length"))
+        return
+    _poison_allocator(h, spec)
+    _, S = h.run(t, spec.scale)
+    h0 = t["initial_state"]
+    for n, length in enumerate(spec.seqlens):
+        if length == 0:
+            want = torch.zeros_like(S[n]) if h0 is None else h0[n]
+            bitwise_equal(f"empty sequence {n}: final state vs its initial state", S[n].float(), want.float())
+    h.expect_oracle("packed batch with empty sequences", t, spec.scale)
+
+
+def _poison_allocator(h: Harness, spec: CaseSpec) -> None:
+    """Hand the allocator NaN-filled blocks of about the outputs' sizes, so an output it
+    returns unwritten holds NaN (see every_output_written)."""
+    numel = 4 * (spec.B * spec.T * spec.HV * spec.V + spec.N * spec.HV * spec.K * spec.V)
+    for size in (numel, numel // 2, numel // 4, 64):
+        poison = torch.full((max(size, 1),), float("nan"), device=h.impl.device)
+        del poison
+
+
+def _second_case(spec: CaseSpec) -> CaseSpec:
+    """Another case of the same shapes: new values, and (packed) the same number of
+    sequences with other lengths, so cu_seqlens changes too."""
+    lens = spec.seqlens
+    if lens is not None:
+        lens = lens[::-1] if lens[::-1] != lens else lens[1:] + lens[:1]
+    return spec.with_(seed=spec.seed + 1, seqlens=lens)
+
+
+def reused_buffers(h: Harness, spec: CaseSpec):
+    """Two calls on the same tensor objects, refilled in place (cu_seqlens included) with a
+    second case of the same shapes, as a CUDA graph replay does: the second result matches
+    the oracle of the second case."""
+    second = _second_case(spec)
+    t = h.inputs(spec.arrays())
+    h.run(t, spec.scale)
+    fresh = h.inputs(second.arrays())
+    for name, x in t.items():
+        if x is not None:
+            x.copy_(fresh[name])
+    h.expect_oracle("second call on refilled buffers", t, spec.scale)
+
+
+# ------------------------------------------------------------- large offsets (GPU only)
+
+
+def _large_case(name: str, impl: Implementation) -> LargeCase:
+    sizes = sorted(impl.caps.head_sizes) if impl.caps.head_sizes else [16, 128]
+    big = 128 if 128 in sizes else sizes[-1]
+    return large_offsets.cases(big, big, sizes[0])[name]
+
+
+def _large_applies(name: str):
+    def applies(impl: Implementation, dtype: torch.dtype) -> str | None:
+        c = _large_case(name, impl)
+        if c.seqlens is not None and not impl.caps.varlen:
+            return "not applicable: varlen not declared"
+        if impl.caps.max_T is not None and max(c.seqlens or (c.T,)) > impl.caps.max_T:
+            return f"not applicable: needs T = {max(c.seqlens or (c.T,))} > max_T"
+        return large_offsets.not_applicable(c, dtype, impl.device)
+
+    return applies
+
+
+def large_offset(h: Harness, name: str, seed: int):
+    """One large-offset case (large_offsets.py): a call past 2^31 elements or 65535 grid
+    blocks, whose short tail (the last sequence) is held to the float64 oracle from the
+    state it starts from, and must equal the same sequence run alone."""
+    c = _large_case(name, h.impl)
+    with _one_large_call_per_device(h.impl.device):
+        in_batch, tail = _large_call_or_skip(h, c, seed)
+    alone = h.run(tail)
+    oracle = h.oracle(tail)
+    refs = [f(tail) for f in h.references()]
+    so, sS = [errors(r[0], oracle[0]) for r in refs], [errors(r[1], oracle[1]) for r in refs]
+    h._judge_pair(f"{name}: tail of the large call vs oracle", in_batch, oracle, so, sS)
+    h._judge_pair(f"{name}: tail run alone vs oracle", alone, oracle, so, sS)
+    h._judge_pair(f"{name}: tail of the large call vs tail run alone", in_batch, alone, so, sS)
+
+
+def _one_large_call_per_device(device: torch.device):
+    """A lock across processes (pytest-xdist workers) so one large-offset case at a time
+    holds a device's memory; filelock comes with torch."""
+    import tempfile
+    from pathlib import Path
+
+    from filelock import FileLock
+
+    index = device.index if device.index is not None else 0
+    return FileLock(Path(tempfile.gettempdir()) / f"kdaverify-large-{device.type}{index}.lock")
+
+
+def _large_call_or_skip(h: Harness, c: LargeCase, seed: int):
+    import pytest
+
+    if h.impl.device.type == "cuda":  # free memory again, now that this process holds the lock
+        reason = large_offsets.not_applicable(c, h.dtype, h.impl.device)
+        if reason:
+            pytest.skip(reason)
+    try:
+        return _large_call(h, c, seed)
+    except torch.cuda.OutOfMemoryError as e:
+        need = large_offsets.gib(large_offsets.need_bytes(c, h.dtype))
+        pytest.skip(f"not applicable: ran out of device memory (estimated need {need:.0f} GiB): {e}"[:300])
+    finally:
+        if h.impl.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _large_call(h: Harness, c: LargeCase, seed: int):
+    """The big call of case c; returns ((o, final_state) of its tail, the tail's inputs as
+    a call of their own). Only the tail is kept when this returns."""
+    t = large_offsets.generate(c, h.dtype, h.impl.device, seed)
+    o, S = h.run(t)
+    row, a, b = c.tail_span()
+    start = None if t["initial_state"] is None else t["initial_state"][-1:].clone()
+    if c.tail is not None:  # the tail starts from the state the prefix leaves
+        prefix = {n: t[n][:, :a] for n in ("q", "k", "v", "g", "beta")}
+        start = h.run(dict(prefix, initial_state=None, cu_seqlens=None))[1].float()
+    return (o[row : row + 1, a:b].clone(), S[-1:].clone()), large_offsets.tail_inputs(c, t, start)
+
+
+def _large_check(name: str, what: str) -> Check:
+    def fn(h: Harness, spec: CaseSpec):
+        large_offset(h, name, spec.seed)
+
+    fn.__name__ = f"large_offset_{name}"
+    return Check(
+        f"large_{name}", fn, "one_case", about=what, applies=_large_applies(name),
+        guards="32-bit offsets that wrap past 2^31 elements, grids past 65535 blocks",
+    )  # fmt: skip
+
+
+# What each check guards against: the bug class it exists for (shown per check in the
+# conformance report). Checks registered with guards= carry their own.
+BUG_CLASSES = {
+    "oracle": "wrong math: any departure from the KDA recurrence",
+    "oracle_long_history": "lost or truncated history, drift and overflow over thousands of tokens",
+    "oracle_length_one": "NaN or garbage for length-1 sequences and T = 1",
+    "gated_deltanet_gate": "per-channel gate indexing (a gate broadcast from the wrong channel)",
+    "beta_zero": "the delta-rule correction applied when beta = 0, or the initial state ignored",
+    "causality": "future tokens or gates leaking into past outputs (future-anchored exponents)",
+    "state_split": "state not handed across calls or chunks; a wrong final state",
+    "varlen_equals_separate": "state leaking between packed sequences; wrong sequence offsets",
+    "batch_independence": "batch rows not reset, or outputs that depend on other rows",
+    "gva_equals_repeated_heads": "the GVA head mapping (j // G vs j % H)",
+    "linearity_in_q": "q entering nonlinearly (a stale or mis-scaled q)",
+    "determinism": "races and atomic-add order that change bits between calls",
+    "inputs_not_mutated": "kernels writing into their inputs",
+    "every_output_written": "output elements never written (an uncovered tail or head)",
+    "l2norm_in_kernel": "the fused q/k L2 norm",
+    "gate_in_kernel": "the fused gate activation (A_log, dt_bias, lower_bound)",
+    "final_state_not_requested": "output_final_state=False taking another code path (o changed, state written)",
+    "initial_state_zeros": "initial_state=None read as garbage instead of zeros",
+    "default_scale": "scale=None resolved to something other than K ** -0.5",
+    "scale_zero": "scale=0 treated as 'not given' (a falsy-value check)",
+    "call_forms": "positional arguments bound in the wrong order",
+    "mixed_input_dtypes": "float32 g or beta beside 16-bit q, k, v misread or rounded to 16 bits",
+    "output_contract": "wrong output dtype or shape, outputs aliasing inputs, results overwritten by later calls",
+    "state_precision_decode": "a state kept in bf16 between tokens (error that grows over a chained decode)",
+    "oracle_wide_heads": "K or V past one 64-lane block (a second K block ignored or misindexed)",
+    "oracle_many_tiles": "tile indices past 32 or 64 (grid and GVA group mapping at G = 3, 4, 8)",
+    "oracle_block_edges": "T at block edges 64k - 1, 64k, 64k + 1 (off-by-one tails)",
+    "oracle_packed_long": "packed sequences longer than one chunk (chunk offsets inside a sequence)",
+}
+
+for _c in (
+    Check(
+        "guard_bands", guard_bands, "guard_bands",
+        guards="loads and stores without their mask: reads past K when K is not a power of two, "
+        "past the ragged tail of a chunk, past the last state; writes past an input's end",
+    ),
+    Check(
+        "strided_inputs", strided_inputs, "strided",
+        applies=lambda impl, dtype: "not applicable: strided=no declared" if impl.caps.strided == "no" else None,
+        guards="kernels that assume contiguous inputs and read the wrong strides of views",
+    ),
+    Check(
+        "empty_sequences", empty_sequences, "empty_sequences", needs="varlen",
+        guards="zero-length sequences in cu_seqlens: states left unwritten, offsets off by one",
+    ),
+    Check(
+        "reused_buffers", reused_buffers, "general",
+        guards="anything cached by tensor identity or address (CUDA graph replays refill inputs)",
+    ),
+    _large_check("packed_offset", "A packed batch whose last sequence starts past 2^31 / (HV * K) tokens."),
+    _large_check("row_offset", "An unpacked batch whose last row starts past 2^31 elements; B * HV > 65535."),
+    _large_check("state_pool", "A state pool of N * HV * K * V > 2^31 elements; N * HV > 65535."),
+    _large_check("many_chunks", "One sequence of more than 65535 chunks of 64 tokens."),
+):  # fmt: skip
+    CHECKS[_c.name] = _c

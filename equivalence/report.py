@@ -139,7 +139,8 @@ class ConformanceReport:
 
         rows = []
         for (check, _), row in sorted(self.rows.items()):
-            rows.append(dict(row, description=CHECKS[check].description if check in CHECKS else ""))
+            c = CHECKS.get(check)
+            rows.append(dict(row, description=c.description if c else "", guards=c.bug_class if c else ""))
         counts = defaultdict(int)
         for r in rows:
             counts[r["outcome"]] += 1
@@ -192,6 +193,8 @@ class ConformanceReport:
                     "",
                     r["description"],
                     "",
+                    f"Guards against: {r.get('guards', '')}.",
+                    "",
                     "```",
                     r.get("message", ""),
                     r.get("example", ""),
@@ -201,7 +204,7 @@ class ConformanceReport:
         lines += ["", "## Checks", ""]
         from .relations import CHECKS
 
-        lines += [f"- `{c.name}`: {c.description}" for c in CHECKS.values()]
+        lines += [f"- `{c.name}`: {c.description} Guards against: {c.bug_class}." for c in CHECKS.values()]
         return "\n".join(lines) + "\n"
 
     def pytest_terminal_summary(self, terminalreporter):

@@ -158,8 +158,7 @@ def test_bad_dplr_transition(entry, name, breaks):
 # ------------------------------------------------------------- cu_seqlens (every entry)
 
 CU_CASES = {
-    "repeated offset": ([0, 2, 2, T], r"^cu_seqlens: expected strictly increasing"),
-    "decreasing": ([0, 4, 2, T], r"^cu_seqlens: expected strictly increasing"),
+    "decreasing": ([0, 4, 2, T], r"^cu_seqlens: expected non-decreasing"),
     "not starting at 0": ([1, 3, T], r"^cu_seqlens: expected cu_seqlens\[0\] == 0"),
     "negative start": ([-1, 3, T], r"^cu_seqlens: expected cu_seqlens\[0\] == 0"),
     "ending before T": ([0, 2, T - 1], r"^cu_seqlens: expected the last offset to equal T"),

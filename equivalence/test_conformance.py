@@ -22,10 +22,13 @@ def test_conformance(impl, record, kda_profile, check, dtype):
         pytest.skip(f"not applicable: {dtype} inputs not declared")
     if check.needs and not getattr(impl.caps, check.needs):
         pytest.skip(f"not applicable: {check.needs} not declared")
+    reason = check.applies(impl, DTYPES[dtype]) if check.applies else None
+    if reason:
+        pytest.skip(reason)
     harness = Harness(impl, DTYPES[dtype], record)
 
     @kda_profile
-    @cases_for(check.cases, impl.caps)
+    @cases_for(check.cases, impl.caps, impl.device)
     def run(spec):
         check.fn(harness, spec)
 

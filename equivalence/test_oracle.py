@@ -528,3 +528,36 @@ def test_reference_does_not_import_kernels():
             above = ("kdaverify.kernels", "kdaverify.equivalence", "kdaverify.perf", "kdaverify.cli", "..")
             offenders += [f"{path.name}: {n}" for n in names if n.startswith(above) or n == "kdaverify"]
     assert not offenders, f"reference/ imports project layers above it: {offenders}"
+
+
+# ------------------------------------------------------------- empty sequences
+
+
+@given(spec=CASE_FAMILIES["empty_sequences"](CAPS))
+def test_empty_sequences_in_every_tier(spec):
+    """A zero-length sequence (a repeated offset) changes nothing else, and its final state
+    is its initial state (zeros without one), in every tier: the NumPy gold, the PyTorch
+    recurrence, the chunkwise algorithm and the DPLR mapping."""
+    assert 0 in spec.seqlens
+    a = spec.arrays()
+    kept = [n for n, length in enumerate(spec.seqlens) if length]
+    h0 = a["initial_state"]
+    dense = dict(a, cu_seqlens=np.concatenate([[0], np.cumsum([spec.seqlens[n] for n in kept])]).astype(np.int64))
+    dense["initial_state"] = None if h0 is None else h0[kept]
+    want_o, want_S = gold(spec, dense)
+    t = as_torch(a)
+    runs = {
+        "numpy": lambda: kda_recurrent_np(*kda_args(a, spec)[0], **kda_args(a, spec)[1]),
+        "torch": lambda: kda_recurrent(*kda_args(t, spec)[0], **kda_args(t, spec)[1]),
+        "chunkwise": lambda: kda_chunkwise(*kda_args(t, spec)[0], **kda_args(t, spec)[1], chunk_size=4),
+        "dplr": lambda: dplr_recurrent_np(**kda_as_dplr(*kda_args(a, spec)[0]), **kda_args(a, spec)[1]),
+    }
+    for name, run in runs.items():
+        o, S = run()
+        S = np.asarray(S)
+        assert_close(f"{name}: o", o, want_o, SELF_TOL)
+        assert_close(f"{name}: states of the non-empty sequences", S[kept], want_S, SELF_TOL)
+        for n, length in enumerate(spec.seqlens):
+            if length == 0:
+                expected = np.zeros_like(S[n]) if h0 is None else h0[n]
+                assert np.array_equal(S[n], expected), f"{name}: empty sequence {n} state is not its initial state"

@@ -47,8 +47,9 @@ def _expect(name: str, shape: tuple[int, ...], expected: tuple[int, ...], layout
 def check_cu_seqlens(cu_seqlens, B: int, T: int) -> list[tuple[int, int]]:
     """Validate cu_seqlens and return the [start, end) span of each sequence.
 
-    cu_seqlens: integer [N+1] with cu_seqlens[0] == 0, strictly increasing (an empty
-    sequence is rejected: it has no tokens), last entry == T, and B == 1.
+    cu_seqlens: integer [N+1] with cu_seqlens[0] == 0, non-decreasing, last entry == T,
+    and B == 1. A repeated offset is an empty sequence, as serving engines produce them: it
+    has no tokens, and its final state is its initial state (zeros without one).
     Without cu_seqlens every batch row is one sequence spanning [0, T).
     """
     if cu_seqlens is None:
@@ -62,8 +63,8 @@ def check_cu_seqlens(cu_seqlens, B: int, T: int) -> list[tuple[int, int]]:
         raise ValueError(f"cu_seqlens: a packed batch requires B == 1, got B = {B}")
     if cs[0] != 0:
         raise ValueError(f"cu_seqlens: expected cu_seqlens[0] == 0, got {int(cs[0])}")
-    if np.any(np.diff(cs) <= 0):
-        raise ValueError(f"cu_seqlens: expected strictly increasing offsets, got {cs.tolist()}")
+    if np.any(np.diff(cs) < 0):
+        raise ValueError(f"cu_seqlens: expected non-decreasing offsets, got {cs.tolist()}")
     if cs[-1] != T:
         raise ValueError(f"cu_seqlens: expected the last offset to equal T = {T}, got {int(cs[-1])}")
     return [(int(a), int(b)) for a, b in zip(cs[:-1], cs[1:], strict=True)]

@@ -3,7 +3,8 @@
 A scan function takes per-token arrays [B, T, HV, *], a scale and a state [B, HV, K, V],
 and returns (o [B, T, HV, V], final state). Without cu_seqlens the batch rows are the
 sequences; with cu_seqlens (B == 1) each span [start, end) runs alone from its own
-initial state, so every token is still visited exactly once.
+initial state, so every token is still visited exactly once. An empty span (a repeated
+offset) runs no scan: its final state is its initial state.
 """
 
 from __future__ import annotations
@@ -35,5 +36,9 @@ def run_torch(scan, tensors, scale, dims, initial_state, spans, packed):
         S0 = initial_state.to(device=ref.device, dtype=ref.dtype)
     if not packed:
         return scan(*tensors, scale, S0)
-    parts = [scan(*(x[:, a:b] for x in tensors), scale, S0[n : n + 1]) for n, (a, b) in enumerate(spans)]
+    empty = ref.new_zeros(1, 0, dims.HV, dims.V)
+    parts = [
+        scan(*(x[:, a:b] for x in tensors), scale, S0[n : n + 1]) if b > a else (empty, S0[n : n + 1])
+        for n, (a, b) in enumerate(spans)
+    ]
     return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=0)

@@ -29,6 +29,8 @@ class Capabilities:
     gate_in_kernel: accepts use_gate_in_kernel=True with A_log, dt_bias, lower_bound (g is z).
     l2norm_in_kernel: accepts use_qk_l2norm_in_kernel=True.
     max_T: the longest sequence it is given (None: the suite's own limit).
+    backward: its outputs carry autograd (o and final_state are differentiable with respect
+        to q, k, v, g, beta and initial_state), so the gradient checks (grad_*) apply.
     """
 
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
@@ -40,6 +42,7 @@ class Capabilities:
     gate_in_kernel: bool = False
     l2norm_in_kernel: bool = False
     max_T: int | None = None
+    backward: bool = False
 
     def __post_init__(self):
         for d in self.dtypes:
@@ -131,4 +134,5 @@ _FIELD_HELP = {
     "gate_in_kernel": "accepts use_gate_in_kernel=True with A_log, dt_bias, lower_bound",
     "l2norm_in_kernel": "accepts use_qk_l2norm_in_kernel=True",
     "max_T": "the longest sequence to give it",
+    "backward": "its outputs carry autograd: run the gradient checks (grad_*)",
 }

@@ -21,7 +21,7 @@ import torch
 from kdaverify.reference import kda_chunkwise, kda_gate, kda_recurrent, kda_recurrent_np, l2norm
 
 from .cases import CaseSpec
-from .implementation import Implementation
+from .implementation import Capabilities, Implementation
 from .tolerance import Verdict, as_f64, errors, judge
 
 REFERENCE_CHUNKS = (64, 16)  # the chunk sizes kernels use (64) and their secondary chunks (16)
@@ -306,6 +306,8 @@ class Check:
     cases: str
     needs: str | None = None  # a boolean field of Capabilities
     about: str | None = None  # what this use of fn checks, where its docstring is too general
+    # why the check does not apply to a declaration at an input dtype (None: it applies)
+    not_applicable: Callable[[Capabilities, str], str | None] | None = None
 
     @property
     def description(self) -> str:
@@ -353,3 +355,54 @@ CHECKS = {
         Check("gate_in_kernel", gate_in_kernel, "general", needs="gate_in_kernel"),
     )
 }
+
+
+# ------------------------------------------------------------------ gradient checks
+# (gradients.py; they need an implementation whose outputs carry autograd)
+
+from . import gradients as _grad  # noqa: E402  (gradients imports relations lazily)
+
+
+def _grad_check(name, fn, cases, about=None, needs_too=()):
+    """A grad_* check: needs backward (and the capabilities in needs_too), and a gradient
+    reference of the declared precision unless it compares bitwise."""
+
+    def missing(caps, dtype_name):
+        for need in needs_too:
+            if not getattr(caps, need):
+                return f"{need} not declared"
+        return None if fn is _grad.grad_determinism else _grad.gradient_reference_missing(caps, dtype_name)
+
+    return Check(name, fn, cases, needs="backward", about=about, not_applicable=missing)
+
+
+CHECKS.update(
+    (c.name, c)
+    for c in (
+        _grad_check("grad_oracle", _grad.grad_matches_oracle, "general"),
+        _grad_check("grad_output_only", _grad.grad_output_only, "general"),
+        _grad_check("grad_final_state_only", _grad.grad_final_state_only, "general"),
+        _grad_check(
+            "grad_initial_state", _grad.grad_matches_oracle, "with_initial_state",
+            about="Every gradient, dh0 included, agrees with the float64 oracle when an initial state is given.",
+        ),
+        _grad_check(
+            "grad_ragged_tail", _grad.grad_matches_oracle, "ragged",
+            about="Every gradient agrees with the float64 oracle when T is not a multiple of the chunk size 64.",
+        ),
+        _grad_check(
+            "grad_length_one", _grad.grad_matches_oracle, "length_one",
+            about="Every gradient agrees with the float64 oracle on T = 1 and on packed length-1 sequences.",
+        ),
+        _grad_check(
+            "grad_gva", _grad.grad_matches_oracle, "gva", needs_too=("gva",),
+            about="With HV > H, dq and dk (summed over each group's value heads) agree with the float64 oracle.",
+        ),
+        _grad_check(
+            "grad_varlen", _grad.grad_matches_oracle, "varlen", needs_too=("varlen",),
+            about="In a packed batch every gradient, per-sequence dh0 included, agrees with the float64 oracle.",
+        ),
+        _grad_check("grad_vjp_directions", _grad.grad_vjp_directions, "general"),
+        _grad_check("grad_determinism", _grad.grad_determinism, "general"),
+    )
+)  # fmt: skip

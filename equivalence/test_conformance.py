@@ -23,6 +23,9 @@ def test_conformance(impl, record, kda_profile, check, dtype):
         pytest.skip(f"not applicable: {dtype} inputs not declared")
     if check.needs and not getattr(impl.caps, check.needs):
         pytest.skip(f"not applicable: {check.needs} not declared")
+    why = check.not_applicable and check.not_applicable(impl.caps, dtype)
+    if why:
+        pytest.skip(f"not applicable: {why}")
     harness = Harness(impl, DTYPES[dtype], record)
 
     @kda_profile

@@ -22,7 +22,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from kdaverify.reference import kda_recurrent_backward_np, kda_recurrent_np
+from kdaverify.reference import (
+    kda_gate,
+    kda_gate_backward_np,
+    kda_recurrent_backward_np,
+    kda_recurrent_np,
+    l2norm,
+    l2norm_backward_np,
+)
 
 from .adapters import reference_recurrent_kda
 from .cases import CaseSpec
@@ -63,11 +70,12 @@ def cotangents(spec: CaseSpec, dtype: torch.dtype, device, loss: str):
     )
 
 
-def autograd_grads(fn, t: dict, do, dht) -> dict:
+def autograd_grads(fn, t: dict, do, dht, names=GRAD_INPUTS) -> dict:
     """Gradients of <o, do> + <final_state, dht> (a None cotangent: that term left out) with
-    respect to every differentiable input of t, where fn(t) -> (o, final_state). An input
-    the outputs do not depend on gets zeros, so a dropped gradient is compared, not hidden."""
-    leaves = {n: t[n].detach().clone().requires_grad_() for n in GRAD_INPUTS if t[n] is not None}
+    respect to the inputs of t named in names (those not None), where fn(t) -> (o,
+    final_state). An input the outputs do not depend on gets zeros, so a dropped gradient
+    is compared, not hidden."""
+    leaves = {n: t[n].detach().clone().requires_grad_() for n in names if t[n] is not None}
     o, S = fn(dict(t, **leaves))
     if S is None:
         raise AssertionError("final_state: output_final_state=True returned None")
@@ -109,23 +117,31 @@ def _on_cpu(t: dict) -> dict:
     return {n: _cpu(x) for n, x in t.items()}
 
 
-def expect_gradients(h, what: str, spec: CaseSpec, loss: str = "o and final_state"):
-    """Every gradient of the implementation (h: a relations.Harness) on the spec's inputs
-    against the float64 oracle, each under the tolerance rule with the float32 recurrence's
-    error on the same gradient as its scale. Raises AssertionError listing the failures."""
-    t = h.inputs(spec.arrays())
-    do, dht = cotangents(spec, h.dtype, h.impl.device, loss)
-    got = autograd_grads(lambda x: h.impl.call(x, scale=spec.scale), t, do, dht)
-    want = oracle_grads(t, do, dht, spec.scale)
-    ref = autograd_grads(reference_call(spec.scale), _on_cpu(t), _cpu(do), _cpu(dht))
+def judge_gradients(h, what: str, got: dict, want: dict, ref: dict, t: dict) -> None:
+    """Each gradient in want (the float64 oracle) against the implementation's (got) under
+    the tolerance rule, scaled by the reference's (ref) error on the same gradient, in the
+    dtype of the input it belongs to. Records every verdict; raises AssertionError listing
+    the failures."""
     failed = []
     for name, target in want.items():
-        verdict = judge(f"{what} ({loss}): d{name}", got[name], target, [errors(ref[name], target)], t[name].dtype)
+        verdict = judge(f"{what}: d{name}", got[name], target, [errors(ref[name], target)], t[name].dtype)
         h.record(verdict)
         if not verdict.passed:
             failed.append(str(verdict))
     if failed:
         raise AssertionError("\n".join(failed))
+
+
+def expect_gradients(h, what: str, spec: CaseSpec, loss: str = "o and final_state"):
+    """Every gradient of the implementation (h: a relations.Harness) on the spec's inputs
+    against the float64 oracle, each under the tolerance rule with the float32 recurrence's
+    error on the same gradient as its scale."""
+    t = h.inputs(spec.arrays())
+    do, dht = cotangents(spec, h.dtype, h.impl.device, loss)
+    got = autograd_grads(lambda x: h.impl.call(x, scale=spec.scale), t, do, dht)
+    want = oracle_grads(t, do, dht, spec.scale)
+    ref = autograd_grads(reference_call(spec.scale), _on_cpu(t), _cpu(do), _cpu(dht))
+    judge_gradients(h, f"{what} ({loss})", got, want, ref, t)
 
 
 def _loss_np(t: dict, do: np.ndarray, dht: np.ndarray, scale) -> float:
@@ -169,6 +185,57 @@ def grad_output_only(h, spec: CaseSpec):
 def grad_final_state_only(h, spec: CaseSpec):
     """Every gradient of a loss on the final state alone (dht only) agrees with the float64 oracle."""
     expect_gradients(h, "gradients", spec, "final_state only")
+
+
+def grad_gate_in_kernel(h, spec: CaseSpec):
+    """With use_gate_in_kernel=True, every gradient (dz, dA_log, ddt_bias included) agrees with the oracle.
+
+    The oracle's dz, dA_log, ddt_bias are kda_gate_backward_np on top of its dg; the
+    reference is autograd through the float32 kda_gate and recurrence."""
+    from .relations import gate_inputs  # relations registers these checks: import it late
+
+    t, A_log, dt_bias, lower_bound = gate_inputs(h, spec)
+    dev = h.impl.device
+    t = dict(t, A_log=A_log.to(dev), dt_bias=dt_bias.to(dev))
+    names = (*GRAD_INPUTS, "A_log", "dt_bias")
+    do, dht = cotangents(spec, h.dtype, dev, "o and final_state")
+
+    def run(x):
+        extra = dict(A_log=x["A_log"], dt_bias=x["dt_bias"], lower_bound=lower_bound)
+        return h.impl.call(x, scale=spec.scale, use_gate_in_kernel=True, **extra)
+
+    def ref_run(x):
+        return reference_call(spec.scale)(dict(x, g=kda_gate(x["g"].float(), x["A_log"], x["dt_bias"], lower_bound)))
+
+    z, a, b = (as_f64(x) for x in (t["g"], A_log, dt_bias))
+    g = kda_gate(torch.as_tensor(z), torch.as_tensor(a), torch.as_tensor(b), lower_bound).numpy()
+    want = oracle_grads(dict(t, g=g), do, dht, spec.scale)
+    want["g"], want["A_log"], want["dt_bias"] = kda_gate_backward_np(z, a, b, lower_bound, want["g"])
+    got = autograd_grads(run, t, do, dht, names)
+    ref = autograd_grads(ref_run, _on_cpu(t), _cpu(do), _cpu(dht), names)
+    judge_gradients(h, "gate in kernel (dg is dz)", got, want, ref, t)
+
+
+def grad_l2norm_in_kernel(h, spec: CaseSpec):
+    """With use_qk_l2norm_in_kernel=True on raw q, k, every gradient (dq, dk through the norm) agrees with the oracle.
+
+    The oracle's dq, dk are l2norm_backward_np on top of its gradients at the normalised
+    q, k; the reference is autograd through the float32 l2norm and recurrence."""
+    from .relations import raw_qk_inputs  # relations registers these checks: import it late
+
+    t = raw_qk_inputs(h, spec)
+    do, dht = cotangents(spec, h.dtype, h.impl.device, "o and final_state")
+
+    def ref_run(x):
+        return reference_call(spec.scale)(dict(x, q=l2norm(x["q"].float()), k=l2norm(x["k"].float())))
+
+    q, k = as_f64(t["q"]), as_f64(t["k"])
+    normed = dict(t, q=l2norm(torch.as_tensor(q)).numpy(), k=l2norm(torch.as_tensor(k)).numpy())
+    want = oracle_grads(normed, do, dht, spec.scale)
+    want["q"], want["k"] = l2norm_backward_np(q, want["q"]), l2norm_backward_np(k, want["k"])
+    got = autograd_grads(lambda x: h.impl.call(x, scale=spec.scale, use_qk_l2norm_in_kernel=True), t, do, dht)
+    ref = autograd_grads(ref_run, _on_cpu(t), _cpu(do), _cpu(dht))
+    judge_gradients(h, "l2norm in kernel", got, want, ref, t)
 
 
 def grad_vjp_directions(h, spec: CaseSpec):

@@ -273,10 +273,26 @@ def every_output_written(h: Harness, spec: CaseSpec):
     h.expect_oracle("poisoned allocator", t, spec.scale)
 
 
+def raw_qk_inputs(h: Harness, spec: CaseSpec) -> dict:
+    """The spec's inputs with a k that is not L2-normalised (for the in-kernel L2 norm)."""
+    return h.inputs(dict(spec.arrays(), k=spec.with_(seed=spec.seed + 1).arrays()["q"]))
+
+
+def gate_inputs(h: Harness, spec: CaseSpec):
+    """Inputs for use_gate_in_kernel=True: (t with g replaced by a raw gate projection z,
+    A_log [HV] and dt_bias [HV * K] float32 on the CPU, lower_bound: -5 for the spec's
+    "safe" gate, else None)."""
+    rng = np.random.default_rng(spec.seed + 2)
+    arrays = spec.arrays()
+    t = h.inputs(dict(arrays, g=rng.standard_normal(arrays["g"].shape)))
+    A_log = torch.as_tensor(rng.uniform(-1, 1, spec.HV), dtype=torch.float32)
+    dt_bias = torch.as_tensor(rng.uniform(-1, 1, spec.HV * spec.K), dtype=torch.float32)
+    return t, A_log, dt_bias, -5.0 if spec.gate == "safe" else None
+
+
 def l2norm_in_kernel(h: Harness, spec: CaseSpec):
     """use_qk_l2norm_in_kernel=True on raw q, k equals the oracle on l2norm(q), l2norm(k)."""
-    arrays = spec.arrays()
-    raw = h.inputs(dict(arrays, k=spec.with_(seed=spec.seed + 1).arrays()["q"]))  # k not normalised
+    raw = raw_qk_inputs(h, spec)
     normed = dict(raw, q=l2norm(raw["q"].double()).to(h.dtype), k=l2norm(raw["k"].double()).to(h.dtype))
     h.expect_oracle("l2norm in kernel", raw, spec.scale, meaning=normed, use_qk_l2norm_in_kernel=True)
 
@@ -284,12 +300,7 @@ def l2norm_in_kernel(h: Harness, spec: CaseSpec):
 def gate_in_kernel(h: Harness, spec: CaseSpec):
     """use_gate_in_kernel=True with z, A_log, dt_bias (and the safe lower_bound when the
     spec's gate is "safe") equals the oracle on g = kda_gate(z, ...)."""
-    rng = np.random.default_rng(spec.seed + 2)
-    arrays = spec.arrays()
-    t = h.inputs(dict(arrays, g=rng.standard_normal(arrays["g"].shape)))
-    A_log = torch.as_tensor(rng.uniform(-1, 1, spec.HV), dtype=torch.float32)
-    dt_bias = torch.as_tensor(rng.uniform(-1, 1, spec.HV * spec.K), dtype=torch.float32)
-    lower_bound = -5.0 if spec.gate == "safe" else None
+    t, A_log, dt_bias, lower_bound = gate_inputs(h, spec)
     gated = dict(t, g=kda_gate(t["g"].float().cpu(), A_log, dt_bias, lower_bound).to(t["g"].device))
     dev = h.impl.device
     extra = dict(use_gate_in_kernel=True, A_log=A_log.to(dev), dt_bias=dt_bias.to(dev), lower_bound=lower_bound)
@@ -401,6 +412,12 @@ CHECKS.update(
         _grad_check(
             "grad_varlen", _grad.grad_matches_oracle, "varlen", needs_too=("varlen",),
             about="In a packed batch every gradient, per-sequence dh0 included, agrees with the float64 oracle.",
+        ),
+        _grad_check(
+            "grad_gate_in_kernel", _grad.grad_gate_in_kernel, "general", needs_too=("gate_in_kernel",),
+        ),
+        _grad_check(
+            "grad_l2norm_in_kernel", _grad.grad_l2norm_in_kernel, "general", needs_too=("l2norm_in_kernel",),
         ),
         _grad_check("grad_vjp_directions", _grad.grad_vjp_directions, "general"),
         _grad_check("grad_determinism", _grad.grad_determinism, "general"),

@@ -375,6 +375,7 @@ def _wrong_backward(bug: _Bug, name: str, doc: str):
 
     call.__name__, call.__doc__ = name, doc
     call.kdaverify_capabilities = Capabilities(backward=True)
+    call.kdaverify_killtable_k = "grad_"  # its forward is the correct control's: only grad_* checks
     return call
 
 

@@ -31,9 +31,9 @@ def in_float32(fn):
 
 
 reference_chunk_kda = in_float32(kda_chunkwise)
-reference_chunk_kda.kdaverify_capabilities = Capabilities()
+reference_chunk_kda.kdaverify_capabilities = Capabilities()  # fills M in place: no autograd
 reference_recurrent_kda = in_float32(kda_recurrent)
-reference_recurrent_kda.kdaverify_capabilities = Capabilities()
+reference_recurrent_kda.kdaverify_capabilities = Capabilities(backward=True)  # autograd runs through it
 
 DEFAULT_IMPL = "kdaverify.equivalence.adapters:reference_chunk_kda"
 
@@ -89,6 +89,7 @@ def fla_fused_recurrent_kda(
     )  # fmt: skip
 
 
-fla_chunk_kda.kdaverify_capabilities = Capabilities(precision="tf32", **_FLA_CAPS)
+# chunk_kda is a torch.autograd.Function with a Triton backward
+fla_chunk_kda.kdaverify_capabilities = Capabilities(precision="tf32", backward=True, **_FLA_CAPS)
 fla_fused_recurrent_kda.kdaverify_capabilities = Capabilities(precision="ieee", **_FLA_CAPS)
 fla_chunk_kda.kdaverify_requires = fla_fused_recurrent_kda.kdaverify_requires = ("fla",)

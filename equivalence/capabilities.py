@@ -45,6 +45,8 @@ class Capabilities:
         "error" it refuses them with an error that says so (checked), "no" not tested.
     empty_sequences: accepts zero-length sequences in cu_seqlens (repeated offsets); when
         False, a clear error for them is checked instead.
+    backward: its outputs carry autograd (o and final_state are differentiable with respect
+        to q, k, v, g, beta and initial_state), so the gradient checks (grad_*) apply.
     """
 
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
@@ -62,6 +64,7 @@ class Capabilities:
     state_dtype: str = "float32"
     strided: str = "yes"
     empty_sequences: bool = True
+    backward: bool = False
 
     def __post_init__(self):
         for d in self.dtypes:
@@ -173,4 +176,5 @@ _FIELD_HELP = {
     "state_dtype": "the precision the state is kept in between tokens and calls",
     "strided": "non-contiguous inputs: yes (right answers), error (refused loudly, checked), no (not tested)",
     "empty_sequences": "accepts zero-length sequences (repeated offsets) in cu_seqlens",
+    "backward": "its outputs carry autograd: run the gradient checks (grad_*)",
 }

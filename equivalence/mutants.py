@@ -12,18 +12,24 @@ must pass.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
 from unittest import mock
 
 import torch
 from kdaverify.reference import kda_chunkwise, kda_recurrent
+from kdaverify.reference.kda import expand_heads
+from kdaverify.reference.kda_backward import sum_groups
 
 from .adapters import in_float32, reference_chunk_kda, reference_recurrent_kda
+from .implementation import Capabilities
 from .large_offsets import LIMIT
 from .layouts import as_if_contiguous, read_past_end
 
 correct_control = in_float32(kda_recurrent)
 correct_control.__name__ = "correct_control"
 correct_control.__doc__ = "The PyTorch recurrence in float32 behind the same adapter: correct, must pass."
+correct_control.kdaverify_capabilities = Capabilities(backward=True)  # its gradients come from autograd
 _calls = itertools.count()
 
 CHUNK = 64  # the chunk size the chunk-structured bugs below assume
@@ -592,3 +598,113 @@ GPU_ONLY = {"offsets_wrap_2_31": "its inputs past 2^31 elements need a GPU with 
 
 for _m in (reads_past_k, strided_as_contiguous, offsets_wrap_2_31, writes_past_state_end):
     MUTANTS[_m.__name__] = _m
+# ------------------------------------------------------------------ wrong backwards
+# Correct forwards (the float32 recurrence) whose backward is wrong in one way each: a
+# torch.autograd.Function that takes the recurrence's own autograd gradients and spoils them.
+
+
+def _sum_groups(grads: dict, H: int) -> dict:
+    """dq, dk per value head [B, T, HV, K] -> per query/key head [B, T, H, K] (the correct sum)."""
+    return dict(grads, q=sum_groups(grads["q"], H), k=sum_groups(grads["k"], H))
+
+
+class _WrongBackward(torch.autograd.Function):
+    """forward: the float32 recurrence, q and k expanded to the value heads; backward: its
+    autograd gradients, the final state's cotangent first passed through bug.seed(dS, info)
+    and the gradients then through bug.grads(grads, info), which also reduces dq, dk from
+    [B, T, HV, K] to [B, T, H, K]."""
+
+    @staticmethod
+    def forward(ctx, bug, scale, cu_seqlens, q, k, v, g, beta, initial_state):
+        H, HV = q.shape[2], v.shape[2]
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_() for x in (expand_heads(q, HV), expand_heads(k, HV), v, g, beta)]
+            if initial_state is not None:
+                leaves.append(initial_state.detach().requires_grad_())
+            o, S = _ref(*leaves[:5], scale, leaves[5] if len(leaves) > 5 else None, cu_seqlens)
+        ctx.bug, ctx.graph = bug, (o, S, leaves)
+        ctx.info = dict(H=H, T=q.shape[1], scale=q.shape[-1] ** -0.5 if scale is None else scale, cu_seqlens=cu_seqlens)
+        return o.detach(), S.detach()
+
+    @staticmethod
+    def backward(ctx, do, dS):
+        o, S, leaves = ctx.graph
+        grads = torch.autograd.grad((o, S), leaves, (do, ctx.bug.seed(dS, ctx.info)), allow_unused=True)
+        names = ("q", "k", "v", "g", "beta", "initial_state")
+        out = ctx.bug.grads(dict(zip(names, grads, strict=False)), ctx.info)
+        return (None, None, None, *(out.get(n) for n in names))
+
+
+@dataclass(frozen=True)
+class _Bug:
+    seed: Callable = lambda dS, info: dS
+    grads: Callable = lambda grads, info: _sum_groups(grads, info["H"])
+
+
+def _spans(info) -> list[tuple[int, int]]:
+    cu = info["cu_seqlens"]
+    return [(0, info["T"])] if cu is None else list(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True))
+
+
+def _tail_padding_unmasked(dS, info):
+    """Each sequence runs in chunks of CHUNK; the padded rows of its ragged tail are loaded
+    unmasked in the backward, as ones for q and do and zeros elsewhere, so each padded row
+    adds scale q_p do_p^T to the cotangent of the last state (g = 0 and beta = 0 carry that
+    state through the padding unchanged)."""
+    dS = dS.clone()
+    for n, (a, b) in enumerate(_spans(info)):
+        dS[n] += info["scale"] * (-(b - a) % CHUNK)
+    return dS
+
+
+def _dh0_dropped(grads, info):
+    return dict(_sum_groups(grads, info["H"]), initial_state=None)
+
+
+def _last_dg_lost(grads, info):
+    dg = grads["g"].clone()
+    for _, end in _spans(info):
+        dg[:, end - 1] = 0
+    return dict(_sum_groups(grads, info["H"]), g=dg)
+
+
+def _first_head_of_group(grads, info):
+    H = info["H"]
+
+    def first(x):
+        B, T, HV, K = x.shape
+        return x.reshape(B, T, H, HV // H, K)[:, :, :, 0]
+
+    return dict(grads, q=first(grads["q"]), k=first(grads["k"]))
+
+
+def _wrong_backward(bug: _Bug, name: str, doc: str):
+    def call(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, **kw):
+        return _WrongBackward.apply(bug, scale, cu_seqlens, q, k, v, g, beta, initial_state)
+
+    call.__name__, call.__doc__ = name, doc
+    call.kdaverify_capabilities = Capabilities(backward=True)
+    call.kdaverify_killtable_k = "grad_"  # its forward is the correct control's: only grad_* checks
+    return call
+
+
+backward_tail_unmasked = _wrong_backward(
+    _Bug(seed=_tail_padding_unmasked), "backward_tail_unmasked",
+    "A ragged tail's padded rows not masked in the backward: their garbage reaches dk, dv, dg, dbeta, dh0.",
+)  # fmt: skip
+backward_dh0_dropped = _wrong_backward(
+    _Bug(grads=_dh0_dropped), "backward_dh0_dropped", "The initial-state gradient dropped: dh0 is None.",
+)  # fmt: skip
+backward_last_dg_lost = _wrong_backward(
+    _Bug(grads=_last_dg_lost), "backward_last_dg_lost",
+    "dg of each sequence's last token lost (a reverse cumulative sum started one token late).",
+)  # fmt: skip
+backward_gva_not_summed = _wrong_backward(
+    _Bug(grads=_first_head_of_group), "backward_gva_not_summed",
+    "GVA gradients not summed: dq and dk taken from the first value head of each group only.",
+)  # fmt: skip
+
+MUTANTS.update(
+    (f.__name__, f)
+    for f in (backward_tail_unmasked, backward_dh0_dropped, backward_last_dg_lost, backward_gva_not_summed)
+)

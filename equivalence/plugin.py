@@ -174,7 +174,9 @@ def kda_check(request, kda_profile):
         check = CHECKS[name]
         if spec is not None:
             return check.fn(harness, spec)
-        kda_profile(cases_for(check.cases, implementation.caps, implementation.device)(lambda spec: check.fn(harness, spec)))()
+        kda_profile(
+            cases_for(check.cases, implementation.caps, implementation.device)(lambda spec: check.fn(harness, spec))
+        )()
 
     return run
 

@@ -23,7 +23,7 @@ from kdaverify.reference import kda_chunkwise, kda_gate, kda_recurrent, kda_recu
 
 from . import large_offsets
 from .cases import CaseSpec
-from .implementation import DTYPES, Implementation
+from .implementation import DTYPES, Capabilities, Implementation
 from .large_offsets import LargeCase
 from .layouts import STRIDED_LAYOUTS, GuardBands
 from .tolerance import Verdict, as_f64, errors, judge
@@ -293,10 +293,26 @@ def every_output_written(h: Harness, spec: CaseSpec):
     h.expect_oracle("poisoned allocator", t, spec.scale)
 
 
+def raw_qk_inputs(h: Harness, spec: CaseSpec) -> dict:
+    """The spec's inputs with a k that is not L2-normalised (for the in-kernel L2 norm)."""
+    return h.inputs(dict(spec.arrays(), k=spec.with_(seed=spec.seed + 1).arrays()["q"]))
+
+
+def gate_inputs(h: Harness, spec: CaseSpec):
+    """Inputs for use_gate_in_kernel=True: (t with g replaced by a raw gate projection z,
+    A_log [HV] and dt_bias [HV * K] float32 on the CPU, lower_bound: -5 for the spec's
+    "safe" gate, else None)."""
+    rng = np.random.default_rng(spec.seed + 2)
+    arrays = spec.arrays()
+    t = h.inputs(dict(arrays, g=rng.standard_normal(arrays["g"].shape)))
+    A_log = torch.as_tensor(rng.uniform(-1, 1, spec.HV), dtype=torch.float32)
+    dt_bias = torch.as_tensor(rng.uniform(-1, 1, spec.HV * spec.K), dtype=torch.float32)
+    return t, A_log, dt_bias, -5.0 if spec.gate == "safe" else None
+
+
 def l2norm_in_kernel(h: Harness, spec: CaseSpec):
     """use_qk_l2norm_in_kernel=True on raw q, k equals the oracle on l2norm(q), l2norm(k)."""
-    arrays = spec.arrays()
-    raw = h.inputs(dict(arrays, k=spec.with_(seed=spec.seed + 1).arrays()["q"]))  # k not normalised
+    raw = raw_qk_inputs(h, spec)
     normed = dict(raw, q=l2norm(raw["q"].double()).to(h.dtype), k=l2norm(raw["k"].double()).to(h.dtype))
     h.expect_oracle("l2norm in kernel", raw, spec.scale, meaning=normed, use_qk_l2norm_in_kernel=True)
 
@@ -304,12 +320,7 @@ def l2norm_in_kernel(h: Harness, spec: CaseSpec):
 def gate_in_kernel(h: Harness, spec: CaseSpec):
     """use_gate_in_kernel=True with z, A_log, dt_bias (and the safe lower_bound when the
     spec's gate is "safe") equals the oracle on g = kda_gate(z, ...)."""
-    rng = np.random.default_rng(spec.seed + 2)
-    arrays = spec.arrays()
-    t = h.inputs(dict(arrays, g=rng.standard_normal(arrays["g"].shape)))
-    A_log = torch.as_tensor(rng.uniform(-1, 1, spec.HV), dtype=torch.float32)
-    dt_bias = torch.as_tensor(rng.uniform(-1, 1, spec.HV * spec.K), dtype=torch.float32)
-    lower_bound = -5.0 if spec.gate == "safe" else None
+    t, A_log, dt_bias, lower_bound = gate_inputs(h, spec)
     gated = dict(t, g=kda_gate(t["g"].float().cpu(), A_log, dt_bias, lower_bound).to(t["g"].device))
     dev = h.impl.device
     extra = dict(use_gate_in_kernel=True, A_log=A_log.to(dev), dt_bias=dt_bias.to(dev), lower_bound=lower_bound)
@@ -796,3 +807,65 @@ for _c in (
     _large_check("many_chunks", "One sequence of more than 65535 chunks of 64 tokens."),
 ):  # fmt: skip
     CHECKS[_c.name] = _c
+
+
+# ------------------------------------------------------------------ gradient checks
+# (gradients.py; they need an implementation whose outputs carry autograd)
+
+from . import gradients as _grad  # noqa: E402  (gradients imports relations lazily)
+
+
+def _grad_check(name, fn, cases, about=None, needs_too=()):
+    """A grad_* check: needs backward (and the capabilities in needs_too), and a gradient
+    reference of the declared precision unless it compares bitwise."""
+
+    def missing(caps: Capabilities, dtype_name: str) -> str | None:
+        for need in needs_too:
+            if not getattr(caps, need):
+                return f"{need} not declared"
+        return None if fn is _grad.grad_determinism else _grad.gradient_reference_missing(caps, dtype_name)
+
+    def applies(impl: Implementation, dtype: torch.dtype) -> str | None:
+        why = missing(impl.caps, str(dtype).removeprefix("torch."))
+        return None if why is None else f"not applicable: {why}"
+
+    guards = "wrong backwards: unmasked ragged tails, dropped dh0, lost dg, GVA gradients not summed"
+    return Check(name, fn, cases, needs="backward", about=about, applies=applies, guards=guards)
+
+
+CHECKS.update(
+    (c.name, c)
+    for c in (
+        _grad_check("grad_oracle", _grad.grad_matches_oracle, "general"),
+        _grad_check("grad_output_only", _grad.grad_output_only, "general"),
+        _grad_check("grad_final_state_only", _grad.grad_final_state_only, "general"),
+        _grad_check(
+            "grad_initial_state", _grad.grad_matches_oracle, "with_initial_state",
+            about="Every gradient, dh0 included, agrees with the float64 oracle when an initial state is given.",
+        ),
+        _grad_check(
+            "grad_ragged_tail", _grad.grad_matches_oracle, "ragged",
+            about="Every gradient agrees with the float64 oracle when T is not a multiple of the chunk size 64.",
+        ),
+        _grad_check(
+            "grad_length_one", _grad.grad_matches_oracle, "length_one",
+            about="Every gradient agrees with the float64 oracle on T = 1 and on packed length-1 sequences.",
+        ),
+        _grad_check(
+            "grad_gva", _grad.grad_matches_oracle, "gva", needs_too=("gva",),
+            about="With HV > H, dq and dk (summed over each group's value heads) agree with the float64 oracle.",
+        ),
+        _grad_check(
+            "grad_varlen", _grad.grad_matches_oracle, "varlen", needs_too=("varlen",),
+            about="In a packed batch every gradient, per-sequence dh0 included, agrees with the float64 oracle.",
+        ),
+        _grad_check(
+            "grad_gate_in_kernel", _grad.grad_gate_in_kernel, "general", needs_too=("gate_in_kernel",),
+        ),
+        _grad_check(
+            "grad_l2norm_in_kernel", _grad.grad_l2norm_in_kernel, "general", needs_too=("l2norm_in_kernel",),
+        ),
+        _grad_check("grad_vjp_directions", _grad.grad_vjp_directions, "general"),
+        _grad_check("grad_determinism", _grad.grad_determinism, "general"),
+    )
+)  # fmt: skip

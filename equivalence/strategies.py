@@ -446,3 +446,12 @@ def cases_for(family: str, caps: Capabilities, device="cpu"):
         return fn
 
     return apply
+
+
+# Families of the gradient checks (gradients.py): an initial state always given, and T not
+# a multiple of the chunk size 64 (short tails and tails after a full chunk).
+RAGGED_T = st.sampled_from([1, 5, 17, 33, 63, 65, 77, 100])
+CASE_FAMILIES.update(
+    with_initial_state=lambda caps: case_specs(caps, h0=True),
+    ragged=lambda caps: case_specs(caps, T=RAGGED_T, packed=False),
+)

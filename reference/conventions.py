@@ -134,3 +134,12 @@ def check_chunk_size(chunk_size) -> int:
     if c < 1 or c & (c - 1):
         raise ValueError(f"chunk_size: expected a power of two >= 1, got {chunk_size}")
     return c
+
+
+def check_cotangents(dims: Dims, do, dht) -> None:
+    """The cotangents of a KDA call: do [B, T, HV, V] (or None: no loss on o) and dht
+    [N, HV, K, V] (or None: no loss on the final state)."""
+    if do is not None:
+        _expect("do", _shape(do, "do"), (dims.B, dims.T, dims.HV, dims.V), "[B, T, HV, V]")
+    if dht is not None:
+        _expect("dht", _shape(dht, "dht"), (dims.N, dims.HV, dims.K, dims.V), "[N, HV, K, V]")

@@ -1,0 +1,273 @@
+"""Gradient checks (grad_*) for any implementation whose outputs carry autograd
+(Capabilities.backward; DESIGN.md section 5, "Gradients").
+
+The loss is L = <o, do> + <final_state, dht> with random cotangents (or one of the two
+terms alone). The implementation's gradients with respect to q, k, v, g, beta and
+initial_state, taken by torch.autograd, are held to the float64 adjoint oracle
+(reference.kda_recurrent_backward_np) on the very inputs and cotangents it saw, each
+gradient separately, under the tolerance rule of tolerance.py.
+
+The same-precision reference of a gradient is autograd through the float32 recurrence
+(adapters.reference_recurrent_kda), its gradient rounded to the dtype of the input it
+belongs to. The chunkwise oracle cannot serve: it fills M in place and rounds operands
+through integer bit views, so autograd does not go through it. The recurrence does every
+product in full fp32, so it is a same-precision reference only for float32 inputs with
+declared precision "ieee"; for reduced-precision matmuls (tf32, bf16, 16-bit inputs) there
+is no gradient reference yet, and the checks that need one are not applicable rather than
+judged against a budget that is not theirs (a Triton kernel can be checked at "ieee" with
+TRITON_F32_DEFAULT=ieee, which makes tl.dot take full fp32 operands).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from kdaverify.reference import (
+    kda_gate,
+    kda_gate_backward_np,
+    kda_recurrent_backward_np,
+    kda_recurrent_np,
+    l2norm,
+    l2norm_backward_np,
+)
+
+from .adapters import reference_recurrent_kda
+from .cases import CaseSpec
+from .tolerance import as_f64, errors, judge
+
+GRAD_INPUTS = ("q", "k", "v", "g", "beta", "initial_state")
+LOSSES = {"o and final_state": (True, True), "o only": (True, False), "final_state only": (False, True)}
+# Central differences of the float64 oracle along directions scaled to each input's size:
+# the truncation error is ~ FD_STEP^2 |L'''| (L is linear in q, v and initial_state, a
+# low-degree polynomial in k and beta, exp-like in g: |L'''| is of the order of |L'|), the
+# rounding error ~ u64 |L| / FD_STEP ~ 1e-11 |L|. Both stay near 1e-10 of the derivative,
+# three orders below the float32 reference's own error (~1e-7) that scales the budget.
+FD_STEP = 1e-5
+
+
+def gradient_reference_missing(caps, dtype_name: str) -> str | None:
+    """Why the gradient checks judged under the tolerance rule do not apply to inputs of this
+    dtype (None: they apply). See the module docstring."""
+    precision = caps.matmul_precision(dtype_name)
+    if precision != "ieee":
+        return (
+            f"no same-precision gradient reference for {dtype_name} inputs with {precision} matmuls "
+            "(the float32 recurrence is full fp32: declare precision ieee)"
+        )
+    return None
+
+
+def cotangents(spec: CaseSpec, dtype: torch.dtype, device, loss: str):
+    """(do [B, T, HV, V] in dtype or None, dht [N, HV, K, V] float32 or None) for a loss of
+    LOSSES, standard normal, drawn from the spec's seed."""
+    use_o, use_state = LOSSES[loss]
+    rng = np.random.default_rng(spec.seed + 17)
+    do = rng.standard_normal((spec.B, spec.T, spec.HV, spec.V))
+    dht = rng.standard_normal((spec.N, spec.HV, spec.K, spec.V))
+    return (
+        torch.as_tensor(do).to(device, dtype) if use_o else None,
+        torch.as_tensor(dht).to(device, torch.float32) if use_state else None,
+    )
+
+
+def autograd_grads(fn, t: dict, do, dht, names=GRAD_INPUTS) -> dict:
+    """Gradients of <o, do> + <final_state, dht> (a None cotangent: that term left out) with
+    respect to the inputs of t named in names (those not None), where fn(t) -> (o,
+    final_state). An input the outputs do not depend on gets zeros, so a dropped gradient
+    is compared, not hidden."""
+    leaves = {n: t[n].detach().clone().requires_grad_() for n in names if t[n] is not None}
+    o, S = fn(dict(t, **leaves))
+    if S is None:
+        raise AssertionError("final_state: output_final_state=True returned None")
+    pairs = [(x, c) for x, c in ((o, do), (S, dht)) if c is not None]
+    grads = torch.autograd.grad([x for x, _ in pairs], list(leaves.values()), [c for _, c in pairs], allow_unused=True)
+    return {n: torch.zeros_like(x) if d is None else d for (n, x), d in zip(leaves.items(), grads, strict=True)}
+
+
+def oracle_grads(t: dict, do, dht, scale) -> dict:
+    """The float64 adjoint oracle on the rounded inputs and cotangents, keyed as GRAD_INPUTS
+    (initial_state only when one is given)."""
+    h0, cu = t["initial_state"], t["cu_seqlens"]
+    grads = kda_recurrent_backward_np(
+        t["q"], t["k"], t["v"], t["g"], t["beta"], do, dht, scale=scale,
+        initial_state=None if h0 is None else as_f64(h0),
+        cu_seqlens=None if cu is None else as_f64(cu).astype(np.int64),
+    )  # fmt: skip
+    return {n: d for n, d in zip(GRAD_INPUTS, grads, strict=True) if t[n] is not None}
+
+
+def reference_call(scale):
+    """fn(t) -> (o, final_state) of the float32 recurrence (gradients come back in each
+    input's dtype, as an implementation returns them)."""
+
+    def fn(t):
+        return reference_recurrent_kda(
+            t["q"], t["k"], t["v"], t["g"], t["beta"], scale=scale, initial_state=t["initial_state"],
+            output_final_state=True, cu_seqlens=t["cu_seqlens"],
+        )  # fmt: skip
+
+    return fn
+
+
+def _cpu(x):
+    return None if x is None else x.detach().to("cpu")
+
+
+def _on_cpu(t: dict) -> dict:
+    return {n: _cpu(x) for n, x in t.items()}
+
+
+def judge_gradients(h, what: str, got: dict, want: dict, ref: dict, t: dict) -> None:
+    """Each gradient in want (the float64 oracle) against the implementation's (got) under
+    the tolerance rule, scaled by the reference's (ref) error on the same gradient, in the
+    dtype of the input it belongs to. Records every verdict; raises AssertionError listing
+    the failures."""
+    failed = []
+    for name, target in want.items():
+        verdict = judge(f"{what}: d{name}", got[name], target, [errors(ref[name], target)], t[name].dtype)
+        h.record(verdict)
+        if not verdict.passed:
+            failed.append(str(verdict))
+    if failed:
+        raise AssertionError("\n".join(failed))
+
+
+def expect_gradients(h, what: str, spec: CaseSpec, loss: str = "o and final_state"):
+    """Every gradient of the implementation (h: a relations.Harness) on the spec's inputs
+    against the float64 oracle, each under the tolerance rule with the float32 recurrence's
+    error on the same gradient as its scale."""
+    t = h.inputs(spec.arrays())
+    do, dht = cotangents(spec, h.dtype, h.impl.device, loss)
+    got = autograd_grads(lambda x: h.impl.call(x, scale=spec.scale), t, do, dht)
+    want = oracle_grads(t, do, dht, spec.scale)
+    ref = autograd_grads(reference_call(spec.scale), _on_cpu(t), _cpu(do), _cpu(dht))
+    judge_gradients(h, f"{what} ({loss})", got, want, ref, t)
+
+
+def _loss_np(t: dict, do: np.ndarray, dht: np.ndarray, scale) -> float:
+    o, S = kda_recurrent_np(
+        t["q"], t["k"], t["v"], t["g"], t["beta"], scale=scale, initial_state=t["initial_state"],
+        output_final_state=True, cu_seqlens=t["cu_seqlens"],
+    )  # fmt: skip
+    return float((o * do).sum() + (S * dht).sum())
+
+
+def directional_derivatives(t: dict, do, dht, scale, directions: dict) -> np.ndarray:
+    """Central differences of the float64 oracle's loss along each direction (one per
+    input, FD_STEP apart): [dL/dx_n . u_n for n in directions]."""
+    x = {n: None if v is None else as_f64(v) for n, v in t.items()}
+    if x["cu_seqlens"] is not None:
+        x["cu_seqlens"] = x["cu_seqlens"].astype(np.int64)
+    do, dht = as_f64(do), as_f64(dht)
+    out = []
+    for n, u in directions.items():
+        up = _loss_np(dict(x, **{n: x[n] + FD_STEP * u}), do, dht, scale)
+        down = _loss_np(dict(x, **{n: x[n] - FD_STEP * u}), do, dht, scale)
+        out.append((up - down) / (2 * FD_STEP))
+    return np.array(out)
+
+
+# ---------------------------------------------------------------------------- the checks
+
+
+def grad_matches_oracle(h, spec: CaseSpec):
+    """Every gradient of <o, do> + <final_state, dht> agrees with the float64 adjoint oracle.
+
+    dq, dk, dv, dg, dbeta and dh0, each under the tolerance rule."""
+    expect_gradients(h, "gradients", spec)
+
+
+def grad_output_only(h, spec: CaseSpec):
+    """Every gradient of a loss on o alone (no final-state term) agrees with the float64 oracle."""
+    expect_gradients(h, "gradients", spec, "o only")
+
+
+def grad_final_state_only(h, spec: CaseSpec):
+    """Every gradient of a loss on the final state alone (dht only) agrees with the float64 oracle."""
+    expect_gradients(h, "gradients", spec, "final_state only")
+
+
+def grad_gate_in_kernel(h, spec: CaseSpec):
+    """With use_gate_in_kernel=True, every gradient (dz, dA_log, ddt_bias included) agrees with the oracle.
+
+    The oracle's dz, dA_log, ddt_bias are kda_gate_backward_np on top of its dg; the
+    reference is autograd through the float32 kda_gate and recurrence."""
+    from .relations import gate_inputs  # relations registers these checks: import it late
+
+    t, A_log, dt_bias, lower_bound = gate_inputs(h, spec)
+    dev = h.impl.device
+    t = dict(t, A_log=A_log.to(dev), dt_bias=dt_bias.to(dev))
+    names = (*GRAD_INPUTS, "A_log", "dt_bias")
+    do, dht = cotangents(spec, h.dtype, dev, "o and final_state")
+
+    def run(x):
+        extra = dict(A_log=x["A_log"], dt_bias=x["dt_bias"], lower_bound=lower_bound)
+        return h.impl.call(x, scale=spec.scale, use_gate_in_kernel=True, **extra)
+
+    def ref_run(x):
+        return reference_call(spec.scale)(dict(x, g=kda_gate(x["g"].float(), x["A_log"], x["dt_bias"], lower_bound)))
+
+    z, a, b = (as_f64(x) for x in (t["g"], A_log, dt_bias))
+    g = kda_gate(torch.as_tensor(z), torch.as_tensor(a), torch.as_tensor(b), lower_bound).numpy()
+    want = oracle_grads(dict(t, g=g), do, dht, spec.scale)
+    want["g"], want["A_log"], want["dt_bias"] = kda_gate_backward_np(z, a, b, lower_bound, want["g"])
+    got = autograd_grads(run, t, do, dht, names)
+    ref = autograd_grads(ref_run, _on_cpu(t), _cpu(do), _cpu(dht), names)
+    judge_gradients(h, "gate in kernel (dg is dz)", got, want, ref, t)
+
+
+def grad_l2norm_in_kernel(h, spec: CaseSpec):
+    """With use_qk_l2norm_in_kernel=True on raw q, k, every gradient (dq, dk through the norm) agrees with the oracle.
+
+    The oracle's dq, dk are l2norm_backward_np on top of its gradients at the normalised
+    q, k; the reference is autograd through the float32 l2norm and recurrence."""
+    from .relations import raw_qk_inputs  # relations registers these checks: import it late
+
+    t = raw_qk_inputs(h, spec)
+    do, dht = cotangents(spec, h.dtype, h.impl.device, "o and final_state")
+
+    def ref_run(x):
+        return reference_call(spec.scale)(dict(x, q=l2norm(x["q"].float()), k=l2norm(x["k"].float())))
+
+    q, k = as_f64(t["q"]), as_f64(t["k"])
+    normed = dict(t, q=l2norm(torch.as_tensor(q)).numpy(), k=l2norm(torch.as_tensor(k)).numpy())
+    want = oracle_grads(normed, do, dht, spec.scale)
+    want["q"], want["k"] = l2norm_backward_np(q, want["q"]), l2norm_backward_np(k, want["k"])
+    got = autograd_grads(lambda x: h.impl.call(x, scale=spec.scale, use_qk_l2norm_in_kernel=True), t, do, dht)
+    ref = autograd_grads(ref_run, _on_cpu(t), _cpu(do), _cpu(dht))
+    judge_gradients(h, "l2norm in kernel", got, want, ref, t)
+
+
+def grad_vjp_directions(h, spec: CaseSpec):
+    """Vector-Jacobian consistency: <gradient, u> equals the oracle's central difference along u.
+
+    One random direction u per input; the target comes from the float64 forward alone, so
+    this check does not lean on the adjoint oracle."""
+    t = h.inputs(spec.arrays())
+    do, dht = cotangents(spec, h.dtype, h.impl.device, "o and final_state")
+    rng = np.random.default_rng(spec.seed + 29)
+    # unit directions: L is linear in q, v and initial_state (any step is exact but for
+    # rounding), and k, beta and g are of unit scale (g in log space)
+    directions = {n: rng.standard_normal(tuple(t[n].shape)) for n in GRAD_INPUTS if t[n] is not None}
+
+    def along(grads):
+        return np.array([float((as_f64(grads[n]) * u).sum()) for n, u in directions.items()])
+
+    target = directional_derivatives(t, do, dht, spec.scale, directions)
+    got = along(autograd_grads(lambda x: h.impl.call(x, scale=spec.scale), t, do, dht))
+    ref = along(autograd_grads(reference_call(spec.scale), _on_cpu(t), _cpu(do), _cpu(dht)))
+    verdict = judge(f"<gradient, u> for u along {', '.join(directions)}", got, target, [errors(ref, target)], h.dtype)
+    h.record(verdict)
+    if not verdict.passed:
+        raise AssertionError(str(verdict))
+
+
+def grad_determinism(h, spec: CaseSpec):
+    """Two backward passes on the same inputs and cotangents give bitwise equal gradients."""
+    from .relations import bitwise_equal  # relations registers these checks: import it late
+
+    t = h.inputs(spec.arrays())
+    do, dht = cotangents(spec, h.dtype, h.impl.device, "o and final_state")
+    first, second = (autograd_grads(lambda x: h.impl.call(x, scale=spec.scale), t, do, dht) for _ in range(2))
+    for n in first:
+        bitwise_equal(f"two backward passes: d{n}", first[n], second[n])

@@ -1,0 +1,91 @@
+"""The gradient checks (gradients.py) on one fixed case each, in the normal test run: the
+correct control (autograd through the float32 recurrence) passes every grad_* check, and
+each wrong-backward negative control is rejected by the check written for its bug. The
+kill table (`nox -s mutants`) runs the same through Hypothesis; this is the fast guard.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kdaverify.equivalence.adapters import reference_recurrent_kda
+from kdaverify.equivalence.cases import CaseSpec
+from kdaverify.equivalence.implementation import Capabilities, load_implementation
+from kdaverify.equivalence.relations import CHECKS, Harness
+from kdaverify.reference import kda_gate, l2norm
+
+CASE = CaseSpec(B=1, T=20, H=1, G=2, K=3, V=4, gate="logsigmoid", beta_max=2.0, h0=True, seed=5)
+PACKED = CaseSpec(B=1, T=20, H=1, G=2, K=3, V=4, gate="mild", h0=True, seqlens=(1, 16, 3), seed=6)
+IN_KERNEL = ("grad_gate_in_kernel", "grad_l2norm_in_kernel")
+GRAD_CHECKS = [name for name in CHECKS if name.startswith("grad_") and name not in IN_KERNEL]
+MUTANT = "kdaverify.equivalence.mutants:"
+
+
+def _run(target, check: str, spec: CaseSpec):
+    impl = load_implementation(MUTANT + target if isinstance(target, str) else target)
+    CHECKS[check].fn(Harness(impl, torch.float32), spec)
+
+
+@pytest.mark.parametrize("check", GRAD_CHECKS)
+@pytest.mark.parametrize("spec", [CASE, PACKED], ids=["batch", "packed"])
+def test_correct_control_passes(check, spec):
+    _run("correct_control", check, spec)
+
+
+def recurrence_with_options(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                            cu_seqlens=None, use_gate_in_kernel=False, A_log=None, dt_bias=None, lower_bound=None,
+                            use_qk_l2norm_in_kernel=False):  # fmt: skip
+    """The float32 recurrence with the in-kernel gate and L2 norm done in PyTorch first."""
+    if use_gate_in_kernel:
+        g = kda_gate(g.float(), A_log, dt_bias, lower_bound)
+    if use_qk_l2norm_in_kernel:
+        q, k = l2norm(q.float()), l2norm(k.float())
+    return reference_recurrent_kda(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+
+
+recurrence_with_options.kdaverify_capabilities = Capabilities(backward=True, gate_in_kernel=True, l2norm_in_kernel=True)
+
+
+@pytest.mark.parametrize("check", IN_KERNEL)
+@pytest.mark.parametrize("spec", [CASE, PACKED.with_(gate="safe")], ids=["softplus-gate", "safe-gate"])
+def test_in_kernel_options_pass(check, spec):
+    _run(recurrence_with_options, check, spec)
+
+
+def test_in_kernel_gate_gradient_checked():
+    """An implementation whose dA_log is lost (zero) is rejected by grad_gate_in_kernel."""
+
+    def wrong(q, k, v, g, beta, *args, A_log=None, dt_bias=None, lower_bound=None, **kw):
+        A_log = A_log.detach().requires_grad_(False) + 0 * A_log  # dA_log lost: zero
+        return recurrence_with_options(q, k, v, g, beta, *args, A_log=A_log, dt_bias=dt_bias,
+                                       lower_bound=lower_bound, **kw)  # fmt: skip
+
+    wrong.kdaverify_capabilities = recurrence_with_options.kdaverify_capabilities
+    with pytest.raises(AssertionError, match="dA_log"):
+        _run(wrong, "grad_gate_in_kernel", CASE)
+
+
+@pytest.mark.parametrize(
+    ("mutant", "check"),
+    [
+        ("backward_tail_unmasked", "grad_ragged_tail"),
+        ("backward_dh0_dropped", "grad_initial_state"),
+        ("backward_last_dg_lost", "grad_final_state_only"),
+        ("backward_gva_not_summed", "grad_gva"),
+    ],
+)
+def test_wrong_backward_rejected(mutant, check):
+    with pytest.raises(AssertionError, match="FAIL"):
+        _run(mutant, check, CASE)
+
+
+def test_not_applicable_without_a_same_precision_reference():
+    """grad checks judged by the rule need the full-fp32 reference's precision class."""
+    from kdaverify.equivalence.adapters import fla_chunk_kda  # declares tf32; fla itself is not imported
+    from kdaverify.equivalence.implementation import Implementation
+
+    impl = Implementation(fla_chunk_kda, "fla_chunk_kda", fla_chunk_kda.kdaverify_capabilities)
+    why = CHECKS["grad_oracle"].applies(impl, torch.float32)
+    assert why and "tf32" in why
+    assert CHECKS["grad_determinism"].applies(impl, torch.bfloat16) is None
+    assert CHECKS["grad_oracle"].applies(load_implementation(MUTANT + "correct_control"), torch.float32) is None

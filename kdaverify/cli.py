@@ -124,6 +124,7 @@ def perf(args) -> int:
     import pytest
 
     import kdaverify.perf
+
     out = args.out or "reports/{slug}"
     bench = Path(kdaverify.perf.__file__).with_name("bench_kda.py")
     argv = [str(bench), "-p", "kdaverify.perf.plugin", f"--perf-out={out}", "-q", "-p", "no:cacheprovider",

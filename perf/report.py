@@ -123,12 +123,13 @@ def speedups(rows) -> list[tuple[dict, float]]:
 
 def speedup(plt, data, rows, path):
     pairs = speedups(rows)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    labels = [f"{r['provider']} {r['mode']}\nB{r['B']} T{r['T']}" for r, _ in pairs]
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.7 * len(pairs) + 2), 5))
+    labels = [f"{r['provider']} {r['op']} {r['mode']}\nB{r['B']} T{r['T']} H{r['H']} K{r['K']}" for r, _ in pairs]
     ax.bar(range(len(pairs)), [s for _, s in pairs])
     ax.axhline(1.0, color="k", lw=1)
-    ax.set_xticks(range(len(pairs)), labels, fontsize=6, rotation=60)
-    ax.set(ylabel="speedup over flash-linear-attention (x)", title="Speedup over flash-linear-attention, same shape")
+    ax.set_xticks(range(len(pairs)), labels, fontsize=7, rotation=45, ha="right")
+    ax.set(xlabel="provider, op, mode and shape", ylabel="speedup (x): FLA ms / this ms",
+           title="Speedup over flash-linear-attention, same shape and dtype")  # fmt: skip
     _save(fig, path)
 
 
@@ -177,6 +178,24 @@ def _table(rows, fla: dict) -> list[str]:
             f"{_fmt(r.get('floor_ms'))} | {frac} | {vs} | {_fmt(r.get('peak_mib'), '.0f')} | {verified} | "
             f"{r['status']} |"
         )
+    return out
+
+
+def conformance_rows(folder: Path, device: str) -> list[str]:
+    """Table rows of the oracle checks in the conformance reports run on this device
+    (reports/conformance/*/report.json beside folder): the worst error each implementation
+    reached against the float64 oracle, per dtype, with its budget."""
+    out = []
+    for path in sorted((folder.parent / "conformance").glob("*/report.json")):
+        rep = json.loads(path.read_text())
+        if rep.get("environment", {}).get("gpu") != device:
+            continue
+        for c in rep.get("checks", []):
+            w = c.get("worst")
+            if c["check"].startswith("oracle") and w:
+                m, b = w["measured"], w["budget"]
+                out.append(f"| {path.parent.name} | {c['check']} | {c['dtype']} | {m['rel_rms']:.2g} | "
+                           f"{b['rel_rms']:.2g} | {c['outcome']} |")  # fmt: skip
     return out
 
 
@@ -250,7 +269,15 @@ def build(folder: Path) -> Path:
     if not speedups(good):
         figures.append(("Speedup over flash-linear-attention", "(no verified flash-linear-attention rows in this run)"))
     readme = folder / "README.md"
-    readme.write_text(markdown(data, [(t, n) for t, n in figures if n.endswith(".png")]) + _missing(figures))
+    text = markdown(data, [(t, n) for t, n in figures if n.endswith(".png")])
+    conf = conformance_rows(folder, data["environment"]["device"]) if data["environment"]["kind"] == "cuda" else []
+    if conf:
+        text += ("\n## Precision in the conformance reports of this device\n\n"
+                 "The worst error against the float64 oracle over each report's oracle checks (varied T up to a\n"
+                 "few thousand tokens, see reports/conformance/), relative RMS, with the suite's budget.\n\n"
+                 "| report | check | dtype | rel RMS | budget | outcome |\n|---|---|---|---|---|---|\n"
+                 + "\n".join(conf) + "\n")  # fmt: skip
+    readme.write_text(text + _missing(figures))
     return readme
 
 

@@ -76,11 +76,12 @@ def _cases(preset, device, providers):
         out += _grid(providers, [("chunk_kda", "fwd")], shapes[:1], ["float32"], "cuda")  # shown as unavailable
         return out + _grid(providers, [("recurrent_kda", "decode")], [(n, 1, 2, 64) for n in (1, 16, 64)],
                            ["float32"], device)  # fmt: skip
-    shapes = [(1, 32, 2, 16), (2, 300, 2, 16)]  # smoke: T = 300 > the verified tail, and not a chunk multiple
+    small, long = [(1, 32, 2, 16)], [(2, 300, 2, 16)]  # smoke; T = 300: past the verified tail, not a chunk multiple
     modes = [("chunk_kda", "fwd"), ("recurrent_kda", "fwd"), ("chunk_dplr", "fwd"), ("attention", "fwd")]
-    out = _grid(providers, modes, shapes, ["float32"], device)
-    out += _grid(providers, [("recurrent_kda", "fwdbwd")], shapes[:1], ["float32"], device)
-    out += _grid(providers, modes[:1], shapes[:1], ["float32"], "cuda")
+    out = _grid(providers, modes, small, ["float32"], device)
+    out += _grid(providers, [m for m in modes if m[0] != "recurrent_kda"], long, ["float32"], device)
+    out += _grid(providers, [("recurrent_kda", "fwdbwd")], small, ["float32"], device)
+    out += _grid(providers, modes[:1], small, ["float32"], "cuda")
     return out + _grid(providers, [("recurrent_kda", "decode")], [(3, 1, 2, 16)], ["float32"], device)
 
 

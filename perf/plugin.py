@@ -6,6 +6,8 @@
     --perf-providers NAME,...            only these providers
     --perf-out DIR                       write DIR/perf.json at the end of the session; a
                                          "{slug}" in DIR becomes the device's slug
+    --perf-merge                         keep the rows of an existing DIR/perf.json that this
+                                         run did not redo (a sweep split with -k)
 
 Ceilings are measured once per session, before the first row. A progress bar over the sweep
 goes to stderr. Without pytest-benchmark installed, a stand-in `benchmark` fixture calls the
@@ -27,6 +29,9 @@ def pytest_addoption(parser):
     g.addoption("--perf-device", default=None, help="cuda or cpu (default: cuda if present)")
     g.addoption("--perf-providers", default=None, help="comma-separated provider names (default: all)")
     g.addoption("--perf-out", default=None, metavar="DIR", help="write DIR/perf.json")
+    g.addoption("--perf-merge", action="store_true", default=False,
+                help="keep the rows of an existing DIR/perf.json that this run did not redo (a sweep split "
+                     "over several calls with -k)")  # fmt: skip
 
 
 def _device(config) -> str:
@@ -131,11 +136,18 @@ def pytest_sessionfinish(session):
     env = environment(state.sweep.device, _preset(session.config))
     path = Path(out.replace("{slug}", env["slug"])) / "perf.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {
-        "environment": env,
-        "ceilings": state.sweep.ceilings,
-        "rows": state.sweep.rows,
-        "complete": session.testscollected == len(state.sweep.rows),
-    }
+    rows, complete = state.sweep.rows, session.testscollected == len(state.sweep.rows)
+    if session.config.getoption("perf_merge") and path.exists():
+        old = json.loads(path.read_text())
+        if old["environment"]["device"] != env["device"]:
+            raise pytest.UsageError(f"--perf-merge: {path} is of {old['environment']['device']}, not {env['device']}")
+        redone = {_key(r) for r in rows}
+        rows = [r for r in old["rows"] if _key(r) not in redone] + rows
+        complete = complete and old.get("complete", False)
+    data = {"environment": env, "ceilings": state.sweep.ceilings, "rows": rows, "complete": complete}
     path.write_text(json.dumps(data, indent=1) + "\n")
     print(f"\nperf: {len(state.sweep.rows)} rows -> {path}", file=sys.stderr)
+
+
+def _key(row: dict) -> tuple:
+    return tuple(row[n] for n in ("op", "provider", "mode", "B", "T", "H", "HV", "K", "V", "dtype"))

@@ -90,6 +90,8 @@ def perf(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON, default=False)
 def report(session: nox.Session) -> None:
-    """reports/<device-slug>/README.md and figures from every perf.json."""
-    _install(session, "perf")
+    """reports/<device-slug>/README.md and figures from every perf.json. Needs no torch: the
+    report reads perf.json and draws with matplotlib."""
+    session.install("--no-deps", "-e", ".")
+    session.install("matplotlib>=3.7")
     session.run("kdaverify", "report", *session.posargs)

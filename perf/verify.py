@@ -14,6 +14,8 @@ Slices are the last batch row and the last head: where offset arithmetic goes wr
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from kdaverify.equivalence.capabilities import Capabilities
@@ -22,7 +24,7 @@ from kdaverify.equivalence.relations import Harness
 from kdaverify.equivalence.tolerance import Verdict, errors, judge
 from kdaverify.reference import dplr_recurrent, dplr_recurrent_np
 
-from .providers import DTYPES, Case, forward
+from .providers import DTYPES, Case, forward, inputs
 
 TAIL = 256  # four 64-token chunks: the chunk hand-off is exercised, and the float64 oracle stays cheap
 
@@ -51,25 +53,36 @@ def _state_at(fn, case: Case, t: dict, cut: int, b: int, h: int):
     return S[b : b + 1, h : h + 1].detach().float().cpu()
 
 
-def _kda(fn, case, t, o, precision, dtype, cut, b, h, hq) -> Verdict:
+def _kda_reference_errors(t, h0, precision, dtype, cut, b, h, hq) -> list:
+    """Errors of the suite's same-precision references (Harness.references: the chunkwise
+    oracle with the declared matmul precision at chunk sizes 64 and 16, and the float32
+    recurrence) on the KDA tail of t from state h0, each against the float64 oracle."""
     tail = {n: x.detach().cpu() for n, x in _slice(t, b, h, hq, cut).items()}
-    tail["initial_state"] = _state_at(fn, case, t, cut, b, h)
-    tail["cu_seqlens"] = None
-    harness = Harness(Implementation(fn, case.provider, Capabilities(precision=precision), "cpu"), dtype)
+    tail["initial_state"], tail["cu_seqlens"] = h0, None
+    harness = Harness(Implementation(None, "reference", Capabilities(precision=precision), "cpu"), dtype)
     gold = harness.oracle(tail)[0]
-    refs = [errors(ref(tail)[0], gold) for ref in harness.references()]
+    return gold, [errors(ref(tail)[0], gold) for ref in harness.references()]
+
+
+def _kda(fn, case, t, o, precision, dtype, cut, b, h, hq) -> Verdict:
+    h0 = _state_at(fn, case, t, cut, b, h)
+    gold, refs = _kda_reference_errors(t, h0, precision, dtype, cut, b, h, hq)
     return judge("sampled tail: o", o, gold, refs, dtype)
 
 
-def _dplr(fn, case, t, o, dtype, cut, b, h) -> Verdict:
+def _dplr(fn, case, t, o, precision, dtype, cut, b, h) -> Verdict:
+    """The sweep feeds DPLR the KDA inputs written as DPLR (providers.inputs), so besides the
+    float32 DPLR recurrence (output rounded to dtype) the budget also scales with the KDA
+    same-precision references on the same tokens from the same state: a chunked kernel of this
+    precision rounds its intra-chunk products as they do, which the recurrence alone does not."""
     tail = {n: x.detach().cpu() for n, x in _slice(t, b, h, h, cut).items()}
     h0 = _state_at(fn, case, t, cut, b, h)
     args = [tail[n] for n in ("q", "k", "v", "a", "b", "gk")]
     gold = dplr_recurrent_np(*args, initial_state=None if h0 is None else h0.double().numpy())[0]
-    # the same-precision reference: the float32 recurrence on the same rounded inputs, its
-    # output rounded to the input dtype (what a correct kernel of this dtype can achieve)
     ref = dplr_recurrent(*(x.float() for x in args), initial_state=h0)[0].to(dtype)
-    return judge("sampled tail: o", o, gold, [errors(ref, gold)], dtype)
+    kda = inputs(replace(case, op="chunk_kda"), "cpu")  # the same draws, before the DPLR mapping
+    _, refs = _kda_reference_errors(kda, h0, precision, dtype, cut, b, h, h)
+    return judge("sampled tail: o", o, gold, [errors(ref, gold), *refs], dtype)
 
 
 def _attention(case, t, o, dtype, cut, b, h) -> Verdict:
@@ -101,7 +114,7 @@ def verify(fn, case: Case, t: dict, out, precision: str) -> Verdict:
     if case.op == "attention":
         return _attention(case, t, o_tail[0, :, 0], dtype, cut, b, h)
     if case.op == "chunk_dplr":
-        return _dplr(fn, case, t, o_tail, dtype, cut, b, h)
+        return _dplr(fn, case, t, o_tail, precision, dtype, cut, b, h)
     return _kda(fn, case, t, o_tail, precision, dtype, cut, b, h, hq)
 
 

@@ -5,6 +5,8 @@
     nox -s mutants                                    negative controls and the kill table (CI too)
     nox -s lint                                       ruff
     nox -s fuzz [-- pytest options]                   the same tests under the deep Hypothesis profile
+    nox -s perf [-- kdaverify perf options]           roofline sweep -> reports/<device-slug>/perf.json
+    nox -s report [-- FOLDER ...]                     every perf.json -> README.md with figures
 
 The CPU sessions pin what the tests run against: torch 2.13.0 (CPU build) and triton 3.6.0,
 the Triton of the GPU machines. Override with the environment variables KDAVERIFY_TORCH and
@@ -78,3 +80,21 @@ def fuzz(session: nox.Session) -> None:
     """The whole suite under the `deep` profile: many examples, for nightly runs."""
     _install(session)
     session.run("pytest", "-n", "auto", "--kda-profile=deep", *session.posargs, env={"OMP_NUM_THREADS": "1"})
+
+
+@nox.session(python=PYTHON, default=False)
+def perf(session: nox.Session) -> None:
+    """The roofline sweep: on a GPU the quick preset (DESIGN.md section 7 shapes, under 10
+    minutes), otherwise a short CPU sweep of the reference implementations (about 2 minutes).
+    Writes reports/<device-slug>/perf.json; arguments go to `kdaverify perf`."""
+    _install(session, "perf")
+    session.run("kdaverify", "perf", *session.posargs, env={"OMP_NUM_THREADS": "1"})
+
+
+@nox.session(python=PYTHON, default=False)
+def report(session: nox.Session) -> None:
+    """reports/<device-slug>/README.md and figures from every perf.json. Needs no torch: the
+    report reads perf.json and draws with matplotlib."""
+    session.install("--no-deps", "-e", ".")
+    session.install("matplotlib>=3.7")
+    session.run("kdaverify", "report", *session.posargs)

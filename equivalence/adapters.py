@@ -93,3 +93,18 @@ def fla_fused_recurrent_kda(
 fla_chunk_kda.kdaverify_capabilities = Capabilities(precision="tf32", backward=True, **_FLA_CAPS)
 fla_fused_recurrent_kda.kdaverify_capabilities = Capabilities(precision="ieee", **_FLA_CAPS)
 fla_chunk_kda.kdaverify_requires = fla_fused_recurrent_kda.kdaverify_requires = ("fla",)
+
+
+def fla_chunk_dplr_delta_rule(
+    q, k, v, a, b, gk, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+):
+    """flash-linear-attention's chunk_dplr_delta_rule (Triton path, dispatch off): the general
+    DPLR rule S_t = (Diag(exp(gk_t)) + b_t a_t^T) S_{t-1} + k_t v_t^T, shapes as
+    reference.dplr_recurrent with HV = H. Not a chunk_kda-contract callable (it takes a, b, gk)."""
+    _fla_kda()  # sets the dispatch switch before fla's first import, or refuses
+    from fla.ops.generalized_delta_rule import chunk_dplr_delta_rule
+
+    return chunk_dplr_delta_rule(
+        q=q, k=k, v=v, a=a, b=b, gk=gk, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+    )  # fmt: skip

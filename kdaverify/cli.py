@@ -3,6 +3,8 @@
     kdaverify verify MODULE:FUNC [--dtypes ... capability options] [--out DIR] [--junitxml FILE] [-- pytest args]
     kdaverify selfcheck
     kdaverify mutants [--jobs N] [--out DIR] [--only NAME ...]
+    kdaverify perf [--preset quick|full|cpu|smoke] [--device cuda|cpu] [--providers A,B] [--out DIR] [-- pytest args]
+    kdaverify report [FOLDER ...]
 
 `kdaverify COMMAND --help` describes each. `verify` exits 0 if and only if the implementation
 conforms; every other failure exits non-zero too (1: a check failed; 2: a usage error).
@@ -108,6 +110,44 @@ def mutants(args) -> int:
     return run(argv + args.pytest_args)
 
 
+def _perf_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=None, help="quick (DESIGN.md section 7 shapes), full, cpu or smoke "
+                   "(default: quick on a GPU, cpu otherwise)")  # fmt: skip
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    p.add_argument("--providers", default=None, help="comma-separated provider names (default: all)")
+    p.add_argument("--out", default=None, help="folder of perf.json; {slug} in it becomes the device's slug "
+                   "(default: reports/{slug})")  # fmt: skip
+
+
+@command("perf", "the roofline sweep: time every provider and write perf.json", _perf_arguments)
+def perf(args) -> int:
+    import pytest
+
+    import kdaverify.perf
+
+    out = args.out or "reports/{slug}"
+    bench = Path(kdaverify.perf.__file__).with_name("bench_kda.py")
+    argv = [str(bench), "-p", "kdaverify.perf.plugin", f"--perf-out={out}", "-q", "-p", "no:cacheprovider",
+            "--no-header", "-rfs"]  # fmt: skip
+    for name in ("preset", "device", "providers"):
+        if getattr(args, name):
+            argv.append(f"--perf-{name}={getattr(args, name)}")
+    return int(pytest.main(argv + args.pytest_args))
+
+
+def _report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "folders", nargs="*", help="folders holding perf.json, or folders of such folders (default: reports)"
+    )
+
+
+@command("report", "turn every perf.json into README.md with figures", _report_arguments)
+def report(args) -> int:
+    from kdaverify.perf.report import main as run
+
+    return run(args.folders)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdaverify", description=__doc__.splitlines()[0])
     from kdaverify import __version__
@@ -115,7 +155,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"kdaverify {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help, add_arguments, _) in COMMANDS.items():
-        epilog = "Arguments after a lone -- are passed to pytest." if name in ("verify", "mutants") else None
+        epilog = "Arguments after a lone -- are passed to pytest." if name in ("verify", "mutants", "perf") else None
         add_arguments(sub.add_parser(name, help=help, description=help, epilog=epilog))
     return p
 

@@ -1,0 +1,133 @@
+"""The sweep's machinery on the CPU: the smoke preset through `kdaverify perf` (pytest-benchmark
+tests run once, --benchmark-disable) and `kdaverify report`; and the negative controls of the
+check before timing: a wrong provider is timed but marked unverified, a missing one is
+unavailable with its reason, never a crash."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from kdaverify.equivalence.adapters import reference_recurrent_kda
+from kdaverify.perf import providers
+from kdaverify.perf.providers import Case, Provider
+from kdaverify.perf.sweep import Sweep, cases
+
+CEILINGS = {"measured": {"copy_gbs": 1.0, "bfloat16": 1e-3, "tf32": 1e-2, "float32": 1e-2}, "datasheet": None}
+
+
+def test_smoke_sweep_and_report(tmp_path):
+    """About 15 s on an idle 2-core machine: a process that imports torch and runs 14 tiny rows,
+    then the report in this process."""
+    out = tmp_path / "cpu"
+    run = subprocess.run([sys.executable, "-m", "kdaverify", "perf", "--preset=smoke", "--device=cpu", f"--out={out}",
+                          "--", "--benchmark-disable"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    data = json.loads((out / "perf.json").read_text())
+    assert data["complete"] and len(data["rows"]) == len(cases("smoke", "cpu"))
+    by = {(r["op"], r["provider"], r["mode"], r["T"]): r for r in data["rows"]}
+    for op, provider, T in [("chunk_kda", "reference-chunkwise", 300), ("recurrent_kda", "reference-numpy", 32),
+                            ("chunk_dplr", "reference-dplr", 300), ("attention", "sdpa", 300)]:  # fmt: skip
+        row = by[(op, provider, "fwd", T)]  # T = 300 > the verified tail: the state hand-off path
+        assert row["status"] == "ok" and row["verified"] and row["ms"] > 0 and 0 < row["roofline_fraction"]
+        assert row["check"] == "sampled tail: o" and row["err_rel_rms"] <= row["budget_rel_rms"]
+    assert by[("chunk_kda", "ours", "fwd", 32)]["status"].startswith("excluded: Triton interpreter")
+    assert by[("chunk_kda", "fla", "fwd", 32)]["status"].startswith("unavailable:")
+    assert by[("recurrent_kda", "reference-recurrent", "decode", 1)]["verified"]
+    assert "ms" not in by[("chunk_kda", "ours", "fwd", 32)]
+    pytest.importorskip("matplotlib", reason="the report needs matplotlib: pip install 'kdaverify[perf]'")
+    from kdaverify.perf.report import build
+
+    readme = build(out).read_text()
+    for name in ("roofline.png", "latency.png", "decode.png", "precision.png"):
+        assert f"]({name})" in readme and (out / name).stat().st_size > 1000
+    assert "excluded: Triton interpreter" in readme and "speedup" in readme.lower()
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """Register providers for one test."""
+
+    def add(name, op, modes, load):
+        monkeypatch.setattr(providers, "PROVIDERS", [*providers.PROVIDERS, Provider(name, op, modes, load)])
+
+    return add
+
+
+def _off_by(factor):
+    def wrong(*args, **kwargs):
+        o, S = reference_recurrent_kda(*args, **kwargs)
+        return o * factor, S
+
+    return wrong
+
+
+def _forgets_state(q, k, v, g, beta, initial_state=None, **kw):
+    return reference_recurrent_kda(q, k, v, g, beta, initial_state=None, **kw)
+
+
+@pytest.mark.parametrize(
+    "name, mode, T, load",
+    [
+        ("off-by-1e-4", "fwd", 300, lambda: _off_by(1 + 1e-4)),  # 100x a float32 budget, within bf16's
+        ("forgets-state", "decode", 1, lambda: _forgets_state),
+    ],
+)
+def test_wrong_provider_is_timed_but_unverified(fake, name, mode, T, load):
+    fake(name, "recurrent_kda", (mode,), load)
+    row, call = Sweep("cpu", CEILINGS, 0.0).run(
+        Case(2, T, 2, 2, 8, 8, op="recurrent_kda", provider=name, mode=mode, dtype="float32")
+    )
+    assert row["status"] == "unverified" and row["verified"] is False and call is not None
+    assert row["err_rel_rms"] > row["budget_rel_rms"] and row["ms"] > 0
+
+
+def test_missing_provider_is_unavailable(fake):
+    def load():
+        raise NotImplementedError("chunk_kda: not written yet")
+
+    fake("stub", "chunk_kda", ("fwd",), load)
+    row, call = Sweep("cpu", CEILINGS, 0.0).run(
+        Case(1, 8, 1, 1, 4, 4, op="chunk_kda", provider="stub", mode="fwd", dtype="float32")
+    )
+    assert call is None and row["status"] == "unavailable: NotImplementedError: chunk_kda: not written yet"
+    assert "ms" not in row and "verified" not in row
+
+
+def test_a_crashing_provider_is_not_hidden(fake):
+    """Only a missing provider (ImportError, NotImplementedError) is 'unavailable'; any other
+    exception is a failure of the row."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("illegal memory access")
+
+    fake("broken", "chunk_kda", ("fwd",), lambda: broken)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        Sweep("cpu", CEILINGS, 0.0).run(
+            Case(1, 8, 1, 1, 4, 4, op="chunk_kda", provider="broken", mode="fwd", dtype="float32")
+        )
+
+
+def test_presets_cover_design_section_7():
+    quick = cases("quick", "cuda")
+    shapes = {(c.B, c.T) for c in quick if c.mode == "fwd"}
+    assert shapes == {(1, 4096), (1, 16384), (8, 4096), (1, 65536)}
+    assert all((c.H, c.K, c.V, c.dtype) == (32, 128, 128, "bfloat16") for c in quick)
+    for op, mode in [("chunk_kda", "fwd"), ("chunk_kda", "fwdbwd"), ("chunk_dplr", "fwd"), ("attention", "fwd")]:
+        assert {(c.B, c.T) for c in quick if (c.op, c.mode, c.provider) == (op, mode, "fla" if "kda" in op or
+                "dplr" in op else "sdpa")} == shapes  # fmt: skip
+    assert {c.B for c in quick if c.mode == "decode" and c.provider == "ours"} == {1, 64, 256}
+    with pytest.raises(ValueError, match="preset"):
+        cases("huge", "cpu")
+
+
+def test_inputs_are_what_the_design_times():
+    t = providers.inputs(Case(1, 64, 2, 2, 16, 16, op="chunk_kda", provider="x", mode="fwd", dtype="bfloat16"), "cpu")
+    assert t["q"].dtype == torch.bfloat16 and torch.allclose(
+        t["k"].float().norm(dim=-1), torch.ones(1, 64, 2), atol=1e-2
+    )
+    assert (t["g"] <= 0).all() and ((t["beta"] >= 0) & (t["beta"] <= 1)).all()

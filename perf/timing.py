@@ -1,0 +1,59 @@
+"""How a call is timed, and its peak memory.
+
+On a CUDA GPU: triton.testing.do_bench (CUDA events after warm-up, the median; DESIGN.md
+section 6). On the CPU: wall-clock medians of repeated calls after one warm-up call (there
+are no events to time with, and nothing runs asynchronously).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+CPU_BUDGET_S = 1.0  # repeat a CPU call for about this long (at least CPU_MIN_CALLS calls)
+CPU_MIN_CALLS = 3
+
+
+def median_ms(fn, device: str, budget_s: float = CPU_BUDGET_S) -> tuple[float, str]:
+    """(median milliseconds of fn(), how it was timed). budget_s: CPU only, see CPU_BUDGET_S."""
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")), "do_bench median"
+    fn()  # warm-up
+    times = []
+    start = time.perf_counter()
+    while len(times) < CPU_MIN_CALLS or time.perf_counter() - start < budget_s:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 50:
+            break
+    return 1e3 * statistics.median(times), f"perf_counter median of {len(times)}"
+
+
+def peak_mib(fn, device: str) -> float | None:
+    """Peak device memory allocated during one call (inputs included), MiB; None on the CPU,
+    where torch keeps no allocator statistics."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def synchronized(fn, device: str):
+    """fn, followed by a device synchronisation (for timers that read the host clock)."""
+    if device != "cuda":
+        return fn
+
+    def call():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return call

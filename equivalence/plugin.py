@@ -5,7 +5,9 @@ In any project that has kdaverify installed:
     pytest --kda-impl=mypkg.ops:my_kda [--kda-dtypes=float32,bfloat16] [--kda-head-sizes=64,128]
         [--kda-precision=ieee|tf32|tf32_rn|bf16] [--kda-state-layout=KV|VK] [--kda-gva=yes|no]
         [--kda-varlen=yes|no] [--kda-gate-in-kernel=yes|no] [--kda-l2norm-in-kernel=yes|no]
-        [--kda-max-t=N] [--kda-device=cpu|cuda] [--kda-profile=ci|dev|deep|gpu|mutants]
+        [--kda-max-t=N] [--kda-g-dtypes=input,float32] [--kda-beta-dtypes=input,float32]
+        [--kda-positional=yes|no] [--kda-state-dtype=float32|bfloat16]
+        [--kda-device=cpu|cuda] [--kda-profile=ci|dev|deep|gpu|mutants]
         [--kda-report=DIR]
 
 runs the whole conformance suite (kdaverify/equivalence/test_conformance.py, from the

@@ -263,19 +263,25 @@ EXAMPLES = {
 }
 
 
-def fits(spec: CaseSpec, caps: Capabilities) -> bool:
-    """Whether an explicit example lies inside an implementation's declaration."""
-    heads_ok = caps.head_sizes is None or (spec.K in caps.head_sizes and spec.V in caps.head_sizes)
-    return (
-        heads_ok
-        and (caps.gva or spec.G == 1)
-        and (caps.varlen or spec.seqlens is None)
-        and (caps.max_T is None or spec.T <= caps.max_T)
-    )
+def _declared_size(n: int, sizes) -> int:
+    """The smallest declared head size >= n (the largest if none is): an example keeps its
+    class (past a block, tiny) as far as the declaration allows."""
+    bigger = [s for s in sorted(sizes) if s >= n]
+    return bigger[0] if bigger else max(sizes)
+
+
+def fitted(spec: CaseSpec, caps: Capabilities) -> CaseSpec | None:
+    """An explicit example inside an implementation's declaration: head sizes moved to
+    declared ones, None where the declaration excludes it (GVA, varlen, max T)."""
+    if caps.head_sizes is not None:
+        spec = spec.with_(K=_declared_size(spec.K, caps.head_sizes), V=_declared_size(spec.V, caps.head_sizes))
+    ok = (caps.gva or spec.G == 1) and (caps.varlen or spec.seqlens is None)
+    return spec if ok and (caps.max_T is None or spec.T <= caps.max_T) else None
 
 
 def examples_for(family: str, caps: Capabilities) -> list[CaseSpec]:
-    return [s for s in EXAMPLES.get(family, list)() if fits(s, caps)]
+    fitted_specs = (fitted(s, caps) for s in EXAMPLES.get(family, list)())
+    return list(dict.fromkeys(s for s in fitted_specs if s is not None))
 
 
 def cases_for(family: str, caps: Capabilities):

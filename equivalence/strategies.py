@@ -38,7 +38,7 @@ DEFAULT_CAPS = Capabilities()
 CHUNK = 64  # the block size kernels tile T by (and the oracle's reference chunk)
 GROUPS = (1, 2, 3, 4, 8)  # G = HV / H; 3 is the odd one out of power-of-two index math
 MAX_HV = 16  # reached by the many_tiles family
-GENERAL_MAX_HV = 8  # other families stop at 8 value heads: every check runs on them, CPU time counts
+GENERAL_MAX_HV = 4  # other families stop at 4 value heads (G = 3 and 4 included): every check and mutant runs them
 MAX_H = 3
 # Wide heads: past one 64-lane block and past the 128 a kernel may hard-code; short T keeps a
 # case in the milliseconds (the state is K x V per head).
@@ -99,7 +99,8 @@ def case_specs(
         T = min(T, caps.max_T)
     if packed is None:
         packed = caps.varlen and T >= 2 and draw(st.booleans())
-    H = draw(st.integers(1, MAX_H))
+    # H small enough that some G >= min_G keeps HV <= max_HV
+    H = draw(st.integers(1, max(1, min(MAX_H, max_HV // (min_G if caps.gva else 1)))))
     G = draw(_groups(caps, H, min_G, max_HV))
     spec = dict(
         B=1 if packed else draw(st.integers(min_B, 3)),

@@ -59,7 +59,11 @@ def draws(family: str, n: int) -> list[CaseSpec]:
     """n draws of a family under the default capabilities (no explicit examples), from a
     fixed seed: the same on every run and machine for one Hypothesis version."""
     out: list[CaseSpec] = []
+    # from Hypothesis' own defaults, not the profile in force (a derandomized profile would
+    # override the seed)
     quiet = settings(
+        settings.get_profile("default"),
+        derandomize=False,
         max_examples=n,
         database=None,
         deadline=None,

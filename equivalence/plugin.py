@@ -6,6 +6,8 @@ In any project that has kdaverify installed:
         [--kda-precision=ieee|tf32|tf32_rn|bf16] [--kda-state-layout=KV|VK] [--kda-gva=yes|no]
         [--kda-varlen=yes|no] [--kda-gate-in-kernel=yes|no] [--kda-l2norm-in-kernel=yes|no]
         [--kda-max-t=N] [--kda-strided=yes|no|error] [--kda-empty-sequences=yes|no]
+        [--kda-g-dtypes=input,float32] [--kda-beta-dtypes=input,float32]
+        [--kda-positional=yes|no] [--kda-state-dtype=float32|bfloat16] [--kda-backward=yes|no]
         [--kda-device=cpu|cuda] [--kda-profile=ci|dev|deep|gpu|mutants]
         [--kda-report=DIR]
 

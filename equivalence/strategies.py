@@ -42,7 +42,8 @@ DEFAULT_CAPS = Capabilities()
 
 CHUNK = 64  # the block size kernels tile T by (and the oracle's reference chunk)
 GROUPS = (1, 2, 3, 4, 8)  # G = HV / H; 3 is the odd one out of power-of-two index math
-MAX_HV = 16
+MAX_HV = 16  # reached by the many_tiles family
+GENERAL_MAX_HV = 4  # other families stop at 4 value heads (G = 3 and 4 included): every check and mutant runs them
 MAX_H = 3
 # Wide heads: past one 64-lane block and past the 128 a kernel may hard-code; short T keeps a
 # case in the milliseconds (the state is K x V per head).
@@ -93,7 +94,7 @@ def case_specs(
     packed: bool | None = None,
     min_B: int = 1,
     min_G: int = 1,
-    max_HV: int = MAX_HV,
+    max_HV: int = GENERAL_MAX_HV,
     small_heads: bool = False,
     **fixed,
 ):
@@ -103,7 +104,8 @@ def case_specs(
         T = min(T, caps.max_T)
     if packed is None:
         packed = caps.varlen and T >= 2 and draw(st.booleans())
-    H = draw(st.integers(1, MAX_H))
+    # H small enough that some G >= min_G keeps HV <= max_HV
+    H = draw(st.integers(1, max(1, min(MAX_H, max_HV // (min_G if caps.gva else 1)))))
     G = draw(_groups(caps, H, min_G, max_HV))
     spec = dict(
         B=1 if packed else draw(st.integers(min_B, 3)),
@@ -153,7 +155,7 @@ def many_tiles(draw, caps: Capabilities):
     to 16, and enough batch rows or packed sequences; small heads and short T."""
     spec = draw(case_specs(caps, T=st.integers(1, 6), packed=False, small_heads=True))
     H = draw(st.integers(1, MAX_H))
-    G = draw(_groups(caps, H))
+    G = draw(_groups(caps, H, max_HV=MAX_HV))
     N = -(-(TILES + 1) // (H * G)) + draw(st.integers(0, 2))
     if caps.varlen and draw(st.booleans()):
         lens = tuple(draw(st.lists(st.integers(1, 4), min_size=N, max_size=N)))
@@ -420,19 +422,25 @@ EXAMPLES = {
 }
 
 
-def fits(spec: CaseSpec, caps: Capabilities) -> bool:
-    """Whether an explicit example lies inside an implementation's declaration."""
-    heads_ok = caps.head_sizes is None or (spec.K in caps.head_sizes and spec.V in caps.head_sizes)
-    return (
-        heads_ok
-        and (caps.gva or spec.G == 1)
-        and (caps.varlen or spec.seqlens is None)
-        and (caps.max_T is None or spec.T <= caps.max_T)
-    )
+def _declared_size(n: int, sizes) -> int:
+    """The smallest declared head size >= n (the largest if none is): an example keeps its
+    class (past a block, tiny) as far as the declaration allows."""
+    bigger = [s for s in sorted(sizes) if s >= n]
+    return bigger[0] if bigger else max(sizes)
+
+
+def fitted(spec: CaseSpec, caps: Capabilities) -> CaseSpec | None:
+    """An explicit example inside an implementation's declaration: head sizes moved to
+    declared ones, None where the declaration excludes it (GVA, varlen, max T)."""
+    if caps.head_sizes is not None:
+        spec = spec.with_(K=_declared_size(spec.K, caps.head_sizes), V=_declared_size(spec.V, caps.head_sizes))
+    ok = (caps.gva or spec.G == 1) and (caps.varlen or spec.seqlens is None)
+    return spec if ok and (caps.max_T is None or spec.T <= caps.max_T) else None
 
 
 def examples_for(family: str, caps: Capabilities) -> list[CaseSpec]:
-    return [s for s in EXAMPLES.get(family, list)() if fits(s, caps)]
+    fitted_specs = (fitted(s, caps) for s in EXAMPLES.get(family, list)())
+    return list(dict.fromkeys(s for s in fitted_specs if s is not None))
 
 
 def cases_for(family: str, caps: Capabilities, device="cpu"):

@@ -9,6 +9,7 @@ suite's own (--kda-profile), applied here, so a host project's settings are left
 from __future__ import annotations
 
 import pytest
+from hypothesis import settings
 from kdaverify.equivalence.implementation import DTYPES
 from kdaverify.equivalence.relations import CHECKS, Harness
 from kdaverify.equivalence.strategies import cases_for
@@ -27,7 +28,11 @@ def test_conformance(impl, record, kda_profile, check, dtype):
         pytest.skip(reason)
     harness = Harness(impl, DTYPES[dtype], record)
 
-    @kda_profile
+    profile = kda_profile
+    if check.max_examples is not None:
+        profile = settings(kda_profile, max_examples=min(kda_profile.max_examples, check.max_examples))
+
+    @profile
     @cases_for(check.cases, impl.caps, impl.device)
     def run(spec):
         check.fn(harness, spec)

@@ -2,7 +2,7 @@
 
     nox -s verify [-- MODULE:FUNC [kdaverify verify options]]   conformance run and report (the main job)
     nox -s tests                                      the CPU test suite (what CI runs)
-    nox -s mutants                                    negative controls and the kill table (CI too)
+    nox -s mutants [-- --targeted]                    negative controls and the kill table (CI: --targeted)
     nox -s lint                                       ruff
     nox -s fuzz [-- pytest options]                   the same tests under the deep Hypothesis profile
     nox -s perf [-- kdaverify perf options]           roofline sweep -> reports/<device-slug>/perf.json

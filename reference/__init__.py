@@ -17,13 +17,14 @@ from .chunkwise import (
 )
 from .conventions import Dims, check_kda
 from .dplr import dplr_recurrent, dplr_recurrent_np, kda_as_dplr
-from .gates import beta_activation, kda_gate, l2norm
+from .gates import beta_activation, check_gate_args, kda_gate, l2norm
 from .kda import kda_recurrent, kda_recurrent_np
 
 __all__ = [
     "MATMUL_PRECISIONS",
     "Dims",
     "beta_activation",
+    "check_gate_args",
     "check_kda",
     "chunk_decay",
     "compose_affine",

@@ -34,7 +34,7 @@ def harness(dtype: str = "float32", fn=fused_recurrent_kda) -> Harness:
 
 CASES = {
     "T1-K1-V1": CaseSpec(T=1, K=1, V=1),
-    "T2-K3-V20-gva-h0": CaseSpec(B=2, T=2, G=2, K=3, V=20, h0=True, gate="strong"),
+    "T2-K3-V20-gva-h0": CaseSpec(B=2, T=2, H=2, G=2, K=3, V=20, h0=True, gate="strong"),  # head j reads j // 2
     "T17-K16-V3-masked": CaseSpec(T=17, H=2, K=16, V=3, gate="masked", beta_max=2.0, input_scale=10.0),
     "T65-K20-V16": CaseSpec(T=65, K=20, V=16, gate="mild", h0=True, scale=0.3),
     "T17-K64-V64-varlen": CaseSpec(T=17, G=2, K=64, V=64, h0=True, seqlens=(5, 1, 11), gate="safe"),

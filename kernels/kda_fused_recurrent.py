@@ -134,7 +134,12 @@ def _fused_recurrent_kda_kernel(
                 b_g = lower_bound / (1.0 + tl.exp(-b_A * b_g))
             else:  # softplus(x) = max(x, 0) + log(1 + exp(-|x|)): no overflow for large x
                 b_g = -b_A * (tl.maximum(b_g, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(b_g))))
-        b_h *= tl.exp(b_g)  # S' = Diag(exp(g_t)) S
+        # S' = Diag(exp(g_t)) S. The decay is the one factor every state entry takes at every
+        # token, so its error compounds over T: exp runs in fp64 and is rounded once to fp32
+        # (K exps per token, off the [BK, BV] critical path). fp32 exp (numpy's under the
+        # interpreter, ex2.approx on the GPU) is up to 2 ulp off and doubled the state's error
+        # over 63 beta = 0 tokens against the fp32 recurrence.
+        b_h *= tl.exp(b_g.to(tl.float64)).to(tl.float32)
         b_u = b_beta * (b_v - tl.reduce(b_h * b_k, 0, _ADD, keep_dims=True))  # beta_t (v_t - S'^T k_t), [1, BV]
         b_h += b_k * b_u
         b_o = tl.reduce(b_h * (b_q * scale), 0, _ADD, keep_dims=True)  # S_t^T (scale q_t), [1, BV]

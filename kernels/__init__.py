@@ -8,6 +8,7 @@ Each carries a `kdaverify_capabilities` declaration for the conformance suite. W
 GPU they run under Triton's interpreter (runtime.py).
 """
 
+from . import runtime  # noqa: F401  (first: it switches the interpreter on before any kernel is decorated)
 from .kda_chunk import chunk_kda
 from .kda_fused_recurrent import fused_recurrent_kda
 

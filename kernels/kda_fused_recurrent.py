@@ -1,7 +1,261 @@
-"""Fused recurrent KDA (token by token; also the decode kernel) in Triton. Not written yet."""
+"""Fused recurrent KDA in Triton: token by token, the state kept in registers; also the
+decode kernel (one token per sequence, the state read from and written back to a pool).
+
+Per value head, state S in R^{K x V} (DESIGN.md section 4; arXiv 2510.26692v2, eq. (1)):
+
+    S' = exp(g_t)[:, None] * S;   S = S' + beta_t k_t (v_t - S'^T k_t)^T;   o_t = S^T (scale q_t)
+
+One program owns a [BK, BV] tile of one sequence's state for one value head (BK =
+next_power_of_2(K) covers all of K, BV a block of V) and walks that sequence's tokens: per
+token it loads q_t, k_t, g_t (K lanes), v_t (BV lanes) and beta_t once, updates the tile with
+fp32 FMAs (no tl.dot: "ieee" precision) and stores o_t. The state is read once and written
+once, which is the whole of the decode traffic. Lanes past K or V are masked on every load and
+store, and all offsets are int64.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
-def fused_recurrent_kda(*args, **kwargs):
-    raise NotImplementedError("fused_recurrent_kda: not written yet")
+import torch
+import triton
+import triton.language as tl
+from kdaverify.equivalence.capabilities import Capabilities
+from kdaverify.reference.gates import L2NORM_EPS, check_gate_args
+
+from .runtime import check_call
+
+
+@dataclass(frozen=True)
+class RecurrentConfig:
+    """Tile width BV (V per program) and warps per program.
+
+    The state tile is BK x BV fp32 in registers. For K <= 64 a 64-wide tile keeps 4096 values
+    (32 per thread at 4 warps); for K up to 256 a 32-wide tile keeps 4096 to 8192 values, so
+    registers never spill, and a decode of [N, 32, 128, 128] still has N * 32 * 4 programs to
+    fill the GPU's SMs. Tiles smaller than 4096 values (small K and V) use fewer warps so
+    that lanes are not left idle.
+    """
+
+    BV: int
+    num_warps: int
+
+
+def config_for(K: int, V: int) -> RecurrentConfig:
+    """The launch configuration for head sizes K, V (one of two, no autotuning)."""
+    BK = triton.next_power_of_2(K)
+    BV = min(triton.next_power_of_2(V), 64 if BK <= 64 else 32)
+    return RecurrentConfig(BV=BV, num_warps=4 if BK * BV >= 4096 else (2 if BK * BV >= 1024 else 1))
+
+
+# tl.sum compiles to tl.reduce with this combine function. Called directly: under the
+# interpreter, tl.sum is a nested jit call that re-patches triton.language each time
+# (milliseconds, most of a token's time), while tl.reduce with it runs as one numpy sum.
+_ADD = tl.standard._sum_combine
+
+
+@triton.jit(do_not_specialize=["T"])
+def _fused_recurrent_kda_kernel(
+    q, k, v, g, beta, o, h0, ht, cu_seqlens, state_indices, A_log, dt_bias,
+    scale, lower_bound, T, H, HV,
+    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, INPLACE: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_INDICES: tl.constexpr, STATE_VK: tl.constexpr, L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr,
+    BETA_SCALE: tl.constexpr, GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr, SAFE_GATE: tl.constexpr,
+    EPS: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(V, BV), N * HV). q, k [B*T, H, K]; v, o [B*T, HV, V]; g [B*T, HV, K];
+    beta [B*T, HV]; h0 [P, HV, K, V] (or [.., V, K] with STATE_VK); ht [N, HV, K, V], or h0
+    itself with INPLACE. Sequence n spans tokens [cu_seqlens[n], cu_seqlens[n+1]) (or
+    [n T, (n+1) T)) and reads state slot state_indices[n] (or n); slot -1 is padding: no
+    state is read, o rows are zero, and only the non-INPLACE ht row (zero) is written."""
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // HV
+    i_hv = i_nh % HV
+    i_h = i_hv // (HV // H)
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    if USE_INDICES:
+        slot = tl.load(state_indices + i_n).to(tl.int64)
+    else:
+        slot = i_n.to(tl.int64)
+    live = slot >= 0
+
+    # Column [BK, 1] and row [1, BV] tiles: per-token vectors come in already shaped to
+    # broadcast against the [BK, BV] state (no expand per token; the interpreter pays per op).
+    o_k = tl.arange(0, BK)[:, None]
+    o_v = i_v * BV + tl.arange(0, BV)[None, :]
+    in_k = o_k < K
+    in_v = o_v < V
+    m_k = in_k & live  # loads of a padding sequence read nothing and give zeros
+    m_v = in_v & live
+    m_h = in_k & in_v
+    if STATE_VK:
+        o_h = o_v.to(tl.int64) * K + o_k
+    else:
+        o_h = o_k.to(tl.int64) * V + o_v
+
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        b_h += tl.load(h0 + (slot * HV + i_hv) * K * V + o_h, mask=m_h & live, other=0.0)
+    if GATE:
+        b_A = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
+        if HAS_DT_BIAS:
+            b_bias = tl.load(dt_bias + i_hv * K + o_k, mask=in_k, other=0.0).to(tl.float32)
+
+    s_qk, s_g, s_v = H * K, HV * K, HV * V  # token strides, out of the loop
+    p_q = q + (bos * H + i_h) * K + o_k
+    p_k = k + (bos * H + i_h) * K + o_k
+    p_g = g + (bos * HV + i_hv) * K + o_k
+    p_v = v + (bos * HV + i_hv) * V + o_v
+    p_o = o + (bos * HV + i_hv) * V + o_v
+    p_beta = beta + bos * HV + i_hv
+    t = bos
+    while t < eos:  # a while loop: the interpreter cannot take tensor bounds in range()
+        b_q = tl.load(p_q, mask=m_k, other=0.0).to(tl.float32)  # [BK, 1]
+        b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)  # [BK, 1]
+        b_g = tl.load(p_g, mask=m_k, other=0.0).to(tl.float32)  # [BK, 1]
+        b_v = tl.load(p_v, mask=m_v, other=0.0).to(tl.float32)  # [1, BV]
+        b_beta = tl.load(p_beta, mask=live, other=0.0).to(tl.float32)
+        if L2NORM:  # x / sqrt(sum x^2 + eps), in fp32 (reference.gates.l2norm)
+            b_q = b_q / tl.sqrt(tl.reduce(b_q * b_q, 0, _ADD, keep_dims=True) + EPS)
+            b_k = b_k / tl.sqrt(tl.reduce(b_k * b_k, 0, _ADD, keep_dims=True) + EPS)
+        if BETA_SIGMOID:  # beta = sigmoid(b), or 2 sigmoid(b) (reference.gates.beta_activation)
+            b_beta = BETA_SCALE / (1.0 + tl.exp(-b_beta))
+        if GATE:  # g from the raw projection z (reference.gates.kda_gate)
+            if HAS_DT_BIAS:
+                b_g = b_g + b_bias
+            if SAFE_GATE:
+                b_g = lower_bound / (1.0 + tl.exp(-b_A * b_g))
+            else:  # softplus(x) = max(x, 0) + log(1 + exp(-|x|)): no overflow for large x
+                b_g = -b_A * (tl.maximum(b_g, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(b_g))))
+        # S' = Diag(exp(g_t)) S. The decay is the one factor every state entry takes at every
+        # token, so its error compounds over T: exp runs in fp64 and is rounded once to fp32
+        # (K exps per token, off the [BK, BV] critical path). fp32 exp (numpy's under the
+        # interpreter, ex2.approx on the GPU) is up to 2 ulp off and doubled the state's error
+        # over 63 beta = 0 tokens against the fp32 recurrence.
+        b_h *= tl.exp(b_g.to(tl.float64)).to(tl.float32)
+        b_u = b_beta * (b_v - tl.reduce(b_h * b_k, 0, _ADD, keep_dims=True))  # beta_t (v_t - S'^T k_t), [1, BV]
+        b_h += b_k * b_u
+        b_o = tl.reduce(b_h * (b_q * scale), 0, _ADD, keep_dims=True)  # S_t^T (scale q_t), [1, BV]
+        tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=in_v)
+        p_q += s_qk
+        p_k += s_qk
+        p_g += s_g
+        p_v += s_v
+        p_o += s_v
+        p_beta += HV
+        t += 1
+    if STORE_HT:
+        if INPLACE:
+            tl.store(ht + (slot * HV + i_hv) * K * V + o_h, b_h, mask=m_h & live)
+        else:
+            tl.store(ht + (i_n.to(tl.int64) * HV + i_hv) * K * V + o_h, b_h, mask=m_h)
+
+
+def _gate_params(use_gate_in_kernel, A_log, dt_bias, lower_bound, HV, K, device):
+    """A_log and dt_bias as float32 for the kernel (None when the gate is not fused)."""
+    if not use_gate_in_kernel:
+        for name, x in (("A_log", A_log), ("dt_bias", dt_bias), ("lower_bound", lower_bound)):
+            if x is not None:
+                raise ValueError(f"{name}: given without use_gate_in_kernel=True, where it would be ignored")
+        return None, None
+    if A_log is None:
+        raise ValueError("A_log: expected a tensor [HV] with use_gate_in_kernel=True, got None")
+    check_gate_args(A_log, dt_bias, lower_bound, HV, K)
+    for name, x in (("A_log", A_log), ("dt_bias", dt_bias)):
+        if x is not None and x.device != device:
+            raise ValueError(f"{name}: expected a tensor on {device} (where q is), got {x.device}")
+    return A_log.float().contiguous(), (None if dt_bias is None else dt_bias.float().contiguous())
+
+
+def fused_recurrent_kda(
+    q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+    *, use_qk_l2norm_in_kernel=False, use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False,
+    use_gate_in_kernel=False, A_log=None, dt_bias=None, lower_bound=None,
+    state_layout="kv", state_indices=None, inplace_final_state=False,
+):  # fmt: skip
+    """KDA by its recurrence, fused into one Triton kernel (forward only; drop-in for
+    flash-linear-attention's fused_recurrent_kda; calling convention DESIGN.md section 3).
+
+    Args:
+        q, k: [B, T, H, K] in float32, bfloat16 or float16.  v: [B, T, HV, V], same dtype.
+        g: [B, T, HV, K] log-space decay (or the raw gate projection z with
+            use_gate_in_kernel), in the dtype of q or float32.
+        beta: [B, T, HV] (or the logit b with use_beta_sigmoid_in_kernel), likewise.
+        scale: default K ** -0.5.  K, V: any size 1..256.
+        initial_state: float32 [N, HV, K, V] ([N, HV, V, K] with state_layout="vk"), or None
+            (zeros); with state_indices a pool [P, HV, K, V] (or [P, HV, V, K]).
+        output_final_state: return the final state (float32, in state_layout).
+        cu_seqlens: int64/int32 [N + 1] offsets of a packed batch (B == 1). A repeated offset
+            is an empty sequence: its final state is its initial state (or zeros).
+        use_qk_l2norm_in_kernel: q, k <- x / sqrt(sum x^2 + 1e-6) per token, in fp32.
+        use_beta_sigmoid_in_kernel: beta <- sigmoid(beta); with allow_neg_eigval
+            2 * sigmoid(beta). (allow_neg_eigval changes nothing else: a beta given directly
+            is used as it is.)
+        use_gate_in_kernel: g <- -exp(A_log[h]) * softplus(g + dt_bias[h, :]) or, with
+            lower_bound, lower_bound * sigmoid(exp(A_log[h]) * (g + dt_bias[h, :]));
+            A_log [HV], dt_bias [HV * K] or None, lower_bound in [-5, 0) or None.
+        state_layout: "kv" or "vk", for initial_state and the returned state alike.
+        state_indices: int32/int64 [N] or None. Given, sequence n starts from pool slot
+            state_indices[n]. Index -1 is padding: the sequence's o rows are zero, no state
+            is read or written for it, and its row of a returned (not in-place) final state
+            is zero. Every index must lie in [-1, P) (checked on the host: one sync).
+        inplace_final_state: write each sequence's final state into its own slot of
+            initial_state (slot state_indices[n], or n without state_indices) and return
+            initial_state itself as the final state (whatever output_final_state says).
+            Slots no sequence names (and those of padding) stay bitwise unchanged. Needs a
+            contiguous float32 initial_state and distinct non-negative indices.
+    Returns:
+        (o [B, T, HV, V] in the dtype of q, final_state or None): final_state is a new
+        [N, HV, K, V] float32 tensor (in state_layout) when output_final_state, the pool
+        itself with inplace_final_state, else None.
+    Raises:
+        ValueError naming the argument for any input the kernel does not take.
+    """
+    c = check_call(
+        q, k, v, g, beta, scale, initial_state, cu_seqlens,
+        state_layout=state_layout, state_indices=state_indices, inplace_state=inplace_final_state,
+    )  # fmt: skip
+    A32, bias32 = _gate_params(use_gate_in_kernel, A_log, dt_bias, lower_bound, c.HV, c.K, c.q.device)
+    if not isinstance(allow_neg_eigval, bool):
+        raise ValueError(f"allow_neg_eigval: expected a bool, got {allow_neg_eigval!r}")
+    cfg = config_for(c.K, c.V)
+    o = torch.empty_like(c.v)
+    shape = (c.N, c.HV, c.K, c.V) if state_layout == "kv" else (c.N, c.HV, c.V, c.K)
+    if inplace_final_state:
+        ht = c.initial_state  # the caller's tensor: check_call refused a copy
+    elif output_final_state:
+        ht = torch.empty(shape, dtype=torch.float32, device=c.q.device)
+    else:
+        ht = None
+    grid = (triton.cdiv(c.V, cfg.BV), c.N * c.HV)
+    _fused_recurrent_kda_kernel[grid](
+        c.q, c.k, c.v, c.g, c.beta, o, c.initial_state, ht, c.cu_seqlens, c.state_indices, A32, bias32,
+        float(c.scale), float(lower_bound) if lower_bound is not None else 0.0, c.T, c.H, c.HV,
+        K=c.K, V=c.V, BK=triton.next_power_of_2(c.K), BV=cfg.BV,
+        USE_H0=c.initial_state is not None, STORE_HT=ht is not None, INPLACE=bool(inplace_final_state),
+        IS_VARLEN=c.cu_seqlens is not None, USE_INDICES=c.state_indices is not None,
+        STATE_VK=state_layout == "vk", L2NORM=bool(use_qk_l2norm_in_kernel),
+        BETA_SIGMOID=bool(use_beta_sigmoid_in_kernel), BETA_SCALE=2.0 if allow_neg_eigval else 1.0,
+        GATE=bool(use_gate_in_kernel), HAS_DT_BIAS=bias32 is not None, SAFE_GATE=lower_bound is not None,
+        EPS=L2NORM_EPS, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return o, ht
+
+
+# What the tests in equivalence/test_kda_fused_recurrent.py and the conformance run check.
+fused_recurrent_kda.kdaverify_capabilities = Capabilities(
+    dtypes=("float32", "bfloat16", "float16"),
+    head_sizes=None,
+    precision="ieee",
+    gva=True,
+    varlen=True,
+    gate_in_kernel=True,
+    l2norm_in_kernel=True,
+)

@@ -23,6 +23,7 @@ if not torch.cuda.is_available():
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD = 256  # one K (or V) block per program: next_power_of_2(K) lanes of registers
+STATE_LAYOUTS = ("kv", "vk")  # [.., K, V] (the convention) or [.., V, K] (some servers)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Call:
     beta: torch.Tensor
     initial_state: torch.Tensor | None
     cu_seqlens: torch.Tensor | None
+    state_indices: torch.Tensor | None = None
 
 
 def _device_ok(x: torch.Tensor, name: str, device: torch.device) -> None:
@@ -52,13 +54,25 @@ def _device_ok(x: torch.Tensor, name: str, device: torch.device) -> None:
         raise ValueError(f"{name}: expected a tensor on {device} (where q is), got {x.device}")
 
 
-def check_call(q, k, v, g, beta, scale=None, initial_state=None, cu_seqlens=None) -> Call:
+def check_call(
+    q, k, v, g, beta, scale=None, initial_state=None, cu_seqlens=None,
+    *, state_layout="kv", state_indices=None, inplace_state=False,
+) -> Call:  # fmt: skip
     """Validate a KDA kernel call and return the contiguous tensors the kernels read.
 
     q, k [B, T, H, K], v [B, T, HV, V] of one dtype in INPUT_DTYPES; g [B, T, HV, K] and
     beta [B, T, HV] in that dtype or float32; initial_state [N, HV, K, V] float32;
-    cu_seqlens int32/int64 [N+1] (B == 1), offsets checked on the host. All on one device:
-    CUDA, or the CPU under the Triton interpreter. K, V <= 256.
+    cu_seqlens int32/int64 [N+1] (B == 1), non-decreasing offsets (a repeated offset is an
+    empty sequence) checked on the host. All on one device: CUDA, or the CPU under the
+    Triton interpreter. K, V <= 256.
+
+    Decode options (kernels that serve from a state pool):
+        state_layout: "kv" (state [.., K, V], the convention) or "vk" ([.., V, K]).
+        state_indices: int32/int64 [N], or None. Given, initial_state is a pool
+            [P, HV, K, V] (P >= 1) and sequence n reads slot state_indices[n]; -1 is
+            padding. Checked on the host: every index in [-1, P).
+        inplace_state: the kernel writes into initial_state, so it must be given and
+            contiguous (a copy would take the writes), and no two sequences may share a slot.
     """
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
         if not isinstance(x, torch.Tensor):
@@ -99,16 +113,50 @@ def check_call(q, k, v, g, beta, scale=None, initial_state=None, cu_seqlens=None
             raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to T = {T}, got {offsets}")
         N = len(offsets) - 1
         cu_seqlens = cu_seqlens.to(torch.int64).contiguous()
+    if state_layout not in STATE_LAYOUTS:
+        raise ValueError(f"state_layout: expected one of {STATE_LAYOUTS}, got {state_layout!r}")
+    if state_indices is not None:
+        state_indices = _check_state_indices(state_indices, N, initial_state, device, inplace_state)
+    if inplace_state and initial_state is None:
+        raise ValueError("initial_state: expected a state to update in place (inplace_final_state=True), got None")
     if initial_state is not None:
-        if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != (N, HV, K, V):
+        rows = "P" if state_indices is not None else "N"
+        lead = int(initial_state.shape[0]) if state_indices is not None and initial_state.dim() == 4 else N
+        dims = (lead, HV, K, V) if state_layout == "kv" else (lead, HV, V, K)
+        names = f"[{rows}, HV, K, V]" if state_layout == "kv" else f"[{rows}, HV, V, K]"
+        if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != dims or lead < 1:
             got = tuple(getattr(initial_state, "shape", ()))
-            raise ValueError(f"initial_state: expected shape [N, HV, K, V] = {(N, HV, K, V)}, got {got}")
+            raise ValueError(f"initial_state: expected shape {names} = {dims}, got {got}")
         if initial_state.dtype != torch.float32:
             raise ValueError(f"initial_state: expected float32, got {initial_state.dtype}")
         _device_ok(initial_state, "initial_state", device)
+        if inplace_state and not initial_state.is_contiguous():
+            raise ValueError("initial_state: expected a contiguous tensor to update in place, got a strided view")
         initial_state = initial_state.contiguous()
     return Call(
         B, T, H, HV, K, V, N, check_scale(scale, K),
         q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
-        initial_state, cu_seqlens,
+        initial_state, cu_seqlens, state_indices,
     )  # fmt: skip
+
+
+def _check_state_indices(idx, N: int, pool, device: torch.device, inplace: bool) -> torch.Tensor:
+    """state_indices int32/int64 [N] with every entry in [-1, P) (one host sync), distinct
+    non-negative entries when the pool is written in place. Returns it as int64."""
+    if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"state_indices: expected an int32 or int64 tensor, got {getattr(idx, 'dtype', type(idx))}")
+    if tuple(idx.shape) != (N,):
+        raise ValueError(f"state_indices: expected shape [N] = ({N},), one slot per sequence, got {tuple(idx.shape)}")
+    _device_ok(idx, "state_indices", device)
+    if not isinstance(pool, torch.Tensor) or pool.dim() != 4:
+        got = tuple(getattr(pool, "shape", ())) if pool is not None else None
+        raise ValueError(f"initial_state: expected a state pool [P, HV, K, V] to go with state_indices, got {got}")
+    P = int(pool.shape[0])
+    values = idx.tolist()
+    bad = [i for i in values if not -1 <= i < P]
+    if bad:
+        raise ValueError(f"state_indices: expected slots in [-1, P) = [-1, {P}) (-1: padding), got {bad}")
+    live = [i for i in values if i >= 0]
+    if inplace and len(set(live)) != len(live):
+        raise ValueError(f"state_indices: expected distinct slots when updating the pool in place, got {values}")
+    return idx.to(torch.int64).contiguous()

@@ -18,7 +18,7 @@ from .chunkwise import (
 )
 from .conventions import Dims, check_kda
 from .dplr import dplr_recurrent, dplr_recurrent_np, kda_as_dplr
-from .gates import beta_activation, kda_gate, l2norm
+from .gates import beta_activation, check_gate_args, kda_gate, l2norm
 from .gates_backward import beta_activation_backward_np, kda_gate_backward_np, l2norm_backward_np
 from .kda import kda_recurrent, kda_recurrent_np
 from .kda_backward import kda_recurrent_backward_np
@@ -28,6 +28,7 @@ __all__ = [
     "Dims",
     "beta_activation",
     "beta_activation_backward_np",
+    "check_gate_args",
     "check_kda",
     "chunk_decay",
     "compose_affine",

@@ -25,6 +25,23 @@ def beta_activation(b: torch.Tensor, allow_neg_eigval: bool = False) -> torch.Te
     return 2 * torch.sigmoid(b) if allow_neg_eigval else torch.sigmoid(b)
 
 
+def check_gate_args(A_log, dt_bias, lower_bound, HV: int, K: int) -> None:
+    """The gate's parameters (shared by kda_gate and the kernels that fuse it): A_log a
+    tensor [HV], dt_bias a tensor [HV * K] or None, lower_bound None or a float in [-5, 0)."""
+    if not isinstance(A_log, torch.Tensor) or tuple(A_log.shape) != (HV,):
+        raise ValueError(f"A_log: expected a tensor of shape [HV] = ({HV},), got {getattr(A_log, 'shape', A_log)!r}")
+    if dt_bias is not None and (not isinstance(dt_bias, torch.Tensor) or tuple(dt_bias.shape) != (HV * K,)):
+        got = getattr(dt_bias, "shape", dt_bias)
+        raise ValueError(f"dt_bias: expected a tensor of shape [HV * K] = ({HV * K},), got {got!r}")
+    if lower_bound is not None:
+        try:
+            ok = -5.0 <= float(lower_bound) < 0.0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"lower_bound: expected a float in [-5, 0), got {lower_bound!r}")
+
+
 def kda_gate(z, A_log, dt_bias=None, lower_bound=None):
     """Per-channel log-space decay g [B, T, HV, K] from the raw gate projection z.
 
@@ -42,17 +59,7 @@ def kda_gate(z, A_log, dt_bias=None, lower_bound=None):
     if not isinstance(z, torch.Tensor) or z.dim() != 4:
         raise ValueError(f"z: expected a tensor [B, T, HV, K], got {getattr(z, 'shape', type(z))}")
     HV, K = z.shape[2], z.shape[3]
-    if tuple(A_log.shape) != (HV,):
-        raise ValueError(f"A_log: expected shape [HV] = ({HV},), got {tuple(A_log.shape)}")
-    if dt_bias is not None and tuple(dt_bias.shape) != (HV * K,):
-        raise ValueError(f"dt_bias: expected shape [HV * K] = ({HV * K},), got {tuple(dt_bias.shape)}")
-    if lower_bound is not None:
-        try:
-            ok = -5.0 <= float(lower_bound) < 0.0
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ValueError(f"lower_bound: expected a float in [-5, 0), got {lower_bound!r}")
+    check_gate_args(A_log, dt_bias, lower_bound, HV, K)
     dt = torch.float64 if z.dtype == torch.float64 else torch.float32
     x = z.to(dt)
     if dt_bias is not None:

@@ -25,6 +25,19 @@ def beta_activation(b: torch.Tensor, allow_neg_eigval: bool = False) -> torch.Te
     return 2 * torch.sigmoid(b) if allow_neg_eigval else torch.sigmoid(b)
 
 
+def check_lower_bound(lower_bound) -> float | None:
+    """None, or the safe gate's lower bound as a float in [-5, 0); anything else is a ValueError."""
+    if lower_bound is None:
+        return None
+    try:
+        ok = -5.0 <= float(lower_bound) < 0.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"lower_bound: expected a float in [-5, 0), got {lower_bound!r}")
+    return float(lower_bound)
+
+
 def kda_gate(z, A_log, dt_bias=None, lower_bound=None):
     """Per-channel log-space decay g [B, T, HV, K] from the raw gate projection z.
 
@@ -46,13 +59,7 @@ def kda_gate(z, A_log, dt_bias=None, lower_bound=None):
         raise ValueError(f"A_log: expected shape [HV] = ({HV},), got {tuple(A_log.shape)}")
     if dt_bias is not None and tuple(dt_bias.shape) != (HV * K,):
         raise ValueError(f"dt_bias: expected shape [HV * K] = ({HV * K},), got {tuple(dt_bias.shape)}")
-    if lower_bound is not None:
-        try:
-            ok = -5.0 <= float(lower_bound) < 0.0
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ValueError(f"lower_bound: expected a float in [-5, 0), got {lower_bound!r}")
+    check_lower_bound(lower_bound)
     dt = torch.float64 if z.dtype == torch.float64 else torch.float32
     x = z.to(dt)
     if dt_bias is not None:

@@ -1,0 +1,190 @@
+"""The per-chunk stages of chunk_kda (DESIGN.md section 4): everything that does not depend on
+the state entering a chunk, one program per (chunk, value head).
+
+    chunk_gate_cumsum   G = inclusive cumulative sum of g inside each chunk (fp32), with the
+                        gate computed from the raw projection z first when asked
+    chunk_intra         Aqk = scale * Tril((Gam * Q)(K / Gam)^T)          (diagonal included)
+                        L   = StrictTril(Diag(beta) (Gam * K)(K / Gam)^T)   (eq. (6))
+    chunk_solve         Minv = (I + L)^{-1}, so that M = Minv Diag(beta)    (eq. (6))
+
+Layouts (tokens flattened over the batch, t in [0, B*T)): q, k [B*T, H, K]; g, G [B*T, HV, K];
+beta [B*T, HV]; Aqk, L / Minv [B*T, HV, BT] (row t holds its chunk's row of the BT x BT
+matrix, column j is the chunk's j-th token). Chunks: NT per sequence; with cu_seqlens a
+table [NC, 2] of (sequence, chunk within the sequence).
+
+Bounded exponents (the bug class of DESIGN.md section 4): Gam_r / Gam_i = exp(G_r - G_i) is
+never formed as exp(G_r) * exp(-G_i). The chunk is cut into BC = 16-token sub-chunks. A tile
+strictly below the diagonal (sub-chunk rows I, columns J < I) factors around the anchor
+a = the first row of sub-chunk I: exp(G_r - G_a) * exp(G_a - G_i), both exponents <= 0
+because g <= 0 and i < a <= r. The anchor is at or before every row that uses it, so no gate
+of a token after r enters row r, not even through rounding. Diagonal tiles are formed
+elementwise, exp(G_r - G_i) masked to i <= r. Rows past the end of a sequence get exponent
+-inf (factor 0), never exp of a positive number.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+L2NORM_EPS: tl.constexpr = tl.constexpr(1e-6)  # reference/gates.L2NORM_EPS
+
+
+@triton.jit
+def chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(sequence n, first token bos, end eos, first token t0 of this chunk), int64."""
+    if IS_VARLEN:
+        n = tl.load(chunks + 2 * i_c).to(tl.int64)
+        c = tl.load(chunks + 2 * i_c + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + n).to(tl.int64)
+        eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
+    else:
+        n = i_b.to(tl.int64)
+        c = i_c.to(tl.int64)
+        bos = n * T
+        eos = bos + T
+    return n, bos, eos, bos + c * BT
+
+
+@triton.jit
+def l2norm_rows(x, dtype: tl.constexpr):
+    """x / sqrt(sum x^2 + eps) over the last axis in fp32, rounded to the input dtype (what
+    the oracle sees: reference/gates.l2norm returns the input dtype), back in fp32."""
+    x = x / tl.sqrt(tl.sum(x * x, axis=-1, keep_dims=True) + L2NORM_EPS)
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def load_beta(beta, rows, mask, HV: tl.constexpr, i_hv, SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr):
+    """beta at token rows of value head i_hv in fp32 (0 where masked); sigmoid(b), or
+    2 sigmoid(b) with negative eigenvalues allowed, when SIGMOID (reference/gates)."""
+    b = tl.load(beta + rows * HV + i_hv, mask=mask, other=0.0).to(tl.float32)
+    if SIGMOID:
+        b = tl.where(mask, tl.sigmoid(b), 0.0)
+        if NEG_EIGVAL:
+            b = 2.0 * b
+    return b
+
+
+@triton.jit
+def load_rows(x, rows, mask, heads, head, cols, D: tl.constexpr):
+    """x[rows, head, cols] of a [tokens, heads, D] tensor as fp32 [len(rows), len(cols)], 0 outside."""
+    ptr = x + (rows[:, None] * heads + head) * D + cols[None, :]
+    return tl.load(ptr, mask=mask[:, None] & (cols[None, :] < D), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def chunk_gate_cumsum(
+    g, G, A_log, dt_bias, lower_bound, cu_seqlens, chunks, T,
+    HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    IS_VARLEN: tl.constexpr, GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+):  # fmt: skip
+    """G [B*T, HV, K] fp32 = the in-chunk inclusive cumulative sum of g. GATE: 0 = g as given;
+    1 = g = -exp(A_log) softplus(z + dt_bias); 2 = g = lower_bound sigmoid(exp(A_log) (z + dt_bias))."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_hv = i_bh // HV, i_bh % HV
+    _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
+    rows = t0 + tl.arange(0, BT)
+    cols = tl.arange(0, BK)
+    m = rows < eos
+    x = load_rows(g, rows, m, HV, i_hv, cols, K)
+    if GATE != 0:
+        if HAS_DT_BIAS:
+            x += tl.load(dt_bias + i_hv * K + cols, mask=cols < K, other=0.0)[None, :]
+        a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
+        if GATE == 1:
+            # softplus(x) = max(x, 0) + log(1 + exp(-|x|)), with no overflow for large |x|
+            x = -a * (tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x))))
+        else:
+            x = lower_bound * tl.sigmoid(a * x)
+        x = tl.where(m[:, None] & (cols[None, :] < K), x, 0.0)
+    Gc = tl.cumsum(x, axis=0)
+    ptr = G + (rows[:, None] * HV + i_hv) * K + cols[None, :]
+    tl.store(ptr, Gc, mask=m[:, None] & (cols[None, :] < K))
+
+
+@triton.jit
+def chunk_intra(
+    q, k, G, beta, Aqk, L, cu_seqlens, chunks, scale, T,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    IS_VARLEN: tl.constexpr, L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Aqk and L of one chunk of one value head, written tile by tile (BC x BC). Tiles above
+    the diagonal and rows past the sequence end are not written (readers mask them)."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_hv = i_bh // HV, i_bh % HV
+    i_h = i_hv // (HV // H)
+    _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
+    cols = tl.arange(0, BK)
+    o_c = tl.arange(0, BC)
+    for I in tl.static_range(BT // BC):
+        r0 = t0 + I * BC
+        if r0 < eos:
+            rows = r0 + o_c
+            m = rows < eos
+            q_I = load_rows(q, rows, m, H, i_h, cols, K)
+            k_I = load_rows(k, rows, m, H, i_h, cols, K)
+            if L2NORM:
+                q_I = l2norm_rows(q_I, q.dtype.element_ty)
+                k_I = l2norm_rows(k_I, k.dtype.element_ty)
+            q_I = q_I * scale
+            g_I = load_rows(G, rows, m, HV, i_hv, cols, K)
+            b_I = load_beta(beta, rows, m, HV, i_hv, BETA_SIGMOID, NEG_EIGVAL)
+            out = (rows[:, None] * HV + i_hv) * BT + o_c[None, :]
+            # tiles strictly below the diagonal, around the anchor row r0 (see the module doc)
+            g_a = tl.load(G + (r0 * HV + i_hv) * K + cols, mask=cols < K, other=0.0)
+            e_I = tl.exp(tl.where(m[:, None], g_I - g_a[None, :], float("-inf")))
+            qa = (q_I * e_I).to(DOT_DTYPE)
+            ka = (k_I * e_I).to(DOT_DTYPE)
+            for J in tl.static_range(I):
+                rows_J = t0 + J * BC + o_c  # all before r0 < eos: valid
+                all_J = rows_J >= 0
+                k_J = load_rows(k, rows_J, all_J, H, i_h, cols, K)
+                if L2NORM:
+                    k_J = l2norm_rows(k_J, k.dtype.element_ty)
+                g_J = load_rows(G, rows_J, all_J, HV, i_hv, cols, K)
+                kb = tl.trans((k_J * tl.exp(g_a[None, :] - g_J)).to(DOT_DTYPE))
+                a_qk = tl.dot(qa, kb, input_precision=PRECISION)
+                a_kk = tl.dot(ka, kb, input_precision=PRECISION) * b_I[:, None]
+                tl.store(Aqk + out + J * BC, a_qk, mask=m[:, None])
+                tl.store(L + out + J * BC, a_kk, mask=m[:, None])
+            # the diagonal tile, one column j at a time, elementwise in fp32
+            a_qk = tl.zeros([BC, BC], dtype=tl.float32)
+            a_kk = tl.zeros([BC, BC], dtype=tl.float32)
+            for j in range(BC):
+                c = r0 + j
+                m_c = (cols < K) & (c < eos)
+                k_c = tl.load(k + (c * H + i_h) * K + cols, mask=m_c, other=0.0).to(tl.float32)
+                if L2NORM:
+                    k_c = l2norm_rows(k_c, k.dtype.element_ty)
+                g_c = tl.load(G + (c * HV + i_hv) * K + cols, mask=m_c, other=0.0)
+                use = m[:, None] & (o_c[:, None] >= j)
+                kc = k_c[None, :] * tl.exp(tl.where(use, g_I - g_c[None, :], float("-inf")))
+                at_j = o_c[None, :] == j
+                a_qk = tl.where(at_j, tl.sum(q_I * kc, axis=1)[:, None], a_qk)
+                a_kk = tl.where(at_j & (o_c[:, None] > j), tl.sum(k_I * kc, axis=1)[:, None], a_kk)
+            tl.store(Aqk + out + I * BC, a_qk, mask=m[:, None])
+            tl.store(L + out + I * BC, a_kk * b_I[:, None], mask=m[:, None])
+
+
+@triton.jit
+def chunk_solve(L, cu_seqlens, chunks, T, HV: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Minv = (I + L)^{-1} of one chunk, in place over L, by forward substitution in fp32:
+    with N = Minv - I, row r of N is -L_r - sum_{i<r} L_ri N_i, where rows i < r are done."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_hv = i_bh // HV, i_bh % HV
+    _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
+    o = tl.arange(0, BT)
+    rows = t0 + o
+    m = rows < eos
+    ptr = L + (rows[:, None] * HV + i_hv) * BT + o[None, :]
+    lower = m[:, None] & (o[None, :] < o[:, None]) & (t0 + o[None, :] < eos)
+    A = -tl.load(ptr, mask=lower, other=0.0)
+    for r in range(1, BT):
+        sel = o[:, None] == r
+        row = tl.sum(tl.where(sel, A, 0.0), axis=0)
+        row += tl.sum(row[:, None] * A, axis=0)
+        A = tl.where(sel, row[None, :], A)
+    A += tl.where(o[:, None] == o[None, :], 1.0, 0.0)
+    tl.store(ptr, A, mask=m[:, None])

@@ -1,11 +1,10 @@
 """Chunked KDA forward (the chunkwise WY/UT algorithm of DESIGN.md section 4) in Triton, a
 drop-in for flash-linear-attention's chunk_kda forward (calling convention: section 3).
 
-Four launches, no loop over chunks or heads on the host:
+Three launches, no loop over chunks or heads on the host:
 
     chunk_gate_cumsum  (NC, B*HV)      G [B*T, HV, K] fp32: in-chunk cumsum of g (gate from z if asked)
-    chunk_intra        (NC, B*HV)      Aqk, L [B*T, HV, BT] fp32 (BC x BC tiles, bounded exponents)
-    chunk_solve        (NC, B*HV)      Minv = (I + L)^{-1} in place of L
+    chunk_intra        (NC, B*HV)      Aqk, Minv = (I + L)^{-1} [B*T, HV, BT] fp32 (bounded exponents)
     chunk_recurrence   (NV, N*HV)      o, final state; S carried in registers across chunks
 
 NC = number of chunks (B * NT, or the chunks of all packed sequences). Memory besides inputs
@@ -25,7 +24,7 @@ import triton.language as tl
 from kdaverify.equivalence.capabilities import Capabilities
 
 from .kda_chunk_inter import chunk_recurrence
-from .kda_chunk_intra import chunk_gate_cumsum, chunk_intra, chunk_solve
+from .kda_chunk_intra import chunk_gate_cumsum, chunk_intra
 from .runtime import check_call, check_gate
 
 PRECISIONS = (None, "ieee")
@@ -135,7 +134,6 @@ def chunk_kda(
         c.q, c.k, G, c.beta, Aqk, Minv, c.cu_seqlens, chunks, c.scale, T,
         H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BK, IS_VARLEN=varlen, **flags,
     )  # fmt: skip
-    chunk_solve[grid](Minv, c.cu_seqlens, chunks, T, HV=HV, BT=BT, IS_VARLEN=varlen)
     chunk_recurrence[(triton.cdiv(V, BV), N * HV)](
         c.q, c.k, c.v, G, c.beta, Aqk, Minv, o, c.initial_state, ht, c.cu_seqlens, c.scale, T, NT,
         H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=varlen,

@@ -3,18 +3,18 @@ the state entering a chunk, one program per (chunk, value head).
 
     chunk_gate_cumsum   G = inclusive cumulative sum of g inside each chunk (fp32), with the
                         gate computed from the raw projection z first when asked
-    chunk_intra         Aqk = scale * Tril((Gam * Q)(K / Gam)^T)          (diagonal included)
-                        L   = StrictTril(Diag(beta) (Gam * K)(K / Gam)^T)   (eq. (6))
-    chunk_solve         Minv = (I + L)^{-1}, so that M = Minv Diag(beta)    (eq. (6))
+    chunk_intra         Aqk  = scale * Tril((Gam * Q)(K / Gam)^T)          (diagonal included)
+                        L    = StrictTril(Diag(beta) (Gam * K)(K / Gam)^T)   (eq. (6))
+                        Minv = (I + L)^{-1}, so that M = Minv Diag(beta)      (eq. (6))
 
 Layouts (tokens flattened over the batch, t in [0, B*T)): q, k [B*T, H, K]; g, G [B*T, HV, K];
-beta [B*T, HV]; Aqk, L / Minv [B*T, HV, BT] (row t holds its chunk's row of the BT x BT
+beta [B*T, HV]; Aqk, Minv [B*T, HV, BT] (row t holds its chunk's row of the BT x BT
 matrix, column j is the chunk's j-th token). Chunks: NT per sequence; with cu_seqlens a
 table [NC, 2] of (sequence, chunk within the sequence).
 
 Bounded exponents (the bug class of DESIGN.md section 4): Gam_r / Gam_i = exp(G_r - G_i) is
-never formed as exp(G_r) * exp(-G_i). The chunk is cut into BC = 16-token sub-chunks. A tile
-strictly below the diagonal (sub-chunk rows I, columns J < I) factors around the anchor
+never formed as exp(G_r) * exp(-G_i). The chunk is cut into BC = 16-token sub-chunks. The
+tiles strictly below the diagonal (sub-chunk rows I, columns J < I) factor around the anchor
 a = the first row of sub-chunk I: exp(G_r - G_a) * exp(G_a - G_i), both exponents <= 0
 because g <= 0 and i < a <= r. The anchor is at or before every row that uses it, so no gate
 of a token after r enters row r, not even through rounding. Diagonal tiles are formed
@@ -105,86 +105,77 @@ def chunk_gate_cumsum(
 
 @triton.jit
 def chunk_intra(
-    q, k, G, beta, Aqk, L, cu_seqlens, chunks, scale, T,
+    q, k, G, beta, Aqk, Minv, cu_seqlens, chunks, scale, T,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     IS_VARLEN: tl.constexpr, L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Aqk and L of one chunk of one value head, written tile by tile (BC x BC). Tiles above
-    the diagonal and rows past the sequence end are not written (readers mask them)."""
+    """Aqk and Minv = (I + L)^{-1} of one chunk of one value head, written as [BT, BT] rows
+    (rows past the sequence end are not written; readers mask them)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h = i_hv // (HV // H)
     _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
     cols = tl.arange(0, BK)
-    o_c = tl.arange(0, BC)
-    for I in tl.static_range(BT // BC):
-        r0 = t0 + I * BC
-        if r0 < eos:
-            rows = r0 + o_c
-            m = rows < eos
-            q_I = load_rows(q, rows, m, H, i_h, cols, K)
-            k_I = load_rows(k, rows, m, H, i_h, cols, K)
-            if L2NORM:
-                q_I = l2norm_rows(q_I, q.dtype.element_ty)
-                k_I = l2norm_rows(k_I, k.dtype.element_ty)
-            q_I = q_I * scale
-            g_I = load_rows(G, rows, m, HV, i_hv, cols, K)
-            b_I = load_beta(beta, rows, m, HV, i_hv, BETA_SIGMOID, NEG_EIGVAL)
-            out = (rows[:, None] * HV + i_hv) * BT + o_c[None, :]
-            # tiles strictly below the diagonal, around the anchor row r0 (see the module doc)
-            g_a = tl.load(G + (r0 * HV + i_hv) * K + cols, mask=cols < K, other=0.0)
-            e_I = tl.exp(tl.where(m[:, None], g_I - g_a[None, :], float("-inf")))
-            qa = (q_I * e_I).to(DOT_DTYPE)
-            ka = (k_I * e_I).to(DOT_DTYPE)
-            for J in tl.static_range(I):
-                rows_J = t0 + J * BC + o_c  # all before r0 < eos: valid
-                all_J = rows_J >= 0
-                k_J = load_rows(k, rows_J, all_J, H, i_h, cols, K)
-                if L2NORM:
-                    k_J = l2norm_rows(k_J, k.dtype.element_ty)
-                g_J = load_rows(G, rows_J, all_J, HV, i_hv, cols, K)
-                kb = tl.trans((k_J * tl.exp(g_a[None, :] - g_J)).to(DOT_DTYPE))
-                a_qk = tl.dot(qa, kb, input_precision=PRECISION)
-                a_kk = tl.dot(ka, kb, input_precision=PRECISION) * b_I[:, None]
-                tl.store(Aqk + out + J * BC, a_qk, mask=m[:, None])
-                tl.store(L + out + J * BC, a_kk, mask=m[:, None])
-            # the diagonal tile, one column j at a time, elementwise in fp32
-            a_qk = tl.zeros([BC, BC], dtype=tl.float32)
-            a_kk = tl.zeros([BC, BC], dtype=tl.float32)
-            for j in range(BC):
-                c = r0 + j
-                m_c = (cols < K) & (c < eos)
-                k_c = tl.load(k + (c * H + i_h) * K + cols, mask=m_c, other=0.0).to(tl.float32)
-                if L2NORM:
-                    k_c = l2norm_rows(k_c, k.dtype.element_ty)
-                g_c = tl.load(G + (c * HV + i_hv) * K + cols, mask=m_c, other=0.0)
-                use = m[:, None] & (o_c[:, None] >= j)
-                kc = k_c[None, :] * tl.exp(tl.where(use, g_I - g_c[None, :], float("-inf")))
-                at_j = o_c[None, :] == j
-                a_qk = tl.where(at_j, tl.sum(q_I * kc, axis=1)[:, None], a_qk)
-                a_kk = tl.where(at_j & (o_c[:, None] > j), tl.sum(k_I * kc, axis=1)[:, None], a_kk)
-            tl.store(Aqk + out + I * BC, a_qk, mask=m[:, None])
-            tl.store(L + out + I * BC, a_kk * b_I[:, None], mask=m[:, None])
-
-
-@triton.jit
-def chunk_solve(L, cu_seqlens, chunks, T, HV: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Minv = (I + L)^{-1} of one chunk, in place over L, by forward substitution in fp32:
-    with N = Minv - I, row r of N is -L_r - sum_{i<r} L_ri N_i, where rows i < r are done."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_hv = i_bh // HV, i_bh % HV
-    _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
     o = tl.arange(0, BT)
     rows = t0 + o
     m = rows < eos
-    ptr = L + (rows[:, None] * HV + i_hv) * BT + o[None, :]
-    lower = m[:, None] & (o[None, :] < o[:, None]) & (t0 + o[None, :] < eos)
-    A = -tl.load(ptr, mask=lower, other=0.0)
-    for r in range(1, BT):
-        sel = o[:, None] == r
-        row = tl.sum(tl.where(sel, A, 0.0), axis=0)
-        row += tl.sum(row[:, None] * A, axis=0)
-        A = tl.where(sel, row[None, :], A)
-    A += tl.where(o[:, None] == o[None, :], 1.0, 0.0)
-    tl.store(ptr, A, mask=m[:, None])
+    q_c = load_rows(q, rows, m, H, i_h, cols, K)
+    k_c = load_rows(k, rows, m, H, i_h, cols, K)
+    if L2NORM:
+        q_c = l2norm_rows(q_c, q.dtype.element_ty)
+        k_c = l2norm_rows(k_c, k.dtype.element_ty)
+    q_c = q_c * scale
+    g_c = load_rows(G, rows, m, HV, i_hv, cols, K)
+    b_c = load_beta(beta, rows, m, HV, i_hv, BETA_SIGMOID, NEG_EIGVAL)
+    base = (o // BC) * BC  # first row of each row's sub-chunk
+
+    # Diagonal tiles, all BT // BC at once, one column j of each per step, elementwise in fp32.
+    a_qk = tl.zeros([BT, BT], dtype=tl.float32)
+    a_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    for j in range(BC):
+        src = t0 + base + j  # token of column j of the row's own sub-chunk
+        m_src = src < eos
+        k_j = load_rows(k, src, m_src, H, i_h, cols, K)
+        if L2NORM:
+            k_j = l2norm_rows(k_j, k.dtype.element_ty)
+        g_j = load_rows(G, src, m_src, HV, i_hv, cols, K)
+        use = m & (o - base >= j)  # i <= r, inside the sequence
+        k_j = k_j * tl.exp(tl.where(use[:, None], g_c - g_j, float("-inf")))
+        at_j = o[None, :] == (base + j)[:, None]
+        a_qk = tl.where(at_j, tl.sum(q_c * k_j, axis=1)[:, None], a_qk)
+        a_kk = tl.where(at_j & (o - base > j)[:, None], tl.sum(k_c * k_j, axis=1)[:, None], a_kk)
+
+    # Tiles strictly below the diagonal: rows of sub-chunk I against every earlier column,
+    # around the anchor a = the first row of sub-chunk I (see the module docstring).
+    for I in tl.static_range(1, BT // BC):
+        a = t0 + I * BC
+        if a < eos:
+            g_a = tl.load(G + (a * HV + i_hv) * K + cols, mask=cols < K, other=0.0)
+            e_r = tl.exp(tl.where(((o // BC == I) & m)[:, None], g_c - g_a[None, :], float("-inf")))
+            e_i = tl.exp(tl.where((o < I * BC)[:, None], g_a[None, :] - g_c, float("-inf")))
+            k_i = tl.trans((k_c * e_i).to(DOT_DTYPE))
+            a_qk += tl.dot((q_c * e_r).to(DOT_DTYPE), k_i, input_precision=PRECISION)
+            a_kk += tl.dot((k_c * e_r).to(DOT_DTYPE), k_i, input_precision=PRECISION)
+    a_kk = a_kk * b_c[:, None]  # L = StrictTril(Diag(beta) ...)
+
+    # Minv = (I + L)^{-1}, fp32 throughout (ieee dots). Split L = Ld + Lo (block diagonal,
+    # strictly block lower). Dinv = (I + Ld)^{-1} by forward substitution, one row of every
+    # diagonal block per step: with N = Dinv - I, row r is -Ld_r - sum_{i<r} Ld_ri N_i.
+    # Then I + L = (I + Ld)(I + E) with E = Dinv Lo, strictly block lower, so E^(BT/BC) = 0
+    # and for BT / BC = 4 blocks (I + E)^{-1} = I - E + E^2 - E^3 = (I - E)(I + E^2).
+    same = (o[:, None] // BC) == (o[None, :] // BC)
+    eye = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
+    n = tl.where(same, -a_kk, 0.0)
+    for j in range(1, BC):
+        sel = ((o - base) == j)[:, None]
+        r = tl.where(sel, n, 0.0)
+        n = tl.where(sel, r + tl.dot(r, n, input_precision="ieee"), n)
+    d_inv = n + eye
+    e = tl.dot(d_inv, tl.where(same, 0.0, a_kk), input_precision="ieee")
+    e2 = tl.dot(e, e, input_precision="ieee")
+    m_inv = tl.dot(tl.dot(eye - e, eye + e2, input_precision="ieee"), d_inv, input_precision="ieee")
+
+    out = (rows[:, None] * HV + i_hv) * BT + o[None, :]
+    tl.store(Aqk + out, a_qk, mask=m[:, None])
+    tl.store(Minv + out, m_inv, mask=m[:, None])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kda_chunk_intra import l2norm_rows, load_beta, load_rows
+from .kda_chunk_intra import load_beta, load_qk, load_rows, mma, round_to
 
 
 @triton.jit
@@ -59,11 +59,7 @@ def chunk_recurrence(
         if t0 < eos:
             rows = t0 + o_t
             m = rows < eos
-            k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
-            q_c = load_rows(q, rows, m, H, i_h, cols_k, K)
-            if L2NORM:
-                k_c = l2norm_rows(k_c, k.dtype.element_ty)
-                q_c = l2norm_rows(q_c, q.dtype.element_ty)
+            q_c, k_c = load_qk(q, k, rows, m, H, i_h, cols_k, K, L2NORM)
             g_c = load_rows(G, rows, m, HV, i_hv, cols_k, K)
             v_c = load_rows(v, rows, m, HV, i_hv, cols_v, V)
             b_c = load_beta(beta, rows, m, HV, i_hv, BETA_SIGMOID, NEG_EIGVAL)
@@ -73,19 +69,17 @@ def chunk_recurrence(
             m_inv = tl.load(Minv + mat, mask=tri, other=0.0)
 
             e_g = tl.exp(tl.where(m[:, None], g_c, float("-inf")))
-            S_d = S.to(DOT_DTYPE)
-            x = v_c - tl.dot((k_c * e_g).to(DOT_DTYPE), S_d, input_precision=PRECISION)
-            vp = tl.dot(m_inv.to(DOT_DTYPE), (b_c[:, None] * x).to(DOT_DTYPE), input_precision=PRECISION)
-            vp_d = vp.to(DOT_DTYPE)
-            out = tl.dot((q_c * (scale * e_g)).to(DOT_DTYPE), S_d, input_precision=PRECISION)
-            out += tl.dot(a_qk.to(DOT_DTYPE), vp_d, input_precision=PRECISION)
+            x = v_c - mma(k_c * e_g, S, DOT_DTYPE, PRECISION)
+            vp = mma(m_inv, b_c[:, None] * x, DOT_DTYPE, PRECISION)
+            out = mma(q_c * (scale * e_g), S, DOT_DTYPE, PRECISION)
+            out += mma(a_qk, vp, DOT_DTYPE, PRECISION)
             o_ptr = o + (rows[:, None] * HV + i_hv) * V + cols_v[None, :]
-            tl.store(o_ptr, out.to(o.dtype.element_ty), mask=m[:, None] & (cols_v[None, :] < V))
+            tl.store(o_ptr, round_to(out, o.dtype.element_ty), mask=m[:, None] & (cols_v[None, :] < V))
 
             last = tl.minimum(t0 + BT, eos) - 1
             g_last = tl.load(G + (last * HV + i_hv) * K + cols_k, mask=cols_k < K, other=0.0)
             k_d = k_c * tl.exp(tl.where(m[:, None], g_last[None, :] - g_c, float("-inf")))
             S = S * tl.exp(g_last)[:, None]
-            S += tl.dot(tl.trans(k_d.to(DOT_DTYPE)), vp_d, input_precision=PRECISION)
+            S += mma(tl.trans(k_d), vp, DOT_DTYPE, PRECISION)
     if STORE_HT:
         tl.store(ht + s_ptr, S, mask=m_kv)

@@ -27,7 +27,37 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .runtime import INTERPRET as _INTERPRET
+
 L2NORM_EPS: tl.constexpr = tl.constexpr(1e-6)  # reference/gates.L2NORM_EPS
+INTERPRET: tl.constexpr = tl.constexpr(_INTERPRET)
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """fp32 x rounded to dtype (to nearest, ties to even), returned in dtype. The interpreter
+    (Triton 3.6) truncates fp32 to bfloat16 instead of rounding, so there the rounding is
+    done on the bits; on a GPU the conversion rounds to nearest by itself."""
+    if INTERPRET and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(dtype)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def mma(a, b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ b with fp32 accumulation, the fp32 operands rounded to DOT_DTYPE first. Under the
+    interpreter a bfloat16 tl.dot returns garbage (Triton 3.6 with NumPy 2.4 multiplies the
+    bf16 bits as integers), so there the rounded operands are multiplied in fp32, which is
+    exact for bf16 products; on a GPU the tensor cores read DOT_DTYPE operands directly."""
+    if INTERPRET:
+        a = round_to(a, DOT_DTYPE).to(tl.float32)
+        b = round_to(b, DOT_DTYPE).to(tl.float32)
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=PRECISION)
 
 
 @triton.jit
@@ -51,7 +81,7 @@ def l2norm_rows(x, dtype: tl.constexpr):
     """x / sqrt(sum x^2 + eps) over the last axis in fp32, rounded to the input dtype (what
     the oracle sees: reference/gates.l2norm returns the input dtype), back in fp32."""
     x = x / tl.sqrt(tl.sum(x * x, axis=-1, keep_dims=True) + L2NORM_EPS)
-    return x.to(dtype).to(tl.float32)
+    return round_to(x, dtype).to(tl.float32)
 
 
 @triton.jit
@@ -71,6 +101,17 @@ def load_rows(x, rows, mask, heads, head, cols, D: tl.constexpr):
     """x[rows, head, cols] of a [tokens, heads, D] tensor as fp32 [len(rows), len(cols)], 0 outside."""
     ptr = x + (rows[:, None] * heads + head) * D + cols[None, :]
     return tl.load(ptr, mask=mask[:, None] & (cols[None, :] < D), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def load_qk(q, k, rows, mask, H: tl.constexpr, i_h, cols, K: tl.constexpr, L2NORM: tl.constexpr):
+    """q and k at token rows of head i_h as fp32 [len(rows), len(cols)], L2-normalised if asked."""
+    q_r = load_rows(q, rows, mask, H, i_h, cols, K)
+    k_r = load_rows(k, rows, mask, H, i_h, cols, K)
+    if L2NORM:
+        q_r = l2norm_rows(q_r, q.dtype.element_ty)
+        k_r = l2norm_rows(k_r, k.dtype.element_ty)
+    return q_r, k_r
 
 
 @triton.jit
@@ -120,11 +161,7 @@ def chunk_intra(
     o = tl.arange(0, BT)
     rows = t0 + o
     m = rows < eos
-    q_c = load_rows(q, rows, m, H, i_h, cols, K)
-    k_c = load_rows(k, rows, m, H, i_h, cols, K)
-    if L2NORM:
-        q_c = l2norm_rows(q_c, q.dtype.element_ty)
-        k_c = l2norm_rows(k_c, k.dtype.element_ty)
+    q_c, k_c = load_qk(q, k, rows, m, H, i_h, cols, K, L2NORM)
     q_c = q_c * scale
     g_c = load_rows(G, rows, m, HV, i_hv, cols, K)
     b_c = load_beta(beta, rows, m, HV, i_hv, BETA_SIGMOID, NEG_EIGVAL)
@@ -154,9 +191,9 @@ def chunk_intra(
             g_a = tl.load(G + (a * HV + i_hv) * K + cols, mask=cols < K, other=0.0)
             e_r = tl.exp(tl.where(((o // BC == I) & m)[:, None], g_c - g_a[None, :], float("-inf")))
             e_i = tl.exp(tl.where((o < I * BC)[:, None], g_a[None, :] - g_c, float("-inf")))
-            k_i = tl.trans((k_c * e_i).to(DOT_DTYPE))
-            a_qk += tl.dot((q_c * e_r).to(DOT_DTYPE), k_i, input_precision=PRECISION)
-            a_kk += tl.dot((k_c * e_r).to(DOT_DTYPE), k_i, input_precision=PRECISION)
+            k_i = tl.trans(k_c * e_i)
+            a_qk += mma(q_c * e_r, k_i, DOT_DTYPE, PRECISION)
+            a_kk += mma(k_c * e_r, k_i, DOT_DTYPE, PRECISION)
     a_kk = a_kk * b_c[:, None]  # L = StrictTril(Diag(beta) ...)
 
     # Minv = (I + L)^{-1}, fp32 throughout (ieee dots). Split L = Ld + Lo (block diagonal,

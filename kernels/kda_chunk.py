@@ -4,11 +4,12 @@ drop-in for flash-linear-attention's chunk_kda forward (calling convention: sect
 Three launches, no loop over chunks or heads on the host:
 
     chunk_gate_cumsum  (NC, B*HV)      G [B*T, HV, K] fp32: in-chunk cumsum of g (gate from z if asked)
-    chunk_intra        (NC, B*HV)      Aqk, Minv = (I + L)^{-1} [B*T, HV, BT] fp32 (bounded exponents)
+    chunk_intra        (NC, B*HV)      Aqk, Minv = (I + L)^{-1} [B*T, HV, BT] (bounded exponents)
     chunk_recurrence   (NV, N*HV)      o, final state; S carried in registers across chunks
 
 NC = number of chunks (B * NT, or the chunks of all packed sequences). Memory besides inputs
-and outputs: G (4 B*T*HV*K bytes) and Aqk, Minv (4 B*T*HV*BT bytes each); no state history.
+and outputs: G (4 B*T*HV*K bytes) and Aqk, Minv (B*T*HV*BT each, in the dot operand dtype:
+2 bytes for 16-bit inputs at the default precision, else 4); no state history.
 In-kernel options (q/k L2 norm, beta sigmoid) are applied where q, k, beta are loaded; the
 gate from z is computed in chunk_gate_cumsum.
 """
@@ -45,6 +46,11 @@ class ChunkBlocks:
 
     def bk(self, K: int) -> int:
         return max(16, triton.next_power_of_2(K))  # tl.dot needs every tile dimension >= 16
+
+    def warps(self, K: int) -> int:
+        """8 warps once the [BT, BK] fp32 tiles (q, k, G) pass 32 KiB each, else 4: a guess
+        against register spills, not yet measured."""
+        return 8 if self.bk(K) >= 128 else 4
 
     def bv(self, K: int, V: int) -> int:
         cap = self.BV_MAX if self.bk(K) <= 128 else self.BV_MAX // 2
@@ -112,9 +118,10 @@ def chunk_kda(
             ht.copy_(c.initial_state) if c.initial_state is not None else ht.zero_()
         return o, ht
     G = torch.empty(B, T, HV, K, dtype=torch.float32, device=device)
-    Aqk = torch.empty(B, T, HV, BT, dtype=torch.float32, device=device)
-    Minv = torch.empty(B, T, HV, BT, dtype=torch.float32, device=device)
-    dot_dtype = tl.float32 if (precision == "ieee" or c.q.dtype == torch.float32) else tl.bfloat16
+    fp32_dots = precision == "ieee" or c.q.dtype == torch.float32
+    dot_dtype, matrices = (tl.float32, torch.float32) if fp32_dots else (tl.bfloat16, torch.bfloat16)
+    Aqk = torch.empty(B, T, HV, BT, dtype=matrices, device=device)
+    Minv = torch.empty(B, T, HV, BT, dtype=matrices, device=device)
     dot_precision = "ieee" if precision == "ieee" else "tf32"
     gate_kind = 0 if gate is None else (1 if gate.lower_bound is None else 2)
     grid = (NC, i_b_heads)
@@ -132,12 +139,13 @@ def chunk_kda(
     )  # fmt: skip
     chunk_intra[grid](
         c.q, c.k, G, c.beta, Aqk, Minv, c.cu_seqlens, chunks, c.scale, T,
-        H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BK, IS_VARLEN=varlen, **flags,
+        H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BK, IS_VARLEN=varlen,
+        SOLVE_PRECISION="ieee" if precision == "ieee" else "tf32x3", num_warps=BLOCKS.warps(K), **flags,
     )  # fmt: skip
     chunk_recurrence[(triton.cdiv(V, BV), N * HV)](
         c.q, c.k, c.v, G, c.beta, Aqk, Minv, o, c.initial_state, ht, c.cu_seqlens, c.scale, T, NT,
         H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=varlen,
-        HAS_H0=c.initial_state is not None, STORE_HT=ht is not None, **flags,
+        HAS_H0=c.initial_state is not None, STORE_HT=ht is not None, num_warps=BLOCKS.warps(K), **flags,
     )  # fmt: skip
     return o, ht
 

@@ -65,8 +65,8 @@ def chunk_recurrence(
             b_c = load_beta(beta, rows, m, HV, i_hv, BETA_SIGMOID, NEG_EIGVAL)
             tri = m[:, None] & (t0 + o_t[None, :] < eos) & (o_t[None, :] <= o_t[:, None])
             mat = (rows[:, None] * HV + i_hv) * BT + o_t[None, :]
-            a_qk = tl.load(Aqk + mat, mask=tri, other=0.0)
-            m_inv = tl.load(Minv + mat, mask=tri, other=0.0)
+            a_qk = tl.load(Aqk + mat, mask=tri, other=0.0).to(tl.float32)
+            m_inv = tl.load(Minv + mat, mask=tri, other=0.0).to(tl.float32)
 
             e_g = tl.exp(tl.where(m[:, None], g_c, float("-inf")))
             x = v_c - mma(k_c * e_g, S, DOT_DTYPE, PRECISION)

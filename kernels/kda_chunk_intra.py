@@ -39,7 +39,7 @@ def round_to(x, dtype: tl.constexpr):
     (Triton 3.6) truncates fp32 to bfloat16 instead of rounding, so there the rounding is
     done on the bits; on a GPU the conversion rounds to nearest by itself."""
     if INTERPRET and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
         return bits.to(tl.float32, bitcast=True).to(dtype)
     else:
@@ -149,10 +149,10 @@ def chunk_intra(
     q, k, G, beta, Aqk, Minv, cu_seqlens, chunks, scale, T,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     IS_VARLEN: tl.constexpr, L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SOLVE_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Aqk and Minv = (I + L)^{-1} of one chunk of one value head, written as [BT, BT] rows
-    (rows past the sequence end are not written; readers mask them)."""
+    """Aqk and Minv = (I + L)^{-1} of one chunk of one value head, written as [BT, BT] rows in
+    the dtype of the buffers (rows past the sequence end are not written; readers mask them)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h = i_hv // (HV // H)
@@ -196,7 +196,8 @@ def chunk_intra(
             a_kk += mma(k_c * e_r, k_i, DOT_DTYPE, PRECISION)
     a_kk = a_kk * b_c[:, None]  # L = StrictTril(Diag(beta) ...)
 
-    # Minv = (I + L)^{-1}, fp32 throughout (ieee dots). Split L = Ld + Lo (block diagonal,
+    # Minv = (I + L)^{-1} in fp32 (dots in SOLVE_PRECISION: "ieee", or "tf32x3", three
+    # tensor-core passes that keep about fp32 accuracy, for the default precision). Split L = Ld + Lo (block diagonal,
     # strictly block lower). Dinv = (I + Ld)^{-1} by forward substitution, one row of every
     # diagonal block per step: with N = Dinv - I, row r is -Ld_r - sum_{i<r} Ld_ri N_i.
     # Then I + L = (I + Ld)(I + E) with E = Dinv Lo, strictly block lower, so E^(BT/BC) = 0
@@ -207,12 +208,13 @@ def chunk_intra(
     for j in range(1, BC):
         sel = ((o - base) == j)[:, None]
         r = tl.where(sel, n, 0.0)
-        n = tl.where(sel, r + tl.dot(r, n, input_precision="ieee"), n)
+        n = tl.where(sel, r + tl.dot(r, n, input_precision=SOLVE_PRECISION), n)
     d_inv = n + eye
-    e = tl.dot(d_inv, tl.where(same, 0.0, a_kk), input_precision="ieee")
-    e2 = tl.dot(e, e, input_precision="ieee")
-    m_inv = tl.dot(tl.dot(eye - e, eye + e2, input_precision="ieee"), d_inv, input_precision="ieee")
+    e = tl.dot(d_inv, tl.where(same, 0.0, a_kk), input_precision=SOLVE_PRECISION)
+    e2 = tl.dot(e, e, input_precision=SOLVE_PRECISION)
+    m_inv = tl.dot(tl.dot(eye - e, eye + e2, input_precision=SOLVE_PRECISION), d_inv, input_precision=SOLVE_PRECISION)
 
+    # Stored in the dot operand dtype: the recurrence rounds them to it anyway.
     out = (rows[:, None] * HV + i_hv) * BT + o[None, :]
-    tl.store(Aqk + out, a_qk, mask=m[:, None])
-    tl.store(Minv + out, m_inv, mask=m[:, None])
+    tl.store(Aqk + out, round_to(a_qk, Aqk.dtype.element_ty), mask=m[:, None])
+    tl.store(Minv + out, round_to(m_inv, Minv.dtype.element_ty), mask=m[:, None])

@@ -157,8 +157,9 @@ def chunk_kda_ieee(q, k, v, g, beta, scale=None, initial_state=None, output_fina
     return chunk_kda(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, precision="ieee", **kw)
 
 
-_CAPS = dict(
-    dtypes=("float32", "bfloat16", "float16"), gva=True, varlen=True, gate_in_kernel=True, l2norm_in_kernel=True
-)
+# float16 inputs work (equivalence/test_kda_chunk.py) but are not declared: the suite draws
+# input scales up to 100, where its own float16 same-precision reference overflows (|o| > 65504)
+# and the case is rejected as out of range.
+_CAPS = dict(dtypes=("float32", "bfloat16"), gva=True, varlen=True, gate_in_kernel=True, l2norm_in_kernel=True)
 chunk_kda.kdaverify_capabilities = Capabilities(precision="tf32", **_CAPS)
 chunk_kda_ieee.kdaverify_capabilities = Capabilities(precision="ieee", **_CAPS)

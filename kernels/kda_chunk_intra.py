@@ -78,9 +78,10 @@ def chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT: tl.constexpr, IS_VARLEN: tl.
 
 @triton.jit
 def l2norm_rows(x, dtype: tl.constexpr):
-    """x / sqrt(sum x^2 + eps) over the last axis in fp32, rounded to the input dtype (what
-    the oracle sees: reference/gates.l2norm returns the input dtype), back in fp32."""
-    x = x / tl.sqrt(tl.sum(x * x, axis=-1, keep_dims=True) + L2NORM_EPS)
+    """x / sqrt(sum x^2 + eps) over the K columns of a [rows, BK] tile in fp32, rounded to the
+    input dtype (what the oracle sees: reference/gates.l2norm returns the input dtype), back
+    in fp32."""
+    x = x / tl.sqrt(tl.sum(x * x, axis=1, keep_dims=True) + L2NORM_EPS)
     return round_to(x, dtype).to(tl.float32)
 
 

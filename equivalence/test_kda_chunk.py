@@ -51,6 +51,13 @@ def test_ieee_held_to_fp32_budget(spec):
     h.expect_oracle("chunk_kda_ieee", h.inputs(spec.arrays()), spec.scale)
 
 
+def test_large_heads():
+    """K, V past 128 and not powers of two: BK = 256, V split in five 32-column programs."""
+    spec = CaseSpec(T=20, K=200, V=130, h0=True, seed=3)
+    h = Harness(DEFAULT, torch.bfloat16)
+    h.expect_oracle("chunk_kda K200 V130", h.inputs(spec.arrays()), spec.scale)
+
+
 def test_float16_inputs():
     spec = CASES[5]
     h = Harness(DEFAULT, torch.float16)

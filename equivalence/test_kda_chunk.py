@@ -3,7 +3,8 @@ tolerance rule (relations.Harness, tolerance.judge), on explicit small cases cho
 chunked kernels break: T around the chunk (64) and sub-chunk (16) sizes, K and V not powers
 of two and below 16, K != V, GVA, packed batches with length-1 and empty sequences, an
 initial state, masked gates (g = -1000, in-chunk cumulative sums to -64000), and the
-in-kernel options. Runs under the Triton interpreter on the CPU (kernels/runtime.py).
+in-kernel options. Runs under the Triton interpreter on the CPU (kernels/runtime.py), and
+compiled on a CUDA GPU when there is one.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from kdaverify.equivalence.relations import Harness, bitwise_equal, causality, g
 from kdaverify.kernels import chunk_kda, chunk_kda_ieee
 from kdaverify.reference import beta_activation
 
-DEFAULT = load_implementation(chunk_kda)
-IEEE = load_implementation(chunk_kda_ieee)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEFAULT = load_implementation(chunk_kda, device=DEVICE)
+IEEE = load_implementation(chunk_kda_ieee, device=DEVICE)
 
 CASES = [
     CaseSpec(T=1, K=3, V=3, h0=True, seed=1),
@@ -87,7 +89,7 @@ def test_empty_sequences():
     t = Harness(DEFAULT, torch.float32).inputs(spec.arrays())
     o, S = chunk_kda(**t, output_final_state=True)
     h0 = torch.cat([t["initial_state"][:1], torch.randn_like(t["initial_state"][:2]), t["initial_state"][1:]])
-    cu = torch.tensor([0, 3, 3, 3, 20], dtype=torch.int64)
+    cu = torch.tensor([0, 3, 3, 3, 20], dtype=torch.int64, device=DEVICE)
     o_e, S_e = chunk_kda(**dict(t, initial_state=h0, cu_seqlens=cu), output_final_state=True)
     bitwise_equal("o with empty sequences", o_e, o)
     bitwise_equal("final state of the non-empty sequences", S_e[[0, 3]], S)
@@ -117,7 +119,7 @@ def test_beta_sigmoid_in_kernel(neg):
 def _call(**changes):
     spec = CaseSpec(B=2, T=5, H=1, G=2, K=3, V=4, h0=True)
     t = Harness(DEFAULT, torch.float32).inputs(spec.arrays())
-    return dict(t, **changes)
+    return dict(t, **{n: x.to(DEVICE) if isinstance(x, torch.Tensor) else x for n, x in changes.items()})
 
 
 @pytest.mark.parametrize(

@@ -16,11 +16,38 @@ from dataclasses import dataclass
 
 import torch
 from kdaverify.reference.conventions import check_qkv, check_scale
+from kdaverify.reference.gates import check_gate_args
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _interpreter_scalar_index() -> None:
+    """Let `range(n)` take a runtime scalar under the interpreter with NumPy >= 2.4.
+
+    Triton 3.6's interpreter holds a kernel's scalars as one-element arrays and converts
+    them for range() with int(array), which NumPy 2.4 rejects for arrays of one dimension
+    ("only 0-dimensional arrays can be converted to Python scalars"). This wraps its tensor
+    patching so that __index__ reads the one element with .item(). Compiled kernels on a GPU
+    are not affected: the interpreter module is only touched when it is in use."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "kdaverify_shim", False):
+        return
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0].item()))
+
+    patch.kdaverify_shim = True
+    interpreter._patch_lang_tensor = patch
+
+
+if INTERPRET:
+    _interpreter_scalar_index()
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD = 256  # one K (or V) block per program: next_power_of_2(K) lanes of registers
 STATE_LAYOUTS = ("kv", "vk")  # [.., K, V] (the convention) or [.., V, K] (some servers)
@@ -47,6 +74,7 @@ class Call:
     initial_state: torch.Tensor | None
     cu_seqlens: torch.Tensor | None
     state_indices: torch.Tensor | None = None
+    offsets: tuple[int, ...] | None = None  # cu_seqlens on the host (read once, in check_call)
 
 
 def _device_ok(x: torch.Tensor, name: str, device: torch.device) -> None:
@@ -113,6 +141,9 @@ def check_call(
             raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to T = {T}, got {offsets}")
         N = len(offsets) - 1
         cu_seqlens = cu_seqlens.to(torch.int64).contiguous()
+        offsets = tuple(offsets)
+    else:
+        offsets = None
     if state_layout not in STATE_LAYOUTS:
         raise ValueError(f"state_layout: expected one of {STATE_LAYOUTS}, got {state_layout!r}")
     if state_indices is not None:
@@ -136,7 +167,7 @@ def check_call(
     return Call(
         B, T, H, HV, K, V, N, check_scale(scale, K),
         q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
-        initial_state, cu_seqlens, state_indices,
+        initial_state, cu_seqlens, state_indices, offsets,
     )  # fmt: skip
 
 
@@ -160,3 +191,38 @@ def _check_state_indices(idx, N: int, pool, device: torch.device, inplace: bool)
     if inplace and len(set(live)) != len(live):
         raise ValueError(f"state_indices: expected distinct slots when updating the pool in place, got {values}")
     return idx.to(torch.int64).contiguous()
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The in-kernel gate (DESIGN.md section 3, reference/gates.kda_gate), validated: g holds
+    the raw projection z and the kernel computes the decay from it.
+
+    A_log [HV] and dt_bias [HV * K] (or None) as float32 on the device of q; lower_bound
+    None (softplus form) or a float in [-5, 0) (the "safe" sigmoid form)."""
+
+    A_log: torch.Tensor
+    dt_bias: torch.Tensor | None
+    lower_bound: float | None
+
+
+def check_gate(call: Call, use_gate_in_kernel=False, A_log=None, dt_bias=None, lower_bound=None) -> Gate | None:
+    """Validate the in-kernel gate options of a checked call; None when the gate is off
+    (then A_log, dt_bias and lower_bound must not be given: they would be silently ignored)."""
+    if not use_gate_in_kernel:
+        for name, x in (("A_log", A_log), ("dt_bias", dt_bias), ("lower_bound", lower_bound)):
+            if x is not None:
+                raise ValueError(f"{name}: given without use_gate_in_kernel=True, where it has no effect")
+        return None
+    HV, K, device = call.HV, call.K, call.q.device
+    if not isinstance(A_log, torch.Tensor) or tuple(A_log.shape) != (HV,):
+        raise ValueError(f"A_log: expected a tensor of shape [HV] = ({HV},), got {getattr(A_log, 'shape', A_log)}")
+    _device_ok(A_log, "A_log", device)
+    if dt_bias is not None:
+        if not isinstance(dt_bias, torch.Tensor) or tuple(dt_bias.shape) != (HV * K,):
+            got = getattr(dt_bias, "shape", dt_bias)
+            raise ValueError(f"dt_bias: expected a tensor of shape [HV * K] = ({HV * K},), got {got}")
+        _device_ok(dt_bias, "dt_bias", device)
+        dt_bias = dt_bias.float().contiguous()
+    check_gate_args(A_log, dt_bias, lower_bound, HV, K)
+    return Gate(A_log.float().contiguous(), dt_bias, None if lower_bound is None else float(lower_bound))

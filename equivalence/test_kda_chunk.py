@@ -1,0 +1,153 @@
+"""kernels.chunk_kda (and chunk_kda_ieee) against the float64 oracle, under the suite's one
+tolerance rule (relations.Harness, tolerance.judge), on explicit small cases chosen for where
+chunked kernels break: T around the chunk (64) and sub-chunk (16) sizes, K and V not powers
+of two and below 16, K != V, GVA, packed batches with length-1 and empty sequences, an
+initial state, masked gates (g = -1000, in-chunk cumulative sums to -64000), and the
+in-kernel options. Runs under the Triton interpreter on the CPU (kernels/runtime.py), and
+compiled on a CUDA GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from kdaverify.equivalence.cases import CaseSpec
+from kdaverify.equivalence.implementation import DTYPES, load_implementation
+from kdaverify.equivalence.relations import Harness, bitwise_equal, causality, gate_in_kernel, l2norm_in_kernel
+from kdaverify.kernels import chunk_kda, chunk_kda_ieee
+from kdaverify.reference import beta_activation
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEFAULT = load_implementation(chunk_kda, device=DEVICE)
+IEEE = load_implementation(chunk_kda_ieee, device=DEVICE)
+
+CASES = [
+    CaseSpec(T=1, K=3, V=3, h0=True, seed=1),
+    CaseSpec(T=15, K=16, V=20, G=2, seed=2),
+    CaseSpec(T=16, K=20, V=16, gate="strong", seed=3),
+    CaseSpec(B=2, T=17, K=3, V=64, h0=True, gate="masked", seed=4),
+    CaseSpec(T=65, K=64, V=3, H=2, G=2, gate="masked", beta_max=2.0, seed=5),
+    CaseSpec(T=130, K=16, V=16, h0=True, gate="mild", input_scale=10.0, scale=0.3, seed=6),
+    CaseSpec(T=84, K=20, V=20, G=2, h0=True, seqlens=(1, 17, 1, 65), gate="masked", seed=7),
+    CaseSpec(T=64, K=3, V=20, shared_gate=True, gate="safe", seed=8),
+]
+
+
+def _id(spec: CaseSpec) -> str:
+    return f"B{spec.B}T{spec.T}H{spec.H}G{spec.G}K{spec.K}V{spec.V}-{spec.gate}" + ("-packed" if spec.seqlens else "")
+
+
+@pytest.mark.parametrize("spec", CASES, ids=_id)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_matches_oracle(spec, dtype):
+    h = Harness(DEFAULT, DTYPES[dtype])
+    h.expect_oracle("chunk_kda", h.inputs(spec.arrays()), spec.scale)
+
+
+@pytest.mark.parametrize("spec", [CASES[3], CASES[6]], ids=_id)
+def test_ieee_held_to_fp32_budget(spec):
+    """chunk_kda_ieee declares full-fp32 products: the ieee same-precision reference scales its budget."""
+    assert IEEE.caps.precision == "ieee"
+    h = Harness(IEEE, torch.float32)
+    h.expect_oracle("chunk_kda_ieee", h.inputs(spec.arrays()), spec.scale)
+
+
+def test_large_heads():
+    """K, V past 128 and not powers of two: BK = 256, V split in five 32-column programs."""
+    spec = CaseSpec(T=20, K=200, V=130, h0=True, seed=3)
+    h = Harness(DEFAULT, torch.bfloat16)
+    h.expect_oracle("chunk_kda K200 V130", h.inputs(spec.arrays()), spec.scale)
+
+
+def test_float16_inputs():
+    spec = CASES[5]
+    h = Harness(DEFAULT, torch.float16)
+    h.expect_oracle("chunk_kda fp16", h.inputs(spec.arrays()), spec.scale)
+
+
+def test_masked_chunk_does_not_overflow():
+    """A whole chunk of g = -1000 (in-chunk cumulative sum down to -64000) after ordinary
+    tokens: exp(-G) would overflow fp32; the kernel must stay finite and right."""
+    spec = CaseSpec(T=150, K=16, V=16, h0=True, gate="logsigmoid", seed=9)
+    arrays = spec.arrays()
+    arrays["g"][:, 40:110] = -1000.0
+    h = Harness(DEFAULT, torch.float32)
+    h.expect_oracle("masked chunk", h.inputs(arrays), spec.scale)
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_causality_under_masked_gates(seed):
+    """No future gate reaches a past output, even through rounding (bitwise), with masked gates."""
+    causality(Harness(DEFAULT, torch.float32), CaseSpec(T=70, K=20, V=16, gate="masked", seed=seed))
+
+
+def test_empty_sequences():
+    """Zero-length sequences in a packed batch: their final state is their initial state
+    (written), and the other sequences are computed exactly as without them."""
+    spec = CaseSpec(T=20, K=16, V=16, h0=True, seqlens=(3, 17), seed=13)
+    t = Harness(DEFAULT, torch.float32).inputs(spec.arrays())
+    o, S = chunk_kda(**t, output_final_state=True)
+    h0 = torch.cat([t["initial_state"][:1], torch.randn_like(t["initial_state"][:2]), t["initial_state"][1:]])
+    cu = torch.tensor([0, 3, 3, 3, 20], dtype=torch.int64, device=DEVICE)
+    o_e, S_e = chunk_kda(**dict(t, initial_state=h0, cu_seqlens=cu), output_final_state=True)
+    bitwise_equal("o with empty sequences", o_e, o)
+    bitwise_equal("final state of the non-empty sequences", S_e[[0, 3]], S)
+    bitwise_equal("final state of the empty sequences", S_e[1:3], h0[1:3])
+
+
+@pytest.mark.parametrize("gate", ["mild", "safe"])
+def test_gate_in_kernel(gate):
+    gate_in_kernel(Harness(DEFAULT, torch.float32), CaseSpec(T=33, K=20, V=16, G=2, gate=gate, seed=14))
+
+
+def test_l2norm_in_kernel():
+    l2norm_in_kernel(Harness(DEFAULT, torch.bfloat16), CaseSpec(T=33, K=20, V=16, h0=True, seed=15))
+
+
+@pytest.mark.parametrize("neg", [False, True])
+def test_beta_sigmoid_in_kernel(neg):
+    spec = CaseSpec(T=33, K=16, V=16, seed=16)
+    h = Harness(DEFAULT, torch.float32)
+    arrays = spec.arrays()
+    raw = h.inputs(dict(arrays, beta=np.random.default_rng(16).standard_normal(arrays["beta"].shape)))
+    meaning = dict(raw, beta=beta_activation(raw["beta"].double(), neg).float())
+    extra = dict(use_beta_sigmoid_in_kernel=True, allow_neg_eigval=neg)
+    h.expect_oracle("beta sigmoid in kernel", raw, spec.scale, meaning=meaning, **extra)
+
+
+def _call(**changes):
+    spec = CaseSpec(B=2, T=5, H=1, G=2, K=3, V=4, h0=True)
+    t = Harness(DEFAULT, torch.float32).inputs(spec.arrays())
+    return dict(t, **{n: x.to(DEVICE) if isinstance(x, torch.Tensor) else x for n, x in changes.items()})
+
+
+@pytest.mark.parametrize(
+    ("name", "changes"),
+    [
+        ("precision", dict(precision="bf16")),
+        (
+            "q",
+            dict(
+                q=torch.zeros(2, 5, 1, 300),
+                k=torch.zeros(2, 5, 1, 300),
+                g=torch.zeros(2, 5, 2, 300),
+                initial_state=None,
+            ),
+        ),  # K > 256
+        ("q", dict(q=torch.zeros(2, 5, 1, 3, dtype=torch.float64))),
+        ("initial_state", dict(initial_state=torch.zeros(2, 2, 4, 3))),
+        ("cu_seqlens", dict(cu_seqlens=torch.tensor([0, 2, 5]))),
+        ("A_log", dict(use_gate_in_kernel=True, A_log=torch.zeros(3))),
+        ("dt_bias", dict(use_gate_in_kernel=True, A_log=torch.zeros(2), dt_bias=torch.zeros(5))),
+        ("lower_bound", dict(use_gate_in_kernel=True, A_log=torch.zeros(2), lower_bound=1.0)),
+        ("A_log", dict(A_log=torch.zeros(2))),
+        ("allow_neg_eigval", dict(allow_neg_eigval=True)),
+    ],
+)
+def test_bad_input(name, changes):
+    with pytest.raises(ValueError, match=f"^{name}:"):
+        chunk_kda(**_call(**changes))
+    if name != "precision":
+        with pytest.raises(ValueError, match=f"^{name}:"):
+            chunk_kda_ieee(**_call(**changes))

@@ -1,0 +1,85 @@
+"""The inter-chunk stage of chunk_kda (DESIGN.md section 4): one program per (sequence, value
+head, block of BV value columns) walks the chunks of its sequence in order, carrying the state
+S [K, BV] in registers, and writes each chunk's output as it goes. No per-chunk state is ever
+stored: memory is the inputs, the outputs and the per-chunk matrices of kda_chunk_intra.
+
+Per chunk (tokens r of the chunk; G, Aqk, Minv from kda_chunk_intra; beta folded into Minv's
+right operand, M = Minv Diag(beta)):
+
+    V' = Minv (beta * (V - (Gam * K) S))                 = U - W S  (eq. (7))
+    O  = ((scale * Gam * Q) S + Aqk V')                  (eq. (9); Aqk carries the scale)
+    S  = Diag(Gam_C) S + ((Gam_C / Gam) * K)^T V'        (eq. (8))
+
+Every exponent is <= 0 (G is an in-chunk cumulative sum of g <= 0; Gam_C / Gam =
+exp(G_C - G_r) with r <= C), and rows past the sequence end get exponent -inf.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .kda_chunk_intra import load_beta, load_qk, load_rows, mma, round_to
+
+
+@triton.jit
+def chunk_recurrence(
+    q, k, v, G, beta, Aqk, Minv, o, h0, ht, cu_seqlens, scale, T, NT,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """o [B*T, HV, V] for value columns [i_v*BV, (i_v+1)*BV) and, if STORE_HT, the final state
+    ht [N, HV, K, V] fp32, from h0 [N, HV, K, V] fp32 (or zero). NT: chunks of the longest
+    sequence (a host integer: a for loop with a trip count read from memory is not portable
+    to the interpreter, and a while loop is not software-pipelined); a shorter sequence
+    skips its missing chunks."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_hv = (i_nh // HV).to(tl.int64), i_nh % HV
+    i_h = i_hv // (HV // H)
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n * T
+        eos = bos + T
+    o_t = tl.arange(0, BT)
+    cols_k = tl.arange(0, BK)
+    cols_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (cols_k[:, None] < K) & (cols_v[None, :] < V)
+    s_ptr = ((i_n * HV + i_hv) * K + cols_k[:, None]) * V + cols_v[None, :]
+    if HAS_H0:
+        S = tl.load(h0 + s_ptr, mask=m_kv, other=0.0)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    for i_t in range(0, NT):
+        t0 = bos + i_t * BT
+        if t0 < eos:
+            rows = t0 + o_t
+            m = rows < eos
+            q_c, k_c = load_qk(q, k, rows, m, H, i_h, cols_k, K, L2NORM)
+            g_c = load_rows(G, rows, m, HV, i_hv, cols_k, K)
+            v_c = load_rows(v, rows, m, HV, i_hv, cols_v, V)
+            b_c = load_beta(beta, rows, m, HV, i_hv, BETA_SIGMOID, NEG_EIGVAL)
+            tri = m[:, None] & (t0 + o_t[None, :] < eos) & (o_t[None, :] <= o_t[:, None])
+            mat = (rows[:, None] * HV + i_hv) * BT + o_t[None, :]
+            a_qk = tl.load(Aqk + mat, mask=tri, other=0.0).to(tl.float32)
+            m_inv = tl.load(Minv + mat, mask=tri, other=0.0).to(tl.float32)
+
+            e_g = tl.exp(tl.where(m[:, None], g_c, float("-inf")))
+            x = v_c - mma(k_c * e_g, S, DOT_DTYPE, PRECISION)
+            vp = mma(m_inv, b_c[:, None] * x, DOT_DTYPE, PRECISION)
+            out = mma(q_c * (scale * e_g), S, DOT_DTYPE, PRECISION)
+            out += mma(a_qk, vp, DOT_DTYPE, PRECISION)
+            o_ptr = o + (rows[:, None] * HV + i_hv) * V + cols_v[None, :]
+            tl.store(o_ptr, round_to(out, o.dtype.element_ty), mask=m[:, None] & (cols_v[None, :] < V))
+
+            last = tl.minimum(t0 + BT, eos) - 1
+            g_last = tl.load(G + (last * HV + i_hv) * K + cols_k, mask=cols_k < K, other=0.0)
+            k_d = k_c * tl.exp(tl.where(m[:, None], g_last[None, :] - g_c, float("-inf")))
+            S = S * tl.exp(g_last)[:, None]
+            S += mma(tl.trans(k_d), vp, DOT_DTYPE, PRECISION)
+    if STORE_HT:
+        tl.store(ht + s_ptr, S, mask=m_kv)

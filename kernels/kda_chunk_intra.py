@@ -1,0 +1,224 @@
+"""The per-chunk stages of chunk_kda (DESIGN.md section 4): everything that does not depend on
+the state entering a chunk, one program per (chunk, value head).
+
+    chunk_gate_cumsum   G = inclusive cumulative sum of g inside each chunk (fp32), with the
+                        gate computed from the raw projection z first when asked
+    chunk_intra         Aqk  = scale * Tril((Gam * Q)(K / Gam)^T)          (diagonal included)
+                        L    = StrictTril(Diag(beta) (Gam * K)(K / Gam)^T)   (eq. (6))
+                        Minv = (I + L)^{-1}, so that M = Minv Diag(beta)      (eq. (6))
+
+Layouts (tokens flattened over the batch, t in [0, B*T)): q, k [B*T, H, K]; g, G [B*T, HV, K];
+beta [B*T, HV]; Aqk, Minv [B*T, HV, BT] (row t holds its chunk's row of the BT x BT
+matrix, column j is the chunk's j-th token). Chunks: NT per sequence; with cu_seqlens a
+table [NC, 2] of (sequence, chunk within the sequence).
+
+Bounded exponents (the bug class of DESIGN.md section 4): Gam_r / Gam_i = exp(G_r - G_i) is
+never formed as exp(G_r) * exp(-G_i). The chunk is cut into BC = 16-token sub-chunks. The
+tiles strictly below the diagonal (sub-chunk rows I, columns J < I) factor around the anchor
+a = the first row of sub-chunk I: exp(G_r - G_a) * exp(G_a - G_i), both exponents <= 0
+because g <= 0 and i < a <= r. The anchor is at or before every row that uses it, so no gate
+of a token after r enters row r, not even through rounding. Diagonal tiles are formed
+elementwise, exp(G_r - G_i) masked to i <= r. Rows past the end of a sequence get exponent
+-inf (factor 0), never exp of a positive number.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .runtime import INTERPRET as _INTERPRET
+
+L2NORM_EPS: tl.constexpr = tl.constexpr(1e-6)  # reference/gates.L2NORM_EPS
+INTERPRET: tl.constexpr = tl.constexpr(_INTERPRET)
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """fp32 x rounded to dtype (to nearest, ties to even), returned in dtype. The interpreter
+    (Triton 3.6) truncates fp32 to bfloat16 instead of rounding, so there the rounding is
+    done on the bits; on a GPU the conversion rounds to nearest by itself."""
+    if INTERPRET and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(dtype)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def mma(a, b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ b with fp32 accumulation, the fp32 operands rounded to DOT_DTYPE first. Under the
+    interpreter a bfloat16 tl.dot returns garbage (Triton 3.6 with NumPy 2.4 multiplies the
+    bf16 bits as integers), so there the rounded operands are multiplied in fp32, which is
+    exact for bf16 products; on a GPU the tensor cores read DOT_DTYPE operands directly."""
+    if INTERPRET:
+        a = round_to(a, DOT_DTYPE).to(tl.float32)
+        b = round_to(b, DOT_DTYPE).to(tl.float32)
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=PRECISION)
+
+
+@triton.jit
+def chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(sequence n, first token bos, end eos, first token t0 of this chunk), int64."""
+    if IS_VARLEN:
+        n = tl.load(chunks + 2 * i_c).to(tl.int64)
+        c = tl.load(chunks + 2 * i_c + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + n).to(tl.int64)
+        eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
+    else:
+        n = i_b.to(tl.int64)
+        c = i_c.to(tl.int64)
+        bos = n * T
+        eos = bos + T
+    return n, bos, eos, bos + c * BT
+
+
+@triton.jit
+def l2norm_rows(x, dtype: tl.constexpr):
+    """x / sqrt(sum x^2 + eps) over the K columns of a [rows, BK] tile in fp32, rounded to the
+    input dtype (what the oracle sees: reference/gates.l2norm returns the input dtype), back
+    in fp32."""
+    x = x / tl.sqrt(tl.sum(x * x, axis=1, keep_dims=True) + L2NORM_EPS)
+    return round_to(x, dtype).to(tl.float32)
+
+
+@triton.jit
+def load_beta(beta, rows, mask, HV: tl.constexpr, i_hv, SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr):
+    """beta at token rows of value head i_hv in fp32 (0 where masked); sigmoid(b), or
+    2 sigmoid(b) with negative eigenvalues allowed, when SIGMOID (reference/gates)."""
+    b = tl.load(beta + rows * HV + i_hv, mask=mask, other=0.0).to(tl.float32)
+    if SIGMOID:
+        b = tl.where(mask, tl.sigmoid(b), 0.0)
+        if NEG_EIGVAL:
+            b = 2.0 * b
+    return b
+
+
+@triton.jit
+def load_rows(x, rows, mask, heads, head, cols, D: tl.constexpr):
+    """x[rows, head, cols] of a [tokens, heads, D] tensor as fp32 [len(rows), len(cols)], 0 outside."""
+    ptr = x + (rows[:, None] * heads + head) * D + cols[None, :]
+    return tl.load(ptr, mask=mask[:, None] & (cols[None, :] < D), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def load_qk(q, k, rows, mask, H: tl.constexpr, i_h, cols, K: tl.constexpr, L2NORM: tl.constexpr):
+    """q and k at token rows of head i_h as fp32 [len(rows), len(cols)], L2-normalised if asked."""
+    q_r = load_rows(q, rows, mask, H, i_h, cols, K)
+    k_r = load_rows(k, rows, mask, H, i_h, cols, K)
+    if L2NORM:
+        q_r = l2norm_rows(q_r, q.dtype.element_ty)
+        k_r = l2norm_rows(k_r, k.dtype.element_ty)
+    return q_r, k_r
+
+
+@triton.jit
+def chunk_gate_cumsum(
+    g, G, A_log, dt_bias, lower_bound, cu_seqlens, chunks, T,
+    HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    IS_VARLEN: tl.constexpr, GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+):  # fmt: skip
+    """G [B*T, HV, K] fp32 = the in-chunk inclusive cumulative sum of g. GATE: 0 = g as given;
+    1 = g = -exp(A_log) softplus(z + dt_bias); 2 = g = lower_bound sigmoid(exp(A_log) (z + dt_bias))."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_hv = i_bh // HV, i_bh % HV
+    _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
+    rows = t0 + tl.arange(0, BT)
+    cols = tl.arange(0, BK)
+    m = rows < eos
+    x = load_rows(g, rows, m, HV, i_hv, cols, K)
+    if GATE != 0:
+        if HAS_DT_BIAS:
+            x += tl.load(dt_bias + i_hv * K + cols, mask=cols < K, other=0.0)[None, :]
+        a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
+        if GATE == 1:
+            # softplus(x) = max(x, 0) + log(1 + exp(-|x|)), with no overflow for large |x|
+            x = -a * (tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x))))
+        else:
+            x = lower_bound * tl.sigmoid(a * x)
+        x = tl.where(m[:, None] & (cols[None, :] < K), x, 0.0)
+    Gc = tl.cumsum(x, axis=0)
+    ptr = G + (rows[:, None] * HV + i_hv) * K + cols[None, :]
+    tl.store(ptr, Gc, mask=m[:, None] & (cols[None, :] < K))
+
+
+@triton.jit
+def chunk_intra(
+    q, k, G, beta, Aqk, Minv, cu_seqlens, chunks, scale, T,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    IS_VARLEN: tl.constexpr, L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SOLVE_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Aqk and Minv = (I + L)^{-1} of one chunk of one value head, written as [BT, BT] rows in
+    the dtype of the buffers (rows past the sequence end are not written; readers mask them)."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_hv = i_bh // HV, i_bh % HV
+    i_h = i_hv // (HV // H)
+    _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
+    cols = tl.arange(0, BK)
+    o = tl.arange(0, BT)
+    rows = t0 + o
+    m = rows < eos
+    q_c, k_c = load_qk(q, k, rows, m, H, i_h, cols, K, L2NORM)
+    q_c = q_c * scale
+    g_c = load_rows(G, rows, m, HV, i_hv, cols, K)
+    b_c = load_beta(beta, rows, m, HV, i_hv, BETA_SIGMOID, NEG_EIGVAL)
+    base = (o // BC) * BC  # first row of each row's sub-chunk
+
+    # Diagonal tiles, all BT // BC at once, one column j of each per step, elementwise in fp32.
+    a_qk = tl.zeros([BT, BT], dtype=tl.float32)
+    a_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    for j in range(BC):
+        src = t0 + base + j  # token of column j of the row's own sub-chunk
+        m_src = src < eos
+        k_j = load_rows(k, src, m_src, H, i_h, cols, K)
+        if L2NORM:
+            k_j = l2norm_rows(k_j, k.dtype.element_ty)
+        g_j = load_rows(G, src, m_src, HV, i_hv, cols, K)
+        use = m & (o - base >= j)  # i <= r, inside the sequence
+        k_j = k_j * tl.exp(tl.where(use[:, None], g_c - g_j, float("-inf")))
+        at_j = o[None, :] == (base + j)[:, None]
+        a_qk = tl.where(at_j, tl.sum(q_c * k_j, axis=1)[:, None], a_qk)
+        a_kk = tl.where(at_j & (o - base > j)[:, None], tl.sum(k_c * k_j, axis=1)[:, None], a_kk)
+
+    # Tiles strictly below the diagonal: rows of sub-chunk I against every earlier column,
+    # around the anchor a = the first row of sub-chunk I (see the module docstring).
+    for I in tl.static_range(1, BT // BC):
+        a = t0 + I * BC
+        if a < eos:
+            g_a = tl.load(G + (a * HV + i_hv) * K + cols, mask=cols < K, other=0.0)
+            e_r = tl.exp(tl.where(((o // BC == I) & m)[:, None], g_c - g_a[None, :], float("-inf")))
+            e_i = tl.exp(tl.where((o < I * BC)[:, None], g_a[None, :] - g_c, float("-inf")))
+            k_i = tl.trans(k_c * e_i)
+            a_qk += mma(q_c * e_r, k_i, DOT_DTYPE, PRECISION)
+            a_kk += mma(k_c * e_r, k_i, DOT_DTYPE, PRECISION)
+    a_kk = a_kk * b_c[:, None]  # L = StrictTril(Diag(beta) ...)
+
+    # Minv = (I + L)^{-1} in fp32 (dots in SOLVE_PRECISION: "ieee", or "tf32x3", three
+    # tensor-core passes that keep about fp32 accuracy, for the default precision). Split L = Ld + Lo (block diagonal,
+    # strictly block lower). Dinv = (I + Ld)^{-1} by forward substitution, one row of every
+    # diagonal block per step: with N = Dinv - I, row r is -Ld_r - sum_{i<r} Ld_ri N_i.
+    # Then block forward substitution over the sub-chunks, in order (the Neumann product
+    # (I - E)(I + E^2), E = Dinv Lo, is shorter but its intermediates grow and cancel: it lost
+    # 3.4x the reference's accuracy over 2633 tokens with beta near 2).
+    same = (o[:, None] // BC) == (o[None, :] // BC)
+    eye = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
+    n = tl.where(same, -a_kk, 0.0)
+    for j in range(1, BC):
+        sel = ((o - base) == j)[:, None]
+        r = tl.where(sel, n, 0.0)
+        n = tl.where(sel, r + tl.dot(r, n, input_precision=SOLVE_PRECISION), n)
+    d_inv = n + eye
+    lo = tl.where(same, 0.0, a_kk)
+    m_inv = d_inv  # right for block row 0; block row I: X_I = Dinv_I (E_I - sum_{J<I} Lo_IJ X_J)
+    for I in tl.static_range(1, BT // BC):
+        r = tl.where((o // BC == I)[:, None], lo, 0.0)
+        m_inv -= tl.dot(d_inv, tl.dot(r, m_inv, input_precision=SOLVE_PRECISION), input_precision=SOLVE_PRECISION)
+
+    # Stored in the dot operand dtype: the recurrence rounds them to it anyway.
+    out = (rows[:, None] * HV + i_hv) * BT + o[None, :]
+    tl.store(Aqk + out, round_to(a_qk, Aqk.dtype.element_ty), mask=m[:, None])
+    tl.store(Minv + out, round_to(m_inv, Minv.dtype.element_ty), mask=m[:, None])

@@ -62,7 +62,9 @@ def verify(args) -> int:
 
     out = Path(args.out) if args.out else report_dir(args.target)
     argv = [str(SUITE), f"--kda-impl={args.target}", f"--kda-report={out}", "-q", "-p", "no:cacheprovider"]
-    argv += ["--no-header", "-rN", "--tb=no"]
+    # short tracebacks: each failure keeps its falsifying CaseSpec and @reproduce_failure blob,
+    # which the report quotes; the one-screen summary still comes last
+    argv += ["--no-header", "-rN", "--tb=short"]
     for field, name, _ in option_specs():
         value = getattr(args, field)
         if value is not None:

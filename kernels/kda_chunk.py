@@ -124,12 +124,12 @@ def chunk_kda(
     Minv = torch.empty(B, T, HV, BT, dtype=matrices, device=device)
     dot_precision = "ieee" if precision == "ieee" else "tf32"
     gate_kind = 0 if gate is None else (1 if gate.lower_bound is None else 2)
-    grid = (NC, i_b_heads)
+    grid = (NC * i_b_heads,)  # one axis: see kda_chunk_intra.one_dim_grid
     chunk_gate_cumsum[grid](
         c.g, G,
         None if gate is None else gate.A_log, None if gate is None else gate.dt_bias,
         0.0 if gate is None or gate.lower_bound is None else gate.lower_bound,
-        c.cu_seqlens, chunks, T,
+        c.cu_seqlens, chunks, T, i_b_heads,
         HV=HV, K=K, BT=BT, BK=BK, IS_VARLEN=varlen, GATE=gate_kind,
         HAS_DT_BIAS=gate is not None and gate.dt_bias is not None,
     )  # fmt: skip
@@ -138,11 +138,11 @@ def chunk_kda(
         NEG_EIGVAL=bool(allow_neg_eigval), DOT_DTYPE=dot_dtype, PRECISION=dot_precision,
     )  # fmt: skip
     chunk_intra[grid](
-        c.q, c.k, G, c.beta, Aqk, Minv, c.cu_seqlens, chunks, c.scale, T,
+        c.q, c.k, G, c.beta, Aqk, Minv, c.cu_seqlens, chunks, c.scale, T, i_b_heads,
         H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BK, IS_VARLEN=varlen,
         SOLVE_PRECISION="ieee" if precision == "ieee" else "tf32x3", num_warps=BLOCKS.warps(K), **flags,
     )  # fmt: skip
-    chunk_recurrence[(triton.cdiv(V, BV), N * HV)](
+    chunk_recurrence[(triton.cdiv(V, BV) * N * HV,)](
         c.q, c.k, c.v, G, c.beta, Aqk, Minv, o, c.initial_state, ht, c.cu_seqlens, c.scale, T, NT,
         H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=varlen,
         HAS_H0=c.initial_state is not None, STORE_HT=ht is not None, num_warps=BLOCKS.warps(K), **flags,

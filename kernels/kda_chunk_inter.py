@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kda_chunk_intra import load_beta, load_qk, load_rows, mma, round_to
+from .kda_chunk_intra import load_beta, load_qk, load_rows, mma, one_dim_grid, round_to
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def chunk_recurrence(
     sequence (a host integer: a for loop with a trip count read from memory is not portable
     to the interpreter, and a while loop is not software-pipelined); a shorter sequence
     skips its missing chunks."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v = one_dim_grid((V + BV - 1) // BV)
     i_n, i_hv = (i_nh // HV).to(tl.int64), i_nh % HV
     i_h = i_hv // (HV // H)
     if IS_VARLEN:

@@ -61,6 +61,16 @@ def mma(a, b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def one_dim_grid(inner):
+    """(outer, inner) program indices of a one-dimensional grid of outer * inner programs.
+    Grids are one-dimensional because CUDA caps the second and third grid axes at 65535, and
+    both the chunk count (one long sequence) and the batch-times-heads count (many rows, or
+    thousands of packed sequences times HV) pass that."""
+    pid = tl.program_id(0).to(tl.int64)
+    return pid // inner, pid % inner
+
+
+@triton.jit
 def chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
     """(sequence n, first token bos, end eos, first token t0 of this chunk), int64."""
     if IS_VARLEN:
@@ -117,13 +127,13 @@ def load_qk(q, k, rows, mask, H: tl.constexpr, i_h, cols, K: tl.constexpr, L2NOR
 
 @triton.jit
 def chunk_gate_cumsum(
-    g, G, A_log, dt_bias, lower_bound, cu_seqlens, chunks, T,
+    g, G, A_log, dt_bias, lower_bound, cu_seqlens, chunks, T, NBH,
     HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     IS_VARLEN: tl.constexpr, GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
 ):  # fmt: skip
     """G [B*T, HV, K] fp32 = the in-chunk inclusive cumulative sum of g. GATE: 0 = g as given;
     1 = g = -exp(A_log) softplus(z + dt_bias); 2 = g = lower_bound sigmoid(exp(A_log) (z + dt_bias))."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_c, i_bh = one_dim_grid(NBH)
     i_b, i_hv = i_bh // HV, i_bh % HV
     _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
     rows = t0 + tl.arange(0, BT)
@@ -147,14 +157,14 @@ def chunk_gate_cumsum(
 
 @triton.jit
 def chunk_intra(
-    q, k, G, beta, Aqk, Minv, cu_seqlens, chunks, scale, T,
+    q, k, G, beta, Aqk, Minv, cu_seqlens, chunks, scale, T, NBH,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     IS_VARLEN: tl.constexpr, L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SOLVE_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Aqk and Minv = (I + L)^{-1} of one chunk of one value head, written as [BT, BT] rows in
     the dtype of the buffers (rows past the sequence end are not written; readers mask them)."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_c, i_bh = one_dim_grid(NBH)
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h = i_hv // (HV // H)
     _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)

@@ -80,13 +80,15 @@ def _fused_recurrent_kda_kernel(
     BETA_SCALE: tl.constexpr, GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr, SAFE_GATE: tl.constexpr,
     EPS: tl.constexpr,
 ):  # fmt: skip
-    """Grid (cdiv(V, BV), N * HV). q, k [B*T, H, K]; v, o [B*T, HV, V]; g [B*T, HV, K];
+    """Grid (N * HV * cdiv(V, BV),): one axis, because CUDA caps the others at 65535 and a
+    decode batch times HV passes that. q, k [B*T, H, K]; v, o [B*T, HV, V]; g [B*T, HV, K];
     beta [B*T, HV]; h0 [P, HV, K, V] (or [.., V, K] with STATE_VK); ht [N, HV, K, V], or h0
     itself with INPLACE. Sequence n spans tokens [cu_seqlens[n], cu_seqlens[n+1]) (or
     [n T, (n+1) T)) and reads state slot state_indices[n] (or n); slot -1 is padding: no
     state is read, o rows are zero, and only the non-INPLACE ht row (zero) is written."""
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
+    pid = tl.program_id(0).to(tl.int64)
+    i_v = pid % ((V + BV - 1) // BV)
+    i_nh = pid // ((V + BV - 1) // BV)
     i_n = i_nh // HV
     i_hv = i_nh % HV
     i_h = i_hv // (HV // H)
@@ -250,7 +252,7 @@ def fused_recurrent_kda(
         ht = torch.empty(shape, dtype=torch.float32, device=c.q.device)
     else:
         ht = None
-    grid = (triton.cdiv(c.V, cfg.BV), c.N * c.HV)
+    grid = (triton.cdiv(c.V, cfg.BV) * c.N * c.HV,)
     _fused_recurrent_kda_kernel[grid](
         c.q, c.k, c.v, c.g, c.beta, o, c.initial_state, ht, c.cu_seqlens, c.state_indices, A32, bias32,
         float(c.scale), float(lower_bound) if lower_bound is not None else 0.0, c.T, c.H, c.HV,

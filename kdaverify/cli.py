@@ -98,6 +98,7 @@ def _mutant_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=2, help="pytest runs at a time (default 2)")
     p.add_argument("--out", default=None, help="folder for the per-mutant reports and killtable.md")
     p.add_argument("--only", nargs="*", default=None, help="run only these mutants")
+    p.add_argument("--targeted", action="store_true", help="each mutant runs only the checks it is meant for (CI)")
 
 
 @command("mutants", "every negative control through the suite: the kill table", _mutant_arguments)
@@ -109,6 +110,8 @@ def mutants(args) -> int:
         argv += ["--out", args.out]
     if args.only:
         argv += ["--only", *args.only]
+    if args.targeted:
+        argv.append("--targeted")
     return run(argv + args.pytest_args)
 
 

@@ -19,3 +19,10 @@ def test_selection_picks_exactly_the_named_checks():
     ids = [f"test_conformance[{c}-float32]" for c in CHECKS]
     chosen = [i for i in ids if any(part.strip() in i for part in expr.split(" or "))]
     assert chosen == ["test_conformance[oracle-float32]", "test_conformance[state_split-float32]"]
+
+
+def test_command_line_passes_targeted():
+    from kdaverify.cli import parser
+
+    args = parser().parse_args(["mutants", "--targeted", "--jobs", "1"])
+    assert args.targeted and args.jobs == 1

@@ -1,6 +1,6 @@
 """kdaverify as other projects install it: one wheel, one namespace, a command and a plugin.
 
-From the source checkout this test builds the sdist and, from it, the wheel (python -m build,
+From a copy of the source checkout's tracked files this test builds the sdist and, from it, the wheel (python -m build,
 without isolation: the test environment already has setuptools), checks that nothing lands
 under a top-level name other than `kdaverify`, installs the wheel into a fresh virtual
 environment outside the repository, and there runs `kdaverify verify` and
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -41,13 +42,36 @@ def _run(cmd, cwd, env=None, timeout=600) -> subprocess.CompletedProcess:
 
 
 def _ok(proc) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    # head and tail: a build's first lines say what it found, its last ones how it failed
+    out = proc.stdout if len(proc.stdout) < 8000 else proc.stdout[:3000] + "\n[...]\n" + proc.stdout[-5000:]
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{proc.stderr[-6000:]}"
+
+
+def _tracked_files(root: Path) -> list[str]:
+    """The files a clean clone has: git's list when this is a git checkout, otherwise every
+    file outside build products and virtual environments."""
+    proc = _run(["git", "-C", str(root), "ls-files", "-z"], cwd=root) if (root / ".git").exists() else None
+    if proc is not None and proc.returncode == 0 and proc.stdout:
+        return [f for f in proc.stdout.split("\0") if f and (root / f).is_file()]
+    skip = {".git", ".nox", ".venv", "build", "dist", "__pycache__"}
+    return [
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and not (skip & set(p.relative_to(root).parts)) and ".egg-info" not in str(p)
+    ]
 
 
 @pytest.fixture(scope="module")
 def dists(tmp_path_factory) -> dict[str, Path]:
+    # Build from a copy of the tracked files, never in the checkout itself: setuptools writes
+    # build/, *.egg-info and the release tree into the source folder, and what an editable
+    # install or an earlier build left there must not decide what the sdist holds.
+    src = tmp_path_factory.mktemp("src")
+    for name in _tracked_files(ROOT):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, src / name)
     out = tmp_path_factory.mktemp("dist")
-    _ok(_run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)], cwd=out))
+    _ok(_run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(src)], cwd=out))
     wheel = next(out.glob("kdaverify-*.whl"))
     sdist = next(out.glob("kdaverify-*.tar.gz"))
     return {"wheel": wheel, "sdist": sdist}

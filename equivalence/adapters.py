@@ -31,7 +31,8 @@ def in_float32(fn):
 
 
 reference_chunk_kda = in_float32(kda_chunkwise)
-reference_chunk_kda.kdaverify_capabilities = Capabilities()  # fills M in place: no autograd
+# autograd runs through it, but it is one of the gradient checks' own references: not declared
+reference_chunk_kda.kdaverify_capabilities = Capabilities()
 reference_recurrent_kda = in_float32(kda_recurrent)
 reference_recurrent_kda.kdaverify_capabilities = Capabilities(backward=True)  # autograd runs through it
 

@@ -7,14 +7,20 @@ initial_state, taken by torch.autograd, are held to the float64 adjoint oracle
 (reference.kda_recurrent_backward_np) on the very inputs and cotangents it saw, each
 gradient separately, under the tolerance rule of tolerance.py.
 
-The same-precision reference of a gradient is autograd through the float32 recurrence
-(adapters.reference_recurrent_kda), its gradient rounded to the dtype of the input it
-belongs to. The chunkwise oracle cannot serve: it fills M in place and rounds operands
-through integer bit views, so autograd does not go through it. The recurrence does every
-product in full fp32, so it is a same-precision reference only for float32 inputs with
-declared precision "ieee"; for reduced-precision matmuls (tf32, bf16, 16-bit inputs) there
-is no gradient reference yet, and the checks that need one are not applicable rather than
-judged against a budget that is not theirs (a Triton kernel can be checked at "ieee" with
+The same-precision references of a gradient are autograd through the float32 recurrence
+and through the float32 chunkwise oracle at chunk sizes 64 and 16 (the forward's set,
+relations.Harness.references), each gradient rounded to the dtype of the input it belongs
+to; the worst of them scales the budget, as in the forward. Both ways are legitimate at
+this precision and their errors differ: over 70 tokens with strong gates the chunkwise
+oracle's gradients at chunk size 64 sit 12-78x further from the float64 oracle than the
+recurrence's (dg the most: the triangular inverse and the in-chunk cumulative sums cancel;
+measured on the CPU, rel_rms 6e-6 against 8e-8), so a budget of the recurrence alone
+failed the correct chunked kernel kernels.chunk_kda_ieee (dg at 5e-6). All of them do every product in full fp32
+(the tf32 and bf16 emulations round through integer bit views, which autograd does not go
+through), so they are same-precision references only for float32 inputs with declared
+precision "ieee"; for reduced-precision matmuls (tf32, bf16, 16-bit inputs) there is no
+gradient reference yet, and the checks that need one are not applicable rather than judged
+against a budget that is not theirs (a Triton kernel can be checked at "ieee" with
 TRITON_F32_DEFAULT=ieee, which makes tl.dot take full fp32 operands).
 """
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from kdaverify.reference import (
+    kda_chunkwise,
     kda_gate,
     kda_gate_backward_np,
     kda_recurrent_backward_np,
@@ -96,17 +103,36 @@ def oracle_grads(t: dict, do, dht, scale) -> dict:
     return {n: d for n, d in zip(GRAD_INPUTS, grads, strict=True) if t[n] is not None}
 
 
-def reference_call(scale):
-    """fn(t) -> (o, final_state) of the float32 recurrence (gradients come back in each
-    input's dtype, as an implementation returns them)."""
+def reference_calls(scale) -> list:
+    """fn(t) -> (o, final_state) of each same-precision gradient reference (module
+    docstring): the float32 recurrence, then the float32 chunkwise oracle at each of
+    REFERENCE_CHUNKS. Gradients come back in each input's dtype, as an implementation
+    returns them."""
+    from .relations import REFERENCE_CHUNKS  # relations registers these checks: import it late
 
-    def fn(t):
-        return reference_recurrent_kda(
-            t["q"], t["k"], t["v"], t["g"], t["beta"], scale=scale, initial_state=t["initial_state"],
-            output_final_state=True, cu_seqlens=t["cu_seqlens"],
-        )  # fmt: skip
+    def make(chunk):
+        def fn(t):
+            args = (t["q"], t["k"], t["v"], t["g"], t["beta"])
+            kw = dict(scale=scale, initial_state=t["initial_state"], output_final_state=True)
+            if chunk is None:
+                return reference_recurrent_kda(*args, cu_seqlens=t["cu_seqlens"], **kw)
+            o, S = kda_chunkwise(*(x.float() for x in args), cu_seqlens=t["cu_seqlens"], chunk_size=chunk, **kw)
+            return o.to(t["q"].dtype), S
 
-    return fn
+        return fn
+
+    return [make(c) for c in (None, *REFERENCE_CHUNKS)]
+
+
+def reference_grads(scale, t: dict, do, dht, transform=None, names=GRAD_INPUTS) -> list[dict]:
+    """The gradients of every same-precision reference on the CPU, the inputs passed
+    through transform (an in-kernel option's meaning, as a differentiable function of
+    them) first."""
+    t, do, dht = _on_cpu(t), _cpu(do), _cpu(dht)
+    return [
+        autograd_grads(lambda x, fn=fn: fn(x if transform is None else transform(x)), t, do, dht, names)
+        for fn in reference_calls(scale)
+    ]
 
 
 def _cpu(x):
@@ -117,14 +143,14 @@ def _on_cpu(t: dict) -> dict:
     return {n: _cpu(x) for n, x in t.items()}
 
 
-def judge_gradients(h, what: str, got: dict, want: dict, ref: dict, t: dict) -> None:
+def judge_gradients(h, what: str, got: dict, want: dict, refs: list[dict], t: dict) -> None:
     """Each gradient in want (the float64 oracle) against the implementation's (got) under
     the tolerance rule, scaled by the reference's (ref) error on the same gradient, in the
     dtype of the input it belongs to. Records every verdict; raises AssertionError listing
     the failures."""
     failed = []
     for name, target in want.items():
-        verdict = judge(f"{what}: d{name}", got[name], target, [errors(ref[name], target)], t[name].dtype)
+        verdict = judge(f"{what}: d{name}", got[name], target, [errors(r[name], target) for r in refs], t[name].dtype)
         h.record(verdict)
         if not verdict.passed:
             failed.append(str(verdict))
@@ -140,8 +166,7 @@ def expect_gradients(h, what: str, spec: CaseSpec, loss: str = "o and final_stat
     do, dht = cotangents(spec, h.dtype, h.impl.device, loss)
     got = autograd_grads(lambda x: h.impl.call(x, scale=spec.scale), t, do, dht)
     want = oracle_grads(t, do, dht, spec.scale)
-    ref = autograd_grads(reference_call(spec.scale), _on_cpu(t), _cpu(do), _cpu(dht))
-    judge_gradients(h, f"{what} ({loss})", got, want, ref, t)
+    judge_gradients(h, f"{what} ({loss})", got, want, reference_grads(spec.scale, t, do, dht), t)
 
 
 def _loss_np(t: dict, do: np.ndarray, dht: np.ndarray, scale) -> float:
@@ -204,16 +229,16 @@ def grad_gate_in_kernel(h, spec: CaseSpec):
         extra = dict(A_log=x["A_log"], dt_bias=x["dt_bias"], lower_bound=lower_bound)
         return h.impl.call(x, scale=spec.scale, use_gate_in_kernel=True, **extra)
 
-    def ref_run(x):
-        return reference_call(spec.scale)(dict(x, g=kda_gate(x["g"].float(), x["A_log"], x["dt_bias"], lower_bound)))
+    def meaning(x):
+        return dict(x, g=kda_gate(x["g"].float(), x["A_log"], x["dt_bias"], lower_bound))
 
     z, a, b = (as_f64(x) for x in (t["g"], A_log, dt_bias))
     g = kda_gate(torch.as_tensor(z), torch.as_tensor(a), torch.as_tensor(b), lower_bound).numpy()
     want = oracle_grads(dict(t, g=g), do, dht, spec.scale)
     want["g"], want["A_log"], want["dt_bias"] = kda_gate_backward_np(z, a, b, lower_bound, want["g"])
     got = autograd_grads(run, t, do, dht, names)
-    ref = autograd_grads(ref_run, _on_cpu(t), _cpu(do), _cpu(dht), names)
-    judge_gradients(h, "gate in kernel (dg is dz)", got, want, ref, t)
+    refs = reference_grads(spec.scale, t, do, dht, meaning, names)
+    judge_gradients(h, "gate in kernel (dg is dz)", got, want, refs, t)
 
 
 def grad_l2norm_in_kernel(h, spec: CaseSpec):
@@ -226,16 +251,15 @@ def grad_l2norm_in_kernel(h, spec: CaseSpec):
     t = raw_qk_inputs(h, spec)
     do, dht = cotangents(spec, h.dtype, h.impl.device, "o and final_state")
 
-    def ref_run(x):
-        return reference_call(spec.scale)(dict(x, q=l2norm(x["q"].float()), k=l2norm(x["k"].float())))
+    def meaning(x):
+        return dict(x, q=l2norm(x["q"].float()), k=l2norm(x["k"].float()))
 
     q, k = as_f64(t["q"]), as_f64(t["k"])
     normed = dict(t, q=l2norm(torch.as_tensor(q)).numpy(), k=l2norm(torch.as_tensor(k)).numpy())
     want = oracle_grads(normed, do, dht, spec.scale)
     want["q"], want["k"] = l2norm_backward_np(q, want["q"]), l2norm_backward_np(k, want["k"])
     got = autograd_grads(lambda x: h.impl.call(x, scale=spec.scale, use_qk_l2norm_in_kernel=True), t, do, dht)
-    ref = autograd_grads(ref_run, _on_cpu(t), _cpu(do), _cpu(dht))
-    judge_gradients(h, "l2norm in kernel", got, want, ref, t)
+    judge_gradients(h, "l2norm in kernel", got, want, reference_grads(spec.scale, t, do, dht, meaning), t)
 
 
 def grad_vjp_directions(h, spec: CaseSpec):
@@ -255,8 +279,8 @@ def grad_vjp_directions(h, spec: CaseSpec):
 
     target = directional_derivatives(t, do, dht, spec.scale, directions)
     got = along(autograd_grads(lambda x: h.impl.call(x, scale=spec.scale), t, do, dht))
-    ref = along(autograd_grads(reference_call(spec.scale), _on_cpu(t), _cpu(do), _cpu(dht)))
-    verdict = judge(f"<gradient, u> for u along {', '.join(directions)}", got, target, [errors(ref, target)], h.dtype)
+    scales = [errors(along(r), target) for r in reference_grads(spec.scale, t, do, dht)]
+    verdict = judge(f"<gradient, u> for u along {', '.join(directions)}", got, target, scales, h.dtype)
     h.record(verdict)
     if not verdict.passed:
         raise AssertionError(str(verdict))

@@ -13,8 +13,20 @@ import numpy as np
 import pytest
 import torch
 from kdaverify.equivalence.cases import CaseSpec
+from kdaverify.equivalence.gradients import (
+    autograd_grads,
+    cotangents,
+    expect_gradients,
+    grad_determinism,
+    grad_gate_in_kernel,
+    grad_l2norm_in_kernel,
+    judge_gradients,
+    oracle_grads,
+    reference_grads,
+)
 from kdaverify.equivalence.implementation import DTYPES, load_implementation
 from kdaverify.equivalence.relations import Harness, bitwise_equal, causality, gate_in_kernel, l2norm_in_kernel
+from kdaverify.equivalence.tolerance import as_f64
 from kdaverify.kernels import chunk_kda, chunk_kda_ieee
 from kdaverify.reference import beta_activation
 
@@ -151,3 +163,113 @@ def test_bad_input(name, changes):
     if name != "precision":
         with pytest.raises(ValueError, match=f"^{name}:"):
             chunk_kda_ieee(**_call(**changes))
+
+
+# ------------------------------------------------------------------ backward (ChunkKDAFunction)
+# Gradients are held to the float64 adjoint oracle under the tolerance rule with the float32
+# recurrence's autograd as the same-precision reference (equivalence/gradients.py): that
+# reference is full fp32, so these run on chunk_kda_ieee with float32 inputs.
+
+GRAD_CASES = [
+    CaseSpec(T=1, K=3, V=3, h0=True, seed=21),
+    CaseSpec(T=70, K=20, V=16, H=2, G=2, h0=True, gate="strong", seed=22),
+    CaseSpec(B=2, T=33, K=16, V=20, gate="masked", beta_max=2.0, seed=23),
+    CaseSpec(T=84, K=20, V=20, G=2, h0=True, seqlens=(1, 17, 1, 65), gate="masked", seed=24),
+    CaseSpec(T=64, K=3, V=40, shared_gate=True, gate="safe", input_scale=10.0, scale=0.3, seed=25),
+]
+
+
+@pytest.mark.parametrize("spec", GRAD_CASES, ids=_id)
+def test_gradients_match_oracle(spec):
+    expect_gradients(Harness(IEEE, torch.float32), "chunk_kda_ieee gradients", spec)
+
+
+@pytest.mark.parametrize("loss", ["o only", "final_state only"])
+def test_gradients_of_one_output(loss):
+    """dht absent (a loss on o alone) and do absent (on the final state alone)."""
+    expect_gradients(Harness(IEEE, torch.float32), "chunk_kda_ieee", GRAD_CASES[3], loss)
+
+
+def test_gradients_through_a_masked_chunk():
+    """g = -1000 over 70 tokens: the backward's exponents stay bounded (pairs formed as
+    exp(G_r - G_i), r >= i), so no gradient overflows and all agree with the oracle."""
+    spec = CaseSpec(T=150, K=16, V=16, h0=True, gate="logsigmoid", seed=26)
+    arrays = spec.arrays()
+    arrays["g"][:, 40:110] = -1000.0
+    h = Harness(IEEE, torch.float32)
+    t = h.inputs(arrays)
+    do, dht = cotangents(spec, torch.float32, DEVICE, "o and final_state")
+    got = autograd_grads(lambda x: IEEE.call(x, scale=spec.scale), t, do, dht)
+    want = oracle_grads(t, do, dht, spec.scale)
+    judge_gradients(h, "masked chunk", got, want, reference_grads(spec.scale, t, do, dht), t)
+
+
+def test_gradients_of_in_kernel_options():
+    """dz, dA_log, ddt_bias (both gate forms) and dq, dk through the L2 norm."""
+    h = Harness(IEEE, torch.float32)
+    grad_gate_in_kernel(h, CaseSpec(T=40, K=16, V=16, G=2, h0=True, gate="mild", seed=27))
+    grad_gate_in_kernel(h, CaseSpec(T=40, K=16, V=16, gate="safe", seed=28))
+    grad_l2norm_in_kernel(h, CaseSpec(T=40, K=20, V=16, h0=True, seed=29))
+
+
+@pytest.mark.parametrize("neg", [False, True])
+def test_gradient_of_beta_sigmoid(neg):
+    """d(raw beta) = dbeta * the sigmoid's derivative (times 2 with negative eigenvalues)."""
+    spec = CaseSpec(T=40, K=16, V=16, seed=30)
+    h = Harness(IEEE, torch.float32)
+    raw = h.inputs(dict(spec.arrays(), beta=np.random.default_rng(30).standard_normal((1, 40, 1))))
+    do, dht = cotangents(spec, torch.float32, DEVICE, "o and final_state")
+    extra = dict(use_beta_sigmoid_in_kernel=True, allow_neg_eigval=neg)
+    got = autograd_grads(lambda x: IEEE.call(x, scale=spec.scale, **extra), raw, do, dht)
+    b = torch.as_tensor(as_f64(raw["beta"]))
+    act = beta_activation(b, neg)
+    want = oracle_grads(dict(raw, beta=act.numpy()), do, dht, spec.scale)
+    want["beta"] = want["beta"] * (act * (1 - act / (2 if neg else 1))).numpy()
+    refs = reference_grads(spec.scale, raw, do, dht, lambda x: dict(x, beta=beta_activation(x["beta"], neg)))
+    judge_gradients(h, "beta sigmoid in kernel", got, want, refs, raw)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_training_forward_equals_inference_forward(dtype):
+    """The autograd path (keeping the chunk states) computes o and the final state bitwise
+    as the inference path does: storing h changes no arithmetic."""
+    spec = CaseSpec(T=84, K=20, V=20, G=2, h0=True, seqlens=(1, 17, 1, 65), gate="masked", seed=31)
+    t = Harness(DEFAULT, DTYPES[dtype]).inputs(spec.arrays())
+    with torch.no_grad():
+        o, S = chunk_kda(**t, output_final_state=True)
+    o_g, S_g = chunk_kda(**dict(t, q=t["q"].clone().requires_grad_()), output_final_state=True)
+    assert o_g.requires_grad and S_g.requires_grad
+    bitwise_equal("o with autograd", o_g.detach(), o)
+    bitwise_equal("final state with autograd", S_g.detach(), S)
+
+
+def test_bfloat16_backward_is_deterministic_and_typed():
+    """16-bit inputs have no same-precision gradient reference yet (gradients.py): the
+    backward is checked for determinism, finiteness and the dtypes it returns."""
+    spec = GRAD_CASES[1]
+    h = Harness(DEFAULT, torch.bfloat16)
+    grad_determinism(h, spec)
+    t = h.inputs(spec.arrays())
+    do, dht = cotangents(spec, torch.bfloat16, DEVICE, "o and final_state")
+    got = autograd_grads(lambda x: DEFAULT.call(x, scale=spec.scale), t, do, dht)
+    for n, d in got.items():
+        assert d.dtype == t[n].dtype, f"d{n}: dtype {d.dtype}, expected {t[n].dtype}"
+        assert torch.isfinite(d.float()).all(), f"d{n}: not finite"
+
+
+def test_gradients_with_empty_sequences():
+    """An empty sequence passes its final state's cotangent straight to its dh0, and the
+    other sequences' gradients are those of the batch without it, bitwise."""
+    spec = CaseSpec(T=20, K=16, V=16, h0=True, seqlens=(3, 17), seed=32)
+    t = Harness(IEEE, torch.float32).inputs(spec.arrays())
+    do, dht = cotangents(spec, torch.float32, DEVICE, "o and final_state")
+    call = lambda x: IEEE.call(x, scale=spec.scale)  # noqa: E731
+    base = autograd_grads(call, t, do, dht)
+    h0 = torch.cat([t["initial_state"][:1], torch.randn_like(t["initial_state"][:2]), t["initial_state"][1:]])
+    dht_e = torch.cat([dht[:1], torch.randn_like(dht[:2]), dht[1:]])
+    cu = torch.tensor([0, 3, 3, 3, 20], dtype=torch.int64, device=DEVICE)
+    got = autograd_grads(call, dict(t, initial_state=h0, cu_seqlens=cu), do, dht_e)
+    for n in ("q", "k", "v", "g", "beta"):
+        bitwise_equal(f"d{n} with empty sequences", got[n], base[n])
+    bitwise_equal("dh0 of the non-empty sequences", got["initial_state"][[0, 3]], base["initial_state"])
+    bitwise_equal("dh0 of the empty sequences", got["initial_state"][1:3], dht_e[1:3])

@@ -1,7 +1,8 @@
 """Triton kernels for KDA, drop-ins for flash-linear-attention's functions of the same names
 (calling convention: DESIGN.md section 3).
 
-    chunk_kda            chunked WY/UT forward (kda_chunk.py); chunk_kda_ieee: the same with fp32 dots
+    chunk_kda            chunked WY/UT forward (kda_chunk.py) and, under autograd, its Triton backward
+                         (kda_chunk_backward.py); chunk_kda_ieee: the same with fp32 dots
     fused_recurrent_kda  token-by-token recurrence, also the decode kernel (kda_fused_recurrent.py)
 
 Each carries a `kdaverify_capabilities` declaration for the conformance suite. Without a CUDA

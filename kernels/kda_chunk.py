@@ -17,16 +17,18 @@ gate from z is computed in chunk_gate_cumsum.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 from kdaverify.equivalence.capabilities import Capabilities
+from kdaverify.reference.gates import beta_activation, kda_gate, l2norm
 
+from .kda_chunk_backward import chunk_dh_recurrence, chunk_grads
 from .kda_chunk_inter import chunk_recurrence
 from .kda_chunk_intra import chunk_gate_cumsum, chunk_intra
-from .runtime import check_call, check_gate
+from .runtime import Call, Gate, check_call, check_gate
 
 PRECISIONS = (None, "ieee")
 
@@ -99,55 +101,190 @@ def chunk_kda(
     _beta_sigmoid_check(use_beta_sigmoid_in_kernel, allow_neg_eigval)
     c = check_call(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     gate = check_gate(c, use_gate_in_kernel, A_log, dt_bias, lower_bound)
+    params = (c.q, c.k, c.v, c.g, c.beta, c.initial_state) + (() if gate is None else (gate.A_log, gate.dt_bias))
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in params):
+        # Training: the in-kernel options are applied here by the reference's own PyTorch
+        # functions (autograd takes their gradients: dA_log, ddt_bias, dz, the L2 norm's and
+        # the sigmoid's), and the core recurrence runs as ChunkKDAFunction (Triton both ways).
+        if use_qk_l2norm_in_kernel:
+            c = replace(c, q=l2norm(c.q), k=l2norm(c.k))
+        if use_beta_sigmoid_in_kernel:
+            c = replace(c, beta=beta_activation(c.beta, allow_neg_eigval))
+        if gate is not None:
+            c = replace(c, g=kda_gate(c.g, gate.A_log, gate.dt_bias, gate.lower_bound))
+        return ChunkKDAFunction.apply(c.q, c.k, c.v, c.g, c.beta, c.initial_state, c, precision, output_final_state)
+    opts = _Options(
+        bool(use_qk_l2norm_in_kernel), bool(use_beta_sigmoid_in_kernel), bool(allow_neg_eigval), gate, precision
+    )
+    o, ht, _ = _forward(c, opts, output_final_state, keep=False)
+    return o, ht
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The in-kernel options of one call (all off on the autograd path, where PyTorch
+    applies them before the kernels run)."""
+
+    l2norm: bool = False
+    beta_sigmoid: bool = False
+    neg_eigval: bool = False
+    gate: Gate | None = None
+    precision: str | None = None
+
+    def dots(self, dtype: torch.dtype):
+        """(tl dtype of dot operands, torch dtype of the Aqk and Minv buffers, tl.dot precision)."""
+        fp32 = self.precision == "ieee" or dtype == torch.float32
+        dot_dtype, matrices = (tl.float32, torch.float32) if fp32 else (tl.bfloat16, torch.bfloat16)
+        return dot_dtype, matrices, "ieee" if self.precision == "ieee" else "tf32"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How a call's tokens are cut into chunks. The per-chunk launches run NC * NBH programs:
+    NC = NT chunk indices times NBH = B * HV, or with cu_seqlens NC = every chunk of every
+    sequence (`chunks` [NC, 2] holds (sequence, chunk), chunk_first [N + 1] the first chunk
+    of each sequence) times NBH = HV. NT = chunks of the longest sequence; total = chunks in
+    all (B * NT, or NC), the rows of the per-chunk state buffers h and dh."""
+
+    NT: int
+    NC: int
+    NBH: int
+    varlen: bool
+    chunks: torch.Tensor | None
+    chunk_first: torch.Tensor | None
+    total: int
+
+    @staticmethod
+    def of(c: Call) -> _Plan:
+        BT = BLOCKS.BT
+        if c.offsets is None:
+            NT = triton.cdiv(c.T, BT)
+            return _Plan(NT, NT, c.B * c.HV, False, None, None, c.B * NT)
+        table = _chunk_table(c.offsets, BT)
+        counts = [triton.cdiv(b - a, BT) for a, b in zip(c.offsets, c.offsets[1:], strict=False)]
+        first = [0]
+        for n in counts:
+            first.append(first[-1] + n)
+        device = c.q.device
+        return _Plan(
+            max(counts), len(table) // 2, c.HV, True,
+            torch.tensor(table, dtype=torch.int32, device=device),
+            torch.tensor(first, dtype=torch.int32, device=device),
+            len(table) // 2,
+        )  # fmt: skip
+
+
+def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
+    """The three forward launches. Returns (o, final state or None, saved): saved is None
+    unless keep, then (plan, G, Aqk, Minv, h) for the backward, h [NC, HV, K, V] fp32 the
+    state entering every chunk (the only per-chunk state history, and only when training)."""
     B, T, H, HV, K, V, N = c.B, c.T, c.H, c.HV, c.K, c.V, c.N
     BT, BC = BLOCKS.BT, BLOCKS.BC
     BK, BV = BLOCKS.bk(K), BLOCKS.bv(K, V)
     device = c.q.device
     o = torch.empty(B, T, HV, V, dtype=c.q.dtype, device=device)
     ht = torch.empty(N, HV, K, V, dtype=torch.float32, device=device) if output_final_state else None
-    if c.offsets is None:
-        NT = triton.cdiv(T, BT)
-        NC, i_b_heads, chunks, varlen = NT, B * HV, None, False
-    else:
-        table = _chunk_table(c.offsets, BT)
-        chunks = torch.tensor(table, dtype=torch.int32, device=device)
-        NC, i_b_heads, varlen = len(table) // 2, HV, True
-        NT = max(triton.cdiv(b - a, BT) for a, b in zip(c.offsets, c.offsets[1:], strict=False))
-    if T == 0 or NC == 0:  # nothing to compute: every sequence is empty
+    plan = _Plan.of(c)
+    if T == 0 or plan.NC == 0:  # nothing to compute: every sequence is empty
         if ht is not None:
             ht.copy_(c.initial_state) if c.initial_state is not None else ht.zero_()
-        return o, ht
+        return o, ht, (plan, None, None, None, None) if keep else None
+    gate = opts.gate
     G = torch.empty(B, T, HV, K, dtype=torch.float32, device=device)
-    fp32_dots = precision == "ieee" or c.q.dtype == torch.float32
-    dot_dtype, matrices = (tl.float32, torch.float32) if fp32_dots else (tl.bfloat16, torch.bfloat16)
+    dot_dtype, matrices, dot_precision = opts.dots(c.q.dtype)
     Aqk = torch.empty(B, T, HV, BT, dtype=matrices, device=device)
     Minv = torch.empty(B, T, HV, BT, dtype=matrices, device=device)
-    dot_precision = "ieee" if precision == "ieee" else "tf32"
+    h = torch.empty(plan.total, HV, K, V, dtype=torch.float32, device=device) if keep else None
     gate_kind = 0 if gate is None else (1 if gate.lower_bound is None else 2)
-    grid = (NC * i_b_heads,)  # one axis: see kda_chunk_intra.one_dim_grid
+    grid = (plan.NC * plan.NBH,)  # one axis: see kda_chunk_intra.one_dim_grid
     chunk_gate_cumsum[grid](
         c.g, G,
         None if gate is None else gate.A_log, None if gate is None else gate.dt_bias,
         0.0 if gate is None or gate.lower_bound is None else gate.lower_bound,
-        c.cu_seqlens, chunks, T, i_b_heads,
-        HV=HV, K=K, BT=BT, BK=BK, IS_VARLEN=varlen, GATE=gate_kind,
+        c.cu_seqlens, plan.chunks, T, plan.NBH,
+        HV=HV, K=K, BT=BT, BK=BK, IS_VARLEN=plan.varlen, GATE=gate_kind,
         HAS_DT_BIAS=gate is not None and gate.dt_bias is not None,
     )  # fmt: skip
     flags = dict(
-        L2NORM=bool(use_qk_l2norm_in_kernel), BETA_SIGMOID=bool(use_beta_sigmoid_in_kernel),
-        NEG_EIGVAL=bool(allow_neg_eigval), DOT_DTYPE=dot_dtype, PRECISION=dot_precision,
+        L2NORM=opts.l2norm, BETA_SIGMOID=opts.beta_sigmoid, NEG_EIGVAL=opts.neg_eigval,
+        DOT_DTYPE=dot_dtype, PRECISION=dot_precision,
     )  # fmt: skip
     chunk_intra[grid](
-        c.q, c.k, G, c.beta, Aqk, Minv, c.cu_seqlens, chunks, c.scale, T, i_b_heads,
-        H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BK, IS_VARLEN=varlen,
-        SOLVE_PRECISION="ieee" if precision == "ieee" else "tf32x3", num_warps=BLOCKS.warps(K), **flags,
+        c.q, c.k, G, c.beta, Aqk, Minv, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
+        H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BK, IS_VARLEN=plan.varlen,
+        SOLVE_PRECISION="ieee" if opts.precision == "ieee" else "tf32x3", num_warps=BLOCKS.warps(K), **flags,
     )  # fmt: skip
     chunk_recurrence[(triton.cdiv(V, BV) * N * HV,)](
-        c.q, c.k, c.v, G, c.beta, Aqk, Minv, o, c.initial_state, ht, c.cu_seqlens, c.scale, T, NT,
-        H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=varlen,
-        HAS_H0=c.initial_state is not None, STORE_HT=ht is not None, num_warps=BLOCKS.warps(K), **flags,
+        c.q, c.k, c.v, G, c.beta, Aqk, Minv, o, c.initial_state, ht, h, plan.chunk_first, c.cu_seqlens,
+        c.scale, T, plan.NT,
+        H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=plan.varlen,
+        HAS_H0=c.initial_state is not None, STORE_HT=ht is not None, STORE_H=keep,
+        num_warps=BLOCKS.warps(K), **flags,
     )  # fmt: skip
-    return o, ht
+    return o, ht, (plan, G, Aqk, Minv, h) if keep else None
+
+
+class ChunkKDAFunction(torch.autograd.Function):
+    """chunk_kda's core (no in-kernel options) under autograd: the Triton forward keeping
+    what the backward needs, and the Triton backward of kda_chunk_backward.py.
+    apply(q, k, v, g, beta, initial_state, call, precision, output_final_state): `call` is
+    the validated Call the tensors came from (sizes, scale, cu_seqlens)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, initial_state, call, precision, output_final_state):
+        c = replace(call, q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state)
+        opts = _Options(precision=precision)
+        o, ht, (plan, G, Aqk, Minv, h) = _forward(c, opts, output_final_state, keep=True)
+        ctx.save_for_backward(q, k, v, beta, G, Aqk, Minv, h)
+        ctx.call, ctx.opts, ctx.plan = c, opts, plan
+        ctx.dtypes = (g.dtype, beta.dtype)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, beta, G, Aqk, Minv, h = ctx.saved_tensors
+        c, opts, plan = ctx.call, ctx.opts, ctx.plan
+        dq, dk, dv, dg, dbeta, dh0 = chunk_kda_backward(c, opts, plan, q, k, v, beta, G, Aqk, Minv, h, do, dht)
+        dg = dg.to(ctx.dtypes[0])
+        dbeta = dbeta.to(ctx.dtypes[1])
+        return dq, dk, dv, dg, dbeta, dh0, None, None, None
+
+
+def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, Aqk, Minv, h, do, dht):
+    """(dq, dk, dv, dg, dbeta, dh0) of the loss <o, do> + <final_state, dht> (either cotangent
+    may be None), from what _forward(keep=True) saved. dq, dk are summed over the value
+    heads of each group (GVA); dh0 is None without an initial state."""
+    B, T, H, HV, K, V, N = c.B, c.T, c.H, c.HV, c.K, c.V, c.N
+    device = q.device
+    dq = torch.zeros(B, T, HV, K, dtype=torch.float32, device=device)
+    dk = torch.zeros(B, T, HV, K, dtype=torch.float32, device=device)
+    dg = torch.zeros(B, T, HV, K, dtype=torch.float32, device=device)
+    dbeta = torch.zeros(B, T, HV, dtype=torch.float32, device=device)
+    dv = torch.zeros(B, T, HV, V, dtype=v.dtype, device=device)
+    dh0 = None if c.initial_state is None else torch.empty(N, HV, K, V, dtype=torch.float32, device=device)
+    if T == 0 or plan.NC == 0:
+        if dh0 is not None:
+            dh0.copy_(dht) if dht is not None else dh0.zero_()
+        return torch.zeros_like(q), torch.zeros_like(k), dv, dg, dbeta, dh0
+    do = torch.zeros_like(v) if do is None else do.contiguous()
+    dht = None if dht is None else dht.contiguous()
+    BT, BK, BV = BLOCKS.BT, BLOCKS.bk(K), BLOCKS.bv(K, V)
+    dot_dtype, _, dot_precision = opts.dots(q.dtype)
+    dh = torch.empty(plan.total, HV, K, V, dtype=torch.float32, device=device)
+    common = dict(H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=plan.varlen,
+                  DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=BLOCKS.warps(K))  # fmt: skip
+    chunk_dh_recurrence[(triton.cdiv(V, BV) * N * HV,)](
+        q, k, G, beta, Aqk, Minv, do, dht, dh, dh0, c.cu_seqlens, plan.chunk_first, c.scale, T, plan.NT,
+        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **common,
+    )  # fmt: skip
+    chunk_grads[(plan.NC * plan.NBH,)](
+        q, k, v, G, beta, Aqk, Minv, h, dh, do, dq, dk, dv, dg, dbeta, c.cu_seqlens, plan.chunks,
+        c.scale, T, plan.NT, plan.NBH, **common,
+    )  # fmt: skip
+    group = HV // H
+    dq = dq.view(B, T, H, group, K).sum(3).to(q.dtype)
+    dk = dk.view(B, T, H, group, K).sum(3).to(k.dtype)
+    return dq, dk, dv, dg, dbeta, dh0
 
 
 def chunk_kda_ieee(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, **kw):
@@ -160,6 +297,8 @@ def chunk_kda_ieee(q, k, v, g, beta, scale=None, initial_state=None, output_fina
 # float16 inputs work (equivalence/test_kda_chunk.py) but are not declared: the suite draws
 # input scales up to 100, where its own float16 same-precision reference overflows (|o| > 65504)
 # and the case is rejected as out of range.
-_CAPS = dict(dtypes=("float32", "bfloat16"), gva=True, varlen=True, gate_in_kernel=True, l2norm_in_kernel=True)
+_CAPS = dict(
+    dtypes=("float32", "bfloat16"), gva=True, varlen=True, gate_in_kernel=True, l2norm_in_kernel=True, backward=True
+)
 chunk_kda.kdaverify_capabilities = Capabilities(precision="tf32", **_CAPS)
 chunk_kda_ieee.kdaverify_capabilities = Capabilities(precision="ieee", **_CAPS)

@@ -19,15 +19,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kda_chunk_intra import load_beta, load_qk, load_rows, mma, one_dim_grid, round_to
+from .kda_chunk_intra import load_beta, load_qk, load_rows, mma, one_dim_grid, round_to, sequence_span
 
 
 @triton.jit
 def chunk_recurrence(
-    q, k, v, G, beta, Aqk, Minv, o, h0, ht, cu_seqlens, scale, T, NT,
+    q, k, v, G, beta, Aqk, Minv, o, h0, ht, h, chunk_first, cu_seqlens, scale, T, NT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_H: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -35,16 +35,11 @@ def chunk_recurrence(
     ht [N, HV, K, V] fp32, from h0 [N, HV, K, V] fp32 (or zero). NT: chunks of the longest
     sequence (a host integer: a for loop with a trip count read from memory is not portable
     to the interpreter, and a while loop is not software-pipelined); a shorter sequence
-    skips its missing chunks."""
+    skips its missing chunks. STORE_H (training only): the state entering every chunk is
+    also written to h [NC, HV, K, V] fp32 (chunk c of sequence n at row chunk_first[n] + c,
+    or n * NT + c without cu_seqlens), for the backward of kda_chunk_backward."""
     i_nh, i_v = one_dim_grid((V + BV - 1) // BV)
-    i_n, i_hv = (i_nh // HV).to(tl.int64), i_nh % HV
-    i_h = i_hv // (HV // H)
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        bos = i_n * T
-        eos = bos + T
+    i_n, i_hv, i_h, bos, eos, c0 = sequence_span(i_nh, chunk_first, cu_seqlens, T, NT, HV, H, IS_VARLEN)
     o_t = tl.arange(0, BT)
     cols_k = tl.arange(0, BK)
     cols_v = i_v * BV + tl.arange(0, BV)
@@ -59,6 +54,8 @@ def chunk_recurrence(
         if t0 < eos:
             rows = t0 + o_t
             m = rows < eos
+            if STORE_H:
+                tl.store(h + ((c0 + i_t) * HV + i_hv) * K * V + cols_k[:, None] * V + cols_v[None, :], S, mask=m_kv)
             q_c, k_c = load_qk(q, k, rows, m, H, i_h, cols_k, K, L2NORM)
             g_c = load_rows(G, rows, m, HV, i_hv, cols_k, K)
             v_c = load_rows(v, rows, m, HV, i_hv, cols_v, V)

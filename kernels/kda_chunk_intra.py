@@ -71,6 +71,27 @@ def one_dim_grid(inner):
 
 
 @triton.jit
+def sequence_span(i_nh, chunk_first, cu_seqlens, T, NT, HV: tl.constexpr, H: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """For a program of the per-sequence launches (index i_nh = sequence * HV + value head):
+    (sequence n, value head, its query/key head, first token bos, end eos, the row of its
+    first chunk in the per-chunk buffers: chunk_first[n], or n * NT without cu_seqlens).
+    chunk_first may be None where no per-chunk buffer is read (then c0 is 0 with cu_seqlens)."""
+    i_n, i_hv = (i_nh // HV).to(tl.int64), i_nh % HV
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        if chunk_first is None:
+            c0 = i_n * 0
+        else:
+            c0 = tl.load(chunk_first + i_n).to(tl.int64)
+    else:
+        bos = i_n * T
+        eos = bos + T
+        c0 = i_n * NT
+    return i_n, i_hv, i_hv // (HV // H), bos, eos, c0
+
+
+@triton.jit
 def chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
     """(sequence n, first token bos, end eos, first token t0 of this chunk), int64."""
     if IS_VARLEN:

@@ -116,11 +116,14 @@ def ut_transform(k, v, beta, decay, matmul_precision=None):
     C = k.shape[-2]
     L = beta[..., :, None] * _pair_products(k, k, R, matmul_precision).tril(-1)
     # Forward substitution, one row at a time: rows >= r of M are still zero, and L is
-    # strictly lower, so L[r] @ M sums exactly over the finished rows i < r.
+    # strictly lower, so L[r] @ M sums exactly over the finished rows i < r. Each row is put
+    # in place with torch.where, not an in-place write, so autograd runs through M (the
+    # values are the same bit for bit).
     M = torch.zeros(*L.shape, dtype=k.dtype, device=k.device)
     eye = torch.eye(C, dtype=k.dtype, device=k.device)
     for r in range(C):
-        M[..., r, :] = beta[..., r, None] * eye[r] - (L[..., r, None, :] @ M)[..., 0, :]
+        row = beta[..., r, None] * eye[r] - (L[..., r, None, :] @ M)[..., 0, :]
+        M = torch.where(eye[:, r, None] != 0, row[..., None, :], M)
     W = _mm(M, G.exp() * k, matmul_precision)
     U = _mm(M, v, matmul_precision)
     return M, W, U
@@ -193,7 +196,9 @@ def kda_chunkwise(
 ):
     """KDA by the chunkwise WY/UT algorithm in PyTorch (section 3.1 of the paper).
 
-    An oracle tier, not a training path: it fills M in place, so it is not differentiable.
+    Differentiable: autograd through it in float32 is the chunkwise same-precision
+    reference of the gradient checks (equivalence/gradients.py). The tf32 and bf16
+    emulations round through integer bit views, which autograd does not go through.
 
     Shapes and returns as kda_recurrent: q, k [B, T, H, K], v [B, T, HV, V], g [B, T, HV, K],
     beta [B, T, HV], initial_state [N, HV, K, V]. Computed in the dtype of q. chunk_size is

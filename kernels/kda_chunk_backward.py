@@ -1,0 +1,223 @@
+"""The backward of chunk_kda (DESIGN.md section 4 read in reverse): two launches after a
+forward that kept the state entering every chunk (kda_chunk_inter, STORE_H).
+
+    chunk_dh_recurrence  (NV * N*HV)   dh [NC, HV, K, V]: the adjoint of each chunk's end state,
+                                       walking the chunks of a sequence backwards; dh0
+    chunk_grads          (NC * B*HV)   dq, dk (per value head), dv, dg, dbeta of one chunk
+
+Per chunk, with the forward's quantities (tokens r of the chunk, G the in-chunk cumulative
+sum of g, S0 the state entering it, SC the one leaving it, M = Minv = (I + L)^{-1}):
+
+    X  = V - (Gam K) S0            V' = M (beta X)              O = scale (Gam Q) S0 + Aqk V'
+    SC = Gam_C S0 + Kd^T V',       Kd = (Gam_C / Gam) K
+
+Given dO and dSC (the adjoint of SC), reverse mode gives
+
+    dV' = Aqk^T dO + Kd dSC        dY = M^T dV'       dX = beta dY = dv
+    dS0 = Gam_C dSC + scale (Gam Q)^T dO - (Gam K)^T dX                    (the dh recurrence)
+    dAqk = Tril(dO V'^T)           dL = -StrictTril(dY V'^T)    (since dM = -M^T . M^T)
+    dbeta = rowsum(dY X) + rowsum(K (dL-weighted pairs))
+
+and the pair terms: Aqk[r, i] = scale sum_d Q_rd K_id exp(G_rd - G_id) and
+L[r, i] = beta_r sum_d K_rd K_id exp(G_rd - G_id) feed dQ, dK and dG through
+rowpair(P, Y)[r, d] = sum_{i <= r} P_ri Y_id exp(G_rd - G_id) and
+colpair(P, Y)[i, d] = sum_{r >= i} P_ri Y_rd exp(G_rd - G_id). Both are formed one column i
+of the chunk at a time, elementwise in fp32, so every exponent is G_r - G_i with r >= i:
+never positive, whatever the gates (no exp(G) * exp(-G) factorisation, no anchor). Finally
+dg = the in-chunk reverse cumulative sum of dG.
+
+Everything is fp32 except the dot operands, rounded as in the forward (DOT_DTYPE,
+PRECISION). Memory: the forward keeps G, Aqk, Minv and h (4 NC HV K V bytes); the backward
+adds dh (the same size) and fp32 dq, dk, dg per value head.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .kda_chunk_intra import chunk_span, load_rows, mma, one_dim_grid, round_to, sequence_span
+
+
+@triton.jit
+def _load_tril(x, rows, m, HV: tl.constexpr, i_hv, o_t, eos, t0, BT: tl.constexpr, STRICT: tl.constexpr):
+    """The chunk's [BT, BT] matrix (Aqk or Minv rows, see kda_chunk_intra) in fp32: the lower
+    triangle (diagonal included unless STRICT) of the rows and columns inside the sequence."""
+    keep = m[:, None] & (t0 + o_t[None, :] < eos)
+    if STRICT:
+        keep = keep & (o_t[None, :] < o_t[:, None])
+    else:
+        keep = keep & (o_t[None, :] <= o_t[:, None])
+    return tl.load(x + (rows[:, None] * HV + i_hv) * BT + o_t[None, :], mask=keep, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def chunk_dh_recurrence(
+    q, k, G, beta, Aqk, Minv, do, dht, dh, dh0, cu_seqlens, chunk_first, scale, T, NT,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dh [NC, HV, K, V] fp32 for value columns [i_v*BV, (i_v+1)*BV): row c holds dSC of chunk
+    c (the loss's gradient with respect to the state leaving it), from dht [N, HV, K, V] (or
+    zero) backwards over the chunks; dh0 [N, HV, K, V] = the gradient of the initial state.
+    Traffic per chunk: q, k, G, dO tiles and two [BT, BT] matrices in, one [K, BV] tile out."""
+    i_nh, i_v = one_dim_grid((V + BV - 1) // BV)
+    i_n, i_hv, i_h, bos, eos, c0 = sequence_span(i_nh, chunk_first, cu_seqlens, T, NT, HV, H, IS_VARLEN)
+    o_t = tl.arange(0, BT)
+    cols_k = tl.arange(0, BK)
+    cols_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (cols_k[:, None] < K) & (cols_v[None, :] < V)
+    s_off = cols_k[:, None] * V + cols_v[None, :]
+    if HAS_DHT:
+        dS = tl.load(dht + (i_n * HV + i_hv) * K * V + s_off, mask=m_kv, other=0.0)
+    else:
+        dS = tl.zeros([BK, BV], dtype=tl.float32)
+    for j in range(0, NT):
+        i_t = NT - 1 - j
+        t0 = bos + i_t * BT
+        if t0 < eos:
+            tl.store(dh + ((c0 + i_t) * HV + i_hv) * K * V + s_off, dS, mask=m_kv)
+            rows = t0 + o_t
+            m = rows < eos
+            q_c = load_rows(q, rows, m, H, i_h, cols_k, K)
+            k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
+            g_c = load_rows(G, rows, m, HV, i_hv, cols_k, K)
+            b_c = tl.load(beta + rows * HV + i_hv, mask=m, other=0.0).to(tl.float32)
+            do_c = load_rows(do, rows, m, HV, i_hv, cols_v, V)
+            a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
+            m_inv = _load_tril(Minv, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
+            last = tl.minimum(t0 + BT, eos) - 1
+            g_last = tl.load(G + (last * HV + i_hv) * K + cols_k, mask=cols_k < K, other=0.0)
+            e_g = tl.exp(tl.where(m[:, None], g_c, float("-inf")))
+            k_d = k_c * tl.exp(tl.where(m[:, None], g_last[None, :] - g_c, float("-inf")))
+            dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION) + mma(k_d, dS, DOT_DTYPE, PRECISION)
+            dx = b_c[:, None] * mma(tl.trans(m_inv), dvp, DOT_DTYPE, PRECISION)
+            dS = dS * tl.exp(g_last)[:, None]
+            dS += mma(tl.trans(q_c * (scale * e_g)), do_c, DOT_DTYPE, PRECISION)
+            dS -= mma(tl.trans(k_c * e_g), dx, DOT_DTYPE, PRECISION)
+    if STORE_DH0:
+        tl.store(dh0 + (i_n * HV + i_hv) * K * V + s_off, dS, mask=m_kv)
+
+
+@triton.jit
+def chunk_grads(
+    q, k, v, G, beta, Aqk, Minv, h, dh, do, dq, dk, dv, dg, dbeta, cu_seqlens, chunks, scale, T, NT, NBH,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Gradients of one chunk of one value head: dq, dk [B*T, HV, K] fp32 (summed over the
+    value heads of a group by the host), dv [B*T, HV, V], dg [B*T, HV, K] fp32, dbeta
+    [B*T, HV] fp32. The value columns are walked in blocks of BV, accumulating the [BT, BT]
+    and [BT, K] terms that sum over V; then the pair terms and the cumulative sum."""
+    i_c, i_bh = one_dim_grid(NBH)
+    i_b, i_hv = i_bh // HV, i_bh % HV
+    i_h = i_hv // (HV // H)
+    _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
+    if IS_VARLEN:
+        gc = i_c  # the chunk table lists every sequence's chunks in order
+    else:
+        gc = i_b.to(tl.int64) * NT + i_c
+    o_t = tl.arange(0, BT)
+    cols_k = tl.arange(0, BK)
+    rows = t0 + o_t
+    m = rows < eos
+    m_k = m[:, None] & (cols_k[None, :] < K)
+    q_c = load_rows(q, rows, m, H, i_h, cols_k, K)
+    k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
+    g_c = load_rows(G, rows, m, HV, i_hv, cols_k, K)
+    b_c = tl.load(beta + rows * HV + i_hv, mask=m, other=0.0).to(tl.float32)
+    a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
+    m_inv = _load_tril(Minv, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
+    last = tl.minimum(t0 + BT, eos) - 1
+    g_last = tl.load(G + (last * HV + i_hv) * K + cols_k, mask=cols_k < K, other=0.0)
+    e_g = tl.exp(tl.where(m[:, None], g_c, float("-inf")))
+    e_d = tl.exp(tl.where(m[:, None], g_last[None, :] - g_c, float("-inf")))
+    kg = k_c * e_g
+    kd = k_c * e_d
+
+    d_aqk = tl.zeros([BT, BT], dtype=tl.float32)  # dO V'^T
+    d_l = tl.zeros([BT, BT], dtype=tl.float32)  # -dY V'^T
+    dq_s = tl.zeros([BT, BK], dtype=tl.float32)  # dO S0^T
+    dkg_s = tl.zeros([BT, BK], dtype=tl.float32)  # -dX S0^T
+    dkd_s = tl.zeros([BT, BK], dtype=tl.float32)  # V' dSC^T
+    dgc = tl.zeros([BK], dtype=tl.float32)  # rowsum(S0 * dSC)
+    db = tl.zeros([BT], dtype=tl.float32)
+    s_base = (gc * HV + i_hv) * K * V
+    for i_v in range(0, (V + BV - 1) // BV):
+        cols_v = i_v * BV + tl.arange(0, BV)
+        m_kv = (cols_k[:, None] < K) & (cols_v[None, :] < V)
+        s_off = s_base + cols_k[:, None] * V + cols_v[None, :]
+        s0 = tl.load(h + s_off, mask=m_kv, other=0.0)
+        dsc = tl.load(dh + s_off, mask=m_kv, other=0.0)
+        v_c = load_rows(v, rows, m, HV, i_hv, cols_v, V)
+        do_c = load_rows(do, rows, m, HV, i_hv, cols_v, V)
+        x = v_c - mma(kg, s0, DOT_DTYPE, PRECISION)
+        vp = mma(m_inv, b_c[:, None] * x, DOT_DTYPE, PRECISION)
+        dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION) + mma(kd, dsc, DOT_DTYPE, PRECISION)
+        dy = mma(tl.trans(m_inv), dvp, DOT_DTYPE, PRECISION)
+        dx = b_c[:, None] * dy
+        tl.store(
+            dv + (rows[:, None] * HV + i_hv) * V + cols_v[None, :],
+            round_to(dx, dv.dtype.element_ty),
+            mask=m[:, None] & (cols_v[None, :] < V),
+        )
+        db += tl.sum(dy * x, axis=1)
+        vp_t = tl.trans(vp)
+        d_aqk += mma(do_c, vp_t, DOT_DTYPE, PRECISION)
+        d_l -= mma(dy, vp_t, DOT_DTYPE, PRECISION)
+        s0_t = tl.trans(s0)
+        dq_s += mma(do_c, s0_t, DOT_DTYPE, PRECISION)
+        dkg_s -= mma(dx, s0_t, DOT_DTYPE, PRECISION)
+        dkd_s += mma(vp, tl.trans(dsc), DOT_DTYPE, PRECISION)
+        dgc += tl.sum(s0 * dsc, axis=1)
+
+    # Terms through S0, X and SC (no pairs): O = scale (Gam Q) S0, X = V - (Gam K) S0,
+    # SC = Gam_C S0 + Kd^T V'.
+    dq_c = (scale * e_g) * dq_s
+    dG = q_c * dq_c
+    dk_c = e_g * dkg_s
+    dG += k_c * dk_c
+    dkd = e_d * dkd_s
+    dk_c += dkd
+    dG -= k_c * dkd
+    dG_last = tl.sum(k_c * dkd, axis=0) + tl.exp(g_last) * dgc  # d/dG_C, added to the last row
+
+    # Pair terms, one column i at a time (rows r >= i; see the module docstring).
+    p = tl.where(o_t[None, :] <= o_t[:, None], scale * d_aqk, 0.0)
+    d_l = tl.where(o_t[None, :] < o_t[:, None], d_l, 0.0)
+    d_lb = b_c[:, None] * d_l
+    row_pq = tl.zeros([BT, BK], dtype=tl.float32)  # rowpair(P, K): dQ, and Q * it into dG
+    row_pl = tl.zeros([BT, BK], dtype=tl.float32)  # rowpair(dL, K)
+    col = tl.zeros([BT, BK], dtype=tl.float32)  # colpair(P, Q) + colpair(beta dL, K): dK, -K * it into dG
+    for i in range(0, BT):
+        src = t0 + i
+        m_i = (cols_k < K) & (src < eos)
+        k_i = tl.load(k + (src * H + i_h) * K + cols_k, mask=m_i, other=0.0).to(tl.float32)
+        g_i = tl.load(G + (src * HV + i_hv) * K + cols_k, mask=m_i, other=0.0)
+        at_i = o_t[None, :] == i
+        p_i = tl.sum(tl.where(at_i, p, 0.0), axis=1)
+        l_i = tl.sum(tl.where(at_i, d_l, 0.0), axis=1)
+        lb_i = tl.sum(tl.where(at_i, d_lb, 0.0), axis=1)
+        e = tl.exp(tl.where(m_k & (o_t >= i)[:, None], g_c - g_i[None, :], float("-inf")))
+        ke = k_i[None, :] * e
+        row_pq += p_i[:, None] * ke
+        row_pl += l_i[:, None] * ke
+        c_i = tl.sum((p_i[:, None] * q_c + lb_i[:, None] * k_c) * e, axis=0)
+        col = tl.where((o_t == i)[:, None], c_i[None, :], col)
+    dq_c += row_pq
+    dG += q_c * row_pq
+    db += tl.sum(k_c * row_pl, axis=1)
+    dk_c += b_c[:, None] * row_pl + col
+    dG += (b_c[:, None] * k_c) * row_pl - k_c * col
+    dG = tl.where((rows == last)[:, None], dG + dG_last[None, :], dG)
+    dG = tl.where(m_k, dG, 0.0)
+    dg_c = dG - tl.cumsum(dG, axis=0) + tl.sum(dG, axis=0)[None, :]  # sum over s >= r
+
+    out_k = (rows[:, None] * HV + i_hv) * K + cols_k[None, :]
+    tl.store(dq + out_k, dq_c, mask=m_k)
+    tl.store(dk + out_k, dk_c, mask=m_k)
+    tl.store(dg + out_k, dg_c, mask=m_k)
+    tl.store(dbeta + rows * HV + i_hv, db, mask=m)

@@ -115,7 +115,7 @@ def case_specs(
         K=draw(_head(caps, small_heads)),
         V=draw(_head(caps, small_heads)),
         gate=draw(gates),
-        beta_max=draw(beta_max),
+        beta_max=min(draw(beta_max), caps.max_beta),
         input_scale=draw(input_scale),
         scale=draw(scales),
         h0=draw(st.booleans()),
@@ -434,6 +434,8 @@ def fitted(spec: CaseSpec, caps: Capabilities) -> CaseSpec | None:
     declared ones, None where the declaration excludes it (GVA, varlen, max T)."""
     if caps.head_sizes is not None:
         spec = spec.with_(K=_declared_size(spec.K, caps.head_sizes), V=_declared_size(spec.V, caps.head_sizes))
+    if spec.beta_max > caps.max_beta:
+        spec = spec.with_(beta_max=caps.max_beta)
     ok = (caps.gva or spec.G == 1) and (caps.varlen or spec.seqlens is None)
     return spec if ok and (caps.max_T is None or spec.T <= caps.max_T) else None
 

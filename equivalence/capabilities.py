@@ -15,6 +15,10 @@ LAYOUTS = ("KV", "VK")
 SIDE_DTYPES = ("input", *DTYPE_NAMES)
 STATE_DTYPES = ("float32", "bfloat16")
 STRIDED = ("yes", "no", "error")
+# Head sizes a GPU run draws without a declaration: what models use, and sizes that are not
+# powers of two, where a load without its mask reads past K (a block is next_power_of_2(K)).
+# Here, torch-free, so declarations (adapters.py, public_kernels.py) can name them cheaply.
+GPU_HEAD_SIZES = (16, 32, 48, 64, 80, 96, 100, 128, 192, 256)
 
 
 @dataclass(frozen=True)

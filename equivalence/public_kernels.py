@@ -31,8 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import shim
-from .capabilities import Capabilities
-from .strategies import GPU_HEAD_SIZES
+from .capabilities import GPU_HEAD_SIZES, Capabilities
 
 SOFTPLUS_THRESHOLD = 20.0  # the kernels' softplus switches to x above it (softplus_threshold=20.0)
 

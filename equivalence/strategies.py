@@ -25,6 +25,7 @@ import numpy as np
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from .capabilities import GPU_HEAD_SIZES
 from .cases import GATE_REGIMES, CaseSpec
 from .implementation import Capabilities
 
@@ -219,9 +220,6 @@ def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-# Head sizes a GPU run draws without a declaration: what models use, and sizes that are not
-# powers of two, where a load without its mask reads past K (a block is next_power_of_2(K)).
-GPU_HEAD_SIZES = (16, 32, 48, 64, 80, 96, 100, 128, 192, 256)
 CHUNK_BOUNDARY_T = tuple(sorted({n for c in (16, 32, 64) for n in (c - 1, c, c + 1, 2 * c + 1)}))
 
 

@@ -71,13 +71,19 @@ def _cache_dir() -> Path:
 
 
 def unpack_wheel(wheel: Path, package: str) -> Path:
-    """The folder holding `package/` unpacked from wheel (once; later calls reuse it)."""
+    """The folder holding `package/` unpacked from wheel (its .py files and the wheel's
+    METADATA, once; later calls reuse it)."""
     target = _cache_dir() / wheel.name.removesuffix(".whl")
     if (target / package).is_dir():
         return target
     partial = target.with_name(target.name + f".partial-{os.getpid()}")
     with zipfile.ZipFile(wheel) as zf:
-        names = [n for n in zf.namelist() if n.startswith((f"{package}/", f"{package}-"))]
+        # the Python files and the metadata only: compiled extensions are never imported
+        names = [
+            n
+            for n in zf.namelist()
+            if (n.startswith(f"{package}/") and n.endswith(".py")) or n.endswith(".dist-info/METADATA")
+        ]
         zf.extractall(partial, names)
     if target.exists():  # another process unpacked it meanwhile
         import shutil

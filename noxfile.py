@@ -7,6 +7,7 @@
     nox -s fuzz [-- pytest options]                   the same tests under the deep Hypothesis profile
     nox -s perf [-- kdaverify perf options]           roofline sweep -> reports/<device-slug>/perf.json
     nox -s report [-- FOLDER ...]                     every perf.json -> README.md with figures
+    nox -s matrix [-- kdaverify matrix options]       GPU: every public KDA kernel through verify -> reports/matrix/
 
 The CPU sessions pin what the tests run against: torch 2.13.0 (CPU build) and triton 3.6.0,
 the Triton of the GPU machines. Override with the environment variables KDAVERIFY_TORCH and
@@ -15,6 +16,7 @@ KDAVERIFY_TRITON (pip requirement strings, e.g. KDAVERIFY_TORCH="torch==2.11.0")
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 
@@ -98,3 +100,29 @@ def report(session: nox.Session) -> None:
     session.install("--no-deps", "-e", ".")
     session.install("matplotlib>=3.7")
     session.run("kdaverify", "report", *session.posargs)
+
+
+ENGINES = {"sglang": ("KDAVERIFY_SGLANG", "sglang==0.5.23"), "vllm": ("KDAVERIFY_VLLM", "vllm==0.33.0")}
+
+
+@nox.session(python=PYTHON, default=False)
+def matrix(session: nox.Session) -> None:
+    """GPU: every public KDA implementation (SGLang's and vLLM's kernels, FlashKDA; see
+    equivalence/public_kernels.py) through `kdaverify verify` on one card, each in its own
+    process, then reports/matrix/<slug>/README.md. The engines' kernel files come from the
+    wheels in .whl/ (git-ignored: copy sglang-0.5.23-*.whl and vllm-0.33.0-*.whl there for a
+    machine without a registry), else from pip without their dependencies. Helion and the
+    CuTe DSL are optional: where they do not install, their rows say so."""
+    _install(session)
+    env = {}
+    for package, (var, requirement) in ENGINES.items():
+        wheels = sorted(glob.glob(f".whl/{package}-*.whl"))
+        if os.environ.get(var):
+            continue
+        if wheels:
+            env[var] = os.path.abspath(wheels[-1])
+        else:
+            session.install("--no-deps", requirement)
+    for extra in ("sglang-helion", "sglang-cutedsl"):
+        session.run("pip", "install", f".[{extra}]", success_codes=[0, 1])  # a missing one becomes its rows' reason
+    session.run("kdaverify", "matrix", *session.posargs, env=env)

@@ -15,6 +15,10 @@ LAYOUTS = ("KV", "VK")
 SIDE_DTYPES = ("input", *DTYPE_NAMES)
 STATE_DTYPES = ("float32", "bfloat16")
 STRIDED = ("yes", "no", "error")
+# Head sizes a GPU run draws without a declaration: what models use, and sizes that are not
+# powers of two, where a load without its mask reads past K (a block is next_power_of_2(K)).
+# Here, torch-free, so declarations (adapters.py, public_kernels.py) can name them cheaply.
+GPU_HEAD_SIZES = (16, 32, 48, 64, 80, 96, 100, 128, 192, 256)
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,9 @@ class Capabilities:
         False, a clear error for them is checked instead.
     backward: its outputs carry autograd (o and final_state are differentiable with respect
         to q, k, v, g, beta and initial_state), so the gradient checks (grad_*) apply.
+    max_beta: the largest beta it can be given: 2 (the contract's range [0, 2]), or 1 for
+        kernels that take beta as the input of a sigmoid fused in the kernel, where beta > 1
+        has no preimage.
     """
 
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
@@ -65,6 +72,7 @@ class Capabilities:
     strided: str = "yes"
     empty_sequences: bool = True
     backward: bool = False
+    max_beta: float = 2.0
 
     def __post_init__(self):
         for d in self.dtypes:
@@ -84,6 +92,8 @@ class Capabilities:
             values = getattr(self, name)
             if not values or any(d not in SIDE_DTYPES for d in values):
                 raise ValueError(f"{name}: expected one or more of {list(SIDE_DTYPES)}, got {values!r}")
+        if not 0 < self.max_beta <= 2:
+            raise ValueError(f"max_beta: expected a number in (0, 2], got {self.max_beta!r}")
         if self.state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype: expected one of {STATE_DTYPES}, got {self.state_dtype!r}")
 
@@ -133,6 +143,9 @@ def option_specs() -> list[tuple[str, str, dict]]:
         elif f.name == "max_T":
             kw["type"] = int
             kw["metavar"] = "N"
+        elif f.name == "max_beta":
+            kw["type"] = float
+            kw["metavar"] = "X"
         else:
             kw["metavar"] = "A,B,..."
         specs.append((f.name, option_name(f.name), kw))
@@ -153,6 +166,11 @@ def options_from_strings(values: dict) -> dict:
                 out[f.name] = tuple(int(s) for s in v.split(",") if s)
             except ValueError:
                 raise ValueError(f"head_sizes: expected a comma list of integers, got {v!r}") from None
+        elif f.name == "max_beta":
+            try:
+                out[f.name] = float(v)
+            except ValueError:
+                raise ValueError(f"max_beta: expected a number, got {v!r}") from None
         elif f.name in _LISTS:
             out[f.name] = tuple(s for s in v.split(",") if s)
         else:
@@ -177,4 +195,5 @@ _FIELD_HELP = {
     "strided": "non-contiguous inputs: yes (right answers), error (refused loudly, checked), no (not tested)",
     "empty_sequences": "accepts zero-length sequences (repeated offsets) in cu_seqlens",
     "backward": "its outputs carry autograd: run the gradient checks (grad_*)",
+    "max_beta": "the largest beta it can be given (default 2; 1 for a sigmoid of beta fused in the kernel)",
 }

@@ -109,12 +109,21 @@ def load_callable(target: str):
 def check_requirements(fn, name: str) -> None:
     """An implementation may name the optional modules it needs in an attribute
     `kdaverify_requires = (module, ...)`; a missing one is a usage error that says how to
-    install it, before any check runs."""
+    install it, before any check runs. Where finding a module is not the whole answer (kernel
+    files loaded from a wheel an environment variable names, see shim.py), an attribute
+    `kdaverify_available`, a function of no arguments, raises ImportError with the install
+    command instead; that becomes the same usage error."""
     for module in getattr(fn, "kdaverify_requires", ()):
         if importlib.util.find_spec(module) is None:
             raise ValueError(
                 f"{IMPL_OPTION}: {name} needs the module {module!r}, which is not installed{install_hint(module)}"
             )
+    available = getattr(fn, "kdaverify_available", None)
+    if available is not None:
+        try:
+            available()
+        except ImportError as e:
+            raise ValueError(f"{IMPL_OPTION}: {name} cannot run here: {e}") from e
 
 
 def load_implementation(target, options: dict | None = None, device: str = "cpu") -> Implementation:

@@ -25,6 +25,7 @@ import numpy as np
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from .capabilities import GPU_HEAD_SIZES
 from .cases import GATE_REGIMES, CaseSpec
 from .implementation import Capabilities
 
@@ -115,7 +116,7 @@ def case_specs(
         K=draw(_head(caps, small_heads)),
         V=draw(_head(caps, small_heads)),
         gate=draw(gates),
-        beta_max=draw(beta_max),
+        beta_max=min(draw(beta_max), caps.max_beta),
         input_scale=draw(input_scale),
         scale=draw(scales),
         h0=draw(st.booleans()),
@@ -219,9 +220,6 @@ def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-# Head sizes a GPU run draws without a declaration: what models use, and sizes that are not
-# powers of two, where a load without its mask reads past K (a block is next_power_of_2(K)).
-GPU_HEAD_SIZES = (16, 32, 48, 64, 80, 96, 100, 128, 192, 256)
 CHUNK_BOUNDARY_T = tuple(sorted({n for c in (16, 32, 64) for n in (c - 1, c, c + 1, 2 * c + 1)}))
 
 
@@ -434,6 +432,8 @@ def fitted(spec: CaseSpec, caps: Capabilities) -> CaseSpec | None:
     declared ones, None where the declaration excludes it (GVA, varlen, max T)."""
     if caps.head_sizes is not None:
         spec = spec.with_(K=_declared_size(spec.K, caps.head_sizes), V=_declared_size(spec.V, caps.head_sizes))
+    if spec.beta_max > caps.max_beta:
+        spec = spec.with_(beta_max=caps.max_beta)
     ok = (caps.gva or spec.G == 1) and (caps.varlen or spec.seqlens is None)
     return spec if ok and (caps.max_T is None or spec.T <= caps.max_T) else None
 

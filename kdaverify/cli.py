@@ -5,6 +5,7 @@
     kdaverify mutants [--jobs N] [--out DIR] [--only NAME ...]
     kdaverify perf [--preset quick|full|cpu|smoke] [--device cuda|cpu] [--providers A,B] [--out DIR] [-- pytest args]
     kdaverify report [FOLDER ...]
+    kdaverify matrix [--device cuda|cpu] [--profile P] [--out DIR] [--only NAME ...] [-- verify options]
 
 `kdaverify COMMAND --help` describes each. `verify` exits 0 if and only if the implementation
 conforms; every other failure exits non-zero too (1: a check failed; 2: a usage error).
@@ -153,6 +154,33 @@ def report(args) -> int:
     return run(args.folders)
 
 
+def _matrix_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    p.add_argument("--profile", default="gpu", help="Hypothesis profile of every verify run (default gpu)")
+    p.add_argument(
+        "--out", default=None, help="folder; {slug} becomes the device's slug (default reports/matrix/{slug})"
+    )
+    p.add_argument("--only", nargs="*", default=None, help="only these implementations (names of the matrix)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds one implementation may take (default 3600)")
+    p.add_argument("--build", metavar="DIR", default=None, help="only rebuild DIR/README.md from the reports in DIR")
+
+
+@command("matrix", "every public KDA implementation through verify on one device: the matrix", _matrix_arguments)
+def matrix(args) -> int:
+    from kdaverify.equivalence import matrix as m
+
+    if args.build:
+        return m.main([args.build])
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    folder = m.run(device, args.out or m.DEFAULT_OUT, args.profile, args.only, args.timeout, args.pytest_args)
+    print(f"matrix: {folder / m.README}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdaverify", description=__doc__.splitlines()[0])
     from kdaverify import __version__
@@ -161,6 +189,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help, add_arguments, _) in COMMANDS.items():
         epilog = "Arguments after a lone -- are passed to pytest." if name in ("verify", "mutants", "perf") else None
+        if name == "matrix":
+            epilog = "Arguments after a lone -- are passed to every kdaverify verify run."
         add_arguments(sub.add_parser(name, help=help, description=help, epilog=epilog))
     return p
 

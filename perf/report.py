@@ -15,6 +15,7 @@ their status and never drawn as results.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -32,6 +33,12 @@ def _plt():
     except ImportError as e:
         raise ImportError(f"the report needs matplotlib: {INSTALL}") from e
     return plt
+
+
+def slug(device_name: str) -> str:
+    """reports/<slug>/ of a device: its name (a GPU's, or "CPU <model name>") lower case with
+    runs of other characters as '-' (torch-free: the matrix generator uses it too)."""
+    return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
 
 
 def plotted(row: dict) -> bool:

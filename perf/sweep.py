@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import os
 import platform
-import re
 import subprocess
 import time
 from importlib import metadata
@@ -30,6 +29,7 @@ import torch
 from . import models
 from .ceilings import compute_class, datasheet, measure
 from .providers import PROVIDERS, Case, Unavailable, find, inputs, runner
+from .report import slug
 from .timing import CPU_BUDGET_S, median_ms, peak_mib
 from .verify import summary, verify
 
@@ -87,7 +87,7 @@ def _cases(preset, device, providers):
 
 def device_slug(device: str) -> str:
     """reports/<slug>/: the GPU's name, or cpu-<model name>, lower case, safe characters."""
-    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+    return slug(device_name(device))
 
 
 def device_name(device: str) -> str:

@@ -1,0 +1,244 @@
+"""The conformance and speed matrix of the public KDA implementations (issue 11).
+
+    kdaverify matrix [--device cuda] [--profile gpu] [--out reports/matrix/{slug}] [--only NAME ...]
+
+runs every adapter of public_kernels.MATRIX through `kdaverify verify` on one device, each in
+a process of its own (an engine's kernel that crashes or hangs costs its row, not the run),
+writing DIR/<name>/report.json and report.md (the usual conformance report) and DIR/run.json
+(what ran, versions, and why the others could not), then builds DIR/README.md: one row per
+implementation with its version, declaration, verdict, worst share of budget, its error
+against the float64 oracle and its time at the shapes of DESIGN.md section 7 where the perf
+sweep (reports/<slug>/perf.json) has rows of it, and a link to its report.
+
+`python -m kdaverify.equivalence.matrix DIR` rebuilds README.md from what DIR holds. The
+builder reads JSON only: it imports neither torch nor an engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kdaverify.perf.report import slug
+
+from . import public_kernels, shim
+from .capabilities import Capabilities
+
+RUN = "run.json"
+README = "README.md"
+DEFAULT_OUT = "reports/matrix/{slug}"
+PERF_T = (4096, 16384)  # the error columns: prefill rows at these lengths (DESIGN.md section 7)
+ENGINES = {"sglang": shim.SGLANG, "vllm": shim.VLLM}
+
+
+# ---------------------------------------------------------------- running
+
+
+def plan(entry, device: str) -> str | None:
+    """Why entry cannot run on device ("not applicable: ..."), or None when it can."""
+    if entry.adapter is None:
+        return f"not applicable: {entry.why_not}"
+    if device != "cuda" and not entry.cpu:
+        return f"not applicable: needs a CUDA GPU ({entry.needs}; {device} run)"
+    fn = getattr(public_kernels, entry.adapter)
+    try:
+        fn.kdaverify_available()
+    except ImportError as e:
+        return f"not applicable: {e}"
+    return None
+
+
+def engine_version(entry) -> str | None:
+    source = ENGINES.get(entry.engine)
+    return shim.version(source) if source else None
+
+
+def run(device: str, out: str, profile: str, only=None, timeout_s: float = 3600, extra=()) -> Path:
+    """Every entry through `kdaverify verify` on device; returns the folder (README.md built)."""
+    from kdaverify.perf.sweep import device_name
+
+    name = device_name(device)
+    folder = Path(out.replace("{slug}", slug(name)))
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for entry in public_kernels.MATRIX:
+        if only and entry.name not in only:
+            continue
+        row = {"name": entry.name, "version": engine_version(entry), "reason": plan(entry, device)}
+        if row["reason"] is None:
+            target = f"kdaverify.equivalence.public_kernels:{entry.adapter}"
+            cmd = [sys.executable, "-m", "kdaverify.cli", "verify", target, f"--device={device}",
+                   f"--profile={profile}", f"--out={folder / entry.name}", "--no-progress", *extra]  # fmt: skip
+            started = time.monotonic()
+            print(f"matrix: {entry.name}: {' '.join(cmd[2:])}", flush=True)
+            log = folder / entry.name / "verify.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(log, "w") as f:
+                    code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
+            except subprocess.TimeoutExpired:
+                code = "timeout"
+            row.update(exit=code, seconds=round(time.monotonic() - started, 1))
+        rows.append(row)
+        print(f"matrix: {entry.name}: {row.get('reason') or row.get('exit')}", flush=True)
+    meta = {"device": name, "kind": device, "profile": profile, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC",
+            time.gmtime()), "rows": rows}  # fmt: skip
+    (folder / RUN).write_text(json.dumps(meta, indent=2) + "\n")
+    build(folder)
+    return folder
+
+
+# ---------------------------------------------------------------- the README
+
+
+def declaration(caps: dict) -> str:
+    """The fields of a declaration that differ from the defaults, compactly."""
+    default = Capabilities().declared()
+    parts = []
+    for key, value in caps.items():
+        if key not in default or default[key] == (tuple(value) if isinstance(value, list) else value):
+            continue
+        if isinstance(value, list | tuple):
+            value = ",".join(str(v) for v in value)
+        elif isinstance(value, bool):
+            value = "yes" if value else "no"
+        parts.append(f"{key}={value}")
+    return "; ".join(parts) or "defaults"
+
+
+def verdict(report: dict) -> tuple[str, str]:
+    """(verdict, worst share of budget among passed checks) of one conformance report."""
+    checks = report.get("checks", [])
+    failed = sorted({f"{c['check']} [{c['dtype']}]" for c in checks if c["outcome"] == "failed"})
+    if not report.get("finished"):
+        text = "incomplete: the run stopped before every check ran"
+        if failed:
+            text += f"; failed so far: {', '.join(failed)}"
+    elif failed:
+        text = f"**fails** {len(failed)}: {', '.join(failed)}"
+    elif report.get("conforms"):
+        counts = report.get("counts", {})
+        text = f"**conforms** ({counts.get('passed', 0)} passed, {counts.get('not applicable', 0)} not applicable)"
+    else:
+        text = "no check passed"
+    judged = [c for c in checks if c.get("worst") and c["outcome"] == "passed"]
+    worst = max(judged, key=lambda c: c["worst"]["budget_used"]) if judged else None
+    share = f"{worst['worst']['budget_used']:.2f} ({worst['check']} [{worst['dtype']}])" if worst else ""
+    return text, share
+
+
+def perf_cells(rows: list[dict], names: tuple[str, ...]) -> tuple[str, str]:
+    """(error vs float64 at T = 4096 / 16384 per dtype, time at the DESIGN.md section 7 shapes)
+    from the perf sweep's rows of this implementation, or "not measured"."""
+    mine = [r for r in rows if r.get("provider") in names and r.get("status") in ("ok", "unverified")]
+    errs = [f"{r['dtype']} T{r['T']}: {r['err_rel_rms']:.2g}" for r in mine
+            if r.get("T") in PERF_T and r.get("mode") == "fwd" and r.get("err_rel_rms") is not None]  # fmt: skip
+    times = [f"{r['mode']} B{r['B']} T{r['T']}: {r['ms']:.3g} ms" for r in mine if r.get("ms") is not None]
+    return "; ".join(errs) or "not measured", "; ".join(times) or "not measured"
+
+
+def reference_times(rows: list[dict]) -> list[str]:
+    """flash-linear-attention's and our kernels' times from the same perf.json, for comparison."""
+    out = []
+    for r in rows:
+        if r.get("provider") in ("fla", "ours") and r.get("ms") is not None and r.get("status") == "ok":
+            out.append(f"| {r['provider']} | {r['op']} {r['mode']} | B{r['B']} T{r['T']} H{r['H']} K{r['K']} "
+                       f"{r['dtype']} | {r['ms']:.3g} |")  # fmt: skip
+    return out
+
+
+def _perf_rows(folder: Path, device: str | None) -> tuple[list[dict], Path | None]:
+    """The rows of reports/<slug>/perf.json for this device (folder is reports/matrix/<slug>)."""
+    path = folder.parent.parent / folder.name / "perf.json"
+    if not path.exists():
+        return [], None
+    data = json.loads(path.read_text())
+    if device and data.get("environment", {}).get("device") not in (device, None):
+        return [], None
+    return data.get("rows", []), path
+
+
+def build(folder: Path) -> Path:
+    """DIR/README.md from DIR/run.json, DIR/<name>/report.json and the device's perf.json."""
+    folder = Path(folder)
+    meta = json.loads((folder / RUN).read_text()) if (folder / RUN).exists() else {"rows": []}
+    ran = {r["name"]: r for r in meta["rows"]}
+    perf, perf_path = _perf_rows(folder, meta.get("device"))
+    lines = [
+        f"# Public KDA kernels through the suite: {meta.get('device', folder.name)}",
+        "",
+        f"Generated by `kdaverify matrix` (equivalence/matrix.py); profile {meta.get('profile', '?')}, "
+        f"{meta.get('date', 'no run recorded')}. Each row is the implementation's own conformance report "
+        "(linked), under the declaration read from its code (equivalence/public_kernels.py says why each field). "
+        "A failed check is a candidate finding until it reproduces in a fresh process (reports/findings/).",
+        "",
+        "| implementation | what | version | declaration | verdict | worst share of budget | "
+        f"error vs float64 (T {' / '.join(map(str, PERF_T))}) | time (DESIGN.md section 7 shapes) | report |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    counts = {"conforms": 0, "fails": 0, "other": 0, "not applicable": 0}
+    for entry in public_kernels.MATRIX:
+        row = ran.get(entry.name, {})
+        version = row.get("version") or (engine_version(entry) if entry.engine in ENGINES else None) or ""
+        path = folder / entry.name / "report.json"
+        link, share = "", ""
+        if path.exists():
+            report = json.loads(path.read_text())
+            decl = declaration(report.get("capabilities", {}))
+            text, share = verdict(report)
+            link = f"[report]({entry.name}/report.md)"
+            key = "conforms" if "**conforms**" in text else "fails" if "**fails**" in text else "other"
+        else:
+            adapter = getattr(public_kernels, entry.adapter) if entry.adapter else None
+            decl = declaration(adapter.kdaverify_capabilities.declared()) if adapter else "no adapter"
+            if row.get("reason"):
+                text, key = row["reason"], "not applicable"
+            elif "exit" in row:
+                text, key = (
+                    f"error: verify ended ({row['exit']}) without a report; see {entry.name}/verify.log",
+                    "other",
+                )
+            elif entry.adapter is None:
+                text, key = f"not applicable: {entry.why_not}", "not applicable"
+            else:
+                text, key = "not run", "not applicable"
+        counts[key] += 1
+        err, ms = perf_cells(perf, (entry.name, entry.adapter or entry.name))
+        lines.append(f"| {entry.name} | {entry.what} | {version} | {decl} | {text} | {share} | {err} | {ms} | {link} |")
+    lines += [
+        "",
+        f"Summary: {counts['conforms']} conform, {counts['fails']} fail at least one check, "
+        f"{counts['other']} did not finish, {counts['not applicable']} could not run here.",
+        "",
+    ]
+    if perf_path:
+        ref = reference_times(perf)
+        if ref:
+            lines += ["Reference times from the same perf.json:", "", "| provider | op | shape | ms |",
+                      "|---|---|---|---|", *ref, ""]  # fmt: skip
+    else:
+        lines += ["No perf.json for this device: error and time columns are not measured "
+                  "(`kdaverify perf` writes reports/<slug>/perf.json).", ""]  # fmt: skip
+    (folder / README).write_text("\n".join(lines))
+    return folder / README
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print("usage: python -m kdaverify.equivalence.matrix DIR [DIR ...]  (rebuilds DIR/README.md)", file=sys.stderr)
+        return 2
+    for d in argv:
+        if not os.path.isdir(d):
+            print(f"matrix: {d}: not a folder", file=sys.stderr)
+            return 2
+        print(f"matrix: {build(Path(d))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

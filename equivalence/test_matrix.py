@@ -1,0 +1,219 @@
+"""The public-kernel adapters and the matrix (issue 11), on a machine without either engine:
+declarations, the usage errors of a missing engine or module, the shim on a synthetic wheel,
+the exact mapping of g and beta onto the decode kernels' inputs, and the matrix README built
+from synthetic reports."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import zipfile
+
+import pytest
+import torch
+from hypothesis import given, settings
+from kdaverify.equivalence import matrix, public_kernels, shim
+from kdaverify.equivalence.capabilities import Capabilities, options_from_strings
+from kdaverify.equivalence.cases import CaseSpec
+from kdaverify.equivalence.implementation import load_implementation
+from kdaverify.equivalence.strategies import case_specs, fitted
+
+ADAPTED = [e for e in public_kernels.MATRIX if e.adapter]
+ENGINE_ENV = {"sglang": shim.SGLANG.env, "vllm": shim.VLLM.env}
+
+
+def test_matrix_entries_are_complete():
+    names = [e.name for e in public_kernels.MATRIX]
+    assert len(names) == len(set(names))
+    for e in public_kernels.MATRIX:
+        if e.adapter:
+            fn = getattr(public_kernels, e.adapter)
+            assert isinstance(fn.kdaverify_capabilities, Capabilities), e.name
+            assert callable(fn.kdaverify_available), e.name
+        else:
+            assert e.why_not, f"{e.name}: an implementation without an adapter must say why"
+
+
+@pytest.mark.parametrize("entry", ADAPTED, ids=lambda e: e.name)
+def test_declarations_are_valid(entry):
+    """Each declaration survives a round trip through Capabilities' own validation, and the
+    decode kernels that take beta through a sigmoid declare max_beta = 1."""
+    caps = getattr(public_kernels, entry.adapter).kdaverify_capabilities
+    assert Capabilities(**caps.declared()) == caps
+    if "decode" in entry.name:
+        assert caps.max_beta == 1.0 and caps.state_layout == "VK"
+
+
+@pytest.fixture
+def engines_missing(monkeypatch):
+    """Neither engine installed and no environment variable naming its files."""
+    real = importlib.util.find_spec
+    for env in ENGINE_ENV.values():
+        monkeypatch.delenv(env, raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ENGINE_ENV else real(name, *a))
+
+
+@pytest.mark.parametrize("entry", ADAPTED, ids=lambda e: e.name)
+def test_missing_engine_is_a_usage_error_naming_the_install(entry, engines_missing):
+    with pytest.raises(ValueError) as err:
+        load_implementation(f"kdaverify.equivalence.public_kernels:{entry.adapter}")
+    source = shim.SOURCES[entry.engine]
+    msg = str(err.value)
+    assert "--kda-impl" in msg and f"pip download {source.package}=={source.version} --no-deps" in msg
+    assert source.env in msg
+
+
+def test_wrong_engine_path_names_the_variable(monkeypatch, tmp_path):
+    monkeypatch.setenv(shim.SGLANG.env, str(tmp_path / "nowhere.whl"))
+    with pytest.raises(ValueError, match=f"{shim.SGLANG.env}=.*expected a sglang wheel"):
+        load_implementation("kdaverify.equivalence.public_kernels:sglang_chunk_kda")
+
+
+@pytest.mark.parametrize(
+    "adapter, module", [("sglang_helion_chunk_kda", "helion"), ("sglang_cutedsl_decode", "cutlass")]
+)
+def test_missing_kernel_language_names_its_extra(adapter, module, monkeypatch, tmp_path):
+    if importlib.util.find_spec(module) is not None:
+        pytest.skip(f"not applicable: {module} is installed here, so its absence cannot be shown")
+    (tmp_path / "sglang").mkdir()
+    monkeypatch.setenv(shim.SGLANG.env, str(tmp_path))
+    with pytest.raises(ValueError, match=rf"needs the module '{module}'.*pip install 'kdaverify\[sglang-"):
+        load_implementation(f"kdaverify.equivalence.public_kernels:{adapter}")
+
+
+def test_shim_loads_a_module_without_its_parents_init(tmp_path, monkeypatch):
+    """A wheel whose package __init__ would fail: the shim unpacks it, runs only the module's
+    file, and hands it the stubbed helper."""
+    pkg = "kdaverify_fake_engine"
+    wheel = tmp_path / f"{pkg}-1.2.3-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(f"{pkg}/__init__.py", "raise ImportError('the whole engine')\n")
+        zf.writestr(f"{pkg}/ops/__init__.py", "raise ImportError('the ops registry')\n")
+        zf.writestr(f"{pkg}/ops/kernel.py", f"from {pkg}.utils import twice\n\nANSWER = twice(21)\n")
+        zf.writestr(f"{pkg}-1.2.3.dist-info/METADATA", "Name: fake\nVersion: 1.2.3\n")
+    source = shim.Source(pkg, "KDAVERIFY_FAKE_ENGINE", "1.2.3")
+    monkeypatch.setenv(source.env, str(wheel))
+    monkeypatch.setenv(shim.CACHE_ENV, str(tmp_path / "cache"))
+    try:
+        mod = shim.load(source, f"{pkg}.ops.kernel", {f"{pkg}.utils": {"twice": lambda x: 2 * x}})
+        assert mod.ANSWER == 42
+        assert shim.version(source) == "1.2.3"
+        with pytest.raises(ValueError, match="expected a module inside"):
+            shim.load(source, "elsewhere.kernel")
+    finally:
+        for name in [n for n in sys.modules if n == pkg or n.startswith(pkg + ".")]:
+            del sys.modules[name]
+
+
+def test_gate_and_beta_map_exactly_onto_the_fused_forms():
+    """-softplus(a) recovers g (softplus as the kernels form it: x itself past 20) and
+    sigmoid(b) recovers beta, at the edges too; beta > 1 is refused with its reason."""
+    g = torch.tensor([0.0, -1e-6, -0.3, -5.0, -19.9, -20.5, -1000.0, float("-inf")])
+    a = public_kernels.raw_gate(g).double()
+    softplus = torch.where(a > public_kernels.SOFTPLUS_THRESHOLD, a, torch.log1p(torch.exp(a)))
+    assert torch.allclose(-softplus, g.double(), rtol=1e-6, atol=0) and (-softplus)[-1] == float("-inf")
+    beta = torch.tensor([0.0, 1e-4, 0.5, 0.999, 1.0])
+    assert torch.allclose(torch.sigmoid(public_kernels.beta_logit(beta).double()), beta.double(), rtol=1e-6)
+    with pytest.raises(ValueError, match="beta must lie in \\[0, 1\\]"):
+        public_kernels.beta_logit(torch.tensor([1.5]))
+
+
+def test_token_by_token_runs_a_one_token_kernel_over_packed_sequences():
+    """The decode driver with the float32 recurrence as its one-token kernel equals the
+    recurrence over whole sequences, an empty sequence keeping its initial state."""
+    from kdaverify.reference import kda_recurrent
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 7, 1, 3, generator=gen), torch.randn(1, 7, 1, 3, generator=gen) / 2
+    v, g = torch.randn(1, 7, 2, 4, generator=gen), -torch.rand(1, 7, 2, 3, generator=gen)
+    beta, h0 = torch.rand(1, 7, 2, generator=gen), torch.randn(3, 2, 4, 3, generator=gen)  # VK
+    cu = torch.tensor([0, 3, 3, 7])
+
+    def step(rows, pool, slots):
+        flat = [x.reshape(-1, *x.shape[2:])[rows].unsqueeze(1) for x in (q, k, v, g, beta)]
+        o, S = kda_recurrent(*flat, initial_state=pool[slots.long()].transpose(-1, -2), output_final_state=True)
+        pool[slots.long()] = S.transpose(-1, -2)
+        return o[:, 0]
+
+    o, S = public_kernels.token_by_token(step, q, k, v, g, beta, h0, True, cu)
+    o_ref, S_ref = kda_recurrent(q, k, v, g, beta, initial_state=h0.transpose(-1, -2), output_final_state=True,
+                                 cu_seqlens=cu)  # fmt: skip
+    assert torch.allclose(o, o_ref, atol=1e-5) and torch.allclose(S.transpose(-1, -2), S_ref, atol=1e-5)
+    assert torch.equal(S[1], h0[1])
+
+
+@settings(max_examples=10, deadline=None, database=None)
+@given(spec=case_specs(Capabilities(max_beta=1.0)))
+def test_max_beta_bounds_every_draw(spec):
+    assert spec.beta_max <= 1.0
+
+
+def test_max_beta_bounds_explicit_examples_and_parses():
+    assert fitted(CaseSpec(beta_max=2.0), Capabilities(max_beta=1.0)).beta_max == 1.0
+    assert options_from_strings({"max_beta": "1"})["max_beta"] == 1.0
+    with pytest.raises(ValueError, match="max_beta"):
+        Capabilities(max_beta=3.0)
+
+
+# ---------------------------------------------------------------- the README
+
+
+def _report(name, checks, finished=True, caps=None):
+    failed = any(c["outcome"] == "failed" for c in checks)
+    return {
+        "implementation": name, "capabilities": caps or Capabilities(precision="tf32", gva=False).declared(),
+        "finished": finished, "conforms": finished and not failed,
+        "counts": {"passed": sum(c["outcome"] == "passed" for c in checks)}, "checks": checks,
+    }  # fmt: skip
+
+
+def _check(name, outcome, used=None, dtype="bfloat16"):
+    c = {"check": name, "dtype": dtype, "outcome": outcome}
+    if used is not None:
+        c["worst"] = {"what": "o", "budget_used": used, "measured": {}, "budget": {}}
+    return c
+
+
+def test_matrix_readme_from_synthetic_reports(tmp_path):
+    folder = tmp_path / "reports" / "matrix" / "nvidia-h100-80gb-hbm3"
+    a, b, c = public_kernels.MATRIX[0].name, public_kernels.MATRIX[1].name, public_kernels.MATRIX[2].name
+    passed = [_check("oracle", "passed", 0.41), _check("causality", "passed"), _check("guard_bands", "passed", 0.9)]
+    for name, rep in {
+        a: _report(a, passed),
+        b: _report(b, [_check("oracle", "passed", 0.2), _check("empty_sequences", "failed", dtype="float32")]),
+        c: _report(c, [_check("oracle", "passed", 0.3)], finished=False),
+    }.items():  # fmt: skip
+        (folder / name).mkdir(parents=True)
+        (folder / name / "report.json").write_text(json.dumps(rep))
+    missing = "not applicable: vllm's kernel files are not available"
+    rows = [{"name": n, "version": "0.5.23"} for n in (a, b, c)]
+    rows.append({"name": "vllm-chunk_kda", "version": None, "reason": missing})
+    (folder / matrix.RUN).write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "profile": "gpu", "rows": rows}))
+    perf = {"environment": {"device": "NVIDIA H100 80GB HBM3"}, "rows": [
+        {"provider": a, "op": "chunk_kda", "mode": "fwd", "B": 1, "T": 4096, "H": 32, "K": 128, "dtype": "bfloat16",
+         "status": "ok", "err_rel_rms": 4.5e-3, "ms": 1.02},
+        {"provider": "fla", "op": "chunk_kda", "mode": "fwd", "B": 1, "T": 4096, "H": 32, "K": 128, "dtype": "bfloat16",
+         "status": "ok", "ms": 1.05},
+    ]}  # fmt: skip
+    (tmp_path / "reports" / folder.name).mkdir()
+    (tmp_path / "reports" / folder.name / "perf.json").write_text(json.dumps(perf))
+
+    text = matrix.build(folder).read_text()
+    lines = {ln.split(" | ")[0].removeprefix("| "): ln for ln in text.splitlines() if ln.startswith("| ")}
+    assert "**conforms**" in lines[a] and "0.90 (guard_bands [bfloat16])" in lines[a]
+    assert f"[report]({a}/report.md)" in lines[a] and "bfloat16 T4096: 0.0045" in lines[a] and "1.02 ms" in lines[a]
+    assert "precision=tf32; gva=no" in lines[a]
+    assert "**fails** 1: empty_sequences [float32]" in lines[b] and "not measured" in lines[b]
+    assert "incomplete" in lines[c]
+    assert missing in lines["vllm-chunk_kda"]
+    flashkda = next(e for e in public_kernels.MATRIX if e.name == "flashkda")
+    assert flashkda.why_not in lines["flashkda"] and "no adapter" in lines["flashkda"]
+    assert "| fla | chunk_kda fwd |" in text and "1 conform, 1 fail at least one check, 1 did not finish" in text
+
+
+def test_plan_on_a_cpu_marks_gpu_only_kernels(engines_missing):
+    cpu_only = {e.name: matrix.plan(e, "cpu") for e in public_kernels.MATRIX}
+    assert all(reason.startswith("not applicable: ") for reason in cpu_only.values())
+    assert "needs a CUDA GPU" in cpu_only["sglang-helion-chunk_kda"]
+    assert "pip download sglang==0.5.23" in cpu_only["sglang-triton-chunk_kda"]

@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from kdaverify.reference.conventions import Sizes
 
 LIMIT = 2**31  # where a signed 32-bit element offset wraps
 GRID = 65535  # the largest grid y / z dimension (and the old x limit) on NVIDIA GPUs
@@ -51,17 +52,11 @@ WORKSPACE = 2.0
 
 
 @dataclass(frozen=True)
-class LargeCase:
-    """One large-offset case: sizes, the packing (seqlens, or None for B rows of T), and
-    which sequence is the tail held to the oracle (always the last one)."""
+class LargeCase(Sizes):
+    """One large-offset case: sizes, its name, the packing (seqlens, or None for B rows of
+    T), and which sequence is the tail held to the oracle (always the last one)."""
 
     name: str
-    B: int
-    T: int
-    H: int
-    HV: int
-    K: int
-    V: int
     seqlens: tuple[int, ...] | None
     h0: bool
     tail: int | None = None  # tokens at the end of the last row held to the oracle (None: the last sequence)
@@ -87,10 +82,10 @@ def cases(K: int, V: int, K_small: int, H: int = 4, HV: int = 4) -> dict[str, La
     pool = LIMIT // (HV * K * V) + 2  # sequences whose states pass 2^31 elements
     long_t = (GRID + 1) * 64 + TAIL
     return {
-        "packed_offset": LargeCase("packed_offset", 1, filler + TAIL, H, HV, K, V, (filler, TAIL), True),
-        "row_offset": LargeCase("row_offset", rows, ROW_T, H, HV, K, V, None, False),
-        "state_pool": LargeCase("state_pool", 1, pool - 1 + TAIL, H, HV, K, V, (1,) * (pool - 1) + (TAIL,), True),
-        "many_chunks": LargeCase("many_chunks", 1, long_t, 1, 1, K_small, K_small, None, False, tail=TAIL),
+        "packed_offset": LargeCase(1, filler + TAIL, H, HV, K, V, "packed_offset", (filler, TAIL), True),
+        "row_offset": LargeCase(rows, ROW_T, H, HV, K, V, "row_offset", None, False),
+        "state_pool": LargeCase(1, pool - 1 + TAIL, H, HV, K, V, "state_pool", (1,) * (pool - 1) + (TAIL,), True),
+        "many_chunks": LargeCase(1, long_t, 1, 1, K_small, K_small, "many_chunks", None, False, tail=TAIL),
     }
 
 

@@ -48,7 +48,7 @@ def test_large_checks_are_not_applicable_on_the_cpu():
         assert reason.startswith("not applicable: needs ") and "GiB" in reason
 
 
-MINI = LargeCase("packed_offset", 1, 40, 1, 2, 3, 5, (33, 7), True)
+MINI = LargeCase(1, 40, 1, 2, 3, 5, "packed_offset", (33, 7), True)
 
 
 def test_generate_is_seeded_and_well_formed():
@@ -66,9 +66,9 @@ def test_large_check_logic_on_a_miniature(monkeypatch, name):
     the wrap mutant, with 2^31 scaled down to 64 elements, is caught on the tail."""
     mini = {
         "packed_offset": MINI,
-        "row_offset": LargeCase("row_offset", 5, 9, 1, 2, 3, 4, None, False),
-        "state_pool": LargeCase("state_pool", 1, 12, 1, 2, 2, 3, (1,) * 6 + (6,), True),
-        "many_chunks": LargeCase("many_chunks", 1, 70, 1, 1, 2, 2, None, False, tail=6),
+        "row_offset": LargeCase(5, 9, 1, 2, 3, 4, "row_offset", None, False),
+        "state_pool": LargeCase(1, 12, 1, 2, 2, 3, "state_pool", (1,) * 6 + (6,), True),
+        "many_chunks": LargeCase(1, 70, 1, 1, 2, 2, "many_chunks", None, False, tail=6),
     }[name]
     monkeypatch.setattr(relations, "_large_case", lambda n, impl: mini)
     relations.large_offset(Harness(load_implementation(DEFAULT_IMPL), torch.float32), name, seed=3)

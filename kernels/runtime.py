@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from kdaverify.reference.conventions import check_qkv, check_scale
+from kdaverify.reference.conventions import Dims, check_qkv, check_scale
 from kdaverify.reference.gates import check_gate_args
 
 if not torch.cuda.is_available():
@@ -54,17 +54,10 @@ STATE_LAYOUTS = ("kv", "vk")  # [.., K, V] (the convention) or [.., V, K] (some 
 
 
 @dataclass(frozen=True)
-class Call:
-    """A validated call: sizes, the scale, and the tensors as the kernels read them
+class Call(Dims):
+    """A validated call: sizes (Dims), the scale, and the tensors as the kernels read them
     (contiguous; a non-contiguous input is copied once here, never misread)."""
 
-    B: int
-    T: int
-    H: int
-    HV: int
-    K: int
-    V: int
-    N: int
     scale: float
     q: torch.Tensor
     k: torch.Tensor

@@ -19,22 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kdaverify.reference.conventions import Sizes  # for decode, B is the number of sequences N, T = 1
+
 CHUNK = 64
 STATE_BYTES = 4  # states are float32 by the calling convention (DESIGN.md section 3)
 OPS = ("chunk_kda", "recurrent_kda", "chunk_dplr", "attention")
 MODES = ("fwd", "fwdbwd", "decode")
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """q, k [B, T, H, K]; v [B, T, HV, V]. For decode, B is the number of sequences N, T = 1."""
-
-    B: int
-    T: int
-    H: int
-    HV: int
-    K: int
-    V: int
 
 
 @dataclass(frozen=True)

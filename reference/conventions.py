@@ -16,8 +16,10 @@ import numpy as np
 
 
 @dataclass(frozen=True)
-class Dims:
-    """Sizes read off a validated call."""
+class Sizes:
+    """The sizes of a KDA call, in one place for every layer that names them (the oracle's
+    Dims, the kernels' validated Call, the perf models, the large-offset cases):
+    q, k [B, T, H, K]; v [B, T, HV, V]."""
 
     B: int
     T: int
@@ -25,12 +27,19 @@ class Dims:
     HV: int
     K: int
     V: int
-    N: int
 
     @property
     def group(self) -> int:
         """G = HV // H: how many value heads share one query/key head."""
         return self.HV // self.H
+
+
+@dataclass(frozen=True)
+class Dims(Sizes):
+    """Sizes read off a validated call, with N the number of sequences (B, or
+    len(cu_seqlens) - 1)."""
+
+    N: int
 
 
 def _shape(x, name: str) -> tuple[int, ...]:

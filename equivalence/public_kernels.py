@@ -12,7 +12,8 @@ reports on, with the reason for those that have no adapter.
 How the engines' calling conventions are met (each adapter says which apply):
 - state pools: the engines keep states in a pool [slots, HV, V, K] indexed per sequence
   and updated in place. The adapter builds a pool from the initial state (zeros without
-  one), indexes it with 0..N-1 and returns it as the final state. The layout is VK, which
+  one), indexes it with 0..N-1 (vLLM's recurrent kernel: 1..N, its slot 0 being the null
+  block) and returns it as the final state. The layout is VK, which
   the declaration states (Implementation transposes; nothing is guessed).
 - outputs written into an input: the chunked forwards write o into v's buffer; the
   adapter hands them a copy of v (the contract's inputs are not to be mutated).
@@ -481,18 +482,42 @@ def vllm_fused_recurrent_kda(
     use_qk_l2norm_in_kernel=False,
 ):  # fmt: skip
     """vLLM's fused_recurrent_kda, as vLLM calls it: the state pool updated in place through
-    ssm_state_indices (here sequence n keeps slot n at every token)."""
+    ssm_state_indices. Its kernel (fused_recurrent.py, continuous batching with the final
+    state in place) fixes three things about the call:
+    - slot 0 is vLLM's null block: a sequence whose slot is 0 (or below) is skipped, its state
+      neither read nor written and its o never stored. Sequence n takes slot n + 1 of a pool
+      with one spare slot in front, which is never returned.
+    - the slot of token t is read at the index row's start plus t, whatever token stride the
+      index tensor has (the stride is passed but not used). The index is therefore a
+      contiguous [N, L] table, L the longest sequence, the sequence's slot in every column;
+      with more than one token per sequence, an expanded (stride 0) or one-dimensional index
+      makes it read other sequences' slots and then past the index.
+    - o is allocated like k ([B, T, H, K]) and written as [B, T, HV, V]: where (HV, V) is not
+      (H, K) the call is refused here (see VLLM_O_LIKE_K)."""
     import torch
 
     kda = vllm_module("kda")
-    N, _, _ = _sequences(q, cu_seqlens)
-    pool = _pool(initial_state, N, v.shape[2], v.shape[3], k.shape[3], q.device)
-    slots = torch.arange(N, dtype=torch.int32, device=q.device)[:, None].expand(N, max(q.shape[1], 1))
+    H, K = k.shape[2:]
+    HV, V = v.shape[2:]
+    if (HV, V) != (H, K):
+        raise ValueError(VLLM_O_LIKE_K.format(H=H, K=K, HV=HV, V=V))
+    N, _, lens = _sequences(q, cu_seqlens)
+    pool = torch.zeros(N + 1, HV, V, K, dtype=torch.float32, device=q.device)
+    pool[1:] = _pool(initial_state, N, HV, V, K, q.device)
+    width = max(int(lens.max()) if N else 0, 1)
+    slots = torch.arange(1, N + 1, dtype=torch.int32, device=q.device)[:, None].repeat(1, width)
     o, _ = kda.fused_recurrent_kda(
         q, k, v, g, beta, scale=scale, initial_state=pool, inplace_final_state=True,
         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, cu_seqlens=cu_seqlens, ssm_state_indices=slots,
     )  # fmt: skip
-    return o.reshape(v.shape), pool if output_final_state else None
+    return o, pool[1:] if output_final_state else None
+
+
+VLLM_O_LIKE_K = (
+    "vLLM's fused_recurrent_kda allocates o like k ([B, T, H, K], here H={H}, K={K}) and writes it as "
+    "[B, T, HV, V] (HV={HV}, V={V}): it would write past o or return o in k's shape, so this call is refused "
+    "(candidate reports/findings/candidates/vllm-fused_recurrent_kda-gva.py)"
+)
 
 
 # ---------------------------------------------------------------- declarations
@@ -559,7 +584,9 @@ sglang_cutedsl_decode.kdaverify_capabilities = Capabilities(
 # through chunk_kda_with_fused_gate (same two gate forms); q/k L2 norm
 vllm_chunk_kda.kdaverify_capabilities = Capabilities(**_SGLANG_CHUNK.declared())
 # vllm fused_recurrent_kda: IS_KDA reads g at the value head (g + (bos * HV + i_hv) * K), so
-# GVA holds; fp32 FMAs (ieee); VK pool; L2 norm in kernel; no fused gate
+# the kernel computes GVA; fp32 FMAs (ieee); VK pool; L2 norm in kernel; no fused gate. Its
+# wrapper sizes o by k (ops/kda.py: empty_like(k)), so GVA and V != K are refused by the adapter
+# (VLLM_O_LIKE_K): still declared, so they fail in the matrix, loudly rather than past o
 vllm_fused_recurrent_kda.kdaverify_capabilities = Capabilities(**dict(_SGLANG_RECURRENT.declared(), gva=True))
 
 for _fn in (sglang_chunk_kda, sglang_fused_recurrent_kda, sglang_sigmoid_gating_decode, sglang_packed_decode):

@@ -143,6 +143,78 @@ def test_token_by_token_runs_a_one_token_kernel_over_packed_sequences():
     assert torch.equal(S[1], h0[1])
 
 
+class _VllmRecurrentKernel:
+    """Stands in for vLLM's ops/kda.py where its fused_recurrent_kda meets the adapter (read
+    from fused_recurrent.py with continuous batching and the final state in place): o is
+    allocated like k and stored as [B, T, HV, V]; a sequence whose slot is 0 or below (the
+    null block) is skipped; the slot of token t is read t elements past the index row's start
+    in memory, whatever the index's token stride. Where the kernel would read or write past
+    a buffer, this raises IndexError. The arithmetic is the float32 recurrence."""
+
+    @staticmethod
+    def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, inplace_final_state=True,
+                            use_qk_l2norm_in_kernel=True, cu_seqlens=None, ssm_state_indices=None):  # fmt: skip
+        from kdaverify.reference import kda_recurrent
+
+        assert inplace_final_state and ssm_state_indices is not None and not use_qk_l2norm_in_kernel
+        B, T = q.shape[:2]
+        spans = [(n * T, n * T + T) for n in range(B)] if cu_seqlens is None else list(
+            zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True))  # fmt: skip
+        idx = ssm_state_indices
+        held = idx.untyped_storage().nbytes() // idx.element_size() - idx.storage_offset()
+        memory = idx.as_strided((held,), (1,))  # the index as the kernel reads it: row start + t
+        o = torch.full_like(k, float("nan")).reshape(-1)
+        flat = [x.reshape(-1, *x.shape[2:]) for x in (q, k, v, g, beta)]
+        width = v.shape[2] * v.shape[3]
+        for n, (bos, eos) in enumerate(spans):
+            row = n * idx.stride(0)
+            if eos == bos or int(memory[row]) <= 0:
+                continue
+            S = initial_state[int(memory[row])].transpose(-1, -2)[None]
+            for t in range(eos - bos):
+                step = [x[bos + t][None, None] for x in flat]
+                out, S = kda_recurrent(*step, scale=scale, initial_state=S, output_final_state=True)
+                if (bos + t + 1) * width > o.numel():
+                    raise IndexError("o is written past its end")
+                o[(bos + t) * width : (bos + t + 1) * width] = out.reshape(-1)
+                slot = int(memory[row + t])  # IndexError where the kernel reads past the index
+                if slot > 0:
+                    initial_state[slot] = S[0].transpose(-1, -2)
+        return o.reshape(k.shape), initial_state
+
+
+@pytest.mark.parametrize("B, T, cu", [(1, 4, None), (3, 4, None), (1, 9, [0, 3, 3, 9]), (1, 5, [0, 0, 5])])
+def test_vllm_recurrent_adapter_meets_its_kernels_conventions(B, T, cu, monkeypatch):
+    """The vLLM fused_recurrent_kda adapter keeps slot 0 free (vLLM's null block) and gives
+    the kernel a contiguous index with a column per token; every sequence then runs from
+    its own initial state and returns its own final state. (Slots 0..N-1 as an expanded
+    index skipped the first sequence and read past the index: issue 11's interpreter crash.)"""
+    from kdaverify.reference import kda_recurrent
+
+    monkeypatch.setattr(public_kernels, "vllm_module", lambda name: _VllmRecurrentKernel)
+    gen = torch.Generator().manual_seed(B * T)
+    N = B if cu is None else len(cu) - 1
+    q, k = torch.randn(B, T, 1, 4, generator=gen), torch.randn(B, T, 1, 4, generator=gen) / 2
+    v, g = torch.randn(B, T, 1, 4, generator=gen), -torch.rand(B, T, 1, 4, generator=gen)
+    beta, h0 = torch.rand(B, T, 1, generator=gen), torch.randn(N, 1, 4, 4, generator=gen)  # VK
+    cu = None if cu is None else torch.tensor(cu)
+    o, S = public_kernels.vllm_fused_recurrent_kda(q, k, v, g, beta, None, h0, True, cu)
+    o_ref, S_ref = kda_recurrent(q, k, v, g, beta, initial_state=h0.transpose(-1, -2), output_final_state=True,
+                                 cu_seqlens=cu)  # fmt: skip
+    assert S.shape == h0.shape
+    assert torch.allclose(o, o_ref, atol=1e-5) and torch.allclose(S.transpose(-1, -2), S_ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("HV, V", [(2, 4), (1, 8), (1, 2)])
+def test_vllm_recurrent_adapter_refuses_shapes_its_o_does_not_hold(HV, V, monkeypatch):
+    """vLLM's wrapper sizes o by k: GVA or V != K is refused before the kernel runs."""
+    monkeypatch.setattr(public_kernels, "vllm_module", lambda name: _VllmRecurrentKernel)
+    q = k = torch.zeros(1, 2, 1, 4)
+    v, g, beta = torch.zeros(1, 2, HV, V), torch.zeros(1, 2, HV, 4), torch.zeros(1, 2, HV)
+    with pytest.raises(ValueError, match="allocates o like k"):
+        public_kernels.vllm_fused_recurrent_kda(q, k, v, g, beta)
+
+
 @settings(max_examples=10, deadline=None, database=None)
 @given(spec=case_specs(Capabilities(max_beta=1.0)))
 def test_max_beta_bounds_every_draw(spec):

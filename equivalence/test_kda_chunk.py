@@ -43,6 +43,9 @@ CASES = [
     CaseSpec(T=130, K=16, V=16, h0=True, gate="mild", input_scale=10.0, scale=0.3, seed=6),
     CaseSpec(T=84, K=20, V=20, G=2, h0=True, seqlens=(1, 17, 1, 65), gate="masked", seed=7),
     CaseSpec(T=64, K=3, V=20, shared_gate=True, gate="safe", seed=8),
+    # g = -inf (hard resets): the in-chunk sums restart, ratios across a reset are 0
+    CaseSpec(B=2, T=19, H=2, G=2, K=5, V=7, gate="reset", h0=True, seed=10),
+    CaseSpec(T=150, K=16, V=16, G=2, h0=True, seqlens=(1, 84, 65), gate="reset", seed=9),
 ]
 
 
@@ -176,6 +179,7 @@ GRAD_CASES = [
     CaseSpec(B=2, T=33, K=16, V=20, gate="masked", beta_max=2.0, seed=23),
     CaseSpec(T=84, K=20, V=20, G=2, h0=True, seqlens=(1, 17, 1, 65), gate="masked", seed=24),
     CaseSpec(T=64, K=3, V=40, shared_gate=True, gate="safe", input_scale=10.0, scale=0.3, seed=25),
+    CaseSpec(T=150, K=8, V=8, G=2, h0=True, seqlens=(1, 84, 65), gate="reset", seed=26),
 ]
 
 

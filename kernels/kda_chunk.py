@@ -176,7 +176,7 @@ class _Plan:
 
 def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     """The three forward launches. Returns (o, final state or None, saved): saved is None
-    unless keep, then (plan, G, Aqk, Minv, h) for the backward, h [NC, HV, K, V] fp32 the
+    unless keep, then (plan, G, Rs, Aqk, Minv, h) for the backward, h [NC, HV, K, V] fp32 the
     state entering every chunk (the only per-chunk state history, and only when training)."""
     B, T, H, HV, K, V, N = c.B, c.T, c.H, c.HV, c.K, c.V, c.N
     BT, BC = BLOCKS.BT, BLOCKS.BC
@@ -188,7 +188,7 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     if T == 0 or plan.NC == 0:  # nothing to compute: every sequence is empty
         if ht is not None:
             ht.copy_(c.initial_state) if c.initial_state is not None else ht.zero_()
-        return o, ht, (plan, None, None, None, None) if keep else None
+        return o, ht, (plan, None, None, None, None, None) if keep else None
     gate = opts.gate
     G = torch.empty(B, T, HV, K, dtype=torch.float32, device=device)
     dot_dtype, matrices, dot_precision = opts.dots(c.q.dtype)
@@ -196,9 +196,12 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     Minv = torch.empty(B, T, HV, BT, dtype=matrices, device=device)
     h = torch.empty(plan.total, HV, K, V, dtype=torch.float32, device=device) if keep else None
     gate_kind = 0 if gate is None else (1 if gate.lower_bound is None else 2)
+    # resets (g = -inf) counted per chunk, int8 (at most BT per chunk): only a given gate can
+    # hold them; one computed from z is finite
+    Rs = torch.empty(B, T, HV, K, dtype=torch.int8, device=device) if gate is None else None
     grid = (plan.NC * plan.NBH,)  # one axis: see kda_chunk_intra.one_dim_grid
     chunk_gate_cumsum[grid](
-        c.g, G,
+        c.g, G, Rs,
         None if gate is None else gate.A_log, None if gate is None else gate.dt_bias,
         0.0 if gate is None or gate.lower_bound is None else gate.lower_bound,
         c.cu_seqlens, plan.chunks, T, plan.NBH,
@@ -210,18 +213,18 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
         DOT_DTYPE=dot_dtype, PRECISION=dot_precision,
     )  # fmt: skip
     chunk_intra[grid](
-        c.q, c.k, G, c.beta, Aqk, Minv, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
-        H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BK, IS_VARLEN=plan.varlen,
+        c.q, c.k, G, Rs, c.beta, Aqk, Minv, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
+        H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BK, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
         SOLVE_PRECISION="ieee" if opts.precision == "ieee" else "tf32x3", num_warps=BLOCKS.warps(K), **flags,
     )  # fmt: skip
     chunk_recurrence[(triton.cdiv(V, BV) * N * HV,)](
-        c.q, c.k, c.v, G, c.beta, Aqk, Minv, o, c.initial_state, ht, h, plan.chunk_first, c.cu_seqlens,
+        c.q, c.k, c.v, G, Rs, c.beta, Aqk, Minv, o, c.initial_state, ht, h, plan.chunk_first, c.cu_seqlens,
         c.scale, T, plan.NT,
-        H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=plan.varlen,
+        H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
         HAS_H0=c.initial_state is not None, STORE_HT=ht is not None, STORE_H=keep,
         num_warps=BLOCKS.warps(K), **flags,
     )  # fmt: skip
-    return o, ht, (plan, G, Aqk, Minv, h) if keep else None
+    return o, ht, (plan, G, Rs, Aqk, Minv, h) if keep else None
 
 
 class ChunkKDAFunction(torch.autograd.Function):
@@ -234,23 +237,23 @@ class ChunkKDAFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, g, beta, initial_state, call, precision, output_final_state):
         c = replace(call, q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state)
         opts = _Options(precision=precision)
-        o, ht, (plan, G, Aqk, Minv, h) = _forward(c, opts, output_final_state, keep=True)
-        ctx.save_for_backward(q, k, v, beta, G, Aqk, Minv, h)
+        o, ht, (plan, G, Rs, Aqk, Minv, h) = _forward(c, opts, output_final_state, keep=True)
+        ctx.save_for_backward(q, k, v, beta, G, Rs, Aqk, Minv, h)
         ctx.call, ctx.opts, ctx.plan = c, opts, plan
         ctx.dtypes = (g.dtype, beta.dtype)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, G, Aqk, Minv, h = ctx.saved_tensors
+        q, k, v, beta, G, Rs, Aqk, Minv, h = ctx.saved_tensors
         c, opts, plan = ctx.call, ctx.opts, ctx.plan
-        dq, dk, dv, dg, dbeta, dh0 = chunk_kda_backward(c, opts, plan, q, k, v, beta, G, Aqk, Minv, h, do, dht)
+        dq, dk, dv, dg, dbeta, dh0 = chunk_kda_backward(c, opts, plan, q, k, v, beta, G, Rs, Aqk, Minv, h, do, dht)
         dg = dg.to(ctx.dtypes[0])
         dbeta = dbeta.to(ctx.dtypes[1])
         return dq, dk, dv, dg, dbeta, dh0, None, None, None
 
 
-def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, Aqk, Minv, h, do, dht):
+def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, Rs, Aqk, Minv, h, do, dht):
     """(dq, dk, dv, dg, dbeta, dh0) of the loss <o, do> + <final_state, dht> (either cotangent
     may be None), from what _forward(keep=True) saved. dq, dk are summed over the value
     heads of each group (GVA); dh0 is None without an initial state."""
@@ -271,14 +274,14 @@ def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, A
     BT, BK, BV = BLOCKS.BT, BLOCKS.bk(K), BLOCKS.bv(K, V)
     dot_dtype, _, dot_precision = opts.dots(q.dtype)
     dh = torch.empty(plan.total, HV, K, V, dtype=torch.float32, device=device)
-    common = dict(H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=plan.varlen,
+    common = dict(H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
                   DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=BLOCKS.warps(K))  # fmt: skip
     chunk_dh_recurrence[(triton.cdiv(V, BV) * N * HV,)](
-        q, k, G, beta, Aqk, Minv, do, dht, dh, dh0, c.cu_seqlens, plan.chunk_first, c.scale, T, plan.NT,
+        q, k, G, Rs, beta, Aqk, Minv, do, dht, dh, dh0, c.cu_seqlens, plan.chunk_first, c.scale, T, plan.NT,
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **common,
     )  # fmt: skip
     chunk_grads[(plan.NC * plan.NBH,)](
-        q, k, v, G, beta, Aqk, Minv, h, dh, do, dq, dk, dv, dg, dbeta, c.cu_seqlens, plan.chunks,
+        q, k, v, G, Rs, beta, Aqk, Minv, h, dh, do, dq, dk, dv, dg, dbeta, c.cu_seqlens, plan.chunks,
         c.scale, T, plan.NT, plan.NBH, **common,
     )  # fmt: skip
     group = HV // H

@@ -36,7 +36,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kda_chunk_intra import chunk_span, load_rows, mma, one_dim_grid, round_to, sequence_span
+from .kda_chunk_intra import (
+    chunk_decays,
+    chunk_span,
+    load_counts,
+    load_counts_row,
+    load_rows,
+    mma,
+    one_dim_grid,
+    round_to,
+    sequence_span,
+)
 
 
 @triton.jit
@@ -53,10 +63,10 @@ def _load_tril(x, rows, m, HV: tl.constexpr, i_hv, o_t, eos, t0, BT: tl.constexp
 
 @triton.jit
 def chunk_dh_recurrence(
-    q, k, G, beta, Aqk, Minv, do, dht, dh, dh0, cu_seqlens, chunk_first, scale, T, NT,
+    q, k, G, Rs, beta, Aqk, Minv, do, dht, dh, dh0, cu_seqlens, chunk_first, scale, T, NT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dh [NC, HV, K, V] fp32 for value columns [i_v*BV, (i_v+1)*BV): row c holds dSC of chunk
@@ -83,18 +93,15 @@ def chunk_dh_recurrence(
             m = rows < eos
             q_c = load_rows(q, rows, m, H, i_h, cols_k, K)
             k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
-            g_c = load_rows(G, rows, m, HV, i_hv, cols_k, K)
             b_c = tl.load(beta + rows * HV + i_hv, mask=m, other=0.0).to(tl.float32)
             do_c = load_rows(do, rows, m, HV, i_hv, cols_v, V)
             a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
             m_inv = _load_tril(Minv, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
             last = tl.minimum(t0 + BT, eos) - 1
-            g_last = tl.load(G + (last * HV + i_hv) * K + cols_k, mask=cols_k < K, other=0.0)
-            e_g = tl.exp(tl.where(m[:, None], g_c, float("-inf")))
-            k_d = k_c * tl.exp(tl.where(m[:, None], g_last[None, :] - g_c, float("-inf")))
-            dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION) + mma(k_d, dS, DOT_DTYPE, PRECISION)
+            _, _, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
+            dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION) + mma(k_c * e_d, dS, DOT_DTYPE, PRECISION)
             dx = b_c[:, None] * mma(tl.trans(m_inv), dvp, DOT_DTYPE, PRECISION)
-            dS = dS * tl.exp(g_last)[:, None]
+            dS = dS * gam_c[:, None]
             dS += mma(tl.trans(q_c * (scale * e_g)), do_c, DOT_DTYPE, PRECISION)
             dS -= mma(tl.trans(k_c * e_g), dx, DOT_DTYPE, PRECISION)
     if STORE_DH0:
@@ -103,9 +110,9 @@ def chunk_dh_recurrence(
 
 @triton.jit
 def chunk_grads(
-    q, k, v, G, beta, Aqk, Minv, h, dh, do, dq, dk, dv, dg, dbeta, cu_seqlens, chunks, scale, T, NT, NBH,
+    q, k, v, G, Rs, beta, Aqk, Minv, h, dh, do, dq, dk, dv, dg, dbeta, cu_seqlens, chunks, scale, T, NT, NBH,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, RESETS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Gradients of one chunk of one value head: dq, dk [B*T, HV, K] fp32 (summed over the
@@ -127,14 +134,11 @@ def chunk_grads(
     m_k = m[:, None] & (cols_k[None, :] < K)
     q_c = load_rows(q, rows, m, H, i_h, cols_k, K)
     k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
-    g_c = load_rows(G, rows, m, HV, i_hv, cols_k, K)
     b_c = tl.load(beta + rows * HV + i_hv, mask=m, other=0.0).to(tl.float32)
     a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
     m_inv = _load_tril(Minv, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
     last = tl.minimum(t0 + BT, eos) - 1
-    g_last = tl.load(G + (last * HV + i_hv) * K + cols_k, mask=cols_k < K, other=0.0)
-    e_g = tl.exp(tl.where(m[:, None], g_c, float("-inf")))
-    e_d = tl.exp(tl.where(m[:, None], g_last[None, :] - g_c, float("-inf")))
+    g_c, cnt_c, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
     kg = k_c * e_g
     kd = k_c * e_d
 
@@ -183,7 +187,7 @@ def chunk_grads(
     dkd = e_d * dkd_s
     dk_c += dkd
     dG -= k_c * dkd
-    dG_last = tl.sum(k_c * dkd, axis=0) + tl.exp(g_last) * dgc  # d/dG_C, added to the last row
+    dG_last = tl.sum(k_c * dkd, axis=0) + gam_c * dgc  # d/dG_C, added to the last row
 
     # Pair terms, one column i at a time (rows r >= i; see the module docstring).
     p = tl.where(o_t[None, :] <= o_t[:, None], scale * d_aqk, 0.0)
@@ -197,11 +201,12 @@ def chunk_grads(
         m_i = (cols_k < K) & (src < eos)
         k_i = tl.load(k + (src * H + i_h) * K + cols_k, mask=m_i, other=0.0).to(tl.float32)
         g_i = tl.load(G + (src * HV + i_hv) * K + cols_k, mask=m_i, other=0.0)
+        same = cnt_c == load_counts_row(Rs, src, src < eos, HV, i_hv, cols_k, K, RESETS)[None, :]
         at_i = o_t[None, :] == i
         p_i = tl.sum(tl.where(at_i, p, 0.0), axis=1)
         l_i = tl.sum(tl.where(at_i, d_l, 0.0), axis=1)
         lb_i = tl.sum(tl.where(at_i, d_lb, 0.0), axis=1)
-        e = tl.exp(tl.where(m_k & (o_t >= i)[:, None], g_c - g_i[None, :], float("-inf")))
+        e = tl.exp(tl.where(m_k & (o_t >= i)[:, None] & same, g_c - g_i[None, :], float("-inf")))
         ke = k_i[None, :] * e
         row_pq += p_i[:, None] * ke
         row_pl += l_i[:, None] * ke
@@ -214,7 +219,19 @@ def chunk_grads(
     dG += (b_c[:, None] * k_c) * row_pl - k_c * col
     dG = tl.where((rows == last)[:, None], dG + dG_last[None, :], dG)
     dG = tl.where(m_k, dG, 0.0)
-    dg_c = dG - tl.cumsum(dG, axis=0) + tl.sum(dG, axis=0)[None, :]  # sum over s >= r
+    if tl.max(tl.max(cnt_c, axis=1), axis=0) > 0:
+        # G restarts after each reset: dg_r sums dG_s over s >= r of r's own segment, and a
+        # reset token's g (-inf) gets 0, as in the oracle (its decay multiplies a zero state)
+        dg_c = tl.zeros([BT, BK], dtype=tl.float32)
+        for s in range(0, BT):
+            at_s = (o_t == s)[:, None]
+            dG_s = tl.sum(tl.where(at_s, dG, 0.0), axis=0)
+            c_s = tl.sum(tl.where(at_s, cnt_c, 0), axis=0)
+            dg_c += tl.where((o_t <= s)[:, None] & (cnt_c == c_s[None, :]), dG_s[None, :], 0.0)
+        prev = load_counts(Rs, rows - 1, m & (o_t > 0), HV, i_hv, cols_k, K, RESETS)
+        dg_c = tl.where(cnt_c > prev, 0.0, dg_c)
+    else:
+        dg_c = dG - tl.cumsum(dG, axis=0) + tl.sum(dG, axis=0)[None, :]  # sum over s >= r
 
     out_k = (rows[:, None] * HV + i_hv) * K + cols_k[None, :]
     tl.store(dq + out_k, dq_c, mask=m_k)

@@ -19,15 +19,24 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kda_chunk_intra import load_beta, load_qk, load_rows, mma, one_dim_grid, round_to, sequence_span
+from .kda_chunk_intra import (
+    chunk_decays,
+    load_beta,
+    load_qk,
+    load_rows,
+    mma,
+    one_dim_grid,
+    round_to,
+    sequence_span,
+)
 
 
 @triton.jit
 def chunk_recurrence(
-    q, k, v, G, beta, Aqk, Minv, o, h0, ht, h, chunk_first, cu_seqlens, scale, T, NT,
+    q, k, v, G, Rs, beta, Aqk, Minv, o, h0, ht, h, chunk_first, cu_seqlens, scale, T, NT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_H: tl.constexpr,
+    IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_H: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -57,7 +66,6 @@ def chunk_recurrence(
             if STORE_H:
                 tl.store(h + ((c0 + i_t) * HV + i_hv) * K * V + cols_k[:, None] * V + cols_v[None, :], S, mask=m_kv)
             q_c, k_c = load_qk(q, k, rows, m, H, i_h, cols_k, K, L2NORM)
-            g_c = load_rows(G, rows, m, HV, i_hv, cols_k, K)
             v_c = load_rows(v, rows, m, HV, i_hv, cols_v, V)
             b_c = load_beta(beta, rows, m, HV, i_hv, BETA_SIGMOID, NEG_EIGVAL)
             tri = m[:, None] & (t0 + o_t[None, :] < eos) & (o_t[None, :] <= o_t[:, None])
@@ -65,7 +73,8 @@ def chunk_recurrence(
             a_qk = tl.load(Aqk + mat, mask=tri, other=0.0).to(tl.float32)
             m_inv = tl.load(Minv + mat, mask=tri, other=0.0).to(tl.float32)
 
-            e_g = tl.exp(tl.where(m[:, None], g_c, float("-inf")))
+            last = tl.minimum(t0 + BT, eos) - 1
+            _, _, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
             x = v_c - mma(k_c * e_g, S, DOT_DTYPE, PRECISION)
             vp = mma(m_inv, b_c[:, None] * x, DOT_DTYPE, PRECISION)
             out = mma(q_c * (scale * e_g), S, DOT_DTYPE, PRECISION)
@@ -73,10 +82,7 @@ def chunk_recurrence(
             o_ptr = o + (rows[:, None] * HV + i_hv) * V + cols_v[None, :]
             tl.store(o_ptr, round_to(out, o.dtype.element_ty), mask=m[:, None] & (cols_v[None, :] < V))
 
-            last = tl.minimum(t0 + BT, eos) - 1
-            g_last = tl.load(G + (last * HV + i_hv) * K + cols_k, mask=cols_k < K, other=0.0)
-            k_d = k_c * tl.exp(tl.where(m[:, None], g_last[None, :] - g_c, float("-inf")))
-            S = S * tl.exp(g_last)[:, None]
-            S += mma(tl.trans(k_d), vp, DOT_DTYPE, PRECISION)
+            S = S * gam_c[:, None]
+            S += mma(tl.trans(k_c * e_d), vp, DOT_DTYPE, PRECISION)
     if STORE_HT:
         tl.store(ht + s_ptr, S, mask=m_kv)

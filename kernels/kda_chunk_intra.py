@@ -147,13 +147,57 @@ def load_qk(q, k, rows, mask, H: tl.constexpr, i_h, cols, K: tl.constexpr, L2NOR
 
 
 @triton.jit
+def load_counts(Rs, rows, mask, HV: tl.constexpr, i_hv, cols, K: tl.constexpr, RESETS: tl.constexpr):
+    """Resets so far in the chunk at token rows, as int32 [len(rows), len(cols)]: from Rs
+    [B*T, HV, K] int8 when the gate is given (RESETS), else zeros (a gate computed in the
+    kernel is finite)."""
+    if RESETS:
+        ptr = Rs + (rows[:, None] * HV + i_hv) * K + cols[None, :]
+        return tl.load(ptr, mask=mask[:, None] & (cols[None, :] < K), other=0).to(tl.int32)
+    else:
+        return rows[:, None].to(tl.int32) * 0 + cols[None, :] * 0
+
+
+@triton.jit
+def load_counts_row(Rs, row, ok, HV: tl.constexpr, i_hv, cols, K: tl.constexpr, RESETS: tl.constexpr):
+    """load_counts at one token (a scalar row, read when ok) as int32 [len(cols)]."""
+    if RESETS:
+        return tl.load(Rs + (row * HV + i_hv) * K + cols, mask=ok & (cols < K), other=0).to(tl.int32)
+    else:
+        return cols * 0
+
+
+@triton.jit
+def chunk_decays(G, Rs, rows, m, last, HV: tl.constexpr, i_hv, cols, K: tl.constexpr, RESETS: tl.constexpr):
+    """The decays of one chunk, every exponent <= 0 and a reset (g = -inf) honoured exactly:
+    G holds the in-chunk cumulative sum restarted at each reset, Rs the resets so far
+    (load_counts). Returns (g_c, cnt_c) [BT, BK] for pair terms, e_g = Gam_r = exp(G_r) (0 once
+    a reset lies in [start, r]), e_d = Gam_C / Gam_r = exp(G_C - G_r) (0 if a reset lies in
+    (r, C]), and gam_c = Gam_C [BK]. Rows outside the sequence get 0 in e_g and e_d."""
+    g_c = load_rows(G, rows, m, HV, i_hv, cols, K)
+    cnt_c = load_counts(Rs, rows, m, HV, i_hv, cols, K, RESETS)
+    g_last = tl.load(G + (last * HV + i_hv) * K + cols, mask=cols < K, other=0.0)
+    cnt_last = load_counts_row(Rs, last, last >= 0, HV, i_hv, cols, K, RESETS)
+    e_g = tl.exp(tl.where(m[:, None] & (cnt_c == 0), g_c, float("-inf")))
+    e_d = tl.exp(tl.where(m[:, None] & (cnt_c == cnt_last[None, :]), g_last[None, :] - g_c, float("-inf")))
+    gam_c = tl.exp(tl.where(cnt_last == 0, g_last, float("-inf")))
+    return g_c, cnt_c, e_g, e_d, gam_c
+
+
+@triton.jit
 def chunk_gate_cumsum(
-    g, G, A_log, dt_bias, lower_bound, cu_seqlens, chunks, T, NBH,
+    g, G, Rs, A_log, dt_bias, lower_bound, cu_seqlens, chunks, T, NBH,
     HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     IS_VARLEN: tl.constexpr, GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
 ):  # fmt: skip
     """G [B*T, HV, K] fp32 = the in-chunk inclusive cumulative sum of g. GATE: 0 = g as given;
-    1 = g = -exp(A_log) softplus(z + dt_bias); 2 = g = lower_bound sigmoid(exp(A_log) (z + dt_bias))."""
+    1 = g = -exp(A_log) softplus(z + dt_bias); 2 = g = lower_bound sigmoid(exp(A_log) (z + dt_bias)).
+
+    g = -inf is a hard reset (the state is wiped; DESIGN.md's contract includes it). With g
+    as given (GATE 0) Rs [B*T, HV, K] int8 counts the resets in [chunk start, r], and the sum
+    restarts after each one (G = 0 at the reset itself), so that a ratio Gam_r / Gam_i is
+    exp(G_r - G_i) between tokens of one segment and 0 across a reset (chunk_decays): no
+    -inf - -inf. Without a reset in the chunk this is the plain cumulative sum, bit for bit."""
     i_c, i_bh = one_dim_grid(NBH)
     i_b, i_hv = i_bh // HV, i_bh % HV
     _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
@@ -171,16 +215,35 @@ def chunk_gate_cumsum(
         else:
             x = lower_bound * tl.sigmoid(a * x)
         x = tl.where(m[:, None] & (cols[None, :] < K), x, 0.0)
-    Gc = tl.cumsum(x, axis=0)
-    ptr = G + (rows[:, None] * HV + i_hv) * K + cols[None, :]
-    tl.store(ptr, Gc, mask=m[:, None] & (cols[None, :] < K))
+    keep = m[:, None] & (cols[None, :] < K)
+    ptr = (rows[:, None] * HV + i_hv) * K + cols[None, :]
+    if GATE == 0:
+        reset = keep & (x == float("-inf"))
+        cnt = tl.cumsum(reset.to(tl.int32), axis=0)
+        tl.store(Rs + ptr, cnt.to(tl.int8), mask=keep)
+        x = tl.where(reset, 0.0, x)
+        if tl.max(tl.max(cnt, axis=1), axis=0) > 0:
+            # segmented sum, one source row j at a time: G_r = sum of x_j, j <= r, same segment
+            o = tl.arange(0, BT)
+            Gc = tl.zeros([BT, BK], dtype=tl.float32)
+            for j in range(0, BT):
+                at_j = (o == j)[:, None]
+                x_j = tl.sum(tl.where(at_j, x, 0.0), axis=0)
+                c_j = tl.sum(tl.where(at_j, cnt, 0), axis=0)
+                Gc += tl.where((o >= j)[:, None] & (cnt == c_j[None, :]), x_j[None, :], 0.0)
+        else:
+            Gc = tl.cumsum(x, axis=0)
+    else:
+        Gc = tl.cumsum(x, axis=0)
+    tl.store(G + ptr, Gc, mask=keep)
 
 
 @triton.jit
 def chunk_intra(
-    q, k, G, beta, Aqk, Minv, cu_seqlens, chunks, scale, T, NBH,
+    q, k, G, Rs, beta, Aqk, Minv, cu_seqlens, chunks, scale, T, NBH,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    IS_VARLEN: tl.constexpr, L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
+    IS_VARLEN: tl.constexpr, RESETS: tl.constexpr,
+    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SOLVE_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Aqk and Minv = (I + L)^{-1} of one chunk of one value head, written as [BT, BT] rows in
@@ -196,6 +259,7 @@ def chunk_intra(
     q_c, k_c = load_qk(q, k, rows, m, H, i_h, cols, K, L2NORM)
     q_c = q_c * scale
     g_c = load_rows(G, rows, m, HV, i_hv, cols, K)
+    cnt_c = load_counts(Rs, rows, m, HV, i_hv, cols, K, RESETS)  # a pair spans a reset: ratio 0
     b_c = load_beta(beta, rows, m, HV, i_hv, BETA_SIGMOID, NEG_EIGVAL)
     base = (o // BC) * BC  # first row of each row's sub-chunk
 
@@ -209,8 +273,9 @@ def chunk_intra(
         if L2NORM:
             k_j = l2norm_rows(k_j, k.dtype.element_ty)
         g_j = load_rows(G, src, m_src, HV, i_hv, cols, K)
+        same = cnt_c == load_counts(Rs, src, m_src, HV, i_hv, cols, K, RESETS)
         use = m & (o - base >= j)  # i <= r, inside the sequence
-        k_j = k_j * tl.exp(tl.where(use[:, None], g_c - g_j, float("-inf")))
+        k_j = k_j * tl.exp(tl.where(use[:, None] & same, g_c - g_j, float("-inf")))
         at_j = o[None, :] == (base + j)[:, None]
         a_qk = tl.where(at_j, tl.sum(q_c * k_j, axis=1)[:, None], a_qk)
         a_kk = tl.where(at_j & (o - base > j)[:, None], tl.sum(k_c * k_j, axis=1)[:, None], a_kk)
@@ -221,8 +286,10 @@ def chunk_intra(
         a = t0 + I * BC
         if a < eos:
             g_a = tl.load(G + (a * HV + i_hv) * K + cols, mask=cols < K, other=0.0)
-            e_r = tl.exp(tl.where(((o // BC == I) & m)[:, None], g_c - g_a[None, :], float("-inf")))
-            e_i = tl.exp(tl.where((o < I * BC)[:, None], g_a[None, :] - g_c, float("-inf")))
+            # a reset between i and r lies in (i, a] or in (a, r]: one of the factors is 0
+            same = cnt_c == load_counts_row(Rs, a, a < eos, HV, i_hv, cols, K, RESETS)[None, :]
+            e_r = tl.exp(tl.where(((o // BC == I) & m)[:, None] & same, g_c - g_a[None, :], float("-inf")))
+            e_i = tl.exp(tl.where((o < I * BC)[:, None] & same, g_a[None, :] - g_c, float("-inf")))
             k_i = tl.trans(k_c * e_i)
             a_qk += mma(q_c * e_r, k_i, DOT_DTYPE, PRECISION)
             a_kk += mma(k_c * e_r, k_i, DOT_DTYPE, PRECISION)

@@ -46,8 +46,54 @@ def _interpreter_scalar_index() -> None:
     interpreter._patch_lang_tensor = patch
 
 
+def _interpreter_patch_once_per_launch() -> None:
+    """Patch triton.language once per kernel launch under the interpreter, not once per call
+    of a @triton.jit helper. Triton 3.6's interpreter re-patches every builtin of
+    triton.language (inspect.getmembers over three modules, ~1 ms) on each device-function
+    call, although the launch already patched the same module objects and keeps them patched
+    until it ends. Kernels that call helpers inside loops (load_rows, mma, round_to) spent
+    most of their interpreter time there: 8516 re-patches in one chunk_kda forward at
+    B1 T200 HV4 K=V=32. Here a device function's re-patch is skipped while a launch is
+    running and every triton.language module it sees is already patched by that launch;
+    any other case runs the interpreter's own patching, unchanged."""
+    import inspect
+
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    if getattr(interpreter._patch_lang, "kdaverify_shim", False):
+        return
+    original_patch, original_launch = interpreter._patch_lang, interpreter.GridExecutor.__call__
+    active: list[set[int]] = []  # per running launch: ids of the patched language modules
+
+    class _Done:
+        def restore(self) -> None:  # the launch that patched restores
+            pass
+
+    def patch_lang(fn):
+        langs = {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+        if active and langs and langs <= active[-1]:
+            return _Done()
+        scope = original_patch(fn)
+        if active:
+            active[-1].update(langs)
+        return scope
+
+    def launch(self, *args, **kwargs):
+        active.append(set())
+        try:
+            return original_launch(self, *args, **kwargs)
+        finally:
+            active.pop()
+
+    patch_lang.kdaverify_shim = True
+    interpreter._patch_lang = patch_lang
+    interpreter.GridExecutor.__call__ = launch
+
+
 if INTERPRET:
     _interpreter_scalar_index()
+    _interpreter_patch_once_per_launch()
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD = 256  # one K (or V) block per program: next_power_of_2(K) lanes of registers
 STATE_LAYOUTS = ("kv", "vk")  # [.., K, V] (the convention) or [.., V, K] (some servers)

@@ -4,11 +4,11 @@ drop-in for flash-linear-attention's chunk_kda forward (calling convention: sect
 Three launches, no loop over chunks or heads on the host:
 
     chunk_gate_cumsum  (NC, B*HV)      G [B*T, HV, K] fp32: in-chunk cumsum of g (gate from z if asked)
-    chunk_intra        (NC, B*HV)      Aqk, Minv = (I + L)^{-1} [B*T, HV, BT] (bounded exponents)
+    chunk_intra        (NC, B*HV)      Aqk, M = (I + L)^{-1} Diag(beta) [B*T, HV, BT] (bounded exponents)
     chunk_recurrence   (NV, N*HV)      o, final state; S carried in registers across chunks
 
 NC = number of chunks (B * NT, or the chunks of all packed sequences). Memory besides inputs
-and outputs: G (4 B*T*HV*K bytes) and Aqk, Minv (B*T*HV*BT each, in the dot operand dtype:
+and outputs: G (4 B*T*HV*K bytes) and Aqk, M (B*T*HV*BT each, in the dot operand dtype:
 2 bytes for 16-bit inputs at the default precision, else 4); no state history.
 In-kernel options (q/k L2 norm, beta sigmoid) are applied where q, k, beta are loaded; the
 gate from z is computed in chunk_gate_cumsum.
@@ -132,7 +132,7 @@ class _Options:
     precision: str | None = None
 
     def dots(self, dtype: torch.dtype):
-        """(tl dtype of dot operands, torch dtype of the Aqk and Minv buffers, tl.dot precision)."""
+        """(tl dtype of dot operands, torch dtype of the Aqk, M and Minv buffers, tl.dot precision)."""
         fp32 = self.precision == "ieee" or dtype == torch.float32
         dot_dtype, matrices = (tl.float32, torch.float32) if fp32 else (tl.bfloat16, torch.bfloat16)
         return dot_dtype, matrices, "ieee" if self.precision == "ieee" else "tf32"
@@ -176,7 +176,8 @@ class _Plan:
 
 def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     """The three forward launches. Returns (o, final state or None, saved): saved is None
-    unless keep, then (plan, G, Rs, Aqk, Minv, h) for the backward, h [NC, HV, K, V] fp32 the
+    unless keep, then (plan, G, Rs, Aqk, M, Minv, h) for the backward (Minv = (I + L)^{-1}
+    without beta, for dbeta and dL), h [NC, HV, K, V] fp32 the
     state entering every chunk (the only per-chunk state history, and only when training)."""
     B, T, H, HV, K, V, N = c.B, c.T, c.H, c.HV, c.K, c.V, c.N
     BT, BC = BLOCKS.BT, BLOCKS.BC
@@ -188,12 +189,13 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     if T == 0 or plan.NC == 0:  # nothing to compute: every sequence is empty
         if ht is not None:
             ht.copy_(c.initial_state) if c.initial_state is not None else ht.zero_()
-        return o, ht, (plan, None, None, None, None, None) if keep else None
+        return o, ht, (plan, None, None, None, None, None, None) if keep else None
     gate = opts.gate
     G = torch.empty(B, T, HV, K, dtype=torch.float32, device=device)
     dot_dtype, matrices, dot_precision = opts.dots(c.q.dtype)
     Aqk = torch.empty(B, T, HV, BT, dtype=matrices, device=device)
-    Minv = torch.empty(B, T, HV, BT, dtype=matrices, device=device)
+    M = torch.empty(B, T, HV, BT, dtype=matrices, device=device)
+    Minv = torch.empty(B, T, HV, BT, dtype=matrices, device=device) if keep else None
     h = torch.empty(plan.total, HV, K, V, dtype=torch.float32, device=device) if keep else None
     gate_kind = 0 if gate is None else (1 if gate.lower_bound is None else 2)
     # resets (g = -inf) counted per chunk, int8 (at most BT per chunk): only a given gate can
@@ -213,18 +215,18 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
         DOT_DTYPE=dot_dtype, PRECISION=dot_precision,
     )  # fmt: skip
     chunk_intra[grid](
-        c.q, c.k, G, Rs, c.beta, Aqk, Minv, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
+        c.q, c.k, G, Rs, c.beta, Aqk, M, Minv, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
         H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BK, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
         SOLVE_PRECISION="ieee" if opts.precision == "ieee" else "tf32x3", num_warps=BLOCKS.warps(K), **flags,
     )  # fmt: skip
     chunk_recurrence[(triton.cdiv(V, BV) * N * HV,)](
-        c.q, c.k, c.v, G, Rs, c.beta, Aqk, Minv, o, c.initial_state, ht, h, plan.chunk_first, c.cu_seqlens,
+        c.q, c.k, c.v, G, Rs, Aqk, M, o, c.initial_state, ht, h, plan.chunk_first, c.cu_seqlens,
         c.scale, T, plan.NT,
         H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
         HAS_H0=c.initial_state is not None, STORE_HT=ht is not None, STORE_H=keep,
         num_warps=BLOCKS.warps(K), **flags,
     )  # fmt: skip
-    return o, ht, (plan, G, Rs, Aqk, Minv, h) if keep else None
+    return o, ht, (plan, G, Rs, Aqk, M, Minv, h) if keep else None
 
 
 class ChunkKDAFunction(torch.autograd.Function):
@@ -237,23 +239,23 @@ class ChunkKDAFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, g, beta, initial_state, call, precision, output_final_state):
         c = replace(call, q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state)
         opts = _Options(precision=precision)
-        o, ht, (plan, G, Rs, Aqk, Minv, h) = _forward(c, opts, output_final_state, keep=True)
-        ctx.save_for_backward(q, k, v, beta, G, Rs, Aqk, Minv, h)
+        o, ht, (plan, G, Rs, Aqk, M, Minv, h) = _forward(c, opts, output_final_state, keep=True)
+        ctx.save_for_backward(q, k, v, beta, G, Rs, Aqk, M, Minv, h)
         ctx.call, ctx.opts, ctx.plan = c, opts, plan
         ctx.dtypes = (g.dtype, beta.dtype)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, G, Rs, Aqk, Minv, h = ctx.saved_tensors
+        q, k, v, beta, G, Rs, Aqk, M, Minv, h = ctx.saved_tensors
         c, opts, plan = ctx.call, ctx.opts, ctx.plan
-        dq, dk, dv, dg, dbeta, dh0 = chunk_kda_backward(c, opts, plan, q, k, v, beta, G, Rs, Aqk, Minv, h, do, dht)
+        dq, dk, dv, dg, dbeta, dh0 = chunk_kda_backward(c, opts, plan, q, k, v, beta, G, Rs, Aqk, M, Minv, h, do, dht)
         dg = dg.to(ctx.dtypes[0])
         dbeta = dbeta.to(ctx.dtypes[1])
         return dq, dk, dv, dg, dbeta, dh0, None, None, None
 
 
-def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, Rs, Aqk, Minv, h, do, dht):
+def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, Rs, Aqk, M, Minv, h, do, dht):
     """(dq, dk, dv, dg, dbeta, dh0) of the loss <o, do> + <final_state, dht> (either cotangent
     may be None), from what _forward(keep=True) saved. dq, dk are summed over the value
     heads of each group (GVA); dh0 is None without an initial state."""
@@ -277,11 +279,11 @@ def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, R
     common = dict(H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
                   DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=BLOCKS.warps(K))  # fmt: skip
     chunk_dh_recurrence[(triton.cdiv(V, BV) * N * HV,)](
-        q, k, G, Rs, beta, Aqk, Minv, do, dht, dh, dh0, c.cu_seqlens, plan.chunk_first, c.scale, T, plan.NT,
+        q, k, G, Rs, Aqk, M, do, dht, dh, dh0, c.cu_seqlens, plan.chunk_first, c.scale, T, plan.NT,
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **common,
     )  # fmt: skip
     chunk_grads[(plan.NC * plan.NBH,)](
-        q, k, v, G, Rs, beta, Aqk, Minv, h, dh, do, dq, dk, dv, dg, dbeta, c.cu_seqlens, plan.chunks,
+        q, k, v, G, Rs, beta, Aqk, M, Minv, h, dh, do, dq, dk, dv, dg, dbeta, c.cu_seqlens, plan.chunks,
         c.scale, T, plan.NT, plan.NBH, **common,
     )  # fmt: skip
     group = HV // H

@@ -6,16 +6,17 @@ forward that kept the state entering every chunk (kda_chunk_inter, STORE_H).
     chunk_grads          (NC * B*HV)   dq, dk (per value head), dv, dg, dbeta of one chunk
 
 Per chunk, with the forward's quantities (tokens r of the chunk, G the in-chunk cumulative
-sum of g, S0 the state entering it, SC the one leaving it, M = Minv = (I + L)^{-1}):
+sum of g, S0 the state entering it, SC the one leaving it, Minv = (I + L)^{-1} and
+M = Minv Diag(beta), both from kda_chunk_intra):
 
-    X  = V - (Gam K) S0            V' = M (beta X)              O = scale (Gam Q) S0 + Aqk V'
+    X  = V - (Gam K) S0            V' = M X = Minv (beta X)     O = scale (Gam Q) S0 + Aqk V'
     SC = Gam_C S0 + Kd^T V',       Kd = (Gam_C / Gam) K
 
 Given dO and dSC (the adjoint of SC), reverse mode gives
 
-    dV' = Aqk^T dO + Kd dSC        dY = M^T dV'       dX = beta dY = dv
+    dV' = Aqk^T dO + Kd dSC        dY = Minv^T dV'    dX = beta dY = M^T dV' = dv
     dS0 = Gam_C dSC + scale (Gam Q)^T dO - (Gam K)^T dX                    (the dh recurrence)
-    dAqk = Tril(dO V'^T)           dL = -StrictTril(dY V'^T)    (since dM = -M^T . M^T)
+    dAqk = Tril(dO V'^T)           dL = -StrictTril(dY V'^T)    (dMinv = -Minv^T . Minv^T)
     dbeta = rowsum(dY X) + rowsum(K (dL-weighted pairs))
 
 and the pair terms: Aqk[r, i] = scale sum_d Q_rd K_id exp(G_rd - G_id) and
@@ -27,7 +28,7 @@ never positive, whatever the gates (no exp(G) * exp(-G) factorisation, no anchor
 dg = the in-chunk reverse cumulative sum of dG.
 
 Everything is fp32 except the dot operands, rounded as in the forward (DOT_DTYPE,
-PRECISION). Memory: the forward keeps G, Aqk, Minv and h (4 NC HV K V bytes); the backward
+PRECISION). Memory: the forward keeps G, Aqk, M, Minv and h (4 NC HV K V bytes); the backward
 adds dh (the same size) and fp32 dq, dk, dg per value head.
 """
 
@@ -63,7 +64,7 @@ def _load_tril(x, rows, m, HV: tl.constexpr, i_hv, o_t, eos, t0, BT: tl.constexp
 
 @triton.jit
 def chunk_dh_recurrence(
-    q, k, G, Rs, beta, Aqk, Minv, do, dht, dh, dh0, cu_seqlens, chunk_first, scale, T, NT,
+    q, k, G, Rs, Aqk, M, do, dht, dh, dh0, cu_seqlens, chunk_first, scale, T, NT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
@@ -93,14 +94,13 @@ def chunk_dh_recurrence(
             m = rows < eos
             q_c = load_rows(q, rows, m, H, i_h, cols_k, K)
             k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
-            b_c = tl.load(beta + rows * HV + i_hv, mask=m, other=0.0).to(tl.float32)
             do_c = load_rows(do, rows, m, HV, i_hv, cols_v, V)
             a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
-            m_inv = _load_tril(Minv, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
+            m_c = _load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
             last = tl.minimum(t0 + BT, eos) - 1
             _, _, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
             dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION) + mma(k_c * e_d, dS, DOT_DTYPE, PRECISION)
-            dx = b_c[:, None] * mma(tl.trans(m_inv), dvp, DOT_DTYPE, PRECISION)
+            dx = mma(tl.trans(m_c), dvp, DOT_DTYPE, PRECISION)
             dS = dS * gam_c[:, None]
             dS += mma(tl.trans(q_c * (scale * e_g)), do_c, DOT_DTYPE, PRECISION)
             dS -= mma(tl.trans(k_c * e_g), dx, DOT_DTYPE, PRECISION)
@@ -110,7 +110,7 @@ def chunk_dh_recurrence(
 
 @triton.jit
 def chunk_grads(
-    q, k, v, G, Rs, beta, Aqk, Minv, h, dh, do, dq, dk, dv, dg, dbeta, cu_seqlens, chunks, scale, T, NT, NBH,
+    q, k, v, G, Rs, beta, Aqk, M, Minv, h, dh, do, dq, dk, dv, dg, dbeta, cu_seqlens, chunks, scale, T, NT, NBH,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, RESETS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -136,6 +136,7 @@ def chunk_grads(
     k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
     b_c = tl.load(beta + rows * HV + i_hv, mask=m, other=0.0).to(tl.float32)
     a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
+    m_c = _load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
     m_inv = _load_tril(Minv, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
     last = tl.minimum(t0 + BT, eos) - 1
     g_c, cnt_c, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
@@ -159,7 +160,7 @@ def chunk_grads(
         v_c = load_rows(v, rows, m, HV, i_hv, cols_v, V)
         do_c = load_rows(do, rows, m, HV, i_hv, cols_v, V)
         x = v_c - mma(kg, s0, DOT_DTYPE, PRECISION)
-        vp = mma(m_inv, b_c[:, None] * x, DOT_DTYPE, PRECISION)
+        vp = mma(m_c, x, DOT_DTYPE, PRECISION)
         dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION) + mma(kd, dsc, DOT_DTYPE, PRECISION)
         dy = mma(tl.trans(m_inv), dvp, DOT_DTYPE, PRECISION)
         dx = b_c[:, None] * dy

@@ -3,10 +3,9 @@ head, block of BV value columns) walks the chunks of its sequence in order, carr
 S [K, BV] in registers, and writes each chunk's output as it goes. No per-chunk state is ever
 stored: memory is the inputs, the outputs and the per-chunk matrices of kda_chunk_intra.
 
-Per chunk (tokens r of the chunk; G, Aqk, Minv from kda_chunk_intra; beta folded into Minv's
-right operand, M = Minv Diag(beta)):
+Per chunk (tokens r of the chunk; G, Aqk, M = (I + L)^{-1} Diag(beta) from kda_chunk_intra):
 
-    V' = Minv (beta * (V - (Gam * K) S))                 = U - W S  (eq. (7))
+    V' = M (V - (Gam * K) S)                             = U - W S  (eq. (7))
     O  = ((scale * Gam * Q) S + Aqk V')                  (eq. (9); Aqk carries the scale)
     S  = Diag(Gam_C) S + ((Gam_C / Gam) * K)^T V'        (eq. (8))
 
@@ -21,7 +20,6 @@ import triton.language as tl
 
 from .kda_chunk_intra import (
     chunk_decays,
-    load_beta,
     load_qk,
     load_rows,
     mma,
@@ -33,11 +31,11 @@ from .kda_chunk_intra import (
 
 @triton.jit
 def chunk_recurrence(
-    q, k, v, G, Rs, beta, Aqk, Minv, o, h0, ht, h, chunk_first, cu_seqlens, scale, T, NT,
+    q, k, v, G, Rs, Aqk, M, o, h0, ht, h, chunk_first, cu_seqlens, scale, T, NT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_H: tl.constexpr,
-    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
+    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,  # beta is in M already
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """o [B*T, HV, V] for value columns [i_v*BV, (i_v+1)*BV) and, if STORE_HT, the final state
@@ -67,16 +65,15 @@ def chunk_recurrence(
                 tl.store(h + ((c0 + i_t) * HV + i_hv) * K * V + cols_k[:, None] * V + cols_v[None, :], S, mask=m_kv)
             q_c, k_c = load_qk(q, k, rows, m, H, i_h, cols_k, K, L2NORM)
             v_c = load_rows(v, rows, m, HV, i_hv, cols_v, V)
-            b_c = load_beta(beta, rows, m, HV, i_hv, BETA_SIGMOID, NEG_EIGVAL)
             tri = m[:, None] & (t0 + o_t[None, :] < eos) & (o_t[None, :] <= o_t[:, None])
             mat = (rows[:, None] * HV + i_hv) * BT + o_t[None, :]
             a_qk = tl.load(Aqk + mat, mask=tri, other=0.0).to(tl.float32)
-            m_inv = tl.load(Minv + mat, mask=tri, other=0.0).to(tl.float32)
+            m_c = tl.load(M + mat, mask=tri, other=0.0).to(tl.float32)
 
             last = tl.minimum(t0 + BT, eos) - 1
             _, _, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
             x = v_c - mma(k_c * e_g, S, DOT_DTYPE, PRECISION)
-            vp = mma(m_inv, b_c[:, None] * x, DOT_DTYPE, PRECISION)
+            vp = mma(m_c, x, DOT_DTYPE, PRECISION)
             out = mma(q_c * (scale * e_g), S, DOT_DTYPE, PRECISION)
             out += mma(a_qk, vp, DOT_DTYPE, PRECISION)
             o_ptr = o + (rows[:, None] * HV + i_hv) * V + cols_v[None, :]

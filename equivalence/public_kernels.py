@@ -306,16 +306,24 @@ def sglang_chunk_kda(
 ):  # fmt: skip
     """SGLang's Triton chunk_kda (sglang.kernels.ops.attention.fla.kda), the prefill of its
     Triton KDA backend: state pool updated in place, o written into v's buffer."""
+    gate = dict(A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound) if use_gate_in_kernel else {}
+    fn = sglang_module("fla.kda").chunk_kda
+    return _sglang_prefill(fn, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                           use_qk_l2norm_in_kernel, gate)  # fmt: skip
+
+
+def _sglang_prefill(fn, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, l2norm, gate):
+    """Call one of SGLang's chunk_kda prefills (Triton or Helion, one signature): the state
+    is a pool updated in place, slot n for sequence n, and o is written into v's buffer, so
+    the kernel gets a copy of v."""
     import torch
 
-    kda = sglang_module("fla.kda")
     N, _, _ = _sequences(q, cu_seqlens)
     pool = _pool(initial_state, N, v.shape[2], v.shape[3], k.shape[3], q.device)
-    gate = dict(A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound) if use_gate_in_kernel else {}
-    o = kda.chunk_kda(
+    o = fn(
         q, k, v.clone(memory_format=torch.contiguous_format), g, beta, scale=scale, initial_state=pool,
         initial_state_indices=torch.arange(N, dtype=torch.int32, device=q.device),
-        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, cu_seqlens=cu_seqlens, **gate,
+        use_qk_l2norm_in_kernel=l2norm, cu_seqlens=cu_seqlens, **gate,
     )  # fmt: skip
     return o, pool if output_final_state else None
 
@@ -413,18 +421,10 @@ def sglang_helion_chunk_kda(
 ):  # fmt: skip
     """SGLang's Helion chunk_kda (sglang.kernels.ops.attention.helion.kda_prefill), the same
     public contract as its Triton chunk_kda (one-token inputs go to the Triton kernel)."""
-    import torch
-
-    mod = sglang_module("helion.kda_prefill")
-    N, _, _ = _sequences(q, cu_seqlens)
-    pool = _pool(initial_state, N, v.shape[2], v.shape[3], k.shape[3], q.device)
     gate = dict(A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound) if use_gate_in_kernel else {}
-    o = mod.chunk_kda(
-        q, k, v.clone(memory_format=torch.contiguous_format), g, beta, scale=scale, initial_state=pool,
-        initial_state_indices=torch.arange(N, dtype=torch.int32, device=q.device),
-        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, cu_seqlens=cu_seqlens, **gate,
-    )  # fmt: skip
-    return o, pool if output_final_state else None
+    fn = sglang_module("helion.kda_prefill").chunk_kda
+    return _sglang_prefill(fn, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                           use_qk_l2norm_in_kernel, gate)  # fmt: skip
 
 
 def sglang_cutedsl_decode(

@@ -277,3 +277,15 @@ def test_gradients_with_empty_sequences():
         bitwise_equal(f"d{n} with empty sequences", got[n], base[n])
     bitwise_equal("dh0 of the non-empty sequences", got["initial_state"][[0, 3]], base["initial_state"])
     bitwise_equal("dh0 of the empty sequences", got["initial_state"][1:3], dht_e[1:3])
+
+
+def test_gate_gradient_exactly_zero_without_history():
+    """T = 1 (alone and packed) without an initial state: nothing is decayed, so dg is exactly
+    0, as in the oracle. The diagonal pairs of Aqk must not leave a rounding residual there:
+    relative to a zero gradient any residual is an infinite error (the suite's grad_length_one
+    found 1e-9)."""
+    for spec in (CaseSpec(T=1, H=3, K=1, V=1, seed=0), CaseSpec(T=3, K=5, V=4, seqlens=(1, 1, 1), seed=1)):
+        t = Harness(IEEE, torch.float32).inputs(spec.arrays())
+        do, dht = cotangents(spec, torch.float32, DEVICE, "o and final_state")
+        got = autograd_grads(lambda x, s=spec: IEEE.call(x, scale=s.scale), t, do, dht)
+        assert torch.equal(got["g"], torch.zeros_like(got["g"])), f"dg: expected exact zeros, got {got['g'].flatten()}"

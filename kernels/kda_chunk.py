@@ -28,7 +28,7 @@ from kdaverify.reference.gates import beta_activation, kda_gate, l2norm
 from .kda_chunk_backward import chunk_dh_recurrence, chunk_grads
 from .kda_chunk_inter import chunk_recurrence
 from .kda_chunk_intra import chunk_gate_cumsum, chunk_intra
-from .runtime import Call, Gate, check_call, check_gate
+from .runtime import Call, Gate, check_call, check_gate, launch_fitting
 
 PRECISIONS = (None, "ieee")
 
@@ -57,6 +57,16 @@ class ChunkBlocks:
     def bv(self, K: int, V: int) -> int:
         cap = self.BV_MAX if self.bk(K) <= 128 else self.BV_MAX // 2
         return max(16, min(triton.next_power_of_2(V), cap))
+
+    def fitting(self, BV: int) -> list[dict]:
+        """Launch configs to try in order where shared memory may not suffice (runtime.
+        launch_fitting): Triton's default pipelining at BV, then no pipelining
+        (num_stages=1: one copy of each loaded tile), then halving BV down to 16."""
+        configs = [dict(BV=BV), dict(BV=BV, num_stages=1)]
+        while BV > 16:
+            BV //= 2
+            configs.append(dict(BV=BV, num_stages=1))
+        return configs
 
 
 BLOCKS = ChunkBlocks()
@@ -276,15 +286,19 @@ def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, R
     BT, BK, BV = BLOCKS.BT, BLOCKS.bk(K), BLOCKS.bv(K, V)
     dot_dtype, _, dot_precision = opts.dots(q.dtype)
     dh = torch.empty(plan.total, HV, K, V, dtype=torch.float32, device=device)
-    common = dict(H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
+    common = dict(H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
                   DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=BLOCKS.warps(K))  # fmt: skip
-    chunk_dh_recurrence[(triton.cdiv(V, BV) * N * HV,)](
-        q, k, G, Rs, Aqk, M, do, dht, dh, dh0, c.cu_seqlens, plan.chunk_first, c.scale, T, plan.NT,
+    key = (q.device.index, BK, BV, str(dot_dtype), dot_precision)
+    launch_fitting(
+        chunk_dh_recurrence, key, BLOCKS.fitting(BV), lambda cfg: (triton.cdiv(V, cfg["BV"]) * N * HV,),
+        (q, k, G, Rs, Aqk, M, do, dht, dh, dh0, c.cu_seqlens, plan.chunk_first, c.scale, T, plan.NT),
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **common,
     )  # fmt: skip
-    chunk_grads[(plan.NC * plan.NBH,)](
-        q, k, v, G, Rs, beta, Aqk, M, Minv, h, dh, do, dq, dk, dv, dg, dbeta, c.cu_seqlens, plan.chunks,
-        c.scale, T, plan.NT, plan.NBH, **common,
+    launch_fitting(
+        chunk_grads, key, BLOCKS.fitting(BV), lambda cfg: (plan.NC * plan.NBH,),
+        (q, k, v, G, Rs, beta, Aqk, M, Minv, h, dh, do, dq, dk, dv, dg, dbeta, c.cu_seqlens, plan.chunks,
+         c.scale, T, plan.NT, plan.NBH),
+        **common,
     )  # fmt: skip
     group = HV // H
     dq = dq.view(B, T, H, group, K).sum(3).to(q.dtype)

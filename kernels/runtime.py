@@ -95,6 +95,38 @@ def _interpreter_patch_once_per_launch() -> None:
 if INTERPRET:
     _interpreter_scalar_index()
     _interpreter_patch_once_per_launch()
+# Launch configurations that fit: kernel name and key -> the index of the first that did.
+_FITTING: dict[tuple, int] = {}
+
+
+def launch_fitting(kernel, key: tuple, configs: list[dict], grid, args: tuple, **meta) -> dict:
+    """Launch `kernel` with the first of `configs` (launch options such as BV, num_stages,
+    num_warps, merged into meta) that fits the GPU, and remember it under `key`. A config
+    that needs more shared memory than the card has fails at load, before it runs
+    (triton.runtime.errors.OutOfResources), so trying the next one is safe: nothing was
+    written. grid(config) gives the launch grid. Returns the config used.
+
+    Why: the backward's chunk_grads at K = V = 128 asked for 240 KiB of shared memory on an
+    H100 (limit 227 KiB) with Triton's default pipelining; smaller cards (an A100's 164 KiB,
+    a consumer card's 100 KiB) need smaller blocks still. Under the interpreter the first
+    config always runs."""
+    from triton.runtime.errors import OutOfResources
+
+    full = (getattr(kernel, "__name__", str(kernel)), *key)
+    start = _FITTING.get(full, 0)
+    for i in range(start, len(configs)):
+        config = configs[i]
+        try:
+            kernel[grid(config)](*args, **meta, **config)
+        except OutOfResources:
+            if i == len(configs) - 1:
+                raise
+            continue
+        _FITTING[full] = i
+        return config
+    raise AssertionError("unreachable")
+
+
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD = 256  # one K (or V) block per program: next_power_of_2(K) lanes of registers
 STATE_LAYOUTS = ("kv", "vk")  # [.., K, V] (the convention) or [.., V, K] (some servers)

@@ -38,13 +38,19 @@ class ChunkBlocks:
     """Block sizes. BT = 64: the chunk (the algorithm's C), as in the public kernels; large
     enough that the state recurrence runs T / 64 sequential steps, small enough that the
     BT x BT matrices stay in registers. BC = 16: the sub-chunk of the bounded-exponent
-    factorisation and the smallest tl.dot tile. BV: value columns per recurrence program,
-    at most 64 (32 when K > 128) so that the fp32 state [BK, BV] stays within registers
-    and V = 128 gives two programs per (sequence, head)."""
+    factorisation and the smallest tl.dot tile. BV = 64: value columns per recurrence
+    program, whatever K and V are.
+
+    Why BV is fixed (H100, Triton 3.6, measured 2026-11-27; kernels/NOTES.md "Block sizes
+    that miscompile"): with bf16 dot operands the recurrence returned garbage (rel error 0.06
+    to 0.9) or hit an illegal memory access at (BK, BV) = (64, 16), (64, 32), (128, 16),
+    (128, 32) and (256, 16), and the backward at (16, 16), (16, 32) and (32, 32); every size
+    was right under the interpreter. BV = 64 was right at BK = 16, 32, 64, 128 and 256 in
+    bf16 and fp32, forward and backward (K <= 64 probed for gradients)."""
 
     BT: int = 64
     BC: int = 16
-    BV_MAX: int = 64
+    BV: int = 64
 
     def bk(self, K: int) -> int:
         return max(16, triton.next_power_of_2(K))  # tl.dot needs every tile dimension >= 16
@@ -55,18 +61,13 @@ class ChunkBlocks:
         return 8 if self.bk(K) >= 128 else 4
 
     def bv(self, K: int, V: int) -> int:
-        cap = self.BV_MAX if self.bk(K) <= 128 else self.BV_MAX // 2
-        return max(16, min(triton.next_power_of_2(V), cap))
+        return self.BV
 
     def fitting(self, BV: int) -> list[dict]:
         """Launch configs to try in order where shared memory may not suffice (runtime.
-        launch_fitting): Triton's default pipelining at BV, then no pipelining
-        (num_stages=1: one copy of each loaded tile), then halving BV down to 16."""
-        configs = [dict(BV=BV), dict(BV=BV, num_stages=1)]
-        while BV > 16:
-            BV //= 2
-            configs.append(dict(BV=BV, num_stages=1))
-        return configs
+        launch_fitting): Triton's default pipelining, then none (num_stages=1: one copy of
+        each loaded tile). Not smaller BV: those miscompile (see the class docstring)."""
+        return [dict(BV=BV), dict(BV=BV, num_stages=1)]
 
 
 BLOCKS = ChunkBlocks()

@@ -63,11 +63,18 @@ class ChunkBlocks:
     def bv(self, K: int, V: int) -> int:
         return self.BV
 
-    def fitting(self, BV: int) -> list[dict]:
+    def fitting(self, BV: int, dot_dtype) -> list[dict]:
         """Launch configs to try in order where shared memory may not suffice (runtime.
         launch_fitting): Triton's default pipelining, then none (num_stages=1: one copy of
-        each loaded tile). Not smaller BV: those miscompile (see the class docstring)."""
-        return [dict(BV=BV), dict(BV=BV, num_stages=1)]
+        each loaded tile). With bf16 dots never a smaller BV (they miscompile: the class
+        docstring). With fp32 dots the backward at K = V = 128 needs 272 KiB even
+        unpipelined (H100 limit 227 KiB), so BV = 32 follows: fp32 dots at BV = 32 were
+        right wherever probed (forward at BK = 16 to 256, backward at BK <= 64); the
+        backward at BK = 128 with BV = 32 has not yet run on a GPU."""
+        configs = [dict(BV=BV), dict(BV=BV, num_stages=1)]
+        if dot_dtype == tl.float32 and BV > 32:
+            configs.append(dict(BV=32, num_stages=1))
+        return configs
 
 
 BLOCKS = ChunkBlocks()
@@ -291,12 +298,12 @@ def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, R
                   DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=BLOCKS.warps(K))  # fmt: skip
     key = (q.device.index, BK, BV, str(dot_dtype), dot_precision)
     launch_fitting(
-        chunk_dh_recurrence, key, BLOCKS.fitting(BV), lambda cfg: (triton.cdiv(V, cfg["BV"]) * N * HV,),
+        chunk_dh_recurrence, key, BLOCKS.fitting(BV, dot_dtype), lambda cfg: (triton.cdiv(V, cfg["BV"]) * N * HV,),
         (q, k, G, Rs, Aqk, M, do, dht, dh, dh0, c.cu_seqlens, plan.chunk_first, c.scale, T, plan.NT),
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **common,
     )  # fmt: skip
     launch_fitting(
-        chunk_grads, key, BLOCKS.fitting(BV), lambda cfg: (plan.NC * plan.NBH,),
+        chunk_grads, key, BLOCKS.fitting(BV, dot_dtype), lambda cfg: (plan.NC * plan.NBH,),
         (q, k, v, G, Rs, beta, Aqk, M, Minv, h, dh, do, dq, dk, dv, dg, dbeta, c.cu_seqlens, plan.chunks,
          c.scale, T, plan.NT, plan.NBH),
         **common,

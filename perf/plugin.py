@@ -64,6 +64,8 @@ def pytest_generate_tests(metafunc):
 class _State:
     def __init__(self, config):
         self.config, self.sweep, self.bar = config, None, None
+        self.old: dict | None = None  # --perf-merge: the perf.json found before the first row was written
+        self.read_old = False
 
     def get(self):
         if self.sweep is None:
@@ -114,11 +116,21 @@ def pytest_collection_finish(session):
         session.config._kda_perf.bar = tqdm(total=n, desc="perf sweep", unit="row", file=sys.stderr)
 
 
-def pytest_runtest_logfinish(nodeid, location):
+def pytest_runtest_logstart(nodeid, location):
     state = _STATE.get("state")
     if state is not None and state.bar is not None and "[" in nodeid:
+        state.bar.set_postfix_str("running " + nodeid.rsplit("[", 1)[-1].rstrip("]")[:70])
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    state = _STATE.get("state")
+    if state is None or "[" not in nodeid:
+        return
+    if state.bar is not None:
         state.bar.update(1)
-        state.bar.set_postfix_str(nodeid.rsplit("[", 1)[-1].rstrip("]")[:70])
+    # perf.json after every row: a sweep stopped by a time limit keeps what it measured
+    # (a cold flash-linear-attention backward autotunes for minutes on its first shape)
+    _write(state, final=False)
 
 
 _STATE: dict = {}  # the session's _State, for hooks that receive no config
@@ -128,25 +140,38 @@ def pytest_sessionfinish(session):
     state = session.config._kda_perf
     if state.bar is not None:
         state.bar.close()
-    out = session.config.getoption("perf_out")
+    path = _write(state, final=session.testscollected == len(state.sweep.rows) if state.sweep else False)
+    if path is not None:
+        print(f"\nperf: {len(state.sweep.rows)} rows -> {path}", file=sys.stderr)
+
+
+def _write(state, final: bool):
+    """Write perf.json from the rows so far (complete only when final and every collected row
+    ran); returns its path, or None when there is nothing to write."""
+    out = state.config.getoption("perf_out")
     if out is None or state.sweep is None:
-        return
+        return None
     from .sweep import environment
 
-    env = environment(state.sweep.device, _preset(session.config))
+    env = environment(state.sweep.device, _preset(state.config))
     path = Path(out.replace("{slug}", env["slug"])) / "perf.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows, complete = state.sweep.rows, session.testscollected == len(state.sweep.rows)
-    if session.config.getoption("perf_merge") and path.exists():
-        old = json.loads(path.read_text())
-        if old["environment"]["device"] != env["device"]:
-            raise pytest.UsageError(f"--perf-merge: {path} is of {old['environment']['device']}, not {env['device']}")
+    if not state.read_old:
+        state.read_old = True
+        if state.config.getoption("perf_merge") and path.exists():
+            state.old = json.loads(path.read_text())
+            if state.old["environment"]["device"] != env["device"]:
+                raise pytest.UsageError(
+                    f"--perf-merge: {path} is of {state.old['environment']['device']}, not {env['device']}"
+                )
+    rows, complete = state.sweep.rows, final
+    if state.old is not None:
         redone = {_key(r) for r in rows}
-        rows = [r for r in old["rows"] if _key(r) not in redone] + rows
-        complete = complete and old.get("complete", False)
+        rows = [r for r in state.old["rows"] if _key(r) not in redone] + rows
+        complete = complete and state.old.get("complete", False)
     data = {"environment": env, "ceilings": state.sweep.ceilings, "rows": rows, "complete": complete}
     path.write_text(json.dumps(data, indent=1) + "\n")
-    print(f"\nperf: {len(state.sweep.rows)} rows -> {path}", file=sys.stderr)
+    return path
 
 
 def _key(row: dict) -> tuple:

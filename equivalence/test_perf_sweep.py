@@ -131,3 +131,36 @@ def test_inputs_are_what_the_design_times():
         t["k"].float().norm(dim=-1), torch.ones(1, 64, 2), atol=1e-2
     )
     assert (t["g"] <= 0).all() and ((t["beta"] >= 0) & (t["beta"] <= 1)).all()
+
+
+def test_perf_json_is_written_row_by_row(tmp_path):
+    """A sweep stopped mid-way (a time limit's SIGINT) keeps the rows it finished, marks the
+    row it was running as interrupted, and says it is incomplete; --perf-merge keeps the
+    earlier file's rows that this run did not redo."""
+    from kdaverify.perf import plugin
+
+    class Config:
+        options = {"perf_out": str(tmp_path / "{slug}"), "perf_merge": False, "perf_device": "cpu",
+                   "perf_preset": "smoke"}  # fmt: skip
+
+        def getoption(self, name):
+            return self.options[name]
+
+    state = plugin._State(Config())
+    state.sweep = Sweep("cpu", CEILINGS)
+    done = dict(Case(1, 32, 2, 2, 16, 16, op="chunk_kda", provider="p", mode="fwd", dtype="float32").as_dict(),
+                status="ok", ms=1.0)  # fmt: skip
+    running = Case(1, 64, 2, 2, 16, 16, op="chunk_kda", provider="p", mode="fwd", dtype="float32").as_dict()
+    state.sweep.rows += [done, running]
+    path = plugin._write(state, final=False)
+    data = json.loads(path.read_text())
+    assert not data["complete"] and data["rows"][0] == done
+    assert data["rows"][1]["status"].startswith("interrupted")
+    # a second run merging into it redoes the T = 64 row only
+    Config.options["perf_merge"] = True
+    again = plugin._State(Config())
+    again.sweep = Sweep("cpu", CEILINGS)
+    again.sweep.rows.append(dict(running, status="ok", ms=2.0))
+    data = json.loads(plugin._write(again, final=True).read_text())
+    assert [r["T"] for r in data["rows"]] == [32, 64] and data["rows"][1]["ms"] == 2.0
+    assert not data["complete"]  # the merged-in file was incomplete

@@ -164,7 +164,12 @@ def _write(state, final: bool):
                 raise pytest.UsageError(
                     f"--perf-merge: {path} is of {state.old['environment']['device']}, not {env['device']}"
                 )
-    rows, complete = state.sweep.rows, final
+    # a row still running when the sweep was interrupted (Ctrl-C, a SIGINT time limit) has no status yet
+    rows = [
+        r if "status" in r else dict(r, status="interrupted: the sweep stopped during this row")
+        for r in state.sweep.rows
+    ]
+    complete = final
     if state.old is not None:
         redone = {_key(r) for r in rows}
         rows = [r for r in state.old["rows"] if _key(r) not in redone] + rows

@@ -516,7 +516,7 @@ def vllm_fused_recurrent_kda(
 VLLM_O_LIKE_K = (
     "vLLM's fused_recurrent_kda allocates o like k ([B, T, H, K], here H={H}, K={K}) and writes it as "
     "[B, T, HV, V] (HV={HV}, V={V}): it would write past o or return o in k's shape, so this call is refused "
-    "(candidate reports/findings/candidates/vllm-fused_recurrent_kda-gva.py)"
+    "(finding reports/findings/001-vllm-fused_recurrent_kda-gva.md)"
 )
 
 

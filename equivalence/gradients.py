@@ -16,16 +16,14 @@ oracle's gradients at chunk size 64 sit 12-78x further from the float64 oracle t
 recurrence's (dg the most: the triangular inverse and the in-chunk cumulative sums cancel;
 measured on the CPU, rel_rms 6e-6 against 8e-8), so a budget of the recurrence alone
 failed the correct chunked kernel kernels.chunk_kda_ieee (dg at 5e-6). For float32 inputs with declared
-precision "ieee" every product is full fp32. For 16-bit inputs (matmul precision "bf16") the
-chunkwise references round their matmul operands to bfloat16 with a cast, which autograd
-goes through: the gradient flowing back through each rounding point is rounded to bfloat16
-as well, as a kernel's backward dots round theirs. Before this, 16-bit gradients had no
-reference and were checked only for determinism and finiteness, which cannot see a backward
-whose bf16 dots miscompiled (gradients off by 25% to 120% on an H100: kernels/NOTES.md). For tf32 there is
-still no gradient reference (its emulation truncates through integer bit views, which
-autograd does not go through), and the checks that need one are not applicable rather than
-judged against a budget that is not theirs (a Triton kernel can be checked at "ieee" with
-TRITON_F32_DEFAULT=ieee, which makes tl.dot take full fp32 operands).
+precision "ieee" every product is full fp32. For a reduced matmul precision ("bf16" for
+16-bit inputs, "tf32" or "tf32_rn" for float32 inputs of a kernel that declares it) the
+chunkwise references round their matmul operands with reference.round_operand, which
+autograd goes through: the gradient passing back through each rounding point is rounded the
+same way, a stand-in for a kernel's backward dots rounding their own operands. Before this,
+gradients of reduced-precision kernels had no reference: bf16 ones were checked only for
+determinism and finiteness, which cannot see a backward whose bf16 dots miscompiled
+(gradients off by 25% to 120% on an H100: kernels/NOTES.md), and tf32 ones not at all.
 """
 
 from __future__ import annotations
@@ -60,12 +58,8 @@ def gradient_reference_missing(caps, dtype_name: str) -> str | None:
     """Why the gradient checks judged under the tolerance rule do not apply to inputs of this
     dtype (None: they apply). See the module docstring."""
     precision = caps.matmul_precision(dtype_name)
-    if precision not in ("ieee", "bf16"):
-        return (
-            f"no same-precision gradient reference for {dtype_name} inputs with {precision} matmuls "
-            "(the tf32 emulation rounds through integer bit views, which autograd does not go through: "
-            "declare precision ieee)"
-        )
+    if precision not in ("ieee", "bf16", "tf32", "tf32_rn"):
+        return f"no same-precision gradient reference for {dtype_name} inputs with {precision} matmuls"
     return None
 
 

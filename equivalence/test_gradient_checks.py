@@ -79,13 +79,20 @@ def test_wrong_backward_rejected(mutant, check):
         _run(mutant, check, CASE)
 
 
-def test_not_applicable_without_a_same_precision_reference():
-    """grad checks judged by the rule need the full-fp32 reference's precision class."""
+def test_reduced_precision_kernels_are_judged():
+    """grad checks apply to kernels of every declared matmul precision (tf32 and bf16 through
+    the differentiable roundings of reference.round_operand), and the tf32 budget still
+    rejects each wrong backward."""
+    from dataclasses import replace
+
     from kdaverify.equivalence.adapters import fla_chunk_kda  # declares tf32; fla itself is not imported
     from kdaverify.equivalence.implementation import Implementation
 
     impl = Implementation(fla_chunk_kda, "fla_chunk_kda", fla_chunk_kda.kdaverify_capabilities)
-    why = CHECKS["grad_oracle"].applies(impl, torch.float32)
-    assert why and "tf32" in why
-    assert CHECKS["grad_determinism"].applies(impl, torch.bfloat16) is None
-    assert CHECKS["grad_oracle"].applies(load_implementation(MUTANT + "correct_control"), torch.float32) is None
+    assert CHECKS["grad_oracle"].applies(impl, torch.float32) is None
+    assert CHECKS["grad_oracle"].applies(impl, torch.bfloat16) is None
+    for mutant, check in [("backward_tail_unmasked", "grad_ragged_tail"), ("backward_gva_not_summed", "grad_gva")]:
+        wrong = load_implementation(MUTANT + mutant)
+        wrong = Implementation(wrong.fn, wrong.name, replace(wrong.caps, precision="tf32"))
+        with pytest.raises(AssertionError, match="FAIL"):
+            CHECKS[check].fn(Harness(wrong, torch.float32), CASE)

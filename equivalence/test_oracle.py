@@ -561,3 +561,14 @@ def test_empty_sequences_in_every_tier(spec):
             if length == 0:
                 expected = np.zeros_like(S[n]) if h0 is None else h0[n]
                 assert np.array_equal(S[n], expected), f"{name}: empty sequence {n} state is not its initial state"
+
+
+@pytest.mark.parametrize("precision", ["tf32", "tf32_rn", "bf16"])
+def test_round_operand_carries_a_rounded_gradient(precision):
+    """The emulated roundings are differentiable (the gradient references of gradients.py go
+    through them): the gradient passes through, rounded as the forward rounds."""
+    x = torch.randn(64, dtype=torch.float32, requires_grad=True)
+    up = torch.randn(64, dtype=torch.float32)
+    (got,) = torch.autograd.grad(round_operand(x, precision), x, up)
+    assert torch.equal(got, round_operand(up, precision))
+    assert not torch.equal(got, up)  # float32 draws are not all representable in the narrower format

@@ -31,6 +31,11 @@ from .kda_chunk_intra import chunk_gate_cumsum, chunk_intra
 from .runtime import Call, Gate, check_call, check_gate, launch_fitting
 
 PRECISIONS = (None, "ieee")
+# tl.dot precision of the (I + L)^{-1} solve in chunk_intra, per `precision` argument: never
+# single-pass tf32 or bf16 by default (kernels/NOTES.md). The solve is most of chunk_intra's
+# 5.6 ms at B1 T16K H32 on an H100; a module constant so that a timing script can try
+# "tf32" against "tf32x3" in one process (the interpreter does not emulate tf32).
+SOLVE_PRECISION = {None: "tf32x3", "ieee": "ieee"}
 
 
 @dataclass(frozen=True)
@@ -235,7 +240,7 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     chunk_intra[grid](
         c.q, c.k, G, Rs, c.beta, Aqk, M, Minv, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
         H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BK, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
-        SOLVE_PRECISION="ieee" if opts.precision == "ieee" else "tf32x3", num_warps=BLOCKS.warps(K), **flags,
+        SOLVE_PRECISION=SOLVE_PRECISION[opts.precision], num_warps=BLOCKS.warps(K), **flags,
     )  # fmt: skip
     # the loop over chunks may be software-pipelined (its loads for the next chunk kept in
     # shared memory): where that does not fit, launch_fitting falls back to num_stages=1

@@ -48,12 +48,32 @@ def round_operand(x: torch.Tensor, precision: str | None) -> torch.Tensor:
     if precision == "bf16":
         return x.to(torch.bfloat16).to(x.dtype)
     if precision in ("tf32", "tf32_rn"):
-        bits = x.to(torch.float32).view(torch.int32)
-        if precision == "tf32_rn":
-            bits = bits + 0x1000  # add half of the 13 dropped bits, then drop them
-        rounded = (bits & ~0x1FFF).view(torch.float32).to(x.dtype)
-        return torch.where(x.isnan(), x, rounded)  # a NaN with a low-bit payload stays NaN
+        return _RoundTf32.apply(x, precision == "tf32_rn")
     raise ValueError(f"matmul_precision: expected one of {MATMUL_PRECISIONS}, got {precision!r}")
+
+
+def _tf32(x: torch.Tensor, nearest: bool) -> torch.Tensor:
+    bits = x.to(torch.float32).view(torch.int32)
+    if nearest:
+        bits = bits + 0x1000  # add half of the 13 dropped bits, then drop them
+    rounded = (bits & ~0x1FFF).view(torch.float32).to(x.dtype)
+    return torch.where(x.isnan(), x, rounded)  # a NaN with a low-bit payload stays NaN
+
+
+class _RoundTf32(torch.autograd.Function):
+    """The tf32 rounding, differentiable the way the bf16 cast is: the gradient passes through
+    and is rounded the same way, so that autograd through a tf32-emulating reference rounds
+    its gradients at the points where the forward rounds its operands (the gradient
+    references of equivalence/gradients.py; integer bit views alone carry no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, nearest):
+        ctx.nearest = nearest
+        return _tf32(x, nearest)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _tf32(grad, ctx.nearest), None
 
 
 def _mm(a, b, precision):

@@ -311,3 +311,36 @@ def test_gate_gradient_exactly_zero_without_history():
         do, dht = cotangents(spec, torch.float32, DEVICE, "o and final_state")
         got = autograd_grads(lambda x, s=spec: IEEE.call(x, scale=s.scale), t, do, dht)
         assert torch.equal(got["g"], torch.zeros_like(got["g"])), f"dg: expected exact zeros, got {got['g'].flatten()}"
+
+
+def test_launch_fitting_takes_the_first_config_that_loads():
+    """runtime.launch_fitting: a config that does not fit (OutOfResources at load, before it
+    runs) is skipped, the first that loads runs and is remembered for its key, and when none
+    fits the last error is raised, never swallowed."""
+    from kdaverify.kernels import runtime
+    from triton.runtime.errors import OutOfResources
+
+    class Kernel:
+        __name__ = "fake_kernel"
+
+        def __init__(self, fits):
+            self.fits, self.launched, self.attempts = fits, [], 0
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                self.attempts += 1
+                if not self.fits(meta):
+                    raise OutOfResources(300_000, 232_448, "shared memory")
+                self.launched.append((grid, meta))
+
+            return launch
+
+    configs = [dict(BV=64), dict(BV=64, num_stages=1), dict(BV=32, num_stages=1)]
+    kernel = Kernel(lambda meta: meta["BV"] == 32)
+    key = ("test", id(kernel))
+    used = runtime.launch_fitting(kernel, key, configs, lambda cfg: (cfg["BV"],), (1, 2), K=8)
+    assert used == configs[2] and kernel.launched == [((32,), dict(K=8, BV=32, num_stages=1))]
+    runtime.launch_fitting(kernel, key, configs, lambda cfg: (cfg["BV"],), (1, 2), K=8)
+    assert len(kernel.launched) == 2 and kernel.attempts == 4  # the remembered config ran first
+    with pytest.raises(OutOfResources):
+        runtime.launch_fitting(Kernel(lambda meta: False), ("none",), configs, lambda cfg: (1,), ())

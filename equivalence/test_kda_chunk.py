@@ -69,7 +69,7 @@ def test_ieee_held_to_fp32_budget(spec):
 
 
 def test_large_heads():
-    """K, V past 128 and not powers of two: BK = 256, V split in five 32-column programs."""
+    """K, V past 128 and not powers of two: BK = 256, V split in three 64-column programs."""
     spec = CaseSpec(T=20, K=200, V=130, h0=True, seed=3)
     h = Harness(DEFAULT, torch.bfloat16)
     h.expect_oracle("chunk_kda K200 V130", h.inputs(spec.arrays()), spec.scale)

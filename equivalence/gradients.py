@@ -15,8 +15,9 @@ this precision and their errors differ: over 70 tokens with strong gates the chu
 oracle's gradients at chunk size 64 sit 12-78x further from the float64 oracle than the
 recurrence's (dg the most: the triangular inverse and the in-chunk cumulative sums cancel;
 measured on the CPU, rel_rms 6e-6 against 8e-8), so a budget of the recurrence alone
-failed the correct chunked kernel kernels.chunk_kda_ieee (dg at 5e-6). For float32 inputs with declared
-precision "ieee" every product is full fp32. For a reduced matmul precision ("bf16" for
+failed the correct chunked kernel kernels.chunk_kda_ieee (dg at 5e-6).
+
+For float32 inputs with declared precision "ieee" every product is full fp32. For a reduced matmul precision ("bf16" for
 16-bit inputs, "tf32" or "tf32_rn" for float32 inputs of a kernel that declares it) the
 chunkwise references round their matmul operands with reference.round_operand, which
 autograd goes through: the gradient passing back through each rounding point is rounded the
@@ -110,9 +111,9 @@ def oracle_grads(t: dict, do, dht, scale) -> dict:
 def reference_calls(scale, precision: str | None = None) -> list:
     """fn(t) -> (o, final_state) of each same-precision gradient reference (module
     docstring): the float32 recurrence, then the float32 chunkwise oracle at each of
-    REFERENCE_CHUNKS with the matmul precision (None or "ieee": full fp32; "bf16": operands
-    rounded to bfloat16, differentiably). Gradients come back in each input's dtype, as an
-    implementation returns them."""
+    REFERENCE_CHUNKS with the matmul precision (None or "ieee": full fp32; "bf16", "tf32",
+    "tf32_rn": operands rounded by reference.round_operand, which is differentiable).
+    Gradients come back in each input's dtype, as an implementation returns them."""
     from .relations import REFERENCE_CHUNKS  # relations registers these checks: import it late
 
     def make(chunk):

@@ -66,6 +66,7 @@ class _State:
         self.config, self.sweep, self.bar = config, None, None
         self.old: dict | None = None  # --perf-merge: the perf.json found before the first row was written
         self.read_old = False
+        self.env: dict | None = None  # the run's environment, taken once (it asks the driver)
 
     def get(self):
         if self.sweep is None:
@@ -153,7 +154,9 @@ def _write(state, final: bool):
         return None
     from .sweep import environment
 
-    env = environment(state.sweep.device, _preset(state.config))
+    if state.env is None:
+        state.env = environment(state.sweep.device, _preset(state.config))
+    env = state.env
     path = Path(out.replace("{slug}", env["slug"])) / "perf.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     if not state.read_old:

@@ -164,3 +164,12 @@ def test_perf_json_is_written_row_by_row(tmp_path):
     data = json.loads(plugin._write(again, final=True).read_text())
     assert [r["T"] for r in data["rows"]] == [32, 64] and data["rows"][1]["ms"] == 2.0
     assert not data["complete"]  # the merged-in file was incomplete
+
+
+def test_accuracy_command_measures_against_the_oracle():
+    """perf.accuracy at a small size: the reference chunkwise adapter in float32 sits at
+    float32 rounding of the oracle (a mix-up of outputs, inputs or the oracle would not)."""
+    from kdaverify.perf.accuracy import measure
+
+    r = measure("kdaverify.equivalence.adapters:reference_chunk_kda", 200, 1, 16, 8, "float32", None, "cpu")
+    assert r["o"].rel_rms < 1e-5 and r["final_state"].rel_rms < 1e-5 and r["seconds"] > 0

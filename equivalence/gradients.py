@@ -55,15 +55,6 @@ LOSSES = {"o and final_state": (True, True), "o only": (True, False), "final_sta
 FD_STEP = 1e-5
 
 
-def gradient_reference_missing(caps, dtype_name: str) -> str | None:
-    """Why the gradient checks judged under the tolerance rule do not apply to inputs of this
-    dtype (None: they apply). See the module docstring."""
-    precision = caps.matmul_precision(dtype_name)
-    if precision not in ("ieee", "bf16", "tf32", "tf32_rn"):
-        return f"no same-precision gradient reference for {dtype_name} inputs with {precision} matmuls"
-    return None
-
-
 def _precision(h) -> str:
     """The matmul precision of h's same-precision references (Capabilities.matmul_precision)."""
     return h.impl.caps.matmul_precision(h.dtype)

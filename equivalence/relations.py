@@ -24,7 +24,7 @@ from kdaverify.reference import kda_chunkwise, kda_gate, kda_recurrent, kda_recu
 
 from . import large_offsets
 from .cases import CaseSpec
-from .implementation import DTYPES, Capabilities, Implementation
+from .implementation import DTYPES, Implementation
 from .large_offsets import LargeCase
 from .layouts import STRIDED_LAYOUTS, GuardBands
 from .tolerance import Verdict, as_f64, errors, judge
@@ -835,18 +835,14 @@ from . import gradients as _grad  # noqa: E402  (gradients imports relations laz
 
 
 def _grad_check(name, fn, cases, about=None, needs_too=()):
-    """A grad_* check: needs backward (and the capabilities in needs_too), and a gradient
-    reference of the declared precision unless it compares bitwise."""
-
-    def missing(caps: Capabilities, dtype_name: str) -> str | None:
-        for need in needs_too:
-            if not getattr(caps, need):
-                return f"{need} not declared"
-        return None if fn is _grad.grad_determinism else _grad.gradient_reference_missing(caps, dtype_name)
+    """A grad_* check: needs backward (and the capabilities in needs_too). Every declared
+    matmul precision has a gradient reference (gradients.py)."""
 
     def applies(impl: Implementation, dtype: torch.dtype) -> str | None:
-        why = missing(impl.caps, str(dtype).removeprefix("torch."))
-        return None if why is None else f"not applicable: {why}"
+        for need in needs_too:
+            if not getattr(impl.caps, need):
+                return f"not applicable: {need} not declared"
+        return None
 
     guards = "wrong backwards: unmasked ragged tails, dropped dh0, lost dg, GVA gradients not summed"
     return Check(name, fn, cases, needs="backward", about=about, applies=applies, guards=guards)

@@ -242,10 +242,14 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
         H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BK, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
         SOLVE_PRECISION=SOLVE_PRECISION[opts.precision], num_warps=BLOCKS.warps(K), **flags,
     )  # fmt: skip
-    chunk_recurrence[(triton.cdiv(V, BV) * N * HV,)](
-        c.q, c.k, c.v, G, Rs, Aqk, M, o, c.initial_state, ht, h, plan.chunk_first, c.cu_seqlens,
-        c.scale, T, plan.NT,
-        H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
+    # the loop over chunks may be software-pipelined (its loads for the next chunk kept in
+    # shared memory): where that does not fit, launch_fitting falls back to num_stages=1
+    launch_fitting(
+        chunk_recurrence, (device.index, BK, BV, str(dot_dtype), dot_precision, keep),
+        BLOCKS.fitting(BV, dot_dtype), lambda cfg: (triton.cdiv(V, cfg["BV"]) * N * HV,),
+        (c.q, c.k, c.v, G, Rs, Aqk, M, o, c.initial_state, ht, h, plan.chunk_first, c.cu_seqlens, c.scale, T,
+         plan.NT),
+        H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
         HAS_H0=c.initial_state is not None, STORE_HT=ht is not None, STORE_H=keep,
         num_warps=BLOCKS.warps(K), **flags,
     )  # fmt: skip

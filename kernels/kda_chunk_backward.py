@@ -85,25 +85,25 @@ def chunk_dh_recurrence(
         dS = tl.load(dht + (i_n * HV + i_hv) * K * V + s_off, mask=m_kv, other=0.0)
     else:
         dS = tl.zeros([BK, BV], dtype=tl.float32)
-    for j in range(0, NT):
-        i_t = NT - 1 - j
+    nt = (eos - bos + BT - 1) // BT  # this sequence's chunks: no branch in the loop body (see chunk_recurrence)
+    for j in range(0, nt):
+        i_t = nt - 1 - j
         t0 = bos + i_t * BT
-        if t0 < eos:
-            tl.store(dh + ((c0 + i_t) * HV + i_hv) * K * V + s_off, dS, mask=m_kv)
-            rows = t0 + o_t
-            m = rows < eos
-            q_c = load_rows(q, rows, m, H, i_h, cols_k, K)
-            k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
-            do_c = load_rows(do, rows, m, HV, i_hv, cols_v, V)
-            a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
-            m_c = _load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
-            last = tl.minimum(t0 + BT, eos) - 1
-            _, _, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
-            dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION) + mma(k_c * e_d, dS, DOT_DTYPE, PRECISION)
-            dx = mma(tl.trans(m_c), dvp, DOT_DTYPE, PRECISION)
-            dS = dS * gam_c[:, None]
-            dS += mma(tl.trans(q_c * (scale * e_g)), do_c, DOT_DTYPE, PRECISION)
-            dS -= mma(tl.trans(k_c * e_g), dx, DOT_DTYPE, PRECISION)
+        tl.store(dh + ((c0 + i_t) * HV + i_hv) * K * V + s_off, dS, mask=m_kv)
+        rows = t0 + o_t
+        m = rows < eos
+        q_c = load_rows(q, rows, m, H, i_h, cols_k, K)
+        k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
+        do_c = load_rows(do, rows, m, HV, i_hv, cols_v, V)
+        a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
+        m_c = _load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
+        last = tl.minimum(t0 + BT, eos) - 1
+        _, _, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
+        dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION) + mma(k_c * e_d, dS, DOT_DTYPE, PRECISION)
+        dx = mma(tl.trans(m_c), dvp, DOT_DTYPE, PRECISION)
+        dS = dS * gam_c[:, None]
+        dS += mma(tl.trans(q_c * (scale * e_g)), do_c, DOT_DTYPE, PRECISION)
+        dS -= mma(tl.trans(k_c * e_g), dx, DOT_DTYPE, PRECISION)
     if STORE_DH0:
         tl.store(dh0 + (i_n * HV + i_hv) * K * V + s_off, dS, mask=m_kv)
 

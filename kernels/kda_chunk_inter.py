@@ -39,12 +39,12 @@ def chunk_recurrence(
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """o [B*T, HV, V] for value columns [i_v*BV, (i_v+1)*BV) and, if STORE_HT, the final state
-    ht [N, HV, K, V] fp32, from h0 [N, HV, K, V] fp32 (or zero). NT: chunks of the longest
-    sequence (a host integer: a for loop with a trip count read from memory is not portable
-    to the interpreter, and a while loop is not software-pipelined); a shorter sequence
-    skips its missing chunks. STORE_H (training only): the state entering every chunk is
-    also written to h [NC, HV, K, V] fp32 (chunk c of sequence n at row chunk_first[n] + c,
-    or n * NT + c without cu_seqlens), for the backward of kda_chunk_backward."""
+    ht [N, HV, K, V] fp32, from h0 [N, HV, K, V] fp32 (or zero). NT: chunks per sequence without
+    cu_seqlens (for the rows of h). The loop runs each sequence's own chunk count, read from
+    cu_seqlens (runtime.py lets the interpreter take such a trip count). STORE_H (training
+    only): the state entering every chunk is also written to h [NC, HV, K, V] fp32 (chunk c
+    of sequence n at row chunk_first[n] + c, or n * NT + c without cu_seqlens), for the
+    backward of kda_chunk_backward."""
     i_nh, i_v = one_dim_grid((V + BV - 1) // BV)
     i_n, i_hv, i_h, bos, eos, c0 = sequence_span(i_nh, chunk_first, cu_seqlens, T, NT, HV, H, IS_VARLEN)
     o_t = tl.arange(0, BT)
@@ -56,30 +56,31 @@ def chunk_recurrence(
         S = tl.load(h0 + s_ptr, mask=m_kv, other=0.0)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
-    for i_t in range(0, NT):
+    # the sequence's own chunk count as the trip count, and no branch in the body, so that
+    # Triton can software-pipeline the loads of chunk i_t + 1 under the dots of chunk i_t
+    for i_t in range(0, (eos - bos + BT - 1) // BT):
         t0 = bos + i_t * BT
-        if t0 < eos:
-            rows = t0 + o_t
-            m = rows < eos
-            if STORE_H:
-                tl.store(h + ((c0 + i_t) * HV + i_hv) * K * V + cols_k[:, None] * V + cols_v[None, :], S, mask=m_kv)
-            q_c, k_c = load_qk(q, k, rows, m, H, i_h, cols_k, K, L2NORM)
-            v_c = load_rows(v, rows, m, HV, i_hv, cols_v, V)
-            tri = m[:, None] & (t0 + o_t[None, :] < eos) & (o_t[None, :] <= o_t[:, None])
-            mat = (rows[:, None] * HV + i_hv) * BT + o_t[None, :]
-            a_qk = tl.load(Aqk + mat, mask=tri, other=0.0).to(tl.float32)
-            m_c = tl.load(M + mat, mask=tri, other=0.0).to(tl.float32)
+        rows = t0 + o_t
+        m = rows < eos
+        if STORE_H:
+            tl.store(h + ((c0 + i_t) * HV + i_hv) * K * V + cols_k[:, None] * V + cols_v[None, :], S, mask=m_kv)
+        q_c, k_c = load_qk(q, k, rows, m, H, i_h, cols_k, K, L2NORM)
+        v_c = load_rows(v, rows, m, HV, i_hv, cols_v, V)
+        tri = m[:, None] & (t0 + o_t[None, :] < eos) & (o_t[None, :] <= o_t[:, None])
+        mat = (rows[:, None] * HV + i_hv) * BT + o_t[None, :]
+        a_qk = tl.load(Aqk + mat, mask=tri, other=0.0).to(tl.float32)
+        m_c = tl.load(M + mat, mask=tri, other=0.0).to(tl.float32)
 
-            last = tl.minimum(t0 + BT, eos) - 1
-            _, _, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
-            x = v_c - mma(k_c * e_g, S, DOT_DTYPE, PRECISION)
-            vp = mma(m_c, x, DOT_DTYPE, PRECISION)
-            out = mma(q_c * (scale * e_g), S, DOT_DTYPE, PRECISION)
-            out += mma(a_qk, vp, DOT_DTYPE, PRECISION)
-            o_ptr = o + (rows[:, None] * HV + i_hv) * V + cols_v[None, :]
-            tl.store(o_ptr, round_to(out, o.dtype.element_ty), mask=m[:, None] & (cols_v[None, :] < V))
+        last = tl.minimum(t0 + BT, eos) - 1
+        _, _, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
+        x = v_c - mma(k_c * e_g, S, DOT_DTYPE, PRECISION)
+        vp = mma(m_c, x, DOT_DTYPE, PRECISION)
+        out = mma(q_c * (scale * e_g), S, DOT_DTYPE, PRECISION)
+        out += mma(a_qk, vp, DOT_DTYPE, PRECISION)
+        o_ptr = o + (rows[:, None] * HV + i_hv) * V + cols_v[None, :]
+        tl.store(o_ptr, round_to(out, o.dtype.element_ty), mask=m[:, None] & (cols_v[None, :] < V))
 
-            S = S * gam_c[:, None]
-            S += mma(tl.trans(k_c * e_d), vp, DOT_DTYPE, PRECISION)
+        S = S * gam_c[:, None]
+        S += mma(tl.trans(k_c * e_d), vp, DOT_DTYPE, PRECISION)
     if STORE_HT:
         tl.store(ht + s_ptr, S, mask=m_kv)

@@ -60,6 +60,10 @@ class ChunkBlocks:
     def bk(self, K: int) -> int:
         return max(16, triton.next_power_of_2(K))  # tl.dot needs every tile dimension >= 16
 
+    def bk_intra(self, K: int) -> int:
+        """Columns per step of chunk_intra's sums over K: at most 32 (its docstring says why)."""
+        return min(self.bk(K), 32)
+
     def warps(self, K: int) -> int:
         """8 warps once the [BT, BK] fp32 tiles (q, k, G) pass 32 KiB each, else 4: a guess
         against register spills, not yet measured."""
@@ -239,7 +243,7 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     )  # fmt: skip
     chunk_intra[grid](
         c.q, c.k, G, Rs, c.beta, Aqk, M, Minv, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
-        H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BK, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
+        H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BLOCKS.bk_intra(K), IS_VARLEN=plan.varlen, RESETS=Rs is not None,
         SOLVE_PRECISION=SOLVE_PRECISION[opts.precision], num_warps=BLOCKS.warps(K), **flags,
     )  # fmt: skip
     # the loop over chunks may be software-pipelined (its loads for the next chunk kept in

@@ -248,52 +248,77 @@ def chunk_intra(
 ):  # fmt: skip
     """Aqk and M = (I + L)^{-1} Diag(beta) of one chunk of one value head (and, for the
     backward, Minv = (I + L)^{-1} itself when Minv is given), written as [BT, BT] rows in
-    the dtype of the buffers (rows past the sequence end are not written; readers mask them)."""
+    the dtype of the buffers (rows past the sequence end are not written; readers mask them).
+
+    Aqk and L are sums over the K columns: they are accumulated over column blocks of BK
+    (at most 32), so that only [BT, BK] tiles of q, k, G and the reset counts are live at
+    a time. The whole K at once held four [64, 128] fp32 tiles plus temporaries (~250
+    registers per thread at K = 128): one program per SM, and the H100 profile put this
+    kernel at 65% of the forward (kernels/NOTES.md)."""
     i_c, i_bh = one_dim_grid(NBH)
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h = i_hv // (HV // H)
     _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
-    cols = tl.arange(0, BK)
     o = tl.arange(0, BT)
     rows = t0 + o
     m = rows < eos
-    q_c, k_c = load_qk(q, k, rows, m, H, i_h, cols, K, L2NORM)
-    q_c = q_c * scale
-    g_c = load_rows(G, rows, m, HV, i_hv, cols, K)
-    cnt_c = load_counts(Rs, rows, m, HV, i_hv, cols, K, RESETS)  # a pair spans a reset: ratio 0
     b_c = load_beta(beta, rows, m, HV, i_hv, BETA_SIGMOID, NEG_EIGVAL)
     base = (o // BC) * BC  # first row of each row's sub-chunk
+    if L2NORM:
+        # the row norms over all of K first (the blocks below each see BK columns only)
+        q_ss = tl.zeros([BT], dtype=tl.float32)
+        k_ss = tl.zeros([BT], dtype=tl.float32)
+        for i_k in range(0, (K + BK - 1) // BK):
+            cols = i_k * BK + tl.arange(0, BK)
+            x = load_rows(q, rows, m, H, i_h, cols, K)
+            q_ss += tl.sum(x * x, axis=1)
+            x = load_rows(k, rows, m, H, i_h, cols, K)
+            k_ss += tl.sum(x * x, axis=1)
+        q_norm = tl.sqrt(q_ss + L2NORM_EPS)  # as l2norm_rows: x / sqrt(sum x^2 + eps)
+        k_norm = tl.sqrt(k_ss + L2NORM_EPS)
 
-    # Diagonal tiles, all BT // BC at once, one column j of each per step, elementwise in fp32.
     a_qk = tl.zeros([BT, BT], dtype=tl.float32)
     a_kk = tl.zeros([BT, BT], dtype=tl.float32)
-    for j in range(BC):
-        src = t0 + base + j  # token of column j of the row's own sub-chunk
-        m_src = src < eos
-        k_j = load_rows(k, src, m_src, H, i_h, cols, K)
+    for i_k in range(0, (K + BK - 1) // BK):
+        cols = i_k * BK + tl.arange(0, BK)
+        q_c = load_rows(q, rows, m, H, i_h, cols, K)
+        k_c = load_rows(k, rows, m, H, i_h, cols, K)
         if L2NORM:
-            k_j = l2norm_rows(k_j, k.dtype.element_ty)
-        g_j = load_rows(G, src, m_src, HV, i_hv, cols, K)
-        same = cnt_c == load_counts(Rs, src, m_src, HV, i_hv, cols, K, RESETS)
-        use = m & (o - base >= j)  # i <= r, inside the sequence
-        k_j = k_j * tl.exp(tl.where(use[:, None] & same, g_c - g_j, float("-inf")))
-        at_j = o[None, :] == (base + j)[:, None]
-        a_qk = tl.where(at_j, tl.sum(q_c * k_j, axis=1)[:, None], a_qk)
-        a_kk = tl.where(at_j & (o - base > j)[:, None], tl.sum(k_c * k_j, axis=1)[:, None], a_kk)
+            q_c = round_to(q_c / q_norm[:, None], q.dtype.element_ty).to(tl.float32)
+            k_c = round_to(k_c / k_norm[:, None], k.dtype.element_ty).to(tl.float32)
+        q_c = q_c * scale
+        g_c = load_rows(G, rows, m, HV, i_hv, cols, K)
+        cnt_c = load_counts(Rs, rows, m, HV, i_hv, cols, K, RESETS)  # a pair spans a reset: ratio 0
 
-    # Tiles strictly below the diagonal: rows of sub-chunk I against every earlier column,
-    # around the anchor a = the first row of sub-chunk I (see the module docstring).
-    for I in tl.static_range(1, BT // BC):
-        a = t0 + I * BC
-        if a < eos:
-            g_a = tl.load(G + (a * HV + i_hv) * K + cols, mask=cols < K, other=0.0)
-            # a reset between i and r lies in (i, a] or in (a, r]: one of the factors is 0
-            same = cnt_c == load_counts_row(Rs, a, a < eos, HV, i_hv, cols, K, RESETS)[None, :]
-            e_r = tl.exp(tl.where(((o // BC == I) & m)[:, None] & same, g_c - g_a[None, :], float("-inf")))
-            e_i = tl.exp(tl.where((o < I * BC)[:, None] & same, g_a[None, :] - g_c, float("-inf")))
-            k_i = tl.trans(k_c * e_i)
-            a_qk += mma(q_c * e_r, k_i, DOT_DTYPE, PRECISION)
-            a_kk += mma(k_c * e_r, k_i, DOT_DTYPE, PRECISION)
+        # Diagonal tiles, all BT // BC at once, one column j of each per step, elementwise in fp32.
+        for j in range(BC):
+            src = t0 + base + j  # token of column j of the row's own sub-chunk
+            m_src = src < eos
+            k_j = load_rows(k, src, m_src, H, i_h, cols, K)
+            if L2NORM:  # row src's norm: gathered from the chunk's norms
+                norm_j = tl.sum(tl.where(o[None, :] == (base + j)[:, None], k_norm[None, :], 0.0), axis=1)
+                k_j = round_to(k_j / norm_j[:, None], k.dtype.element_ty).to(tl.float32)
+            g_j = load_rows(G, src, m_src, HV, i_hv, cols, K)
+            same = cnt_c == load_counts(Rs, src, m_src, HV, i_hv, cols, K, RESETS)
+            use = m & (o - base >= j)  # i <= r, inside the sequence
+            k_j = k_j * tl.exp(tl.where(use[:, None] & same, g_c - g_j, float("-inf")))
+            at_j = o[None, :] == (base + j)[:, None]
+            a_qk += tl.where(at_j, tl.sum(q_c * k_j, axis=1)[:, None], 0.0)
+            a_kk += tl.where(at_j & (o - base > j)[:, None], tl.sum(k_c * k_j, axis=1)[:, None], 0.0)
+
+        # Tiles strictly below the diagonal: rows of sub-chunk I against every earlier column,
+        # around the anchor a = the first row of sub-chunk I (see the module docstring).
+        for I in tl.static_range(1, BT // BC):
+            a = t0 + I * BC
+            if a < eos:
+                g_a = tl.load(G + (a * HV + i_hv) * K + cols, mask=cols < K, other=0.0)
+                # a reset between i and r lies in (i, a] or in (a, r]: one of the factors is 0
+                same = cnt_c == load_counts_row(Rs, a, a < eos, HV, i_hv, cols, K, RESETS)[None, :]
+                e_r = tl.exp(tl.where(((o // BC == I) & m)[:, None] & same, g_c - g_a[None, :], float("-inf")))
+                e_i = tl.exp(tl.where((o < I * BC)[:, None] & same, g_a[None, :] - g_c, float("-inf")))
+                k_i = tl.trans(k_c * e_i)
+                a_qk += mma(q_c * e_r, k_i, DOT_DTYPE, PRECISION)
+                a_kk += mma(k_c * e_r, k_i, DOT_DTYPE, PRECISION)
     a_kk = a_kk * b_c[:, None]  # L = StrictTril(Diag(beta) ...)
 
     # Minv = (I + L)^{-1} in fp32 (dots in SOLVE_PRECISION: "ieee", or "tf32x3", three

@@ -185,6 +185,29 @@ def chunk_decays(G, Rs, rows, m, last, HV: tl.constexpr, i_hv, cols, K: tl.const
 
 
 @triton.jit
+def diagonal_block_inverse(a, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr):
+    """(I + Ld)^{-1} as a [BT, BT] tile, Ld = the BC x BC diagonal blocks of the strictly lower
+    [BT, BT] tile a (the rest of a is ignored). The NB = BT / BC blocks are solved as one
+    [NB, BC, BC] batch by forward substitution, one row of every block per step: with
+    N = Dinv - I, row r is -Ld_r - sum_{i<r} Ld_ri N_i = -Ld_r + (-Ld_r) N (Ld_ri = 0 for
+    i >= r). Each step is a batched [BC, BC] dot: NB * BC^3 multiply-adds, where the same
+    substitution on the [BT, BT] tile (masked to its diagonal blocks) cost BT^3, 16x more."""
+    NB: tl.constexpr = BT // BC
+    blk = tl.arange(0, NB)
+    on_diag = (blk[:, None] == blk[None, :])[:, :, None, None]  # [I, J, 1, 1]
+    blocks = tl.permute(tl.reshape(a, (NB, BC, NB, BC)), (0, 2, 1, 3))  # [I, J, r, c]
+    n = -tl.sum(tl.where(on_diag, blocks, 0.0), axis=1)  # [I, r, c] = -Ld_I
+    r16 = tl.arange(0, BC)
+    for j in range(1, BC):
+        sel = (r16 == j)[None, :, None]
+        r = tl.where(sel, n, 0.0)
+        n = tl.where(sel, r + tl.dot(r, n, input_precision=PRECISION), n)
+    n += tl.where(r16[:, None] == r16[None, :], 1.0, 0.0)[None, :, :]
+    d_inv = tl.where(on_diag, tl.expand_dims(n, 1), 0.0)  # [I, J, r, c], zero off the diagonal
+    return tl.reshape(tl.permute(d_inv, (0, 2, 1, 3)), (BT, BT))
+
+
+@triton.jit
 def chunk_gate_cumsum(
     g, G, Rs, A_log, dt_bias, lower_bound, cu_seqlens, chunks, T, NBH,
     HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
@@ -322,22 +345,16 @@ def chunk_intra(
     a_kk = a_kk * b_c[:, None]  # L = StrictTril(Diag(beta) ...)
 
     # Minv = (I + L)^{-1} in fp32 (dots in SOLVE_PRECISION: "ieee", or "tf32x3", three
-    # tensor-core passes that keep about fp32 accuracy, for the default precision). Split L = Ld + Lo (block diagonal,
-    # strictly block lower). Dinv = (I + Ld)^{-1} by forward substitution, one row of every
-    # diagonal block per step: with N = Dinv - I, row r is -Ld_r - sum_{i<r} Ld_ri N_i.
-    # Then block forward substitution over the sub-chunks, in order (the Neumann product
-    # (I - E)(I + E^2), E = Dinv Lo, is shorter but its intermediates grow and cancel: it lost
-    # 3.4x the reference's accuracy over 2633 tokens with beta near 2).
+    # tensor-core passes that keep about fp32 accuracy, for the default precision). Split
+    # L = Ld + Lo (block diagonal, strictly block lower); then forward substitution twice.
+    d_inv = diagonal_block_inverse(a_kk, BT, BC, SOLVE_PRECISION)
     same = (o[:, None] // BC) == (o[None, :] // BC)
-    eye = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
-    n = tl.where(same, -a_kk, 0.0)
-    for j in range(1, BC):
-        sel = ((o - base) == j)[:, None]
-        r = tl.where(sel, n, 0.0)
-        n = tl.where(sel, r + tl.dot(r, n, input_precision=SOLVE_PRECISION), n)
-    d_inv = n + eye
     lo = tl.where(same, 0.0, a_kk)
-    m_inv = d_inv  # right for block row 0; block row I: X_I = Dinv_I (E_I - sum_{J<I} Lo_IJ X_J)
+    # Block forward substitution over the sub-chunks, in order: X_I = Dinv_I (E_I - sum_{J<I}
+    # Lo_IJ X_J), block row 0 being Dinv_0. (The Neumann product (I - E)(I + E^2), E = Dinv Lo,
+    # is shorter but its intermediates grow and cancel: it lost 3.4x the reference's accuracy
+    # over 2633 tokens with beta near 2.)
+    m_inv = d_inv
     for I in tl.static_range(1, BT // BC):
         r = tl.where((o // BC == I)[:, None], lo, 0.0)
         m_inv -= tl.dot(d_inv, tl.dot(r, m_inv, input_precision=SOLVE_PRECISION), input_precision=SOLVE_PRECISION)

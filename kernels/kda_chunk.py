@@ -56,13 +56,19 @@ class ChunkBlocks:
     BT: int = 64
     BC: int = 16
     BV: int = 64
+    # chunk_intra: columns of K per step of its sums over K, and warps. Measured on an H100
+    # (B1 T16384 H32 K = V = 128 bf16, 2026-11-27, kernels/NOTES.md): 4 warps 3.34 ms against
+    # 8 warps 4.77 ms with the batched diagonal solve; K in blocks of 32 cost 10% against all
+    # of K at once with the 64 x 64 solve (6.19 against 5.63 ms at 8 warps).
+    BK_INTRA: int = 32
+    INTRA_WARPS: int = 4
 
     def bk(self, K: int) -> int:
         return max(16, triton.next_power_of_2(K))  # tl.dot needs every tile dimension >= 16
 
     def bk_intra(self, K: int) -> int:
-        """Columns per step of chunk_intra's sums over K: at most 32 (its docstring says why)."""
-        return min(self.bk(K), 32)
+        """Columns per step of chunk_intra's sums over K: at most BK_INTRA (its docstring says why)."""
+        return min(self.bk(K), self.BK_INTRA)
 
     def warps(self, K: int) -> int:
         """8 warps once the [BT, BK] fp32 tiles (q, k, G) pass 32 KiB each, else 4: a guess
@@ -244,7 +250,7 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     chunk_intra[grid](
         c.q, c.k, G, Rs, c.beta, Aqk, M, Minv, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
         H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BLOCKS.bk_intra(K), IS_VARLEN=plan.varlen, RESETS=Rs is not None,
-        SOLVE_PRECISION=SOLVE_PRECISION[opts.precision], num_warps=BLOCKS.warps(K), **flags,
+        SOLVE_PRECISION=SOLVE_PRECISION[opts.precision], num_warps=BLOCKS.INTRA_WARPS, **flags,
     )  # fmt: skip
     # the loop over chunks may be software-pipelined (its loads for the next chunk kept in
     # shared memory): where that does not fit, launch_fitting falls back to num_stages=1

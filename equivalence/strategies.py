@@ -226,6 +226,12 @@ CHUNK_BOUNDARY_T = tuple(sorted({n for c in (16, 32, 64) for n in (c - 1, c, c +
 # The most elements one input of a GPU case may have (B rows are capped to it): 128 MiB as
 # the float64 arrays a case is made from on the host, so drawing a case stays under a second.
 GPU_ELEMENTS = 2**24
+# The most elements of a GPU case's state pool [N, HV, K, V] (B rows or packed sequences are
+# capped to it): 512 MiB in float64, the dtype of the oracle's state, which holds a few
+# copies of it. Without this cap a packed batch of 2000 sequences at HV = 64, K = V = 100
+# drew a 10 GiB state, and 12 workers ran an 80 GiB H100 out of memory (2026-11-27: 41
+# checks failed with CUDA out-of-memory errors, none with a wrong answer).
+GPU_STATE_ELEMENTS = 2**26
 
 
 @dataclass(frozen=True)
@@ -314,7 +320,8 @@ def empty_sequence_cases(draw, caps: Capabilities):
 def gpu_case_specs(draw, caps: Capabilities, sizes: Sizes, family: str = "general"):
     """A case of `family` at GPU sizes: (K, V, H, HV) from the run's compile buckets, then
     either B up to sizes.max_B rows, or (where varlen is declared) a packed batch of up to
-    sizes.many_seqs sequences of 1 to 3 tokens, or a length at a chunk boundary."""
+    sizes.many_seqs sequences of 1 to 3 tokens, or a length at a chunk boundary. Rows and
+    sequences are capped so that the state pool stays within GPU_STATE_ELEMENTS."""
     spec = draw(CASE_FAMILIES[family](caps))
     buckets = [b for b in sizes.buckets if not caps.head_sizes or {b[0], b[1]} <= set(caps.head_sizes)]
     if family == "guard_bands":  # the guard bands want heads that are not powers of two
@@ -326,9 +333,11 @@ def gpu_case_specs(draw, caps: Capabilities, sizes: Sizes, family: str = "genera
     shape = draw(st.sampled_from(("as drawn", "rows", "many sequences", "chunk boundary")))
     if shape == "rows" and spec.seqlens is None and family != "long":
         row = spec.T * spec.HV * max(K, V)
-        spec = spec.with_(B=draw(st.integers(1, max(1, min(sizes.max_B, GPU_ELEMENTS // row)))))
+        most = min(sizes.max_B, GPU_ELEMENTS // row, GPU_STATE_ELEMENTS // (spec.HV * K * V))
+        spec = spec.with_(B=draw(st.integers(1, max(1, most))))
     elif shape == "many sequences" and spec.seqlens is not None and family in ("general", "varlen"):
-        n = draw(st.one_of(st.just(sizes.many_seqs), st.integers(2, sizes.many_seqs)))
+        most = max(2, min(sizes.many_seqs, GPU_STATE_ELEMENTS // (spec.HV * K * V)))
+        n = draw(st.one_of(st.just(most), st.integers(2, most)))
         lens = tuple(int(x) for x in 1 + np.random.default_rng(spec.seed).integers(0, 3, n))  # 1 to 3 tokens
         spec = spec.with_(T=sum(lens), seqlens=lens)
     elif shape == "chunk boundary" and spec.seqlens is None and family != "length_one":

@@ -19,6 +19,7 @@ from kdaverify.equivalence.layouts import (
 from kdaverify.equivalence.strategies import (
     CHUNK_BOUNDARY_T,
     GPU_HEAD_SIZES,
+    GPU_STATE_ELEMENTS,
     compile_buckets,
     is_power_of_two,
     sizes_for,
@@ -83,7 +84,8 @@ def test_gpu_sizes_and_buckets():
 @given(data=st.data())
 def test_gpu_draws_stay_in_the_buckets(family, data):
     """On a GPU every case's (K, V, H, HV) is one of the run's buckets (so Triton compiles a
-    handful of kernels), packed batches reach up to 2000 sequences of 1 to 3 tokens."""
+    handful of kernels), packed batches reach up to 2000 sequences of 1 to 3 tokens, and the
+    state pool [N, HV, K, V] stays within GPU_STATE_ELEMENTS (the float64 oracle holds it)."""
     caps = Capabilities()
     buckets = sizes_for("cuda").buckets
     spec = data.draw(strategy_for(family, caps, "cuda"))
@@ -91,6 +93,8 @@ def test_gpu_draws_stay_in_the_buckets(family, data):
     assert spec.HV in {b[3] for b in buckets if b[:3] == (spec.K, spec.V, spec.H)}
     if spec.seqlens is not None:
         assert len(spec.seqlens) <= 2000
+    N = spec.B if spec.seqlens is None else len(spec.seqlens)
+    assert N == 1 or N * spec.HV * spec.K * spec.V <= GPU_STATE_ELEMENTS
     if family == "guard_bands":
         assert not (is_power_of_two(spec.K) and is_power_of_two(spec.V)) and spec.T % 64
 

@@ -316,7 +316,7 @@ def test_gate_gradient_exactly_zero_without_history():
 def test_launch_fitting_takes_the_first_config_that_loads():
     """runtime.launch_fitting: a config that does not fit (OutOfResources at load, before it
     runs) is skipped, the first that loads runs and is remembered for its key, and when none
-    fits the last error is raised, never swallowed."""
+    fits a ValueError names the kernel, the sizes and the configs tried."""
     from kdaverify.kernels import runtime
     from triton.runtime.errors import OutOfResources
 
@@ -342,5 +342,6 @@ def test_launch_fitting_takes_the_first_config_that_loads():
     assert used == configs[2] and kernel.launched == [((32,), dict(K=8, BV=32, num_stages=1))]
     runtime.launch_fitting(kernel, key, configs, lambda cfg: (cfg["BV"],), (1, 2), K=8)
     assert len(kernel.launched) == 2 and kernel.attempts == 4  # the remembered config ran first
-    with pytest.raises(OutOfResources):
-        runtime.launch_fitting(Kernel(lambda meta: False), ("none",), configs, lambda cfg: (1,), ())
+    with pytest.raises(ValueError, match=r"fake_kernel: no launch config fits .*K=256") as err:
+        runtime.launch_fitting(Kernel(lambda meta: False), ("none",), configs, lambda cfg: (1,), (), K=256)
+    assert isinstance(err.value.__cause__, OutOfResources)

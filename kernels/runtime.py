@@ -104,7 +104,8 @@ def launch_fitting(kernel, key: tuple, configs: list[dict], grid, args: tuple, *
     num_warps, merged into meta) that fits the GPU, and remember it under `key`. A config
     that needs more shared memory than the card has fails at load, before it runs
     (triton.runtime.errors.OutOfResources), so trying the next one is safe: nothing was
-    written. grid(config) gives the launch grid. Returns the config used.
+    written. grid(config) gives the launch grid. Returns the config used. When none fits,
+    a ValueError names the kernel and the sizes (never a silent wrong answer).
 
     Why: the backward's chunk_grads at K = V = 128 asked for 240 KiB of shared memory on an
     H100 (limit 227 KiB) with Triton's default pipelining; smaller cards (an A100's 164 KiB,
@@ -118,9 +119,13 @@ def launch_fitting(kernel, key: tuple, configs: list[dict], grid, args: tuple, *
         config = configs[i]
         try:
             kernel[grid(config)](*args, **meta, **config)
-        except OutOfResources:
+        except OutOfResources as err:
             if i == len(configs) - 1:
-                raise
+                shape = ", ".join(f"{n}={v}" for n, v in meta.items() if n in ("K", "V", "BK", "DOT_DTYPE"))
+                raise ValueError(
+                    f"{full[0]}: no launch config fits this GPU ({err}); unsupported here at {shape}. "
+                    f"Tried {configs}."
+                ) from err
             continue
         _FITTING[full] = i
         return config

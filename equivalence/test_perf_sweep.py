@@ -154,7 +154,8 @@ def test_perf_json_is_written_row_by_row(tmp_path):
     state.sweep.rows += [done, running]
     path = plugin._write(state, final=False)
     data = json.loads(path.read_text())
-    assert not data["complete"] and data["rows"][0] == done
+    first_run = data["environment"]["date"]
+    assert not data["complete"] and data["rows"][0] == dict(done, run=first_run)
     assert data["rows"][1]["status"].startswith("interrupted")
     # a second run merging into it redoes the T = 64 row only
     Config.options["perf_merge"] = True
@@ -164,6 +165,17 @@ def test_perf_json_is_written_row_by_row(tmp_path):
     data = json.loads(plugin._write(again, final=True).read_text())
     assert [r["T"] for r in data["rows"]] == [32, 64] and data["rows"][1]["ms"] == 2.0
     assert not data["complete"]  # the merged-in file was incomplete
+    assert data["rows"][0]["run"] == first_run and data["rows"][1]["run"] == data["environment"]["date"]
+
+
+def test_speedups_compare_only_rows_of_one_run():
+    """Rows merged from several runs: 'vs FLA' pairs a row only with FLA's row of the same run."""
+    from kdaverify.perf.report import speedups
+
+    row = dict(op="chunk_kda", mode="fwd", B=1, T=64, H=2, HV=2, K=16, V=16, dtype="float32")
+    ours, fla = dict(row, provider="ours", ms=1.0, run="a"), dict(row, provider="fla", ms=2.0, run="a")
+    assert speedups([ours, fla]) == [(ours, 2.0)]
+    assert speedups([dict(ours, run="b"), fla]) == []
 
 
 def test_accuracy_command_measures_against_the_oracle():

@@ -168,14 +168,16 @@ def _write(state, final: bool):
                     f"--perf-merge: {path} is of {state.old['environment']['device']}, not {env['device']}"
                 )
     # a row still running when the sweep was interrupted (Ctrl-C, a SIGINT time limit) has no status yet
+    stopped = "interrupted: the sweep stopped during this row"
     rows = [
-        r if "status" in r else dict(r, status="interrupted: the sweep stopped during this row")
+        dict(r, run=env["date"]) if "status" in r else dict(r, status=stopped, run=env["date"])
         for r in state.sweep.rows
     ]
     complete = final
     if state.old is not None:
         redone = {_key(r) for r in rows}
-        rows = [r for r in state.old["rows"] if _key(r) not in redone] + rows
+        before = state.old["environment"]["date"]  # rows written before rows carried their run
+        rows = [dict(r, run=r.get("run", before)) for r in state.old["rows"] if _key(r) not in redone] + rows
         complete = complete and state.old.get("complete", False)
     data = {"environment": env, "ceilings": state.sweep.ceilings, "rows": rows, "complete": complete}
     path.write_text(json.dumps(data, indent=1) + "\n")

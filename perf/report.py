@@ -122,10 +122,18 @@ def shape_key(r) -> tuple:
     return (r["op"], r["mode"], r["B"], r["T"], r["H"], r["HV"], r["K"], r["V"], r["dtype"])
 
 
+def same_run(a: dict, b: dict | None) -> bool:
+    """Whether two rows were timed in one run (rows merged from several runs with --perf-merge
+    carry their run's date; timings of different runs are never compared)."""
+    return b is not None and a.get("run") == b.get("run")
+
+
 def speedups(rows) -> list[tuple[dict, float]]:
-    """(row, FLA's ms / this row's ms) for every non-FLA row with a verified FLA row of the same shape."""
+    """(row, FLA's ms / this row's ms) for every non-FLA row with a verified FLA row of the same
+    shape from the same run."""
     fla = {shape_key(r): r for r in rows if r["provider"] == "fla"}
-    return [(r, fla[shape_key(r)]["ms"] / r["ms"]) for r in rows if r["provider"] != "fla" and shape_key(r) in fla]
+    return [(r, fla[shape_key(r)]["ms"] / r["ms"]) for r in rows
+            if r["provider"] != "fla" and same_run(r, fla.get(shape_key(r)))]  # fmt: skip
 
 
 def speedup(plt, data, rows, path):
@@ -175,7 +183,8 @@ def _table(rows, fla: dict) -> list[str]:
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         ref = fla.get(shape_key(r))
-        vs = f"{ref['ms'] / r['ms']:.2f}x" if ref and r.get("ms") and r["provider"] != "fla" and plotted(r) else ""
+        ok = same_run(r, ref) and r.get("ms") and r["provider"] != "fla" and plotted(r)
+        vs = f"{ref['ms'] / r['ms']:.2f}x" if ok else ""
         err = "" if r.get("err_rel_rms") is None else f" (rel RMS {r['err_rel_rms']:.2g} <= {r['budget_rel_rms']:.2g})"
         verified = {True: "yes" + err, False: "**no**" + err, None: ""}[r.get("verified")]
         frac = "" if r.get("roofline_fraction") is None else f"{100 * r['roofline_fraction']:.1f}%"
@@ -222,6 +231,11 @@ def markdown(data: dict, figures: list[tuple[str, str]]) -> str:
     versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "kdaverify", "fla-core", "flash-kda", "numpy",
                                                      "python", "cuda", "driver") if env.get(k))  # fmt: skip
     lines += [f"Run of {env['date']}, preset `{env['preset']}`; {versions}.", ""]
+    runs = sorted({r["run"] for r in rows if r.get("run")})
+    if len(runs) > 1:
+        lines += [f"Rows from {len(runs)} runs on this device, merged with --perf-merge: {', '.join(runs)} (the",
+                  "run above is the last). Each row's floor and roofline fraction use its own run's ceilings;",
+                  "'vs FLA' and the speedup figure compare only rows of the same run.", ""]  # fmt: skip
     if env["kind"] != "cuda" and env.get("load_average") is not None:
         lines += [f"Host: {env.get('cpu_count')} cores, {env.get('torch_threads')} torch thread(s), 1-minute load "
                   f"average {env['load_average']:.1f} at the end of the run (a load above the core count means "
@@ -239,7 +253,7 @@ def markdown(data: dict, figures: list[tuple[str, str]]) -> str:
               "ms is the median time of one call (do_bench on a GPU); TFLOP/s and GB/s divide the models of",
               "perf/models.py (useful FLOPs and bytes that must move at least once) by it; the floor is",
               "max(FLOPs / matmul ceiling, bytes / copy ceiling) under the ceilings above, and 'of roofline'",
-              "is floor / ms. 'vs FLA' is flash-linear-attention's ms over this row's, same shape.",
+              "is floor / ms. 'vs FLA' is flash-linear-attention's ms over this row's, same shape and run.",
               "'verified' is the check that ran before timing: the last 256 tokens of one (batch row, head)",
               "slice against the float64 oracle, under the suite's tolerance rule (relative RMS shown with",
               "its budget); forward+backward rows verify the forward output only (no gradient oracle yet).",

@@ -13,6 +13,7 @@ same case ("to rounding").
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -694,7 +695,10 @@ def _large_applies(name: str):
             return "not applicable: varlen not declared"
         if impl.caps.max_T is not None and max(c.seqlens or (c.T,)) > impl.caps.max_T:
             return f"not applicable: needs T = {max(c.seqlens or (c.T,))} > max_T"
-        return large_offsets.not_applicable(c, dtype, impl.device)
+        # the device's capacity here: what is free is read again once the case holds the
+        # device alone (device_memory_lock), when the other workers have let go of theirs
+        total = torch.cuda.mem_get_info(impl.device)[1] if impl.device.type == "cuda" else None
+        return large_offsets.not_applicable(c, dtype, impl.device, free=total)
 
     return applies
 
@@ -704,7 +708,7 @@ def large_offset(h: Harness, name: str, seed: int):
     blocks, whose short tail (the last sequence) is held to the float64 oracle from the
     state it starts from, and must equal the same sequence run alone."""
     c = _large_case(name, h.impl)
-    with _one_large_call_per_device(h.impl.device):
+    with device_memory_lock(h.impl.device, exclusive=True):
         in_batch, tail = _large_call_or_skip(h, c, seed)
     alone = h.run(tail)
     oracle = h.oracle(tail)
@@ -715,16 +719,32 @@ def large_offset(h: Harness, name: str, seed: int):
     h._judge_pair(f"{name}: tail of the large call vs tail run alone", in_batch, alone, so, sS)
 
 
-def _one_large_call_per_device(device: torch.device):
-    """A lock across processes (pytest-xdist workers) so one large-offset case at a time
-    holds a device's memory; filelock comes with torch."""
+@contextlib.contextmanager
+def device_memory_lock(device: torch.device, exclusive: bool = False):
+    """Share a CUDA device's memory between the processes of one run (pytest-xdist workers):
+    every check holds a shared lock while it runs, and a large-offset case (tens of GiB) an
+    exclusive one, so it runs only while no other check holds memory. Each holder hands its
+    cached blocks back (empty_cache) before letting go: PyTorch's caching allocator would
+    otherwise keep them from the other processes. On an H100, 12 workers without this (and
+    without the state-pool cap of strategies.GPU_STATE_ELEMENTS) ran the card out of memory
+    and failed 41 checks. No lock on the CPU. A waiting exclusive holder may wait until the
+    other workers run out of checks: the large cases then run last."""
+    if device.type != "cuda":
+        yield
+        return
+    import fcntl
     import tempfile
     from pathlib import Path
 
-    from filelock import FileLock
-
-    index = device.index if device.index is not None else 0
-    return FileLock(Path(tempfile.gettempdir()) / f"kdaverify-large-{device.type}{index}.lock")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    path = Path(tempfile.gettempdir()) / f"kdaverify-memory-cuda{index}.lock"
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            torch.cuda.empty_cache()
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _large_call_or_skip(h: Harness, c: LargeCase, seed: int):

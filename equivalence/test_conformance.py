@@ -4,6 +4,8 @@ the project's own, see adapters.DEFAULT_IMPL), at each input dtype.
 A check whose capability or dtype the implementation does not declare is reported as not
 applicable (skipped with that reason), never as passed. The Hypothesis profile is the
 suite's own (--kda-profile), applied here, so a host project's settings are left alone.
+On a GPU every check shares the device's memory with the other workers through
+relations.device_memory_lock (the large-offset cases take it alone).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import settings
 from kdaverify.equivalence.implementation import DTYPES
-from kdaverify.equivalence.relations import CHECKS, Harness
+from kdaverify.equivalence.relations import CHECKS, Harness, device_memory_lock
 from kdaverify.equivalence.strategies import cases_for
 
 PARAMS = [pytest.param(c, d, id=f"{c.name}-{d}") for c in CHECKS.values() for d in DTYPES]
@@ -37,4 +39,8 @@ def test_conformance(impl, record, kda_profile, check, dtype):
     def run(spec):
         check.fn(harness, spec)
 
-    run()
+    if check.name.startswith("large_"):
+        run()  # takes the device alone inside (relations.large_offset)
+    else:
+        with device_memory_lock(impl.device):
+            run()

@@ -78,3 +78,23 @@ def test_large_check_logic_on_a_miniature(monkeypatch, name):
     wrap = load_implementation(mutants.offsets_wrap_2_31)
     with pytest.raises(AssertionError, match="tail of the large call vs oracle"):
         relations.large_offset(Harness(wrap, torch.float32), name, seed=3)
+
+
+def test_device_memory_lock_is_shared_by_checks_and_taken_alone_by_large_cases(tmp_path, monkeypatch):
+    """relations.device_memory_lock on a (pretended) CUDA device: two checks hold it at once,
+    a large-offset case cannot take it while any check does; on the CPU it is no lock."""
+    import fcntl
+    import tempfile
+    import types
+
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    dev = types.SimpleNamespace(type="cuda", index=0)
+    path = tmp_path / "kdaverify-memory-cuda0.lock"
+    with relations.device_memory_lock(dev), relations.device_memory_lock(dev):  # two workers' checks
+        with open(path) as f, pytest.raises(BlockingIOError):
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with relations.device_memory_lock(dev, exclusive=True):
+        with open(path) as f, pytest.raises(BlockingIOError):
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    with relations.device_memory_lock(torch.device("cpu")):
+        assert not list(tmp_path.glob("*cpu*"))

@@ -29,12 +29,15 @@ from .kda_chunk_intra import (
 )
 
 
-@triton.jit
+# STORE_HT is a runtime flag (one binary with and without the final state, so o cannot
+# depend on it): as a constexpr it changed fused_recurrent_kda's o in the last bit on the
+# H100 (kda_fused_recurrent.py).
+@triton.jit(do_not_specialize=["STORE_HT"])
 def chunk_recurrence(
-    q, k, v, G, Rs, Aqk, M, o, h0, ht, h, chunk_first, cu_seqlens, scale, T, NT,
+    q, k, v, G, Rs, Aqk, M, o, h0, ht, h, chunk_first, cu_seqlens, scale, T, NT, STORE_HT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_H: tl.constexpr,
+    IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, HAS_H0: tl.constexpr, STORE_H: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,  # beta is in M already
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -82,5 +85,5 @@ def chunk_recurrence(
 
         S = S * gam_c[:, None]
         S += mma(tl.trans(k_c * e_d), vp, DOT_DTYPE, PRECISION)
-    if STORE_HT:
+    if STORE_HT != 0:
         tl.store(ht + s_ptr, S, mask=m_kv)

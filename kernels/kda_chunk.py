@@ -28,7 +28,7 @@ from kdaverify.reference.gates import beta_activation, kda_gate, l2norm
 from .kda_chunk_backward import chunk_dh_recurrence, chunk_grads
 from .kda_chunk_inter import chunk_recurrence
 from .kda_chunk_intra import chunk_gate_cumsum, chunk_intra
-from .runtime import Call, Gate, check_call, check_gate, launch_fitting
+from .runtime import Call, Gate, check_call, check_gate, launch_fitting, state_out
 
 PRECISIONS = (None, "ieee")
 # tl.dot precision of the (I + L)^{-1} solve in chunk_intra, per `precision` argument: never
@@ -231,8 +231,7 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     device = c.q.device
     o = torch.empty(B, T, HV, V, dtype=c.q.dtype, device=device)
     ht = torch.empty(N, HV, K, V, dtype=torch.float32, device=device) if output_final_state else None
-    # without a final state, an fp32 pointer never written: the same argument types as with one
-    ht_arg = ht if ht is not None else torch.empty(1, dtype=torch.float32, device=device)
+    ht_arg, store_ht = state_out(ht, device)
     plan = _Plan.of(c)
     if T == 0 or plan.NC == 0:  # nothing to compute: every sequence is empty
         if ht is not None:
@@ -273,7 +272,7 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
         chunk_recurrence, (device.index, BK, BV, str(dot_dtype), dot_precision, keep),
         BLOCKS.fitting(BV, dot_dtype), lambda cfg: (triton.cdiv(V, cfg["BV"]) * N * HV,),
         (c.q, c.k, c.v, G, Rs, Aqk, M, o, c.initial_state, ht_arg, h, plan.chunk_first, c.cu_seqlens, c.scale, T,
-         plan.NT, int(ht is not None)),
+         plan.NT, store_ht),
         H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
         HAS_H0=c.initial_state is not None, STORE_H=keep,
         num_warps=BLOCKS.warps(K), **flags,

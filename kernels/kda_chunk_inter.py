@@ -29,9 +29,7 @@ from .kda_chunk_intra import (
 )
 
 
-# STORE_HT is a runtime flag (one binary with and without the final state, so o cannot
-# depend on it): as a constexpr it changed fused_recurrent_kda's o in the last bit on the
-# H100 (kda_fused_recurrent.py).
+# STORE_HT is a runtime flag: one binary with and without the final state (runtime.state_out)
 @triton.jit(do_not_specialize=["STORE_HT"])
 def chunk_recurrence(
     q, k, v, G, Rs, Aqk, M, o, h0, ht, h, chunk_first, cu_seqlens, scale, T, NT, STORE_HT,

@@ -123,8 +123,7 @@ def launch_fitting(kernel, key: tuple, configs: list[dict], grid, args: tuple, *
             if i == len(configs) - 1:
                 shape = ", ".join(f"{n}={v}" for n, v in meta.items() if n in ("K", "V", "BK", "DOT_DTYPE"))
                 raise ValueError(
-                    f"{full[0]}: no launch config fits this GPU ({err}); unsupported here at {shape}. "
-                    f"Tried {configs}."
+                    f"{full[0]}: no launch config fits this GPU ({err}); unsupported here at {shape}. Tried {configs}."
                 ) from err
             continue
         _FITTING[full] = i

@@ -185,3 +185,12 @@ def test_accuracy_command_measures_against_the_oracle():
 
     r = measure("kdaverify.equivalence.adapters:reference_chunk_kda", 200, 1, 16, 8, "float32", None, "cpu")
     assert r["o"].rel_rms < 1e-5 and r["final_state"].rel_rms < 1e-5 and r["seconds"] > 0
+
+
+def test_accuracy_command_measures_gradients_against_the_oracle():
+    """perf.accuracy --grad: the float32 recurrence's autograd gradients sit at float32
+    rounding of the float64 adjoint recurrence; a gradient of the wrong input would not."""
+    from kdaverify.perf.accuracy import GRAD_NAMES, measure_grads
+
+    r = measure_grads("kdaverify.equivalence.adapters:reference_recurrent_kda", 100, 1, 16, 8, "float32", None, "cpu")
+    assert all(r[f"d{n}"].rel_rms < 1e-5 for n in GRAD_NAMES) and r["seconds"] > 0

@@ -10,8 +10,9 @@ Four launches, no loop over chunks or heads on the host:
 
 NC = number of chunks (B * NT, or the chunks of all packed sequences). Memory besides inputs
 and outputs: G (4 B*T*HV*K bytes) and Aqk, M (B*T*HV*BT each, in the dot operand dtype:
-2 bytes for 16-bit inputs at the default precision, else 4), and L (4 B*T*HV*BT bytes,
-freed after chunk_solve); no state history.
+2 bytes for 16-bit inputs at the default precision, else 4), the recurrence's operands
+QG, KG, KD (3 B*T*HV*K in that dtype), and L (4 B*T*HV*BT bytes, freed after chunk_solve);
+no state history.
 In-kernel options (q/k L2 norm, beta sigmoid) are applied where q, k, beta are loaded; the
 gate from z is computed in chunk_gate_cumsum.
 """
@@ -256,8 +257,9 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
         DOT_DTYPE=dot_dtype, PRECISION=dot_precision,
     )  # fmt: skip
     L = torch.empty(B, T, HV, BT, dtype=torch.float32, device=device)  # fp32: the solve's input
+    QG, KG, KD = (torch.empty(B, T, HV, K, dtype=matrices, device=device) for _ in range(3))
     chunk_pairs[(plan.NC * plan.NBH * (BT // BC),)](
-        c.q, c.k, G, Rs, c.beta, Aqk, L, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
+        c.q, c.k, G, Rs, c.beta, Aqk, L, QG, KG, KD, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
         H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BLOCKS.bk_intra(K), IS_VARLEN=plan.varlen, RESETS=Rs is not None,
         num_warps=BLOCKS.PAIRS_WARPS, **flags,
     )  # fmt: skip
@@ -272,11 +274,10 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     launch_fitting(
         chunk_recurrence, (device.index, BK, BV, str(dot_dtype), dot_precision, keep),
         BLOCKS.fitting(BV, dot_dtype), lambda cfg: (triton.cdiv(V, cfg["BV"]) * N * HV,),
-        (c.q, c.k, c.v, G, Rs, Aqk, M, o, c.initial_state, ht, h, plan.chunk_first, c.cu_seqlens, c.scale, T,
-         plan.NT),
+        (QG, KG, KD, c.v, G, Rs, Aqk, M, o, c.initial_state, ht, h, plan.chunk_first, c.cu_seqlens, T, plan.NT),
         H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
         HAS_H0=c.initial_state is not None, STORE_HT=ht is not None, STORE_H=keep,
-        num_warps=BLOCKS.warps(K), **flags,
+        DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=BLOCKS.warps(K),
     )  # fmt: skip
     return o, ht, (plan, G, Rs, Aqk, M, Minv, h) if keep else None
 

@@ -109,15 +109,6 @@ def chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT: tl.constexpr, IS_VARLEN: tl.
 
 
 @triton.jit
-def l2norm_rows(x, dtype: tl.constexpr):
-    """x / sqrt(sum x^2 + eps) over the K columns of a [rows, BK] tile in fp32, rounded to the
-    input dtype (what the oracle sees: reference/gates.l2norm returns the input dtype), back
-    in fp32."""
-    x = x / tl.sqrt(tl.sum(x * x, axis=1, keep_dims=True) + L2NORM_EPS)
-    return round_to(x, dtype).to(tl.float32)
-
-
-@triton.jit
 def load_beta(beta, rows, mask, HV: tl.constexpr, i_hv, SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr):
     """beta at token rows of value head i_hv in fp32 (0 where masked); sigmoid(b), or
     2 sigmoid(b) with negative eigenvalues allowed, when SIGMOID (reference/gates)."""
@@ -134,17 +125,6 @@ def load_rows(x, rows, mask, heads, head, cols, D: tl.constexpr):
     """x[rows, head, cols] of a [tokens, heads, D] tensor as fp32 [len(rows), len(cols)], 0 outside."""
     ptr = x + (rows[:, None] * heads + head) * D + cols[None, :]
     return tl.load(ptr, mask=mask[:, None] & (cols[None, :] < D), other=0.0).to(tl.float32)
-
-
-@triton.jit
-def load_qk(q, k, rows, mask, H: tl.constexpr, i_h, cols, K: tl.constexpr, L2NORM: tl.constexpr):
-    """q and k at token rows of head i_h as fp32 [len(rows), len(cols)], L2-normalised if asked."""
-    q_r = load_rows(q, rows, mask, H, i_h, cols, K)
-    k_r = load_rows(k, rows, mask, H, i_h, cols, K)
-    if L2NORM:
-        q_r = l2norm_rows(q_r, q.dtype.element_ty)
-        k_r = l2norm_rows(k_r, k.dtype.element_ty)
-    return q_r, k_r
 
 
 @triton.jit
@@ -177,12 +157,29 @@ def chunk_decays(G, Rs, rows, m, last, HV: tl.constexpr, i_hv, cols, K: tl.const
     (r, C]), and gam_c = Gam_C [BK]. Rows outside the sequence get 0 in e_g and e_d."""
     g_c = load_rows(G, rows, m, HV, i_hv, cols, K)
     cnt_c = load_counts(Rs, rows, m, HV, i_hv, cols, K, RESETS)
+    e_g, e_d = row_decays(G, Rs, g_c, cnt_c, m, last, HV, i_hv, cols, K, RESETS)
+    return g_c, cnt_c, e_g, e_d, chunk_end_decay(G, Rs, last, HV, i_hv, cols, K, RESETS)
+
+
+@triton.jit
+def chunk_end_decay(G, Rs, last, HV: tl.constexpr, i_hv, cols, K: tl.constexpr, RESETS: tl.constexpr):
+    """Gam_C = exp(G_C) [len(cols)] at the chunk's last token `last` (0 once a reset lies in
+    the chunk): the decay of the state across the chunk."""
+    g_last = tl.load(G + (last * HV + i_hv) * K + cols, mask=cols < K, other=0.0)
+    cnt_last = load_counts_row(Rs, last, last >= 0, HV, i_hv, cols, K, RESETS)
+    return tl.exp(tl.where(cnt_last == 0, g_last, float("-inf")))
+
+
+@triton.jit
+def row_decays(G, Rs, g_c, cnt_c, m, last, HV: tl.constexpr, i_hv, cols, K: tl.constexpr, RESETS: tl.constexpr):
+    """e_g = Gam_r = exp(G_r) and e_d = Gam_C / Gam_r = exp(G_C - G_r) at rows whose G and
+    reset counts are g_c, cnt_c (masked by m: 0 outside), C = the chunk's last token `last`;
+    0 where a reset lies in [start, r] (e_g) or in (r, C] (e_d). Every exponent <= 0."""
     g_last = tl.load(G + (last * HV + i_hv) * K + cols, mask=cols < K, other=0.0)
     cnt_last = load_counts_row(Rs, last, last >= 0, HV, i_hv, cols, K, RESETS)
     e_g = tl.exp(tl.where(m[:, None] & (cnt_c == 0), g_c, float("-inf")))
     e_d = tl.exp(tl.where(m[:, None] & (cnt_c == cnt_last[None, :]), g_last[None, :] - g_c, float("-inf")))
-    gam_c = tl.exp(tl.where(cnt_last == 0, g_last, float("-inf")))
-    return g_c, cnt_c, e_g, e_d, gam_c
+    return e_g, e_d
 
 
 @triton.jit
@@ -264,7 +261,7 @@ def chunk_gate_cumsum(
 
 @triton.jit
 def chunk_pairs(
-    q, k, G, Rs, beta, Aqk, L, cu_seqlens, chunks, scale, T, NBH,
+    q, k, G, Rs, beta, Aqk, L, QG, KG, KD, cu_seqlens, chunks, scale, T, NBH,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
@@ -273,6 +270,9 @@ def chunk_pairs(
     """The rows of one sub-chunk I (BC tokens) of one chunk of one value head: Aqk [BC, BT]
     (diagonal included; in the Aqk buffer's dtype) and L = StrictTril(Diag(beta) ...) [BC, BT]
     in fp32 (the L buffer, read by chunk_solve). Rows past the sequence end are not written.
+    Also the recurrence's operands of these rows, [BC, K] in the dot operand dtype:
+    QG = scale * Gam * Q, KG = Gam * K, KD = (Gam_C / Gam) * K (kda_chunk_inter), so that the
+    sequential recurrence reads them ready for its dots and forms no exponent.
 
     One program per (chunk, value head, sub-chunk): four per chunk, each holding [BC, BK] and
     [BT, BK] tiles (BK <= 32), where one program per chunk held [BT, BK] tiles of everything
@@ -295,6 +295,7 @@ def chunk_pairs(
         rows = a + o
         m = rows < eos
         prev = t0 + oc  # the chunk's tokens; those before the anchor are the earlier columns
+        last = tl.minimum(t0 + BT, eos) - 1
         m_prev = oc < I * BC
         b_r = load_beta(beta, rows, m, HV, i_hv, BETA_SIGMOID, NEG_EIGVAL)
         if L2NORM:  # row norms over all of K first (each block below sees BK columns)
@@ -309,7 +310,7 @@ def chunk_pairs(
                 k_ss += tl.sum(x * x, axis=1)
                 x = load_rows(k, prev, m_prev, H, i_h, cols, K)
                 p_ss += tl.sum(x * x, axis=1)
-            q_norm = tl.sqrt(q_ss + L2NORM_EPS)  # as l2norm_rows: x / sqrt(sum x^2 + eps)
+            q_norm = tl.sqrt(q_ss + L2NORM_EPS)  # x / sqrt(sum x^2 + eps), as reference/gates.l2norm
             k_norm = tl.sqrt(k_ss + L2NORM_EPS)
             p_norm = tl.sqrt(p_ss + L2NORM_EPS)
 
@@ -322,9 +323,15 @@ def chunk_pairs(
             if L2NORM:
                 q_r = round_to(q_r / q_norm[:, None], q.dtype.element_ty).to(tl.float32)
                 k_r = round_to(k_r / k_norm[:, None], k.dtype.element_ty).to(tl.float32)
-            q_r = q_r * scale
             g_r = load_rows(G, rows, m, HV, i_hv, cols, K)
             cnt_r = load_counts(Rs, rows, m, HV, i_hv, cols, K, RESETS)  # a pair spans a reset: ratio 0
+            e_g, e_d = row_decays(G, Rs, g_r, cnt_r, m, last, HV, i_hv, cols, K, RESETS)
+            ops = (rows[:, None] * HV + i_hv) * K + cols[None, :]
+            m_ops = m[:, None] & (cols[None, :] < K)
+            tl.store(QG + ops, round_to(q_r * (scale * e_g), QG.dtype.element_ty), mask=m_ops)
+            tl.store(KG + ops, round_to(k_r * e_g, KG.dtype.element_ty), mask=m_ops)
+            tl.store(KD + ops, round_to(k_r * e_d, KD.dtype.element_ty), mask=m_ops)
+            q_r = q_r * scale
 
             # the diagonal tile, one column j (token a + j) per step
             for j in range(BC):

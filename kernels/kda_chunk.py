@@ -341,7 +341,7 @@ def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, R
         chunk_grads, key, BLOCKS.fitting(BV, dot_dtype), lambda cfg: (plan.NC * plan.NBH,),
         (q, k, v, G, Rs, beta, Aqk, M, Minv, h, dh, do, dq, dk, dv, dg, dbeta, c.cu_seqlens, plan.chunks,
          c.scale, T, plan.NT, plan.NBH),
-        **common,
+        BC=BLOCKS.BC, **common,
     )  # fmt: skip
     group = HV // H
     dq = dq.view(B, T, H, group, K).sum(3).to(q.dtype)

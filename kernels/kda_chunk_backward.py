@@ -22,10 +22,16 @@ Given dO and dSC (the adjoint of SC), reverse mode gives
 and the pair terms: Aqk[r, i] = scale sum_d Q_rd K_id exp(G_rd - G_id) and
 L[r, i] = beta_r sum_d K_rd K_id exp(G_rd - G_id) feed dQ, dK and dG through
 rowpair(P, Y)[r, d] = sum_{i <= r} P_ri Y_id exp(G_rd - G_id) and
-colpair(P, Y)[i, d] = sum_{r >= i} P_ri Y_rd exp(G_rd - G_id). Both are formed one column i
-of the chunk at a time, elementwise in fp32, so every exponent is G_r - G_i with r >= i:
-never positive, whatever the gates (no exp(G) * exp(-G) factorisation, no anchor). Finally
-dg = the in-chunk reverse cumulative sum of dG.
+colpair(P, Y)[i, d] = sum_{r >= i} P_ri Y_rd exp(G_rd - G_id). Both are split as the forward
+splits Aqk and L (kda_chunk_intra): on BC = 16-token sub-chunks, the pairs of one sub-chunk
+(the diagonal blocks) are formed elementwise in fp32, BC steps that each gather one token of
+every row's sub-chunk and serve both sums; the blocks below the diagonal are tensor-core dots
+around the anchor a = the first row of the rows' sub-chunk, exp(G_r - G_a) exp(G_a - G_i).
+Every exponent is a later token's G minus an earlier one's (r >= a >= i, or r >= i): never
+positive, whatever the gates (no exp(G) * exp(-G) factorisation). Cost per chunk: 16
+elementwise [BT, BK] steps and 12 dots, where one column i at a time took 64 elementwise
+steps; not yet timed on a GPU (only the interpreter has run it). Finally dg = the in-chunk
+reverse cumulative sum of dG.
 
 Everything is fp32 except the dot operands, rounded as in the forward (DOT_DTYPE,
 PRECISION). Memory: the forward keeps G, Aqk, M, Minv and h (4 NC HV K V bytes); the backward
@@ -112,8 +118,8 @@ def chunk_dh_recurrence(
 def chunk_grads(
     q, k, v, G, Rs, beta, Aqk, M, Minv, h, dh, do, dq, dk, dv, dg, dbeta, cu_seqlens, chunks, scale, T, NT, NBH,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, RESETS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Gradients of one chunk of one value head: dq, dk [B*T, HV, K] fp32 (summed over the
     value heads of a group by the host), dv [B*T, HV, V], dg [B*T, HV, K] fp32, dbeta
@@ -190,33 +196,71 @@ def chunk_grads(
     dG -= k_c * dkd
     dG_last = tl.sum(k_c * dkd, axis=0) + gam_c * dgc  # d/dG_C, added to the last row
 
-    # Pair terms, one column i at a time (rows r > i; see the module docstring). The diagonal
-    # pairs of Aqk (r = i, ratio exactly 1) feed dq and dk only: their dG terms, q_r P_rr k_r
-    # and -k_r P_rr q_r, cancel exactly in the algebra but not after two roundings, and a
-    # residual of 1e-9 where the true dg is exactly 0 (T = 1 without an initial state) is an
-    # infinite relative error.
+    # Pair terms (see the module docstring). The diagonal pairs of Aqk (r = i, ratio exactly 1)
+    # feed dq and dk only: their dG terms, q_r P_rr k_r and -k_r P_rr q_r, cancel exactly in
+    # the algebra but not after two roundings, and a residual of 1e-9 where the true dg is
+    # exactly 0 (T = 1 without an initial state) is an infinite relative error. So every pair
+    # below has i < r strictly.
     p = tl.where(o_t[None, :] <= o_t[:, None], scale * d_aqk, 0.0)
     d_l = tl.where(o_t[None, :] < o_t[:, None], d_l, 0.0)
     d_lb = b_c[:, None] * d_l
     row_pq = tl.zeros([BT, BK], dtype=tl.float32)  # rowpair(P, K): dQ, and Q * it into dG
     row_pl = tl.zeros([BT, BK], dtype=tl.float32)  # rowpair(dL, K)
     col = tl.zeros([BT, BK], dtype=tl.float32)  # colpair(P, Q) + colpair(beta dL, K): dK, -K * it into dG
-    for i in range(0, BT):
-        src = t0 + i
-        m_i = (cols_k < K) & (src < eos)
-        k_i = tl.load(k + (src * H + i_h) * K + cols_k, mask=m_i, other=0.0).to(tl.float32)
-        g_i = tl.load(G + (src * HV + i_hv) * K + cols_k, mask=m_i, other=0.0)
-        same = cnt_c == load_counts_row(Rs, src, src < eos, HV, i_hv, cols_k, K, RESETS)[None, :]
-        at_i = o_t[None, :] == i
-        p_i = tl.sum(tl.where(at_i, p, 0.0), axis=1)
-        l_i = tl.sum(tl.where(at_i, d_l, 0.0), axis=1)
-        lb_i = tl.sum(tl.where(at_i, d_lb, 0.0), axis=1)
-        e = tl.exp(tl.where(m_k & (o_t > i)[:, None] & same, g_c - g_i[None, :], float("-inf")))
-        ke = k_i[None, :] * e
-        row_pq += p_i[:, None] * ke
-        row_pl += l_i[:, None] * ke
-        c_i = tl.sum((p_i[:, None] * q_c + lb_i[:, None] * k_c) * e, axis=0)
-        col = tl.where((o_t == i)[:, None], c_i[None, :], col)
+    base = (o_t // BC) * BC  # first row of each row's sub-chunk
+    m_cols = (cols_k < K)[None, :]
+
+    # Diagonal blocks (i and r in one sub-chunk), all BT // BC at once, elementwise in fp32: at
+    # step j every row o gathers the token src = base(o) + j of its own sub-chunk. Row r takes
+    # the rowpair term of column src < r, P[r, src] K_src exp(G_r - G_src); row i takes the
+    # colpair term of row src > i, (P[src, i] Q_src + beta_src dL[src, i] K_src) exp(G_src - G_i).
+    # Both exponents are a later token's G minus an earlier one's of the same segment: <= 0.
+    for j in range(BC):
+        src = t0 + base + j
+        m_src = src < eos
+        k_j = load_rows(k, src, m_src, H, i_h, cols_k, K)
+        q_j = load_rows(q, src, m_src, H, i_h, cols_k, K)
+        g_j = load_rows(G, src, m_src, HV, i_hv, cols_k, K)
+        same = cnt_c == load_counts(Rs, src, m_src, HV, i_hv, cols_k, K, RESETS)
+        # P[o, base(o) + j] (o's row, column src) and P[base(o) + j, o] (row src, o's column)
+        at_row = o_t[None, :] == (base + j)[:, None]
+        at_col = o_t[:, None] == (base + j)[None, :]
+        p_r = tl.sum(tl.where(at_row, p, 0.0), axis=1)
+        l_r = tl.sum(tl.where(at_row, d_l, 0.0), axis=1)
+        p_c = tl.sum(tl.where(at_col, p, 0.0), axis=0)
+        lb_c = tl.sum(tl.where(at_col, d_lb, 0.0), axis=0)
+        before = (m & (o_t - base > j))[:, None] & m_cols & same  # src < r, r in the sequence
+        ke = k_j * tl.exp(tl.where(before, g_c - g_j, float("-inf")))
+        row_pq += p_r[:, None] * ke
+        row_pl += l_r[:, None] * ke
+        after = (m_src & (o_t - base < j))[:, None] & m_cols & same  # src > i, src in the sequence
+        col += (p_c[:, None] * q_j + lb_c[:, None] * k_j) * tl.exp(tl.where(after, g_j - g_c, float("-inf")))
+
+    # Blocks strictly below the diagonal (rows r of sub-chunk I, columns i < I * BC), as
+    # tensor-core dots around the anchor a = the first row of sub-chunk I, as in chunk_intra:
+    # exp(G_r - G_i) = e_r e_i with e_r = exp(G_r - G_a), e_i = exp(G_a - G_i), both exponents
+    # <= 0 because g <= 0 and i < a <= r (never exp(G) * exp(-G)). A pair across a reset has a
+    # reset in (i, a] or in (a, r]: e_i or e_r is 0 there (the counts `same`). Per I:
+    #   rowpair(P, K)[r]  += e_r[r] * (P_I @ (K e_i))[r]       (P_I: P on rows of I, columns < I * BC)
+    #   rowpair(dL, K)[r] += e_r[r] * (dL_I @ (K e_i))[r]
+    #   col[i]            += e_i[i] * (P_I^T @ (Q e_r) + (beta dL)_I^T @ (K e_r))[i]
+    # four dots of [BT, BT] x [BT, BK] with the operands rounded to DOT_DTYPE (mma).
+    for I in tl.static_range(1, BT // BC):
+        a = t0 + I * BC
+        if a < eos:
+            g_a = tl.load(G + (a * HV + i_hv) * K + cols_k, mask=cols_k < K, other=0.0)
+            same = cnt_c == load_counts_row(Rs, a, a < eos, HV, i_hv, cols_k, K, RESETS)[None, :]
+            in_i = o_t // BC == I
+            e_r = tl.exp(tl.where((in_i & m)[:, None] & m_cols & same, g_c - g_a[None, :], float("-inf")))
+            e_i = tl.exp(tl.where((o_t < I * BC)[:, None] & m_cols & same, g_a[None, :] - g_c, float("-inf")))
+            blk = in_i[:, None] & (o_t < I * BC)[None, :]
+            p_b = tl.where(blk, p, 0.0)
+            ki = k_c * e_i
+            row_pq += e_r * mma(p_b, ki, DOT_DTYPE, PRECISION)
+            row_pl += e_r * mma(tl.where(blk, d_l, 0.0), ki, DOT_DTYPE, PRECISION)
+            c_b = mma(tl.trans(p_b), q_c * e_r, DOT_DTYPE, PRECISION)
+            c_b += mma(tl.trans(tl.where(blk, d_lb, 0.0)), k_c * e_r, DOT_DTYPE, PRECISION)
+            col += e_i * c_b
     p_diag = tl.sum(tl.where(o_t[None, :] == o_t[:, None], p, 0.0), axis=1)[:, None]
     dq_c += row_pq + p_diag * k_c
     dG += q_c * row_pq

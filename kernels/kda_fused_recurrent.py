@@ -70,12 +70,16 @@ def config_for(K: int, V: int, NHV: int = 1) -> RecurrentConfig:
 _ADD = tl.standard._sum_combine
 
 
-@triton.jit(do_not_specialize=["T"])
+# STORE_HT and INPLACE are runtime flags, not constexpr: with them as constexpr the compiler
+# built a second kernel for output_final_state=False whose o differed from the other's in the
+# last bit (H100, Triton 3.6: 197 of 1064 fp32 outputs, conformance check
+# final_state_not_requested, 2026-11-27). One binary serves both, so o cannot depend on them.
+@triton.jit(do_not_specialize=["T", "STORE_HT", "INPLACE"])
 def _fused_recurrent_kda_kernel(
     q, k, v, g, beta, o, h0, ht, cu_seqlens, state_indices, A_log, dt_bias,
-    scale, lower_bound, T, H, HV,
+    scale, lower_bound, T, H, HV, STORE_HT, INPLACE,
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, INPLACE: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
     USE_INDICES: tl.constexpr, STATE_VK: tl.constexpr, L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr,
     BETA_SCALE: tl.constexpr, GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr, SAFE_GATE: tl.constexpr,
     EPS: tl.constexpr,
@@ -169,8 +173,8 @@ def _fused_recurrent_kda_kernel(
         p_o += s_v
         p_beta += HV
         t += 1
-    if STORE_HT:
-        if INPLACE:
+    if STORE_HT != 0:
+        if INPLACE != 0:
             tl.store(ht + (slot * HV + i_hv) * K * V + o_h, b_h, mask=m_h & live)
         else:
             tl.store(ht + (i_n.to(tl.int64) * HV + i_hv) * K * V + o_h, b_h, mask=m_h)
@@ -253,11 +257,15 @@ def fused_recurrent_kda(
     else:
         ht = None
     grid = (triton.cdiv(c.V, cfg.BV) * c.N * c.HV,)
+    # without a final state the kernel still takes an fp32 pointer (never written): the same
+    # argument types, so the same compiled kernel, as with one
+    ht_arg = ht if ht is not None else torch.empty(1, dtype=torch.float32, device=c.q.device)
     _fused_recurrent_kda_kernel[grid](
-        c.q, c.k, c.v, c.g, c.beta, o, c.initial_state, ht, c.cu_seqlens, c.state_indices, A32, bias32,
+        c.q, c.k, c.v, c.g, c.beta, o, c.initial_state, ht_arg, c.cu_seqlens, c.state_indices, A32, bias32,
         float(c.scale), float(lower_bound) if lower_bound is not None else 0.0, c.T, c.H, c.HV,
+        int(ht is not None), int(bool(inplace_final_state)),
         K=c.K, V=c.V, BK=triton.next_power_of_2(c.K), BV=cfg.BV,
-        USE_H0=c.initial_state is not None, STORE_HT=ht is not None, INPLACE=bool(inplace_final_state),
+        USE_H0=c.initial_state is not None,
         IS_VARLEN=c.cu_seqlens is not None, USE_INDICES=c.state_indices is not None,
         STATE_VK=state_layout == "vk", L2NORM=bool(use_qk_l2norm_in_kernel),
         BETA_SIGMOID=bool(use_beta_sigmoid_in_kernel), BETA_SCALE=2.0 if allow_neg_eigval else 1.0,

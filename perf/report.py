@@ -256,7 +256,8 @@ def markdown(data: dict, figures: list[tuple[str, str]]) -> str:
               "is floor / ms. 'vs FLA' is flash-linear-attention's ms over this row's, same shape and run.",
               "'verified' is the check that ran before timing: the last 256 tokens of one (batch row, head)",
               "slice against the float64 oracle, under the suite's tolerance rule (relative RMS shown with",
-              "its budget); forward+backward rows verify the forward output only (no gradient oracle yet).",
+              "its budget); forward+backward rows verify the forward output only (gradients are judged",
+              "by the conformance suite's grad_* checks, not in the sweep).",
               "Only verified rows are plotted.", ""]  # fmt: skip
     for title, name in figures:
         lines += [f"## {title}", "", f"![{title}]({name})", ""]

@@ -74,6 +74,14 @@ class ChunkBlocks:
         """Columns per step of chunk_pairs' sums over K: at most BK_INTRA."""
         return min(self.bk(K), self.BK_INTRA)
 
+    def bk_grads(self, K: int, dot_dtype) -> int:
+        """chunk_grads' BK: at least 64 with 16-bit dot operands. Its anchored dots (P^T @ (Q e),
+        [64, 64] x [64, BK]) gave wrong gradients at BK = 32 (dq, dk 2.5x and dg 8x over the
+        budget) and an illegal memory access at BK = 16 with bf16 operands on the H100
+        (Triton 3.6, 2026-11-27), right at BK = 64 and 128 and under the interpreter; padding
+        K to 64 (masked columns) costs little where K is that small."""
+        return max(self.bk(K), 64) if dot_dtype != tl.float32 else self.bk(K)
+
     def warps(self, K: int) -> int:
         """8 warps once the [BT, BK] fp32 tiles (q, k, G) pass 32 KiB each, else 4: a guess
         against register spills, not yet measured."""
@@ -227,6 +235,8 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     device = c.q.device
     o = torch.empty(B, T, HV, V, dtype=c.q.dtype, device=device)
     ht = torch.empty(N, HV, K, V, dtype=torch.float32, device=device) if output_final_state else None
+    # without a final state, an fp32 pointer never written: the same argument types as with one
+    ht_arg = ht if ht is not None else torch.empty(1, dtype=torch.float32, device=device)
     plan = _Plan.of(c)
     if T == 0 or plan.NC == 0:  # nothing to compute: every sequence is empty
         if ht is not None:
@@ -274,9 +284,10 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     launch_fitting(
         chunk_recurrence, (device.index, BK, BV, str(dot_dtype), dot_precision, keep),
         BLOCKS.fitting(BV, dot_dtype), lambda cfg: (triton.cdiv(V, cfg["BV"]) * N * HV,),
-        (QG, KG, KD, c.v, G, Rs, Aqk, M, o, c.initial_state, ht, h, plan.chunk_first, c.cu_seqlens, T, plan.NT),
+        (QG, KG, KD, c.v, G, Rs, Aqk, M, o, c.initial_state, ht_arg, h, plan.chunk_first, c.cu_seqlens, T, plan.NT,
+         int(ht is not None)),
         H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
-        HAS_H0=c.initial_state is not None, STORE_HT=ht is not None, STORE_H=keep,
+        HAS_H0=c.initial_state is not None, STORE_H=keep,
         DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=BLOCKS.warps(K),
     )  # fmt: skip
     return o, ht, (plan, G, Rs, Aqk, M, Minv, h) if keep else None
@@ -337,11 +348,12 @@ def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, R
         (q, k, G, Rs, Aqk, M, do, dht, dh, dh0, c.cu_seqlens, plan.chunk_first, c.scale, T, plan.NT),
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **common,
     )  # fmt: skip
+    BKG = BLOCKS.bk_grads(K, dot_dtype)
     launch_fitting(
-        chunk_grads, key, BLOCKS.fitting(BV, dot_dtype), lambda cfg: (plan.NC * plan.NBH,),
+        chunk_grads, (*key, BKG), BLOCKS.fitting(BV, dot_dtype), lambda cfg: (plan.NC * plan.NBH,),
         (q, k, v, G, Rs, beta, Aqk, M, Minv, h, dh, do, dq, dk, dv, dg, dbeta, c.cu_seqlens, plan.chunks,
          c.scale, T, plan.NT, plan.NBH),
-        BC=BLOCKS.BC, **common,
+        BC=BLOCKS.BC, **{**common, "BK": BKG, "num_warps": BLOCKS.warps(BKG)},
     )  # fmt: skip
     group = HV // H
     dq = dq.view(B, T, H, group, K).sum(3).to(q.dtype)

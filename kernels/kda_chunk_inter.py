@@ -24,12 +24,15 @@ import triton.language as tl
 from .kda_chunk_intra import chunk_end_decay, load_rows, mma, one_dim_grid, round_to, sequence_span
 
 
-@triton.jit
+# STORE_HT is a runtime flag (one binary with and without the final state, so o cannot
+# depend on it): as a constexpr it changed fused_recurrent_kda's o in the last bit on the
+# H100 (kda_fused_recurrent.py).
+@triton.jit(do_not_specialize=["STORE_HT"])
 def chunk_recurrence(
-    QG, KG, KD, v, G, Rs, Aqk, M, o, h0, ht, h, chunk_first, cu_seqlens, T, NT,
+    QG, KG, KD, v, G, Rs, Aqk, M, o, h0, ht, h, chunk_first, cu_seqlens, T, NT, STORE_HT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_H: tl.constexpr,
+    IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, HAS_H0: tl.constexpr, STORE_H: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """o [B*T, HV, V] for value columns [i_v*BV, (i_v+1)*BV) and, if STORE_HT, the final state
@@ -82,5 +85,5 @@ def chunk_recurrence(
 
         S = S * gam_c[:, None]
         S += mma(tl.trans(kd), vp, DOT_DTYPE, PRECISION)
-    if STORE_HT:
+    if STORE_HT != 0:
         tl.store(ht + s_ptr, S, mask=m_kv)

@@ -66,9 +66,6 @@ def chunk_recurrence(
             tl.store(h + ((c0 + i_t) * HV + i_hv) * K * V + cols_k[:, None] * V + cols_v[None, :], S, mask=m_kv)
         ops = (rows[:, None] * HV + i_hv) * K + cols_k[None, :]
         m_ops = m[:, None] & (cols_k[None, :] < K)
-        qg = tl.load(QG + ops, mask=m_ops, other=0.0)
-        kg = tl.load(KG + ops, mask=m_ops, other=0.0)
-        kd = tl.load(KD + ops, mask=m_ops, other=0.0)
         v_c = load_rows(v, rows, m, HV, i_hv, cols_v, V)
         tri = m[:, None] & (t0 + o_t[None, :] < eos) & (o_t[None, :] <= o_t[:, None])
         mat = (rows[:, None] * HV + i_hv) * BT + o_t[None, :]
@@ -76,14 +73,17 @@ def chunk_recurrence(
         m_c = tl.load(M + mat, mask=tri, other=0.0)
         gam_c = chunk_end_decay(G, Rs, tl.minimum(t0 + BT, eos) - 1, HV, i_hv, cols_k, K, RESETS)
 
+        kg = tl.load(KG + ops, mask=m_ops, other=0.0)
         x = v_c - mma(kg, S, DOT_DTYPE, PRECISION)
         vp = mma(m_c, x, DOT_DTYPE, PRECISION)
+        qg = tl.load(QG + ops, mask=m_ops, other=0.0)
         out = mma(qg, S, DOT_DTYPE, PRECISION)
         out += mma(a_qk, vp, DOT_DTYPE, PRECISION)
         o_ptr = o + (rows[:, None] * HV + i_hv) * V + cols_v[None, :]
         tl.store(o_ptr, round_to(out, o.dtype.element_ty), mask=m[:, None] & (cols_v[None, :] < V))
 
         S = S * gam_c[:, None]
+        kd = tl.load(KD + ops, mask=m_ops, other=0.0)
         S += mma(tl.trans(kd), vp, DOT_DTYPE, PRECISION)
     if STORE_HT != 0:
         tl.store(ht + s_ptr, S, mask=m_kv)

@@ -23,6 +23,7 @@ from .kda_chunk_intra import (
     load_qk,
     load_rows,
     mma,
+    mma_split,
     one_dim_grid,
     round_to,
     sequence_span,
@@ -77,15 +78,7 @@ def chunk_recurrence(
         last = tl.minimum(t0 + BT, eos) - 1
         _, _, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
         x = v_c - mma(k_c * e_g, S, DOT_DTYPE, PRECISION)
-        if DOT_DTYPE == tl.bfloat16:
-            # x = hi + lo, two bf16 dots: x itself is never rounded to bf16 (kernels/NOTES.md
-            # "bf16 rounding of V - W S"). One rounding of x, on top of vp's own rounding as an
-            # operand of the state update, doubled the error of the state's dominant rank-1
-            # terms and put a bias of up to 4x the budget in bf16 final states (K = V = 256).
-            x_hi = round_to(x, DOT_DTYPE).to(tl.float32)
-            vp = mma(m_c, x_hi, DOT_DTYPE, PRECISION) + mma(m_c, x - x_hi, DOT_DTYPE, PRECISION)
-        else:
-            vp = mma(m_c, x, DOT_DTYPE, PRECISION)
+        vp = mma_split(m_c, x, DOT_DTYPE, PRECISION)  # x not rounded to DOT_DTYPE on its own
         out = mma(q_c * (scale * e_g), S, DOT_DTYPE, PRECISION)
         out += mma(a_qk, vp, DOT_DTYPE, PRECISION)
         o_ptr = o + (rows[:, None] * HV + i_hv) * V + cols_v[None, :]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kda_chunk_intra import chunk_end_decay, load_rows, mma, one_dim_grid, round_to, sequence_span
+from .kda_chunk_intra import chunk_end_decay, load_rows, mma, mma_split, one_dim_grid, round_to, sequence_span
 
 
 # STORE_HT is a runtime flag (one binary with and without the final state, so o cannot
@@ -75,7 +75,7 @@ def chunk_recurrence(
 
         kg = tl.load(KG + ops, mask=m_ops, other=0.0)
         x = v_c - mma(kg, S, DOT_DTYPE, PRECISION)
-        vp = mma(m_c, x, DOT_DTYPE, PRECISION)
+        vp = mma_split(m_c, x, DOT_DTYPE, PRECISION)  # x not rounded to DOT_DTYPE on its own
         qg = tl.load(QG + ops, mask=m_ops, other=0.0)
         out = mma(qg, S, DOT_DTYPE, PRECISION)
         out += mma(a_qk, vp, DOT_DTYPE, PRECISION)

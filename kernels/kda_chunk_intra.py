@@ -62,6 +62,22 @@ def mma(a, b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def mma_split(a, x, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ x with x carried to about 16 bits through 16-bit dots: x = hi + lo, both rounded
+    to DOT_DTYPE, two dots (a is rounded once, as in mma). For V' = M (V - W S): rounding
+    V - W S to bf16 before M, and V' again as the operand of the state update, put a bias of
+    up to 4x its budget on bf16 final states at K = V = 256, where the reference rounds V'
+    once (kernels/NOTES.md "bf16 rounding of V - W S"). The forward (chunk_recurrence) and
+    the backward's recomputation of V' (chunk_grads) both use it, so they agree. With fp32
+    dots (tf32 or ieee) one dot, as mma."""
+    if DOT_DTYPE == tl.float32:
+        return mma(a, x, DOT_DTYPE, PRECISION)
+    else:
+        hi = round_to(x, DOT_DTYPE).to(tl.float32)
+        return mma(a, hi, DOT_DTYPE, PRECISION) + mma(a, x - hi, DOT_DTYPE, PRECISION)
+
+
+@triton.jit
 def one_dim_grid(inner):
     """(outer, inner) program indices of a one-dimensional grid of outer * inner programs.
     Grids are one-dimensional because CUDA caps the second and third grid axes at 65535, and

@@ -31,7 +31,7 @@ from kdaverify.reference.gates import beta_activation, kda_gate, l2norm
 from .kda_chunk_backward import chunk_dh_recurrence, chunk_grads
 from .kda_chunk_inter import chunk_recurrence
 from .kda_chunk_intra import chunk_gate_cumsum, chunk_pairs, chunk_solve
-from .runtime import Call, Gate, check_call, check_gate, launch_fitting
+from .runtime import Call, Gate, check_call, check_gate, launch_fitting, state_out
 
 PRECISIONS = (None, "ieee")
 # tl.dot precision of the (I + L)^{-1} solve in chunk_solve, per `precision` argument: never
@@ -235,8 +235,7 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     device = c.q.device
     o = torch.empty(B, T, HV, V, dtype=c.q.dtype, device=device)
     ht = torch.empty(N, HV, K, V, dtype=torch.float32, device=device) if output_final_state else None
-    # without a final state, an fp32 pointer never written: the same argument types as with one
-    ht_arg = ht if ht is not None else torch.empty(1, dtype=torch.float32, device=device)
+    ht_arg, store_ht = state_out(ht, device)
     plan = _Plan.of(c)
     if T == 0 or plan.NC == 0:  # nothing to compute: every sequence is empty
         if ht is not None:
@@ -285,7 +284,7 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
         chunk_recurrence, (device.index, BK, BV, str(dot_dtype), dot_precision, keep),
         BLOCKS.fitting(BV, dot_dtype), lambda cfg: (triton.cdiv(V, cfg["BV"]) * N * HV,),
         (QG, KG, KD, c.v, G, Rs, Aqk, M, o, c.initial_state, ht_arg, h, plan.chunk_first, c.cu_seqlens, T, plan.NT,
-         int(ht is not None)),
+         store_ht),
         H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
         HAS_H0=c.initial_state is not None, STORE_H=keep,
         DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=BLOCKS.warps(K),

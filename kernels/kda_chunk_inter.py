@@ -24,9 +24,7 @@ import triton.language as tl
 from .kda_chunk_intra import chunk_end_decay, load_rows, mma, mma_split, one_dim_grid, round_to, sequence_span
 
 
-# STORE_HT is a runtime flag (one binary with and without the final state, so o cannot
-# depend on it): as a constexpr it changed fused_recurrent_kda's o in the last bit on the
-# H100 (kda_fused_recurrent.py).
+# STORE_HT is a runtime flag: one binary with and without the final state (runtime.state_out)
 @triton.jit(do_not_specialize=["STORE_HT"])
 def chunk_recurrence(
     QG, KG, KD, v, G, Rs, Aqk, M, o, h0, ht, h, chunk_first, cu_seqlens, T, NT, STORE_HT,

@@ -23,7 +23,7 @@ import triton.language as tl
 from kdaverify.equivalence.capabilities import Capabilities
 from kdaverify.reference.gates import L2NORM_EPS, check_gate_args
 
-from .runtime import check_call
+from .runtime import check_call, state_out
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,8 @@ def config_for(K: int, V: int, NHV: int = 1) -> RecurrentConfig:
 _ADD = tl.standard._sum_combine
 
 
-# STORE_HT and INPLACE are runtime flags, not constexpr: with them as constexpr the compiler
-# built a second kernel for output_final_state=False whose o differed from the other's in the
-# last bit (H100, Triton 3.6: 197 of 1064 fp32 outputs, conformance check
-# final_state_not_requested, 2026-11-27). One binary serves both, so o cannot depend on them.
+# STORE_HT and INPLACE are runtime flags (runtime.state_out says why): as constexpr they gave
+# o differing in the last bit without a final state (197 of 1064 fp32 outputs on the H100).
 @triton.jit(do_not_specialize=["T", "STORE_HT", "INPLACE"])
 def _fused_recurrent_kda_kernel(
     q, k, v, g, beta, o, h0, ht, cu_seqlens, state_indices, A_log, dt_bias,
@@ -257,13 +255,11 @@ def fused_recurrent_kda(
     else:
         ht = None
     grid = (triton.cdiv(c.V, cfg.BV) * c.N * c.HV,)
-    # without a final state the kernel still takes an fp32 pointer (never written): the same
-    # argument types, so the same compiled kernel, as with one
-    ht_arg = ht if ht is not None else torch.empty(1, dtype=torch.float32, device=c.q.device)
+    ht_arg, store_ht = state_out(ht, c.q.device)
     _fused_recurrent_kda_kernel[grid](
         c.q, c.k, c.v, c.g, c.beta, o, c.initial_state, ht_arg, c.cu_seqlens, c.state_indices, A32, bias32,
         float(c.scale), float(lower_bound) if lower_bound is not None else 0.0, c.T, c.H, c.HV,
-        int(ht is not None), int(bool(inplace_final_state)),
+        store_ht, int(bool(inplace_final_state)),
         K=c.K, V=c.V, BK=triton.next_power_of_2(c.K), BV=cfg.BV,
         USE_H0=c.initial_state is not None,
         IS_VARLEN=c.cu_seqlens is not None, USE_INDICES=c.state_indices is not None,

@@ -136,6 +136,18 @@ MAX_HEAD = 256  # one K (or V) block per program: next_power_of_2(K) lanes of re
 STATE_LAYOUTS = ("kv", "vk")  # [.., K, V] (the convention) or [.., V, K] (some servers)
 
 
+def state_out(ht: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(pointer argument, store flag) for a kernel's optional final-state output. The flag is
+    a runtime argument (do_not_specialize), and without a state the pointer is a 1-element
+    fp32 tensor that is never written: the argument types are the same either way, so one
+    compiled kernel serves both calls and o cannot depend on output_final_state. As a
+    constexpr, the flag gave fused_recurrent_kda a second kernel whose o differed in the last
+    bit (H100, Triton 3.6, 2026-11-27: conformance check final_state_not_requested)."""
+    if ht is not None:
+        return ht, 1
+    return torch.empty(1, dtype=torch.float32, device=device), 0
+
+
 @dataclass(frozen=True)
 class Call(Dims):
     """A validated call: sizes (Dims), the scale, and the tensors as the kernels read them

@@ -1,0 +1,109 @@
+"""Which launch config of chunk_kda's sequential kernels fits an H100's shared memory, decided
+on a machine without a GPU: Triton compiles each config for sm_90 (its bundled ptxas does the
+rest) and the compiled kernel's `metadata.shared` is the figure a GPU's OutOfResources error
+reports (checked on one NVIDIA H100 80GB HBM3, Triton 3.6, 2026-11-27: 262144, 245760 and
+327680 bytes for three configs that failed there, the same three figures here). It mirrors
+`runtime.launch_fitting`: the first config of `ChunkBlocks.fitting` that fits is the one a
+GPU would run.
+
+Run in a process of its own with TRITON_INTERPRET=0 (the kernels must be compiled, not
+interpreted): `python -m kdaverify.kernels.sm90_fit` prints one JSON line per case.
+equivalence/test_kernel_fit.py does that on every CI run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+
+# Shared memory per block on an H100 (SXM and PCIe): 227 KiB, the limit Triton checks against.
+H100_SHARED_BYTES = 232448
+
+# Argument types by parameter name. "in": the input dtype (q, k, v, o and their gradients
+# dv, do); "mat": the dtype of the Aqk, M, Minv buffers (that of the dot operands).
+_POINTERS = {
+    "q": "in", "k": "in", "v": "in", "o": "in", "do": "in", "dv": "in",
+    "Aqk": "mat", "M": "mat", "Minv": "mat",
+    "G": "fp32", "beta": "fp32", "h0": "fp32", "ht": "fp32", "h": "fp32", "dh": "fp32", "dh0": "fp32",
+    "dht": "fp32", "dq": "fp32", "dk": "fp32", "dg": "fp32", "dbeta": "fp32",
+    "Rs": "i8", "cu_seqlens": "i32", "chunk_first": "i32", "chunks": "i32",
+}  # fmt: skip
+
+
+def _signature(fn, dtype: str, consts: dict) -> dict:
+    """Triton's signature of `fn` for inputs of `dtype` ("bf16" or "fp32")."""
+    names = {"in": dtype, "mat": dtype, "fp32": "fp32", "i8": "i8", "i32": "i32"}
+    sig = {}
+    for p in inspect.signature(fn.fn).parameters:
+        if p in consts:
+            sig[p] = "constexpr"
+        elif p in _POINTERS:
+            sig[p] = "*" + names[_POINTERS[p]]
+        elif p == "scale":
+            sig[p] = "fp32"
+        else:  # T, NT, NBH and the runtime flags
+            sig[p] = "i32"
+    return sig
+
+
+def shared_bytes(fn, dtype: str, consts: dict, num_warps: int, num_stages: int) -> int:
+    """Shared memory (bytes) of `fn` compiled for sm_90 with these constexprs and options."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    params = list(inspect.signature(fn.fn).parameters)
+    consts = {n: v for n, v in consts.items() if n in params}
+    constexprs = {(params.index(n),): v for n, v in consts.items()}
+    src = ASTSource(fn=fn, signature=_signature(fn, dtype, consts), constexprs=constexprs)
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return compiled.metadata.shared
+
+
+def first_fit(kernel: str, dtype: str, K: int, V: int) -> dict:
+    """The config launch_fitting would take for `kernel` ("recurrence", "dh_recurrence" or
+    "grads") at this head size, with the shared memory of every config tried; "fits": None
+    when no config fits (launch_fitting then raises its ValueError)."""
+    import triton.language as tl
+    from kdaverify.kernels import kda_chunk_backward, kda_chunk_inter
+    from kdaverify.kernels.kda_chunk import BLOCKS
+
+    dot = tl.float32 if dtype == "fp32" else tl.bfloat16
+    fn, BK = {
+        "recurrence": (kda_chunk_inter.chunk_recurrence, BLOCKS.bk(K)),
+        "dh_recurrence": (kda_chunk_backward.chunk_dh_recurrence, BLOCKS.bk(K)),
+        "grads": (kda_chunk_backward.chunk_grads, BLOCKS.bk_grads(K, dot)),
+    }[kernel]
+    consts = dict(H=1, HV=1, K=K, V=V, BT=BLOCKS.BT, BC=BLOCKS.BC, BK=BK, IS_VARLEN=False, RESETS=False,
+                  HAS_H0=True, STORE_H=True, HAS_DHT=True, STORE_DH0=True, L2NORM=False, BETA_SIGMOID=False,
+                  NEG_EIGVAL=False, DOT_DTYPE=dot, PRECISION="tf32")  # fmt: skip
+    tried = []
+    for config in BLOCKS.fitting(BLOCKS.bv(K, V), dot):
+        shared = shared_bytes(fn, dtype, {**consts, "BV": config["BV"]}, BLOCKS.warps(BK), config.get("num_stages", 3))
+        tried.append({**config, "shared": shared})
+        if shared <= H100_SHARED_BYTES:
+            return {"kernel": kernel, "dtype": dtype, "K": K, "V": V, "fits": config, "tried": tried}
+    return {"kernel": kernel, "dtype": dtype, "K": K, "V": V, "fits": None, "tried": tried}
+
+
+KERNELS = ("recurrence", "dh_recurrence", "grads")
+CASES = [(kernel, dtype, K) for kernel in KERNELS for dtype in ("bf16", "fp32") for K in (64, 128, 256)]
+
+
+def main(argv=None) -> int:
+    """Arguments: cases as KERNEL:DTYPE:K (K = V), default every case of CASES."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("sm90_fit: run with TRITON_INTERPRET=0 (kernels must compile, not interpret)", file=sys.stderr)
+        return 2
+    args = sys.argv[1:] if argv is None else argv
+    cases = [(a.split(":")[0], a.split(":")[1], int(a.split(":")[2])) for a in args] or CASES
+    for kernel, dtype, K in cases:
+        print(json.dumps(first_fit(kernel, dtype, K, K)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

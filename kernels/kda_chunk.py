@@ -1,15 +1,18 @@
 """Chunked KDA forward (the chunkwise WY/UT algorithm of DESIGN.md section 4) in Triton, a
 drop-in for flash-linear-attention's chunk_kda forward (calling convention: section 3).
 
-Three launches, no loop over chunks or heads on the host:
+Four launches, no loop over chunks or heads on the host:
 
     chunk_gate_cumsum  (NC, B*HV)      G [B*T, HV, K] fp32: in-chunk cumsum of g (gate from z if asked)
-    chunk_intra        (NC, B*HV)      Aqk, M = (I + L)^{-1} Diag(beta) [B*T, HV, BT] (bounded exponents)
+    chunk_pairs        (NC, B*HV, 4)   Aqk and L [B*T, HV, BT] (bounded exponents), one sub-chunk each
+    chunk_solve        (NC, B*HV)      M = (I + L)^{-1} Diag(beta) [B*T, HV, BT]
     chunk_recurrence   (NV, N*HV)      o, final state; S carried in registers across chunks
 
 NC = number of chunks (B * NT, or the chunks of all packed sequences). Memory besides inputs
 and outputs: G (4 B*T*HV*K bytes) and Aqk, M (B*T*HV*BT each, in the dot operand dtype:
-2 bytes for 16-bit inputs at the default precision, else 4); no state history.
+2 bytes for 16-bit inputs at the default precision, else 4), the recurrence's operands
+QG, KG, KD (3 B*T*HV*K in that dtype), and L (4 B*T*HV*BT bytes, freed after chunk_solve);
+no state history.
 In-kernel options (q/k L2 norm, beta sigmoid) are applied where q, k, beta are loaded; the
 gate from z is computed in chunk_gate_cumsum.
 """
@@ -27,14 +30,13 @@ from kdaverify.reference.gates import beta_activation, kda_gate, l2norm
 
 from .kda_chunk_backward import chunk_dh_recurrence, chunk_grads
 from .kda_chunk_inter import chunk_recurrence
-from .kda_chunk_intra import chunk_gate_cumsum, chunk_intra
+from .kda_chunk_intra import chunk_gate_cumsum, chunk_pairs, chunk_solve
 from .runtime import Call, Gate, check_call, check_gate, launch_fitting, state_out
 
 PRECISIONS = (None, "ieee")
-# tl.dot precision of the (I + L)^{-1} solve in chunk_intra, per `precision` argument: never
-# single-pass tf32 or bf16 by default (kernels/NOTES.md). The solve is most of chunk_intra's
-# 5.6 ms at B1 T16K H32 on an H100; a module constant so that a timing script can try
-# "tf32" against "tf32x3" in one process (the interpreter does not emulate tf32).
+# tl.dot precision of the (I + L)^{-1} solve in chunk_solve, per `precision` argument: never
+# single-pass tf32 or bf16 by default (kernels/NOTES.md). A module constant so that a timing
+# script can try "tf32" against "tf32x3" in one process (the interpreter does not emulate tf32).
 SOLVE_PRECISION = {None: "tf32x3", "ieee": "ieee"}
 
 
@@ -56,18 +58,20 @@ class ChunkBlocks:
     BT: int = 64
     BC: int = 16
     BV: int = 64
-    # chunk_intra: columns of K per step of its sums over K, and warps. Measured on an H100
-    # (B1 T16384 H32 K = V = 128 bf16, 2026-11-27, kernels/NOTES.md): 4 warps 3.34 ms against
-    # 8 warps 4.77 ms with the batched diagonal solve; K in blocks of 32 cost 10% against all
-    # of K at once with the 64 x 64 solve (6.19 against 5.63 ms at 8 warps).
+    # chunk_pairs: columns of K per step of its sums over K, and warps; chunk_solve: warps.
+    # Measured on an H100 with the single intra kernel these two replace (B1 T16384 H32
+    # K = V = 128 bf16, 2026-11-27, kernels/NOTES.md): 4 warps 3.34 ms against 8 warps
+    # 4.77 ms; BK 32 / 64 / 128 on 4 warps 3.46 / 4.33 / 7.30 ms. The split kernels' own
+    # choices (tiles of [16, 32] and [64, 32]: 4 warps may be too many) are not measured yet.
     BK_INTRA: int = 32
-    INTRA_WARPS: int = 4
+    PAIRS_WARPS: int = 4
+    SOLVE_WARPS: int = 4
 
     def bk(self, K: int) -> int:
         return max(16, triton.next_power_of_2(K))  # tl.dot needs every tile dimension >= 16
 
     def bk_intra(self, K: int) -> int:
-        """Columns per step of chunk_intra's sums over K: at most BK_INTRA (its docstring says why)."""
+        """Columns per step of chunk_pairs' sums over K: at most BK_INTRA."""
         return min(self.bk(K), self.BK_INTRA)
 
     def bk_grads(self, K: int, dot_dtype) -> int:
@@ -261,21 +265,29 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
         L2NORM=opts.l2norm, BETA_SIGMOID=opts.beta_sigmoid, NEG_EIGVAL=opts.neg_eigval,
         DOT_DTYPE=dot_dtype, PRECISION=dot_precision,
     )  # fmt: skip
-    chunk_intra[grid](
-        c.q, c.k, G, Rs, c.beta, Aqk, M, Minv, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
+    L = torch.empty(B, T, HV, BT, dtype=torch.float32, device=device)  # fp32: the solve's input
+    QG, KG, KD = (torch.empty(B, T, HV, K, dtype=matrices, device=device) for _ in range(3))
+    chunk_pairs[(plan.NC * plan.NBH * (BT // BC),)](
+        c.q, c.k, G, Rs, c.beta, Aqk, L, QG, KG, KD, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
         H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BLOCKS.bk_intra(K), IS_VARLEN=plan.varlen, RESETS=Rs is not None,
-        SOLVE_PRECISION=SOLVE_PRECISION[opts.precision], num_warps=BLOCKS.INTRA_WARPS, **flags,
+        num_warps=BLOCKS.PAIRS_WARPS, **flags,
     )  # fmt: skip
+    chunk_solve[grid](
+        L, c.beta, M, Minv, c.cu_seqlens, plan.chunks, T, plan.NBH,
+        HV=HV, BT=BT, BC=BC, IS_VARLEN=plan.varlen, BETA_SIGMOID=opts.beta_sigmoid, NEG_EIGVAL=opts.neg_eigval,
+        SOLVE_PRECISION=SOLVE_PRECISION[opts.precision], num_warps=BLOCKS.SOLVE_WARPS,
+    )  # fmt: skip
+    del L
     # the loop over chunks may be software-pipelined (its loads for the next chunk kept in
     # shared memory): where that does not fit, launch_fitting falls back to num_stages=1
     launch_fitting(
         chunk_recurrence, (device.index, BK, BV, str(dot_dtype), dot_precision, keep),
         BLOCKS.fitting(BV, dot_dtype), lambda cfg: (triton.cdiv(V, cfg["BV"]) * N * HV,),
-        (c.q, c.k, c.v, G, Rs, Aqk, M, o, c.initial_state, ht_arg, h, plan.chunk_first, c.cu_seqlens, c.scale, T,
-         plan.NT, store_ht),
+        (QG, KG, KD, c.v, G, Rs, Aqk, M, o, c.initial_state, ht_arg, h, plan.chunk_first, c.cu_seqlens, T, plan.NT,
+         store_ht),
         H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
         HAS_H0=c.initial_state is not None, STORE_H=keep,
-        num_warps=BLOCKS.warps(K), **flags,
+        DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=BLOCKS.warps(K),
     )  # fmt: skip
     return o, ht, (plan, G, Rs, Aqk, M, Minv, h) if keep else None
 

@@ -50,6 +50,7 @@ from .kda_chunk_intra import (
     load_counts_row,
     load_rows,
     mma,
+    mma_split,
     one_dim_grid,
     round_to,
     sequence_span,
@@ -166,7 +167,7 @@ def chunk_grads(
         v_c = load_rows(v, rows, m, HV, i_hv, cols_v, V)
         do_c = load_rows(do, rows, m, HV, i_hv, cols_v, V)
         x = v_c - mma(kg, s0, DOT_DTYPE, PRECISION)
-        vp = mma(m_c, x, DOT_DTYPE, PRECISION)
+        vp = mma_split(m_c, x, DOT_DTYPE, PRECISION)  # as the forward forms it
         dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION) + mma(kd, dsc, DOT_DTYPE, PRECISION)
         dy = mma(tl.trans(m_inv), dvp, DOT_DTYPE, PRECISION)
         dx = b_c[:, None] * dy

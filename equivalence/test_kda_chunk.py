@@ -281,6 +281,38 @@ def test_float32_gradients_at_K128():
     expect_gradients(Harness(IEEE, torch.float32), "chunk_kda_ieee K128 gradients", spec)
 
 
+def test_float32_gradients_at_K256():
+    """fp32 at K = V = 256: on an H100 chunk_grads fits only with its RELOAD config (168 KiB of
+    shared memory; 320 KiB without, ChunkBlocks.fitting), which a GPU run of this test takes;
+    judged against the oracle."""
+    spec = CaseSpec(T=70, K=256, V=256, h0=True, gate="logsigmoid", seed=45)
+    expect_gradients(Harness(IEEE, torch.float32), "chunk_kda_ieee K256 gradients", spec)
+
+
+@pytest.mark.parametrize("impl", [DEFAULT, IEEE], ids=["tf32", "ieee"])
+def test_reload_config_changes_no_bit(impl, monkeypatch):
+    """chunk_grads' RELOAD config (each operand loaded again before its dot) gives the same
+    gradients, bit for bit, as the plain kernel at the same BV. Forced here at small K
+    (two V blocks), so the interpreter, which always runs the first config, runs it too."""
+    from kdaverify.kernels import kda_chunk, runtime
+
+    spec = CaseSpec(T=70, K=40, V=48, H=1, G=2, h0=True, gate="logsigmoid", seed=46)
+    h = Harness(impl, torch.float32)
+    t = h.inputs(spec.arrays())
+    do, dht = cotangents(spec, torch.float32, DEVICE, "o and final_state")
+    got = {}
+    for reload in (False, True):
+        monkeypatch.setattr(runtime, "_FITTING", {})  # no remembered config index
+        # chunk_grads is the one caller that passes `reload`; the other kernels get BV = 32
+        configs = [dict(BV=32, num_stages=1)], [dict(BV=32, num_stages=1, RELOAD=reload)]
+        monkeypatch.setattr(
+            kda_chunk.ChunkBlocks, "fitting", lambda self, BV, dt, reload=None, c=configs: c[reload is not None]
+        )
+        got[reload] = autograd_grads(lambda x: impl.call(x, scale=spec.scale), t, do, dht)
+    for n, d in got[False].items():
+        assert torch.equal(d, got[True][n]), f"d{n}: RELOAD changed the result"
+
+
 def test_bfloat16_backward_is_deterministic_and_typed():
     """The bf16 backward is deterministic, finite and returns each gradient in its input's dtype."""
     spec = GRAD_CASES[1]

@@ -90,7 +90,7 @@ class ChunkBlocks:
     def bv(self, K: int, V: int) -> int:
         return self.BV
 
-    def fitting(self, BV: int, dot_dtype) -> list[dict]:
+    def fitting(self, BV: int, dot_dtype, reload: bool = False) -> list[dict]:
         """Launch configs to try in order where shared memory may not suffice (runtime.
         launch_fitting): Triton's default pipelining, then none (num_stages=1: one copy of
         each loaded tile). With bf16 dots never a smaller BV (they miscompile: the class
@@ -98,11 +98,16 @@ class ChunkBlocks:
         unpipelined (H100 limit 227 KiB), so BV = 32 follows: fp32 dots at BV = 32 were
         right wherever probed (forward at BK = 16 to 256, backward at BK <= 64); the
         backward at BK = 128 with BV = 32 ran right on the H100 (gradients within 1.5e-3 of
-        the float32 recurrence, tf32 level; 2026-11-27). At K = 256 chunk_grads needs 320
-        KiB even at BV = 32, and BV = 16 is not tried: fp32 dots at BK = 256, BV = 16
-        miscompiled in the forward recurrence (kernels/NOTES.md). There launch_fitting
-        raises a ValueError that says no config fits (the fp32 backward at K > 128 is not
-        supported on a 227 KiB card)."""
+        the float32 recurrence, tf32 level; 2026-11-27). BV = 16 is never tried: fp32 dots at
+        BK = 256, BV = 16 miscompiled in the forward recurrence (kernels/NOTES.md).
+
+        reload: chunk_grads with fp32 dots at BK = 256, which needs 320 KiB even at BV = 32
+        unpipelined. Its RELOAD variant loads each operand again just before its dot (the
+        same values: test_kda_chunk checks the gradients are equal bit for bit) and needs
+        168 KiB (sm_90 compile, kernels/sm90_fit.py), so it is the one config tried: the
+        three that cannot fit would each cost a compile first."""
+        if reload and dot_dtype == tl.float32:
+            return [dict(BV=32, num_stages=1, RELOAD=True)]
         configs = [dict(BV=BV), dict(BV=BV, num_stages=1)]
         if dot_dtype == tl.float32 and BV > 32:
             configs.append(dict(BV=32, num_stages=1))
@@ -349,7 +354,7 @@ def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, R
     )  # fmt: skip
     BKG = BLOCKS.bk_grads(K, dot_dtype)
     launch_fitting(
-        chunk_grads, (*key, BKG), BLOCKS.fitting(BV, dot_dtype), lambda cfg: (plan.NC * plan.NBH,),
+        chunk_grads, (*key, BKG), BLOCKS.fitting(BV, dot_dtype, reload=BKG >= 256), lambda cfg: (plan.NC * plan.NBH,),
         (q, k, v, G, Rs, beta, Aqk, M, Minv, h, dh, do, dq, dk, dv, dg, dbeta, c.cu_seqlens, plan.chunks,
          c.scale, T, plan.NT, plan.NBH),
         BC=BLOCKS.BC, **{**common, "BK": BKG, "num_warps": BLOCKS.warps(BKG)},

@@ -121,6 +121,7 @@ def chunk_grads(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    RELOAD: tl.constexpr = False,
 ):  # fmt: skip
     """Gradients of one chunk of one value head: dq, dk [B*T, HV, K] fp32 (summed over the
     value heads of a group by the host), dv [B*T, HV, V], dg [B*T, HV, K] fp32, dbeta
@@ -162,13 +163,25 @@ def chunk_grads(
         cols_v = i_v * BV + tl.arange(0, BV)
         m_kv = (cols_k[:, None] < K) & (cols_v[None, :] < V)
         s_off = s_base + cols_k[:, None] * V + cols_v[None, :]
+        # RELOAD (fp32 dots at BK = 256, ChunkBlocks.fitting): each [BT, BK] and [BK, BV]
+        # operand is loaded again just before its dot (L2 hits), so shared memory stages one
+        # or two of them at a time instead of keeping Gam K, Kd, S0, dSC and their transposes
+        # for the whole loop. The values, and so the results, are the same bit for bit.
         s0 = tl.load(h + s_off, mask=m_kv, other=0.0)
-        dsc = tl.load(dh + s_off, mask=m_kv, other=0.0)
         v_c = load_rows(v, rows, m, HV, i_hv, cols_v, V)
         do_c = load_rows(do, rows, m, HV, i_hv, cols_v, V)
-        x = v_c - mma(kg, s0, DOT_DTYPE, PRECISION)
+        if RELOAD:
+            x = v_c - mma(load_rows(k, rows, m, H, i_h, cols_k, K) * e_g, s0, DOT_DTYPE, PRECISION)
+        else:
+            x = v_c - mma(kg, s0, DOT_DTYPE, PRECISION)
         vp = mma_split(m_c, x, DOT_DTYPE, PRECISION)  # as the forward forms it
-        dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION) + mma(kd, dsc, DOT_DTYPE, PRECISION)
+        dsc = tl.load(dh + s_off, mask=m_kv, other=0.0)
+        dgc += tl.sum(s0 * dsc, axis=1)
+        dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION)
+        if RELOAD:
+            dvp += mma(load_rows(k, rows, m, H, i_h, cols_k, K) * e_d, dsc, DOT_DTYPE, PRECISION)
+        else:
+            dvp += mma(kd, dsc, DOT_DTYPE, PRECISION)
         dy = mma(tl.trans(m_inv), dvp, DOT_DTYPE, PRECISION)
         dx = b_c[:, None] * dy
         tl.store(
@@ -180,11 +193,14 @@ def chunk_grads(
         vp_t = tl.trans(vp)
         d_aqk += mma(do_c, vp_t, DOT_DTYPE, PRECISION)
         d_l -= mma(dy, vp_t, DOT_DTYPE, PRECISION)
+        if RELOAD:
+            s0 = tl.load(h + s_off, mask=m_kv, other=0.0)
         s0_t = tl.trans(s0)
         dq_s += mma(do_c, s0_t, DOT_DTYPE, PRECISION)
         dkg_s -= mma(dx, s0_t, DOT_DTYPE, PRECISION)
+        if RELOAD:
+            dsc = tl.load(dh + s_off, mask=m_kv, other=0.0)
         dkd_s += mma(vp, tl.trans(dsc), DOT_DTYPE, PRECISION)
-        dgc += tl.sum(s0 * dsc, axis=1)
 
     # Terms through S0, X and SC (no pairs): O = scale (Gam Q) S0, X = V - (Gam K) S0,
     # SC = Gam_C S0 + Kd^T V'.

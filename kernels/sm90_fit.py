@@ -81,8 +81,9 @@ def first_fit(kernel: str, dtype: str, K: int, V: int) -> dict:
                   HAS_H0=True, STORE_H=True, HAS_DHT=True, STORE_DH0=True, L2NORM=False, BETA_SIGMOID=False,
                   NEG_EIGVAL=False, DOT_DTYPE=dot, PRECISION="tf32")  # fmt: skip
     tried = []
-    for config in BLOCKS.fitting(BLOCKS.bv(K, V), dot):
-        shared = shared_bytes(fn, dtype, {**consts, "BV": config["BV"]}, BLOCKS.warps(BK), config.get("num_stages", 3))
+    for config in BLOCKS.fitting(BLOCKS.bv(K, V), dot, reload=kernel == "grads" and BK >= 256):
+        meta = {n: v for n, v in config.items() if n != "num_stages"}
+        shared = shared_bytes(fn, dtype, {**consts, **meta}, BLOCKS.warps(BK), config.get("num_stages", 3))
         tried.append({**config, "shared": shared})
         if shared <= H100_SHARED_BYTES:
             return {"kernel": kernel, "dtype": dtype, "K": K, "V": V, "fits": config, "tried": tried}

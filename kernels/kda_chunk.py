@@ -15,17 +15,6 @@ QG, KG, KD (3 B*T*HV*K in that dtype), and L (4 B*T*HV*BT bytes, freed after chu
 no state history.
 In-kernel options (q/k L2 norm, beta sigmoid) are applied where q, k, beta are loaded; the
 gate from z is computed in chunk_gate_cumsum.
-
-Compile buckets: the sizes H, HV, K, V (and T, NT, NBH) are runtime arguments of every kernel
-here and in kda_fused_recurrent, never tl.constexpr; only the block sizes (BT, BC, BK, BV), the
-dtypes and the mode flags are. Every tile shape, static loop and constexpr branch uses a block
-size, and K, V only enter masks, trip counts and offsets. So one binary per (BK, BV, dtype,
-flags) serves every K in its bucket (BK = next_power_of_2(K)) and every head count: a
-conformance run that draws K, V from 16..256 and H up to 64 compiles a handful of binaries
-instead of 4-6 per shape, which was most of its time on a GPU. Triton still specializes K
-and V on divisibility by 16 (two variants each; kept: it lets row loads vectorize), the counts
-are do_not_specialize (they never decide an alignment), and chunk_grads takes one more flag,
-ONE_V_BLOCK = V <= BV, so that its loop over value blocks stays folded where it has one trip.
 """
 
 from __future__ import annotations
@@ -364,9 +353,8 @@ def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, R
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **common,
     )  # fmt: skip
     BKG = BLOCKS.bk_grads(K, dot_dtype)
-    grads_configs = [{**cfg, "ONE_V_BLOCK": V <= cfg["BV"]} for cfg in BLOCKS.fitting(BV, dot_dtype, reload=BKG >= 256)]
     launch_fitting(
-        chunk_grads, (*key, BKG), grads_configs, lambda cfg: (plan.NC * plan.NBH,),
+        chunk_grads, (*key, BKG), BLOCKS.fitting(BV, dot_dtype, reload=BKG >= 256), lambda cfg: (plan.NC * plan.NBH,),
         (q, k, v, G, Rs, beta, Aqk, M, Minv, h, dh, do, dq, dk, dv, dg, dbeta, c.cu_seqlens, plan.chunks,
          c.scale, T, plan.NT, plan.NBH),
         BC=BLOCKS.BC, **{**common, "BK": BKG, "num_warps": BLOCKS.warps(BKG)},

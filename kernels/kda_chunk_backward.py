@@ -58,7 +58,7 @@ from .kda_chunk_intra import (
 
 
 @triton.jit
-def _load_tril(x, rows, m, HV, i_hv, o_t, eos, t0, BT: tl.constexpr, STRICT: tl.constexpr):
+def _load_tril(x, rows, m, HV: tl.constexpr, i_hv, o_t, eos, t0, BT: tl.constexpr, STRICT: tl.constexpr):
     """The chunk's [BT, BT] matrix (Aqk or Minv rows, see kda_chunk_intra) in fp32: the lower
     triangle (diagonal included unless STRICT) of the rows and columns inside the sequence."""
     keep = m[:, None] & (t0 + o_t[None, :] < eos)
@@ -69,10 +69,10 @@ def _load_tril(x, rows, m, HV, i_hv, o_t, eos, t0, BT: tl.constexpr, STRICT: tl.
     return tl.load(x + (rows[:, None] * HV + i_hv) * BT + o_t[None, :], mask=keep, other=0.0).to(tl.float32)
 
 
-@triton.jit(do_not_specialize=["T", "NT", "H", "HV"])
+@triton.jit
 def chunk_dh_recurrence(
     q, k, G, Rs, Aqk, M, do, dht, dh, dh0, cu_seqlens, chunk_first, scale, T, NT,
-    H, HV, K, V,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -115,11 +115,11 @@ def chunk_dh_recurrence(
         tl.store(dh0 + (i_n * HV + i_hv) * K * V + s_off, dS, mask=m_kv)
 
 
-@triton.jit(do_not_specialize=["T", "NT", "NBH", "H", "HV"])
+@triton.jit
 def chunk_grads(
     q, k, v, G, Rs, beta, Aqk, M, Minv, h, dh, do, dq, dk, dv, dg, dbeta, cu_seqlens, chunks, scale, T, NT, NBH,
-    H, HV, K, V,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ONE_V_BLOCK: tl.constexpr,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     RELOAD: tl.constexpr = False,
 ):  # fmt: skip
@@ -159,10 +159,7 @@ def chunk_grads(
     dgc = tl.zeros([BK], dtype=tl.float32)  # rowsum(S0 * dSC)
     db = tl.zeros([BT], dtype=tl.float32)
     s_base = (gc * HV + i_hv) * K * V
-    # ONE_V_BLOCK (V <= BV): a trip count of 1 known when compiling, so the loop is folded, not
-    # software-pipelined (with V at run time that took 4x the shared memory at bf16 K = V = 64)
-    n_v = 1 if ONE_V_BLOCK else (V + BV - 1) // BV
-    for i_v in range(0, n_v):
+    for i_v in range(0, (V + BV - 1) // BV):
         cols_v = i_v * BV + tl.arange(0, BV)
         m_kv = (cols_k[:, None] < K) & (cols_v[None, :] < V)
         s_off = s_base + cols_k[:, None] * V + cols_v[None, :]

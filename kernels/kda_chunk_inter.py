@@ -25,10 +25,10 @@ from .kda_chunk_intra import chunk_end_decay, load_rows, mma, mma_split, one_dim
 
 
 # STORE_HT is a runtime flag: one binary with and without the final state (runtime.state_out)
-@triton.jit(do_not_specialize=["T", "NT", "STORE_HT", "H", "HV"])
+@triton.jit(do_not_specialize=["STORE_HT"])
 def chunk_recurrence(
     QG, KG, KD, v, G, Rs, Aqk, M, o, h0, ht, h, chunk_first, cu_seqlens, T, NT, STORE_HT,
-    H, HV, K, V,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, HAS_H0: tl.constexpr, STORE_H: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,

@@ -88,7 +88,7 @@ def one_dim_grid(inner):
 
 
 @triton.jit
-def sequence_span(i_nh, chunk_first, cu_seqlens, T, NT, HV, H, IS_VARLEN: tl.constexpr):
+def sequence_span(i_nh, chunk_first, cu_seqlens, T, NT, HV: tl.constexpr, H: tl.constexpr, IS_VARLEN: tl.constexpr):
     """For a program of the per-sequence launches (index i_nh = sequence * HV + value head):
     (sequence n, value head, its query/key head, first token bos, end eos, the row of its
     first chunk in the per-chunk buffers: chunk_first[n], or n * NT without cu_seqlens).
@@ -125,7 +125,7 @@ def chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT: tl.constexpr, IS_VARLEN: tl.
 
 
 @triton.jit
-def load_beta(beta, rows, mask, HV, i_hv, SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr):
+def load_beta(beta, rows, mask, HV: tl.constexpr, i_hv, SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr):
     """beta at token rows of value head i_hv in fp32 (0 where masked); sigmoid(b), or
     2 sigmoid(b) with negative eigenvalues allowed, when SIGMOID (reference/gates)."""
     b = tl.load(beta + rows * HV + i_hv, mask=mask, other=0.0).to(tl.float32)
@@ -137,14 +137,14 @@ def load_beta(beta, rows, mask, HV, i_hv, SIGMOID: tl.constexpr, NEG_EIGVAL: tl.
 
 
 @triton.jit
-def load_rows(x, rows, mask, heads, head, cols, D):
+def load_rows(x, rows, mask, heads, head, cols, D: tl.constexpr):
     """x[rows, head, cols] of a [tokens, heads, D] tensor as fp32 [len(rows), len(cols)], 0 outside."""
     ptr = x + (rows[:, None] * heads + head) * D + cols[None, :]
     return tl.load(ptr, mask=mask[:, None] & (cols[None, :] < D), other=0.0).to(tl.float32)
 
 
 @triton.jit
-def load_counts(Rs, rows, mask, HV, i_hv, cols, K, RESETS: tl.constexpr):
+def load_counts(Rs, rows, mask, HV: tl.constexpr, i_hv, cols, K: tl.constexpr, RESETS: tl.constexpr):
     """Resets so far in the chunk at token rows, as int32 [len(rows), len(cols)]: from Rs
     [B*T, HV, K] int8 when the gate is given (RESETS), else zeros (a gate computed in the
     kernel is finite)."""
@@ -156,7 +156,7 @@ def load_counts(Rs, rows, mask, HV, i_hv, cols, K, RESETS: tl.constexpr):
 
 
 @triton.jit
-def load_counts_row(Rs, row, ok, HV, i_hv, cols, K, RESETS: tl.constexpr):
+def load_counts_row(Rs, row, ok, HV: tl.constexpr, i_hv, cols, K: tl.constexpr, RESETS: tl.constexpr):
     """load_counts at one token (a scalar row, read when ok) as int32 [len(cols)]."""
     if RESETS:
         return tl.load(Rs + (row * HV + i_hv) * K + cols, mask=ok & (cols < K), other=0).to(tl.int32)
@@ -165,7 +165,7 @@ def load_counts_row(Rs, row, ok, HV, i_hv, cols, K, RESETS: tl.constexpr):
 
 
 @triton.jit
-def chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols, K, RESETS: tl.constexpr):
+def chunk_decays(G, Rs, rows, m, last, HV: tl.constexpr, i_hv, cols, K: tl.constexpr, RESETS: tl.constexpr):
     """The decays of one chunk, every exponent <= 0 and a reset (g = -inf) honoured exactly:
     G holds the in-chunk cumulative sum restarted at each reset, Rs the resets so far
     (load_counts). Returns (g_c, cnt_c) [BT, BK] for pair terms, e_g = Gam_r = exp(G_r) (0 once
@@ -178,7 +178,7 @@ def chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols, K, RESETS: tl.constexpr):
 
 
 @triton.jit
-def chunk_end_decay(G, Rs, last, HV, i_hv, cols, K, RESETS: tl.constexpr):
+def chunk_end_decay(G, Rs, last, HV: tl.constexpr, i_hv, cols, K: tl.constexpr, RESETS: tl.constexpr):
     """Gam_C = exp(G_C) [len(cols)] at the chunk's last token `last` (0 once a reset lies in
     the chunk): the decay of the state across the chunk."""
     g_last = tl.load(G + (last * HV + i_hv) * K + cols, mask=cols < K, other=0.0)
@@ -187,7 +187,7 @@ def chunk_end_decay(G, Rs, last, HV, i_hv, cols, K, RESETS: tl.constexpr):
 
 
 @triton.jit
-def row_decays(G, Rs, g_c, cnt_c, m, last, HV, i_hv, cols, K, RESETS: tl.constexpr):
+def row_decays(G, Rs, g_c, cnt_c, m, last, HV: tl.constexpr, i_hv, cols, K: tl.constexpr, RESETS: tl.constexpr):
     """e_g = Gam_r = exp(G_r) and e_d = Gam_C / Gam_r = exp(G_C - G_r) at rows whose G and
     reset counts are g_c, cnt_c (masked by m: 0 outside), C = the chunk's last token `last`;
     0 where a reset lies in [start, r] (e_g) or in (r, C] (e_d). Every exponent <= 0."""
@@ -221,10 +221,10 @@ def diagonal_block_inverse(a, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.
     return tl.reshape(tl.permute(d_inv, (0, 2, 1, 3)), (BT, BT))
 
 
-@triton.jit(do_not_specialize=["T", "NBH", "HV"])
+@triton.jit
 def chunk_gate_cumsum(
     g, G, Rs, A_log, dt_bias, lower_bound, cu_seqlens, chunks, T, NBH,
-    HV, K, BT: tl.constexpr, BK: tl.constexpr,
+    HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     IS_VARLEN: tl.constexpr, GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
 ):  # fmt: skip
     """G [B*T, HV, K] fp32 = the in-chunk inclusive cumulative sum of g. GATE: 0 = g as given;
@@ -275,10 +275,10 @@ def chunk_gate_cumsum(
     tl.store(G + ptr, Gc, mask=keep)
 
 
-@triton.jit(do_not_specialize=["T", "NBH", "H", "HV"])
+@triton.jit
 def chunk_pairs(
     q, k, G, Rs, beta, Aqk, L, QG, KG, KD, cu_seqlens, chunks, scale, T, NBH,
-    H, HV, K, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -386,10 +386,10 @@ def chunk_pairs(
         tl.store(L + out, a_kk * b_r[:, None], mask=m[:, None])
 
 
-@triton.jit(do_not_specialize=["T", "NBH", "HV"])
+@triton.jit
 def chunk_solve(
     L, beta, M, Minv, cu_seqlens, chunks, T, NBH,
-    HV, BT: tl.constexpr, BC: tl.constexpr,
+    HV: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
     IS_VARLEN: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, SOLVE_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """M = (I + L)^{-1} Diag(beta) of one chunk of one value head (eq. (6)), and Minv =

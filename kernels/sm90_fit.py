@@ -43,39 +43,21 @@ def _signature(fn, dtype: str, consts: dict) -> dict:
             sig[p] = "*" + names[_POINTERS[p]]
         elif p == "scale":
             sig[p] = "fp32"
-        else:  # the sizes H, HV, K, V, T, NT, NBH and the runtime flags
+        else:  # T, NT, NBH and the runtime flags
             sig[p] = "i32"
     return sig
 
 
-def _int_attrs(fn, sizes: dict) -> tuple[dict, dict]:
-    """(constexprs, attrs) that a launch gives the runtime integer arguments `sizes`, as
-    Triton's launcher specializes them: a value of 1 becomes a constexpr and a multiple of 16
-    gets tt.divisibility 16, except for parameters in the kernel's do_not_specialize."""
-    consts, attrs = {}, {}
-    for p in fn.params:
-        if p.name not in sizes or p.do_not_specialize:
-            continue
-        if sizes[p.name] == 1:
-            consts[p.name] = 1
-        elif sizes[p.name] % 16 == 0 and not p.do_not_specialize_on_alignment:
-            attrs[(p.num,)] = [["tt.divisibility", 16]]
-    return consts, attrs
-
-
-def shared_bytes(fn, dtype: str, consts: dict, num_warps: int, num_stages: int, sizes: dict | None = None) -> int:
-    """Shared memory (bytes) of `fn` compiled for sm_90 with these constexprs and options;
-    `sizes`: the values of runtime integer arguments (H, HV, K, V), specialized as a launch
-    would (_int_attrs)."""
+def shared_bytes(fn, dtype: str, consts: dict, num_warps: int, num_stages: int) -> int:
+    """Shared memory (bytes) of `fn` compiled for sm_90 with these constexprs and options."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     params = list(inspect.signature(fn.fn).parameters)
-    size_consts, attrs = _int_attrs(fn, sizes or {})
-    consts = {n: v for n, v in {**consts, **size_consts}.items() if n in params}
+    consts = {n: v for n, v in consts.items() if n in params}
     constexprs = {(params.index(n),): v for n, v in consts.items()}
-    src = ASTSource(fn=fn, signature=_signature(fn, dtype, consts), constexprs=constexprs, attrs=attrs)
+    src = ASTSource(fn=fn, signature=_signature(fn, dtype, consts), constexprs=constexprs)
     options = dict(num_warps=num_warps, num_stages=num_stages)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     return compiled.metadata.shared
@@ -95,15 +77,13 @@ def first_fit(kernel: str, dtype: str, K: int, V: int) -> dict:
         "dh_recurrence": (kda_chunk_backward.chunk_dh_recurrence, BLOCKS.bk(K)),
         "grads": (kda_chunk_backward.chunk_grads, BLOCKS.bk_grads(K, dot)),
     }[kernel]
-    consts = dict(BT=BLOCKS.BT, BC=BLOCKS.BC, BK=BK, IS_VARLEN=False, RESETS=False,
+    consts = dict(H=1, HV=1, K=K, V=V, BT=BLOCKS.BT, BC=BLOCKS.BC, BK=BK, IS_VARLEN=False, RESETS=False,
                   HAS_H0=True, STORE_H=True, HAS_DHT=True, STORE_DH0=True, L2NORM=False, BETA_SIGMOID=False,
                   NEG_EIGVAL=False, DOT_DTYPE=dot, PRECISION="tf32")  # fmt: skip
-    sizes = dict(H=1, HV=1, K=K, V=V)  # runtime arguments (kda_chunk: compile buckets)
     tried = []
     for config in BLOCKS.fitting(BLOCKS.bv(K, V), dot, reload=kernel == "grads" and BK >= 256):
         meta = {n: v for n, v in config.items() if n != "num_stages"}
-        consts_v = {**consts, **meta, "ONE_V_BLOCK": V <= config["BV"]}  # as kda_chunk.chunk_kda_backward
-        shared = shared_bytes(fn, dtype, consts_v, BLOCKS.warps(BK), config.get("num_stages", 3), sizes)
+        shared = shared_bytes(fn, dtype, {**consts, **meta}, BLOCKS.warps(BK), config.get("num_stages", 3))
         tried.append({**config, "shared": shared})
         if shared <= H100_SHARED_BYTES:
             return {"kernel": kernel, "dtype": dtype, "K": K, "V": V, "fits": config, "tried": tried}

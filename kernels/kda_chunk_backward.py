@@ -29,8 +29,10 @@ every row's sub-chunk and serve both sums; the blocks below the diagonal are ten
 around the anchor a = the first row of the rows' sub-chunk, exp(G_r - G_a) exp(G_a - G_i).
 Every exponent is a later token's G minus an earlier one's (r >= a >= i, or r >= i): never
 positive, whatever the gates (no exp(G) * exp(-G) factorisation). Cost per chunk: 16
-elementwise [BT, BK] steps and 12 dots, where one column i at a time took 64 elementwise
-steps: chunk_grads 37.1 -> 22.0 ms at B1 T16K H32 K = V = 128 bf16 (H100, kernels/NOTES.md). Finally dg = the in-chunk
+elementwise [BT, BK] steps and 12 products, where one column i at a time took 64 elementwise
+steps: chunk_grads 37.1 -> 22.0 ms at B1 T16K H32 K = V = 128 bf16 (H100, kernels/NOTES.md).
+With 16-bit dots each product is three dots (mma_hilo): the pair terms' dG contributions
+cancel in dg, and one bf16 dot each was too coarse for dg. Finally dg = the in-chunk
 reverse cumulative sum of dG.
 
 Everything is fp32 except the dot operands, rounded as in the forward (DOT_DTYPE,
@@ -50,6 +52,7 @@ from .kda_chunk_intra import (
     load_counts_row,
     load_rows,
     mma,
+    mma_hilo,
     mma_split,
     one_dim_grid,
     round_to,
@@ -261,7 +264,10 @@ def chunk_grads(
     #   rowpair(P, K)[r]  += e_r[r] * (P_I @ (K e_i))[r]       (P_I: P on rows of I, columns < I * BC)
     #   rowpair(dL, K)[r] += e_r[r] * (dL_I @ (K e_i))[r]
     #   col[i]            += e_i[i] * (P_I^T @ (Q e_r) + (beta dL)_I^T @ (K e_r))[i]
-    # four dots of [BT, BT] x [BT, BK] with the operands rounded to DOT_DTYPE (mma).
+    # four products of [BT, BT] x [BT, BK], each as three 16-bit dots with both operands
+    # split in hi + lo parts (mma_hilo; one dot with fp32 operands): their dG terms cancel
+    # in dg's cumulative sum, and one bf16 dot each left dg 1.4x and ddt_bias 3.3x the bf16
+    # references' error.
     for I in tl.static_range(1, BT // BC):
         a = t0 + I * BC
         if a < eos:
@@ -273,10 +279,10 @@ def chunk_grads(
             blk = in_i[:, None] & (o_t < I * BC)[None, :]
             p_b = tl.where(blk, p, 0.0)
             ki = k_c * e_i
-            row_pq += e_r * mma(p_b, ki, DOT_DTYPE, PRECISION)
-            row_pl += e_r * mma(tl.where(blk, d_l, 0.0), ki, DOT_DTYPE, PRECISION)
-            c_b = mma(tl.trans(p_b), q_c * e_r, DOT_DTYPE, PRECISION)
-            c_b += mma(tl.trans(tl.where(blk, d_lb, 0.0)), k_c * e_r, DOT_DTYPE, PRECISION)
+            row_pq += e_r * mma_hilo(p_b, ki, DOT_DTYPE, PRECISION)
+            row_pl += e_r * mma_hilo(tl.where(blk, d_l, 0.0), ki, DOT_DTYPE, PRECISION)
+            c_b = mma_hilo(tl.trans(p_b), q_c * e_r, DOT_DTYPE, PRECISION)
+            c_b += mma_hilo(tl.trans(tl.where(blk, d_lb, 0.0)), k_c * e_r, DOT_DTYPE, PRECISION)
             col += e_i * c_b
     p_diag = tl.sum(tl.where(o_t[None, :] == o_t[:, None], p, 0.0), axis=1)[:, None]
     dq_c += row_pq + p_diag * k_c

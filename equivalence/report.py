@@ -99,10 +99,156 @@ def environment(impl, profile: str | None) -> dict:
     return env
 
 
+def expected() -> list[tuple[str, str]]:
+    """Every (check, dtype) pair of a whole run: the suite's parametrisation."""
+    from .implementation import DTYPES
+    from .relations import CHECKS
+
+    return [(c, d) for c in CHECKS for d in DTYPES]
+
+
+def missing(rows) -> list[str]:
+    """The (check, dtype) pairs of a whole run that have no row: deselected (-k) or not reached."""
+    have = {(r["check"], r["dtype"]) for r in rows}
+    return [f"{c} [{d}]" for c, d in expected() if (c, d) not in have]
+
+
 def verdict(data: dict) -> str:
     if not data["finished"]:
         return "incomplete: the run stopped before every check ran"
-    return "conforms" if data["conforms"] else "does not conform"
+    if not data["conforms"]:
+        return "does not conform"
+    skipped = data.get("missing", [])
+    if skipped:  # a selection (-k) conforms only on what it ran: say so, never a bare "conforms"
+        return f"conforms on the checks that ran; {len(skipped)} of {len(expected())} (check, dtype) pairs not run"
+    return "conforms"
+
+
+def merge(parts: list[dict]) -> dict:
+    """One report from the reports of runs of one implementation split by check (pytest -k, or
+    runs cut off by a time limit): its rows are the union of theirs, and it is finished when
+    every (check, dtype) pair has a row. The parts must agree on the implementation, its
+    declaration, the tolerance rule and the environment (all but the date), else ValueError.
+    A pair run twice keeps its worst outcome (failed, then passed, then not applicable)."""
+    if not parts:
+        raise ValueError("parts: expected at least one report")
+    first = parts[0]
+    same = ("implementation", "capabilities", "tolerance_rule")
+    for i, part in enumerate(parts[1:], 1):
+        for key in same:
+            if part[key] != first[key]:
+                raise ValueError(f"parts[{i}]: {key} differs from parts[0]'s: {part[key]!r} vs {first[key]!r}")
+        env = {k: v for k, v in part["environment"].items() if k != "date"}
+        env0 = {k: v for k, v in first["environment"].items() if k != "date"}
+        if env != env0:
+            diff = sorted(k for k in env.keys() | env0.keys() if env.get(k) != env0.get(k))
+            raise ValueError(f"parts[{i}]: environment differs from parts[0]'s in {', '.join(diff)}")
+    rank = {"failed": 0, "passed": 1, "not applicable": 2}
+    rows = {}
+    for part in parts:
+        for r in part["checks"]:
+            key = (r["check"], r["dtype"])
+            if key not in rows or rank.get(r["outcome"], 0) < rank.get(rows[key]["outcome"], 0):
+                rows[key] = r
+    checks = [rows[k] for k in sorted(rows)]
+    counts = defaultdict(int)
+    for r in checks:
+        counts[r["outcome"]] += 1
+    gaps = missing(checks)
+    env = dict(first["environment"], date=", ".join(p["environment"].get("date", "?") for p in parts))
+    return dict(
+        {k: first[k] for k in same},
+        environment=env,
+        finished=not gaps,
+        conforms=not gaps and counts["failed"] == 0 and counts["passed"] > 0,
+        counts=dict(counts),
+        seconds=round(sum(p["seconds"] for p in parts), 1),
+        checks=checks,
+        missing=gaps,
+        parts=[
+            {
+                "date": p["environment"].get("date"),
+                "seconds": p["seconds"],
+                "finished": p["finished"],
+                "rows": len(p["checks"]),
+            }
+            for p in parts
+        ],  # fmt: skip
+    )
+
+
+def save(out_dir, data: dict) -> None:
+    """report.json and report.md of `data` in out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(data))
+
+
+def markdown(data: dict) -> str:
+    """report.md of a report's data."""
+    env = data["environment"]
+    lines = [
+        f"# Conformance report: `{data['implementation']}`",
+        "",
+        f"Verdict: **{verdict(data)}** "
+        f"({', '.join(f'{v} {k}' for k, v in sorted(data['counts'].items()))}; {data['seconds']} s).",
+        "",
+        f"Environment: {', '.join(f'{k} {v}' for k, v in env.items() if v is not None)}.",
+        "",
+        f"Declared capabilities: `{json.dumps(data['capabilities'])}`.",
+        "",
+        f"Tolerance rule: {data['tolerance_rule']}.",
+        "",
+        "| check | dtype | outcome | worst comparison | measured (rel RMS / rel max) | budget | share of budget |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in data["checks"]:
+        w = r.get("worst")
+        if w:
+            m, b = w["measured"], w["budget"]
+            measured = f"{m['rel_rms']:.2e} / {m['rel_max']:.2e}"
+            budget = f"{b['rel_rms']:.2e} / {b['rel_max']:.2e}"
+            cells = f"{w['what']} | {measured} | {budget} | {w['budget_used']:.2f}"
+        else:
+            cells = "exact comparison | | |" if r["outcome"] != "not applicable" else f"{r.get('reason', '')} | | |"
+        lines.append(f"| {r['check']} | {r['dtype']} | {r['outcome']} | {cells} |")
+    failures = [r for r in data["checks"] if r["outcome"] == "failed"]
+    if failures:
+        lines += ["", "## Failures", ""]
+        for r in failures:
+            lines += [
+                f"### {r['check']} [{r['dtype']}]",
+                "",
+                r["description"],
+                "",
+                f"Guards against: {r.get('guards', '')}.",
+                "",
+                "```",
+                r.get("message", ""),
+                r.get("example", ""),
+                "```",
+                "",
+            ]
+    if data.get("missing"):
+        lines += [
+            "",
+            "## Not run",
+            "",
+            "These (check, dtype) pairs have no outcome (deselected, or the run stopped first):",
+            "",
+        ]
+        lines += [", ".join(data["missing"])]
+    if data.get("parts"):
+        lines += ["", "## Parts", "", "Merged from the reports of these runs (kdaverify merge-reports):", ""]
+        lines += [
+            f"- {p['date']}: {p['rows']} rows, {p['seconds']} s, finished: {p['finished']}" for p in data["parts"]
+        ]
+    lines += ["", "## Checks", ""]
+    from .relations import CHECKS
+
+    lines += [f"- `{c.name}`: {c.description} Guards against: {c.bug_class}." for c in CHECKS.values()]
+    return "\n".join(lines) + "\n"
 
 
 class ConformanceReport:
@@ -155,57 +301,8 @@ class ConformanceReport:
             "counts": dict(counts),
             "seconds": round(time.perf_counter() - self.started, 1),
             "checks": rows,
+            "missing": missing(rows),
         }
-
-    def markdown(self, data: dict) -> str:
-        env = data["environment"]
-        lines = [
-            f"# Conformance report: `{data['implementation']}`",
-            "",
-            f"Verdict: **{verdict(data)}** "
-            f"({', '.join(f'{v} {k}' for k, v in sorted(data['counts'].items()))}; {data['seconds']} s).",
-            "",
-            f"Environment: {', '.join(f'{k} {v}' for k, v in env.items() if v is not None)}.",
-            "",
-            f"Declared capabilities: `{json.dumps(data['capabilities'])}`.",
-            "",
-            f"Tolerance rule: {data['tolerance_rule']}.",
-            "",
-            "| check | dtype | outcome | worst comparison | measured (rel RMS / rel max) | budget | share of budget |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in data["checks"]:
-            w = r.get("worst")
-            if w:
-                m, b = w["measured"], w["budget"]
-                measured = f"{m['rel_rms']:.2e} / {m['rel_max']:.2e}"
-                budget = f"{b['rel_rms']:.2e} / {b['rel_max']:.2e}"
-                cells = f"{w['what']} | {measured} | {budget} | {w['budget_used']:.2f}"
-            else:
-                cells = "exact comparison | | |" if r["outcome"] != "not applicable" else f"{r.get('reason', '')} | | |"
-            lines.append(f"| {r['check']} | {r['dtype']} | {r['outcome']} | {cells} |")
-        failures = [r for r in data["checks"] if r["outcome"] == "failed"]
-        if failures:
-            lines += ["", "## Failures", ""]
-            for r in failures:
-                lines += [
-                    f"### {r['check']} [{r['dtype']}]",
-                    "",
-                    r["description"],
-                    "",
-                    f"Guards against: {r.get('guards', '')}.",
-                    "",
-                    "```",
-                    r.get("message", ""),
-                    r.get("example", ""),
-                    "```",
-                    "",
-                ]
-        lines += ["", "## Checks", ""]
-        from .relations import CHECKS
-
-        lines += [f"- `{c.name}`: {c.description} Guards against: {c.bug_class}." for c in CHECKS.values()]
-        return "\n".join(lines) + "\n"
 
     def pytest_terminal_summary(self, terminalreporter):
         self.finished = True
@@ -245,8 +342,4 @@ class ConformanceReport:
     def write(self) -> None:
         if not self.out_dir:
             return
-        data = self.as_dict()
-        out = Path(self.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(data, indent=2) + "\n")
-        (out / "report.md").write_text(self.markdown(data))
+        save(self.out_dir, self.as_dict())

@@ -154,6 +154,31 @@ def report(args) -> int:
     return run(args.folders)
 
 
+def _merge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="folder for the merged report.json and report.md")
+    p.add_argument("parts", nargs="+", help="report folders (or report.json files) of the runs to merge")
+
+
+@command("merge-reports", "one conformance report from runs split by check (-k) or cut off", _merge_arguments)
+def merge_reports(args) -> int:
+    """Exit 0 when the merged report conforms, 1 otherwise (incomplete or a check failed)."""
+    from kdaverify.equivalence.report import merge, save, verdict
+
+    parts = []
+    for name in args.parts:
+        path = Path(name) / "report.json" if Path(name).is_dir() else Path(name)
+        if not path.exists():
+            raise SystemExit(f"merge-reports: parts: no report at {path}")
+        parts.append(json.loads(path.read_text()))
+    try:
+        data = merge(parts)
+    except ValueError as e:
+        raise SystemExit(f"merge-reports: {e}") from None
+    save(args.out, data)
+    print(f"verdict: {verdict(data)}; report: {Path(args.out) / 'report.md'}")
+    return 0 if data["conforms"] else 1
+
+
 def _matrix_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument("--profile", default="gpu", help="Hypothesis profile of every verify run (default gpu)")

@@ -1,0 +1,82 @@
+"""The conformance report's verdict and merge (equivalence/report.py, `kdaverify merge-reports`):
+a run of a selection never reads as a bare "conforms", and runs split by check merge into one
+verdict only when every (check, dtype) pair has an outcome and the runs are of one
+implementation in one environment."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from kdaverify.equivalence.report import expected, merge, verdict
+
+from kdaverify.cli import main
+
+ENV = {"torch": "2.11", "triton": "3.6", "gpu": "NVIDIA H100 80GB HBM3", "profile": "gpu"}
+
+
+def part(pairs, date, outcome="passed", finished=True, **env):
+    checks = [{"check": c, "dtype": d, "outcome": outcome, "seconds": 1.0} for c, d in pairs]
+    return {
+        "implementation": "pkg:impl", "capabilities": {"dtypes": ["float32"]}, "tolerance_rule": "rule",
+        "environment": dict(ENV, date=date, **env), "finished": finished, "conforms": finished, "counts": {},
+        "seconds": 10.0, "checks": checks,
+    }  # fmt: skip
+
+
+def halves():
+    pairs = expected()
+    return pairs[: len(pairs) // 2], pairs[len(pairs) // 2 :]
+
+
+def test_a_selection_says_what_did_not_run():
+    a, _ = halves()
+    data = dict(part(a, "d1"), missing=[f"{c} [{d}]" for c, d in halves()[1]])
+    assert verdict(data).startswith("conforms on the checks that ran;")
+    assert f"{len(halves()[1])} of {len(expected())}" in verdict(data)
+
+
+def test_two_halves_merge_into_one_verdict(tmp_path):
+    a, b = halves()
+    data = merge([part(a, "d1"), part(b, "d2", finished=False)])
+    assert data["finished"] and data["conforms"] and not data["missing"]
+    assert verdict(data) == "conforms" and data["environment"]["date"] == "d1, d2"
+    assert [p["rows"] for p in data["parts"]] == [len(a), len(b)]
+
+
+def test_a_gap_leaves_the_merge_incomplete():
+    a, b = halves()
+    data = merge([part(a, "d1"), part(b[1:], "d2")])
+    assert not data["finished"] and not data["conforms"]
+    assert data["missing"] == [f"{b[0][0]} [{b[0][1]}]"] and verdict(data).startswith("incomplete")
+
+
+def test_a_pair_run_twice_keeps_its_worst_outcome():
+    a, b = halves()
+    data = merge([part(a, "d1"), part(b, "d2"), part(a[:1], "d3", outcome="failed")])
+    assert data["finished"] and not data["conforms"] and data["counts"]["failed"] == 1
+    assert verdict(data) == "does not conform"
+
+
+@pytest.mark.parametrize(
+    "changes,named",
+    [({"implementation": "pkg:other"}, "implementation"), ({"capabilities": {}}, "capabilities"),
+     ({"environment": dict(ENV, date="d2", triton="3.5")}, "triton")],
+)  # fmt: skip
+def test_runs_of_different_things_do_not_merge(changes, named):
+    a, b = halves()
+    with pytest.raises(ValueError, match=rf"parts\[1\]: .*{named}"):
+        merge([part(a, "d1"), dict(part(b, "d2"), **changes)])
+
+
+def test_merge_reports_command(tmp_path, capsys):
+    a, b = halves()
+    for name, data in (("p1", part(a, "d1")), ("p2", part(b, "d2"))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps(data))
+    assert main(["merge-reports", str(tmp_path / "out"), str(tmp_path / "p1"), str(tmp_path / "p2")]) == 0
+    assert "verdict: conforms" in capsys.readouterr().out
+    assert "## Parts" in (tmp_path / "out" / "report.md").read_text()
+    assert main(["merge-reports", str(tmp_path / "gap"), str(tmp_path / "p1")]) == 1
+    with pytest.raises(SystemExit, match="no report"):
+        main(["merge-reports", str(tmp_path / "x"), str(tmp_path / "nothing")])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import time
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ class Implementation:
 
     def __init__(self, fn, name: str, caps: Capabilities, device: str = "cpu"):
         self.fn, self.name, self.caps, self.device = fn, name, caps, torch.device(device)
+        self.seconds = 0.0  # wall time inside the implementation's calls (call), compiles included
 
     def __repr__(self) -> str:
         return f"Implementation({self.name}, {self.caps}, device={self.device})"
@@ -61,16 +63,24 @@ class Implementation:
             h0 = h0.transpose(-1, -2).contiguous()
         tensors = [t[n] for n in ("q", "k", "v", "g", "beta")]
         options = dict(scale=scale, initial_state=h0, output_final_state=output_final_state)
-        if form == "positional":
-            o, S = self.fn(*tensors, *options.values(), cu_seqlens=t["cu_seqlens"], **extra)
-        elif form == "keyword":
-            named = dict(zip(("q", "k", "v", "g", "beta"), tensors, strict=True))
-            o, S = self.fn(**named, **options, cu_seqlens=t["cu_seqlens"], **extra)
-        else:
-            o, S = self.fn(*tensors, **options, cu_seqlens=t["cu_seqlens"], **extra)
+        started = time.perf_counter()
+        try:
+            o, S = self._call(tensors, options, t["cu_seqlens"], form, extra)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # the kernels' own time, not only their launch
+        finally:
+            self.seconds += time.perf_counter() - started
         if S is not None and self.caps.state_layout == "VK":
             S = S.transpose(-1, -2)
         return o, S
+
+    def _call(self, tensors, options, cu_seqlens, form, extra):
+        if form == "positional":
+            return self.fn(*tensors, *options.values(), cu_seqlens=cu_seqlens, **extra)
+        if form == "keyword":
+            named = dict(zip(("q", "k", "v", "g", "beta"), tensors, strict=True))
+            return self.fn(**named, **options, cu_seqlens=cu_seqlens, **extra)
+        return self.fn(*tensors, **options, cu_seqlens=cu_seqlens, **extra)
 
 
 CALL_FORMS = ("mixed", "positional", "keyword")

@@ -20,6 +20,7 @@ from .tolerance import FACTOR, FLOOR_UNITS
 
 CONFORMANCE_TEST = "test_conformance"
 WORST = "kdaverify_worst"  # the user_properties key a test's worst comparison travels under
+IMPL_SECONDS = "kdaverify_impl_seconds"  # ... and the time spent inside the implementation's calls
 
 
 class Recorder:
@@ -28,6 +29,12 @@ class Recorder:
 
     def __init__(self, node):
         self.node, self.worst = node, None
+
+    def impl_seconds(self, seconds: float) -> None:
+        """The wall time of the check spent inside the implementation's calls (compiles and
+        autotuning included; the backward pass of a gradient check is not: autograd runs it
+        outside the call)."""
+        self.node.user_properties.append((IMPL_SECONDS, round(seconds, 3)))
 
     def __call__(self, verdict) -> None:
         if self.worst is None or verdict.ratio >= self.worst.ratio:
@@ -177,6 +184,16 @@ def merge(parts: list[dict]) -> dict:
     )
 
 
+def time_line(rows: list[dict]) -> str:
+    """Where the checks' time went: inside the implementation's calls (its compiles included)
+    or in the suite (inputs, the oracle, the references, Hypothesis). Summed over checks, so
+    with pytest-xdist workers it exceeds the wall time."""
+    total = sum(r.get("seconds", 0.0) for r in rows)
+    inside = sum(r.get("impl_seconds", 0.0) for r in rows)
+    share = f" ({100 * inside / total:.0f}%)" if total else ""
+    return f"check time: {total:.1f} s, of which {inside:.1f} s{share} inside the implementation's calls"
+
+
 def save(out_dir, data: dict) -> None:
     """report.json and report.md of `data` in out_dir."""
     out = Path(out_dir)
@@ -199,6 +216,8 @@ def markdown(data: dict) -> str:
         f"Declared capabilities: `{json.dumps(data['capabilities'])}`.",
         "",
         f"Tolerance rule: {data['tolerance_rule']}.",
+        "",
+        time_line(data["checks"]) + " (a gradient check's backward pass counts as the suite's).",
         "",
         "| check | dtype | outcome | worst comparison | measured (rel RMS / rel max) | budget | share of budget |",
         "|---|---|---|---|---|---|---|",
@@ -277,6 +296,9 @@ class ConformanceReport:
         worst = [v for k, v in report.user_properties if k == WORST]
         if worst:
             row["worst"] = worst[-1]
+        inside = [v for k, v in report.user_properties if k == IMPL_SECONDS]
+        if inside:
+            row["impl_seconds"] = inside[-1]
         self.rows[(check, dtype)] = row
         self.write()  # after every check, so a run stopped by a time limit still leaves its report
 
@@ -333,6 +355,7 @@ class ConformanceReport:
                 f"worst share of budget among passed checks: {w['worst']['budget_used']:.2f} "
                 f"({w['check']} [{w['dtype']}], {w['worst']['what']})"
             )
+        lines.append(time_line(data["checks"]))
         lines.append(f"verdict: {verdict(data)}  ({data['seconds']} s, profile {data['environment']['profile']})")
         if self.out_dir:
             self.write()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from kdaverify.equivalence.report import expected, merge, verdict
+from kdaverify.equivalence.report import expected, merge, time_line, verdict
 
 from kdaverify.cli import main
 
@@ -80,3 +80,9 @@ def test_merge_reports_command(tmp_path, capsys):
     assert main(["merge-reports", str(tmp_path / "gap"), str(tmp_path / "p1")]) == 1
     with pytest.raises(SystemExit, match="no report"):
         main(["merge-reports", str(tmp_path / "x"), str(tmp_path / "nothing")])
+
+
+def test_time_line_splits_implementation_from_suite():
+    rows = [{"seconds": 3.0, "impl_seconds": 2.5}, {"seconds": 1.0, "impl_seconds": 0.5}, {"seconds": 0.0}]
+    assert time_line(rows) == "check time: 4.0 s, of which 3.0 s (75%) inside the implementation's calls"
+    assert time_line([]) == "check time: 0.0 s, of which 0.0 s inside the implementation's calls"

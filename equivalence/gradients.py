@@ -4,13 +4,11 @@
 The loss is L = <o, do> + <final_state, dht> with random cotangents (or one of the two
 terms alone). The implementation's gradients with respect to q, k, v, g, beta and
 initial_state, taken by torch.autograd, are held to the float64 adjoint oracle
-(reference.kda_recurrent_backward_np on the host; on a GPU its PyTorch twin
-reference.kda_recurrent_adjoint in float64 on the device) on the very inputs and cotangents
-it saw, each gradient separately, under the tolerance rule of tolerance.py.
+(reference.kda_recurrent_backward_np) on the very inputs and cotangents it saw, each
+gradient separately, under the tolerance rule of tolerance.py.
 
-The same-precision references of a gradient, computed on the implementation's device, are
-the float32 recurrence differentiated by its adjoint recurrence (kda_recurrent_adjoint in
-float32) and autograd through the float32 chunkwise oracle at chunk sizes 64 and 16 (the forward's set,
+The same-precision references of a gradient are autograd through the float32 recurrence
+and through the float32 chunkwise oracle at chunk sizes 64 and 16 (the forward's set,
 relations.Harness.references), each gradient rounded to the dtype of the input it belongs
 to; the worst of them scales the budget, as in the forward. Both ways are legitimate at
 this precision and their errors differ: over 70 tokens with strong gates the chunkwise
@@ -37,14 +35,13 @@ from kdaverify.reference import (
     kda_chunkwise,
     kda_gate,
     kda_gate_backward_np,
-    kda_recurrent_adjoint,
     kda_recurrent_backward_np,
     kda_recurrent_np,
     l2norm,
     l2norm_backward_np,
 )
 
-from .adapters import in_float32
+from .adapters import reference_recurrent_kda
 from .cases import CaseSpec
 from .tolerance import as_f64, errors, judge
 
@@ -92,10 +89,7 @@ def autograd_grads(fn, t: dict, do, dht, names=GRAD_INPUTS) -> dict:
 
 def oracle_grads(t: dict, do, dht, scale) -> dict:
     """The float64 adjoint oracle on the rounded inputs and cotangents, keyed as GRAD_INPUTS
-    (initial_state only when one is given): the NumPy gold on the host, its PyTorch twin on
-    any other device (device_oracle_grads)."""
-    if isinstance(t["q"], torch.Tensor) and t["q"].device.type != "cpu":
-        return device_oracle_grads(t, do, dht, scale)
+    (initial_state only when one is given)."""
     h0, cu = t["initial_state"], t["cu_seqlens"]
     grads = kda_recurrent_backward_np(
         t["q"], t["k"], t["v"], t["g"], t["beta"], do, dht, scale=scale,
@@ -105,35 +99,9 @@ def oracle_grads(t: dict, do, dht, scale) -> dict:
     return {n: d for n, d in zip(GRAD_INPUTS, grads, strict=True) if t[n] is not None}
 
 
-def _wide(x):
-    """x in float32 at least: the references compute in float32, the device oracle in float64."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
-def device_oracle_grads(t: dict, do, dht, scale, transform=None, names=GRAD_INPUTS) -> dict:
-    """The float64 adjoint oracle on the inputs' device: autograd through transform (an
-    in-kernel option's meaning, as in reference_grads) and kda_recurrent_adjoint, every input
-    and cotangent taken to float64 first. It equals the NumPy gold to ~1e-15
-    (test_oracle_backward), as Harness.oracle's device twin does for the forward, and keeps
-    GPU-sized cases on the GPU: on the host they took ~95% of a gradient check's time."""
-
-    def fn(x):
-        x = x if transform is None else transform(x)
-        args = (x[n] for n in ("q", "k", "v", "g", "beta"))
-        kw = dict(initial_state=x["initial_state"], cu_seqlens=x["cu_seqlens"])
-        return kda_recurrent_adjoint(*args, scale=scale, output_final_state=True, **kw)
-
-    f64 = {n: x if x is None or n == "cu_seqlens" else x.detach().double() for n, x in t.items()}
-    return autograd_grads(fn, f64, None if do is None else do.double(), None if dht is None else dht.double(), names)
-
-
-_recurrent_f32 = in_float32(kda_recurrent_adjoint)
-
-
 def reference_calls(scale, precision: str | None = None) -> list:
     """fn(t) -> (o, final_state) of each same-precision gradient reference (module
-    docstring): the float32 recurrence (differentiated by its adjoint recurrence, which keeps
-    O(sqrt T) states where autograd's tape keeps ~3 per token), then the float32 chunkwise oracle at each of
+    docstring): the float32 recurrence, then the float32 chunkwise oracle at each of
     REFERENCE_CHUNKS with the matmul precision (None or "ieee": full fp32; "bf16", "tf32",
     "tf32_rn": operands rounded by reference.round_operand, which is differentiable).
     Gradients come back in each input's dtype, as an implementation returns them."""
@@ -144,7 +112,7 @@ def reference_calls(scale, precision: str | None = None) -> list:
             args = (t["q"], t["k"], t["v"], t["g"], t["beta"])
             kw = dict(scale=scale, initial_state=t["initial_state"], output_final_state=True)
             if chunk is None:
-                return _recurrent_f32(*args, cu_seqlens=t["cu_seqlens"], **kw)
+                return reference_recurrent_kda(*args, cu_seqlens=t["cu_seqlens"], **kw)
             o, S = kda_chunkwise(
                 *(x.float() for x in args), cu_seqlens=t["cu_seqlens"], chunk_size=chunk, matmul_precision=precision,
                 **kw,
@@ -157,13 +125,22 @@ def reference_calls(scale, precision: str | None = None) -> list:
 
 
 def reference_grads(scale, t: dict, do, dht, transform=None, names=GRAD_INPUTS, precision=None) -> list[dict]:
-    """The gradients of every same-precision reference on the inputs' device (matmul
-    precision as reference_calls), the inputs passed through transform (an in-kernel
-    option's meaning, as a differentiable function of them) first."""
+    """The gradients of every same-precision reference on the CPU (matmul precision as
+    reference_calls), the inputs passed through transform (an in-kernel option's meaning,
+    as a differentiable function of them) first."""
+    t, do, dht = _on_cpu(t), _cpu(do), _cpu(dht)
     return [
         autograd_grads(lambda x, fn=fn: fn(x if transform is None else transform(x)), t, do, dht, names)
         for fn in reference_calls(scale, precision)
     ]
+
+
+def _cpu(x):
+    return None if x is None else x.detach().to("cpu")
+
+
+def _on_cpu(t: dict) -> dict:
+    return {n: _cpu(x) for n, x in t.items()}
 
 
 def judge_gradients(h, what: str, got: dict, want: dict, refs: list[dict], t: dict) -> None:
@@ -194,36 +171,25 @@ def expect_gradients(h, what: str, spec: CaseSpec, loss: str = "o and final_stat
     )
 
 
-def _loss(t: dict, do, dht, scale, host: bool) -> float:
-    """The float64 oracle's loss: the NumPy gold on arrays (host), else its PyTorch twin on
-    float64 tensors on their device."""
-    from .relations import oracle_on_device  # relations registers these checks: import it late
-
-    args = (t["q"], t["k"], t["v"], t["g"], t["beta"])
-    kw = dict(scale=scale, initial_state=t["initial_state"], cu_seqlens=t["cu_seqlens"])
-    o, S = kda_recurrent_np(*args, output_final_state=True, **kw) if host else oracle_on_device(t, scale)
+def _loss_np(t: dict, do: np.ndarray, dht: np.ndarray, scale) -> float:
+    o, S = kda_recurrent_np(
+        t["q"], t["k"], t["v"], t["g"], t["beta"], scale=scale, initial_state=t["initial_state"],
+        output_final_state=True, cu_seqlens=t["cu_seqlens"],
+    )  # fmt: skip
     return float((o * do).sum() + (S * dht).sum())
 
 
-def directional_derivatives(t: dict, do, dht, scale, directions: dict, host: bool | None = None) -> np.ndarray:
+def directional_derivatives(t: dict, do, dht, scale, directions: dict) -> np.ndarray:
     """Central differences of the float64 oracle's loss along each direction (one per
-    input, FD_STEP apart): [dL/dx_n . u_n for n in directions]. host (default: whether the
-    inputs are on the CPU): in NumPy on the host, else in float64 on the inputs' device."""
-    dev = t["q"].device
-    host = _on_host(t, host)
-    if host:
-        x = {n: None if v is None else as_f64(v) for n, v in t.items()}
-        if x["cu_seqlens"] is not None:
-            x["cu_seqlens"] = x["cu_seqlens"].astype(np.int64)
-        do, dht = as_f64(do), as_f64(dht)
-    else:
-        x = {n: v if v is None or n == "cu_seqlens" else v.detach().double() for n, v in t.items()}
-        do, dht = do.double(), dht.double()
-        directions = {n: torch.as_tensor(u, device=dev) for n, u in directions.items()}
+    input, FD_STEP apart): [dL/dx_n . u_n for n in directions]."""
+    x = {n: None if v is None else as_f64(v) for n, v in t.items()}
+    if x["cu_seqlens"] is not None:
+        x["cu_seqlens"] = x["cu_seqlens"].astype(np.int64)
+    do, dht = as_f64(do), as_f64(dht)
     out = []
     for n, u in directions.items():
-        up = _loss(dict(x, **{n: x[n] + FD_STEP * u}), do, dht, scale, host)
-        down = _loss(dict(x, **{n: x[n] - FD_STEP * u}), do, dht, scale, host)
+        up = _loss_np(dict(x, **{n: x[n] + FD_STEP * u}), do, dht, scale)
+        down = _loss_np(dict(x, **{n: x[n] - FD_STEP * u}), do, dht, scale)
         out.append((up - down) / (2 * FD_STEP))
     return np.array(out)
 
@@ -248,85 +214,56 @@ def grad_final_state_only(h, spec: CaseSpec):
     expect_gradients(h, "gradients", spec, "final_state only")
 
 
-GATE_GRADS = (*GRAD_INPUTS, "A_log", "dt_bias")
-
-
-def gate_meaning(lower_bound):
-    """What use_gate_in_kernel=True stands for, as a differentiable function of the inputs
-    (g is the raw gate input z; A_log and dt_bias are inputs too)."""
-    return lambda x: dict(x, g=kda_gate(_wide(x["g"]), x["A_log"], x["dt_bias"], lower_bound))
-
-
-def l2norm_meaning(x: dict) -> dict:
-    """What use_qk_l2norm_in_kernel=True stands for: q and k normalised."""
-    return dict(x, q=l2norm(_wide(x["q"])), k=l2norm(_wide(x["k"])))
-
-
-def _on_host(t: dict, host: bool | None) -> bool:
-    return t["q"].device.type == "cpu" if host is None else host
-
-
-def gate_oracle_grads(t: dict, do, dht, scale, lower_bound, host: bool | None = None) -> dict:
-    """The float64 oracle's gradients with the gate computed in the kernel, keyed as
-    GATE_GRADS (g: dz). On the host (default: inputs on the CPU) kda_gate_backward_np on top
-    of the NumPy adjoint's dg; elsewhere autograd through the float64 gate on the device."""
-    if not _on_host(t, host):
-        return device_oracle_grads(t, do, dht, scale, gate_meaning(lower_bound), GATE_GRADS)
-    z, a, b = (as_f64(t[n]) for n in ("g", "A_log", "dt_bias"))
-    g = kda_gate(torch.as_tensor(z), torch.as_tensor(a), torch.as_tensor(b), lower_bound).numpy()
-    want = oracle_grads(dict(t, g=g), do, dht, scale)
-    want["g"], want["A_log"], want["dt_bias"] = kda_gate_backward_np(z, a, b, lower_bound, want["g"])
-    return want
-
-
-def l2norm_oracle_grads(t: dict, do, dht, scale, host: bool | None = None) -> dict:
-    """The float64 oracle's gradients with q and k normalised in the kernel (dq, dk with
-    respect to the raw q, k). On the host l2norm_backward_np on top of the NumPy adjoint;
-    elsewhere autograd through the float64 norm on the device."""
-    if not _on_host(t, host):
-        return device_oracle_grads(t, do, dht, scale, l2norm_meaning)
-    q, k = as_f64(t["q"]), as_f64(t["k"])
-    normed = dict(t, q=l2norm(torch.as_tensor(q)).numpy(), k=l2norm(torch.as_tensor(k)).numpy())
-    want = oracle_grads(normed, do, dht, scale)
-    want["q"], want["k"] = l2norm_backward_np(q, want["q"]), l2norm_backward_np(k, want["k"])
-    return want
-
-
 def grad_gate_in_kernel(h, spec: CaseSpec):
     """With use_gate_in_kernel=True, every gradient (dz, dA_log, ddt_bias included) agrees with the oracle.
 
-    The oracle's dz, dA_log, ddt_bias come through the float64 gate (gate_oracle_grads); the
-    references differentiate through the float32 kda_gate."""
+    The oracle's dz, dA_log, ddt_bias are kda_gate_backward_np on top of its dg; the
+    reference is autograd through the float32 kda_gate and recurrence."""
     from .relations import gate_inputs  # relations registers these checks: import it late
 
     t, A_log, dt_bias, lower_bound = gate_inputs(h, spec)
     dev = h.impl.device
     t = dict(t, A_log=A_log.to(dev), dt_bias=dt_bias.to(dev))
+    names = (*GRAD_INPUTS, "A_log", "dt_bias")
     do, dht = cotangents(spec, h.dtype, dev, "o and final_state")
 
     def run(x):
         extra = dict(A_log=x["A_log"], dt_bias=x["dt_bias"], lower_bound=lower_bound)
         return h.impl.call(x, scale=spec.scale, use_gate_in_kernel=True, **extra)
 
-    want = gate_oracle_grads(t, do, dht, spec.scale, lower_bound)
-    got = autograd_grads(run, t, do, dht, GATE_GRADS)
-    refs = reference_grads(spec.scale, t, do, dht, gate_meaning(lower_bound), GATE_GRADS, _precision(h))
+    def meaning(x):
+        return dict(x, g=kda_gate(x["g"].float(), x["A_log"], x["dt_bias"], lower_bound))
+
+    z, a, b = (as_f64(x) for x in (t["g"], A_log, dt_bias))
+    g = kda_gate(torch.as_tensor(z), torch.as_tensor(a), torch.as_tensor(b), lower_bound).numpy()
+    want = oracle_grads(dict(t, g=g), do, dht, spec.scale)
+    want["g"], want["A_log"], want["dt_bias"] = kda_gate_backward_np(z, a, b, lower_bound, want["g"])
+    got = autograd_grads(run, t, do, dht, names)
+    refs = reference_grads(spec.scale, t, do, dht, meaning, names, _precision(h))
     judge_gradients(h, "gate in kernel (dg is dz)", got, want, refs, t)
 
 
 def grad_l2norm_in_kernel(h, spec: CaseSpec):
     """With use_qk_l2norm_in_kernel=True on raw q, k, every gradient (dq, dk through the norm) agrees with the oracle.
 
-    The oracle's dq, dk come through the float64 norm (l2norm_oracle_grads); the references
-    differentiate through the float32 l2norm."""
+    The oracle's dq, dk are l2norm_backward_np on top of its gradients at the normalised
+    q, k; the reference is autograd through the float32 l2norm and recurrence."""
     from .relations import raw_qk_inputs  # relations registers these checks: import it late
 
     t = raw_qk_inputs(h, spec)
     do, dht = cotangents(spec, h.dtype, h.impl.device, "o and final_state")
-    want = l2norm_oracle_grads(t, do, dht, spec.scale)
+
+    def meaning(x):
+        return dict(x, q=l2norm(x["q"].float()), k=l2norm(x["k"].float()))
+
+    q, k = as_f64(t["q"]), as_f64(t["k"])
+    normed = dict(t, q=l2norm(torch.as_tensor(q)).numpy(), k=l2norm(torch.as_tensor(k)).numpy())
+    want = oracle_grads(normed, do, dht, spec.scale)
+    want["q"], want["k"] = l2norm_backward_np(q, want["q"]), l2norm_backward_np(k, want["k"])
     got = autograd_grads(lambda x: h.impl.call(x, scale=spec.scale, use_qk_l2norm_in_kernel=True), t, do, dht)
-    refs = reference_grads(spec.scale, t, do, dht, l2norm_meaning, precision=_precision(h))
-    judge_gradients(h, "l2norm in kernel", got, want, refs, t)
+    judge_gradients(
+        h, "l2norm in kernel", got, want, reference_grads(spec.scale, t, do, dht, meaning, precision=_precision(h)), t
+    )
 
 
 def grad_vjp_directions(h, spec: CaseSpec):

@@ -6,19 +6,13 @@ kill table (`nox -s mutants`) runs the same through Hypothesis; this is the fast
 
 from __future__ import annotations
 
-from unittest import mock
-
-import numpy as np
 import pytest
 import torch
-from kdaverify.equivalence import gradients
 from kdaverify.equivalence.adapters import reference_recurrent_kda
 from kdaverify.equivalence.cases import CaseSpec
-from kdaverify.equivalence.gradients import oracle_grads
 from kdaverify.equivalence.implementation import Capabilities, load_implementation
-from kdaverify.equivalence.relations import CHECKS, Harness, gate_inputs, raw_qk_inputs
-from kdaverify.equivalence.tolerance import as_f64
-from kdaverify.reference import kda_backward, kda_gate, l2norm
+from kdaverify.equivalence.relations import CHECKS, Harness
+from kdaverify.reference import kda_gate, l2norm
 
 CASE = CaseSpec(B=1, T=20, H=1, G=2, K=3, V=4, gate="logsigmoid", beta_max=2.0, h0=True, seed=5)
 PACKED = CaseSpec(B=1, T=20, H=1, G=2, K=3, V=4, gate="mild", h0=True, seqlens=(1, 16, 3), seed=6)
@@ -102,60 +96,3 @@ def test_reduced_precision_kernels_are_judged():
         wrong = Implementation(wrong.fn, wrong.name, replace(wrong.caps, precision="tf32"))
         with pytest.raises(AssertionError, match="FAIL"):
             CHECKS[check].fn(Harness(wrong, torch.float32), CASE)
-
-
-# The oracle's device paths (float64 PyTorch on the inputs' device: how a GPU run computes
-# it) against its host paths (the NumPy gold), both run here on the same CPU tensors. Two
-# float64 evaluations of one gradient that differ only in rounding order (and, through the
-# gate and the norm, autograd's form of each derivative against the hand-written one):
-# ~1e-15 of the largest gradient entry over these 20 tokens; 1e-12 is DESIGN.md's float64
-# agreement, and any wrong term would be O(1) of it.
-DEVICE_PATH_TOL = 1e-12
-
-
-def _assert_same_grads(what: str, got: dict, want: dict) -> None:
-    assert got.keys() == want.keys(), f"{what}: gradients {sorted(got)} against {sorted(want)}"
-    scale = max(float(np.abs(as_f64(x)).max(initial=0.0)) for x in want.values())
-    for n in want:
-        worst = float(np.abs(as_f64(got[n]) - as_f64(want[n])).max(initial=0.0)) / scale
-        assert worst <= DEVICE_PATH_TOL, f"{what}: d{n} differs by {worst:.3g} of the largest gradient"
-
-
-@pytest.mark.parametrize("spec", [CASE, PACKED, PACKED.with_(gate="safe", G=1)], ids=["batch", "packed", "safe"])
-def test_device_oracle_equals_host_oracle(spec):
-    """oracle_grads, gate_oracle_grads, l2norm_oracle_grads and directional_derivatives give
-    on their device path (PyTorch float64, kda_recurrent_adjoint) what the NumPy gold gives."""
-    h = Harness(load_implementation(reference_recurrent_kda), torch.float32)
-    t = h.inputs(spec.arrays())
-    do, dht = gradients.cotangents(spec, torch.float32, "cpu", "o and final_state")
-    _assert_same_grads(
-        "oracle", gradients.device_oracle_grads(t, do, dht, spec.scale), oracle_grads(t, do, dht, spec.scale)
-    )
-    tg, A_log, dt_bias, lower_bound = gate_inputs(h, spec)
-    tg = dict(tg, A_log=A_log, dt_bias=dt_bias)
-    both = [gradients.gate_oracle_grads(tg, do, dht, spec.scale, lower_bound, host=host) for host in (False, True)]
-    _assert_same_grads("gate in kernel", *both)
-    tq = raw_qk_inputs(h, spec)
-    _assert_same_grads(
-        "l2norm in kernel", *(gradients.l2norm_oracle_grads(tq, do, dht, spec.scale, host=x) for x in (False, True))
-    )
-    rng = np.random.default_rng(3)
-    directions = {n: rng.standard_normal(tuple(t[n].shape)) for n in gradients.GRAD_INPUTS if t[n] is not None}
-    fd = [gradients.directional_derivatives(t, do, dht, spec.scale, directions, host=x) for x in (False, True)]
-    # both are the same central differences of two float64 forwards: rounding ~1e-11 of
-    # the loss over FD_STEP, as gradients.FD_STEP's comment derives
-    np.testing.assert_allclose(fd[0], fd[1], rtol=1e-9, atol=1e-9 * np.abs(fd[1]).max())
-
-
-def test_adjoint_twin_row_groups():
-    """kda_recurrent_adjoint's backward taken in groups of one batch row (its memory bound)
-    gives the gradients it gives in one group."""
-    spec = CaseSpec(B=3, T=20, H=1, G=2, K=3, V=4, gate="mild", h0=True, seed=8)
-    h = Harness(load_implementation(reference_recurrent_kda), torch.float32)
-    t = h.inputs(spec.arrays())
-    do, dht = gradients.cotangents(spec, torch.float32, "cpu", "o and final_state")
-    whole = gradients.device_oracle_grads(t, do, dht, spec.scale)
-    with mock.patch.object(kda_backward, "ROW_GROUP_ELEMENTS", 1):
-        rows = gradients.device_oracle_grads(t, do, dht, spec.scale)
-    for n in whole:
-        torch.testing.assert_close(rows[n], whole[n], rtol=0, atol=0)

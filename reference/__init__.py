@@ -3,8 +3,7 @@ algorithm written out plainly (DESIGN.md sections 3-4; arXiv 2510.26692v2).
 
 Tiers (DESIGN.md section 5): kda_recurrent_np is the gold (NumPy float64); kda_recurrent is
 its differentiable PyTorch twin; kda_chunkwise is the chunkwise algorithm kernels implement.
-kda_recurrent_backward_np is the gold of the backward (the adjoint recurrence),
-kda_recurrent_adjoint its PyTorch twin (the recurrence differentiated by it), and
+kda_recurrent_backward_np is the gold of the backward (the adjoint recurrence), and
 gates_backward holds the gradients of the fused activations. Nothing here imports from kernels/.
 """
 
@@ -22,7 +21,7 @@ from .dplr import dplr_recurrent, dplr_recurrent_np, kda_as_dplr
 from .gates import beta_activation, check_gate_args, kda_gate, l2norm
 from .gates_backward import beta_activation_backward_np, kda_gate_backward_np, l2norm_backward_np
 from .kda import kda_recurrent, kda_recurrent_np
-from .kda_backward import kda_recurrent_adjoint, kda_recurrent_backward_np
+from .kda_backward import kda_recurrent_backward_np
 
 __all__ = [
     "MATMUL_PRECISIONS",
@@ -40,7 +39,6 @@ __all__ = [
     "kda_gate",
     "kda_gate_backward_np",
     "kda_recurrent",
-    "kda_recurrent_adjoint",
     "kda_recurrent_backward_np",
     "kda_recurrent_np",
     "l2norm",

@@ -31,32 +31,16 @@ Grouped value heads (HV = G * H): q and k of head h are read by the G value head
 h * G, ..., h * G + G - 1, so dq and dk of head h are the sums of the per-value-head dq_t,
 dk_t over that group. A packed batch (cu_seqlens) runs the adjoint of each sequence alone,
 seeded by its own slice dht[n], and its dS_0 is dh0[n].
-
-kda_recurrent_adjoint is the PyTorch twin: the recurrence forward, differentiated by this same
-adjoint scan (an autograd.Function) instead of a tape of every token, on any device and in any
-dtype. Taping keeps ~3 states per token; at a GPU case's sizes (a state of up to 2^26 elements,
-129 tokens) that is tens of GiB per process, while the adjoint keeps O(sqrt T) states of a
-group of batch rows. In float64 on a GPU it is the gradient oracle of GPU runs (the NumPy gold
-on the host took ~95% of a gradient check's time: 3655 s of 3839 s summed over the checks of
-one H100 run); in float32 it is the recurrence's same-precision gradient reference.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-import torch
 
 from .conventions import check_cotangents, check_kda
-from .kda import _scan_torch, expand_heads, to_f64
-from .packing import run_torch
+from .kda import expand_heads, to_f64
 
-CHECKPOINT = 64  # tokens between stored forward states (NumPy gold)
-# The most state elements one adjoint scan of the PyTorch twin holds per stored state: batch
-# rows are taken in groups under it (32 MiB in float64), so its memory is bounded by
-# ~(T / c + 3 c) * 32 MiB with c ~ sqrt(T) whatever the batch.
-ROW_GROUP_ELEMENTS = 2**22
+CHECKPOINT = 64  # tokens between stored forward states
 
 
 def _step(S, decay_t, k_t, v_t, beta_t):
@@ -66,30 +50,25 @@ def _step(S, decay_t, k_t, v_t, beta_t):
     return Sp, e, Sp + (beta_t[..., None] * k_t)[..., :, None] * e[..., None, :]
 
 
-_TORCH_OPS = (torch.exp, torch.zeros_like, torch.clone)
-
-
-def _adjoint_scan(q, k, v, g, beta, do, scale, S0, dS, checkpoint=CHECKPOINT):
-    """The backward of one batch of independent sequences, on NumPy arrays or torch tensors
-    (computed in their dtype, on their device; the state is kept every `checkpoint` tokens).
+def _adjoint_scan(q, k, v, g, beta, do, scale, S0, dS):
+    """The backward of one batch of independent sequences.
 
     q, k, g: [B, T, HV, K] (q, k already expanded to the value heads); v, do: [B, T, HV, V];
     beta: [B, T, HV]; S0: the initial state [B, HV, K, V]; dS: the seed dL/dS_T [B, HV, K, V].
     Returns (dq, dk, dv, dg, dbeta, dS0), per value head (dq, dk [B, T, HV, K]).
     """
     T = v.shape[1]
-    exp, zeros_like, copy = (np.exp, np.zeros_like, np.copy) if isinstance(v, np.ndarray) else _TORCH_OPS
-    decay = exp(g)
+    decay = np.exp(g)
     checkpoints, S = [], S0
     for t in range(T):
-        if t % checkpoint == 0:
+        if t % CHECKPOINT == 0:
             checkpoints.append(S)
         S = _step(S, decay[:, t], k[:, t], v[:, t], beta[:, t])[2]
-    dq, dk, dg = (zeros_like(q) for _ in range(3))
-    dv, dbeta = zeros_like(v), zeros_like(beta)
-    dS = copy(dS)
+    dq, dk, dg = (np.zeros_like(q) for _ in range(3))
+    dv, dbeta = np.zeros_like(v), np.zeros_like(beta)
+    dS = dS.copy()
     for block in reversed(range(len(checkpoints))):
-        start, stop = block * checkpoint, min(T, (block + 1) * checkpoint)
+        start, stop = block * CHECKPOINT, min(T, (block + 1) * CHECKPOINT)
         steps, S = [], checkpoints[block]  # steps[i] = (S'_t, e_t, S_t) at t = start + i
         for t in range(start, stop):
             steps.append(_step(S, decay[:, t], k[:, t], v[:, t], beta[:, t]))
@@ -155,48 +134,3 @@ def kda_recurrent_backward_np(
                 out[:, a:b] = grad
             dh0[n : n + 1] = grads[5]
     return sum_groups(dq, dims.H), sum_groups(dk, dims.H), dv, dg, dbeta, dh0
-
-
-class _AdjointRecurrence(torch.autograd.Function):
-    """The recurrence of one batch of independent sequences (kda._scan_torch, untaped), whose
-    backward is _adjoint_scan: the forward keeps only its inputs."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, g, beta, S0, scale):
-        ctx.save_for_backward(q, k, v, g, beta, S0)
-        ctx.scale = scale
-        return _scan_torch(q, k, v, g, beta, scale, S0)
-
-    @staticmethod
-    def backward(ctx, do, dS):
-        q, k, v, g, beta, S0 = ctx.saved_tensors
-        B, T, HV, K = q.shape
-        rows = max(1, ROW_GROUP_ELEMENTS // S0[0].numel())
-        checkpoint = max(1, math.isqrt(T))  # memory ~ (T / c + 3 c) states, least near c = sqrt(T)
-        parts = [
-            _adjoint_scan(
-                *(x[a : a + rows] for x in (q, k, v, g, beta, do)),
-                ctx.scale,
-                S0[a : a + rows],
-                dS[a : a + rows],
-                checkpoint,
-            )  # fmt: skip
-            for a in range(0, B, rows)
-        ]
-        return (*(torch.cat(p, dim=0) for p in zip(*parts, strict=True)), None)
-
-
-def _scan_adjoint(q, k, v, g, beta, scale, S):
-    return _AdjointRecurrence.apply(q, k, v, g, beta, S, scale)
-
-
-def kda_recurrent_adjoint(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
-    """kda.kda_recurrent (same arguments, shapes and results, computed in the dtype of q on its
-    device) differentiated by the adjoint recurrence of this module instead of autograd's tape
-    of every token: the gradient oracle of GPU runs in float64, the recurrence's gradient
-    reference in float32 (module docstring)."""
-    dims, scale, spans = check_kda(q, k, v, g, beta, scale, initial_state, cu_seqlens)
-    k, v, g, beta = (x.to(q.dtype) for x in (k, v, g, beta))
-    tensors = (expand_heads(q, dims.HV), expand_heads(k, dims.HV), v, g, beta)
-    o, S = run_torch(_scan_adjoint, tensors, scale, dims, initial_state, spans, cu_seqlens is not None)
-    return o, (S if output_final_state else None)

@@ -27,6 +27,7 @@ from kdaverify.perf.report import slug
 
 from . import public_kernels, shim
 from .capabilities import Capabilities
+from .report import verdict as report_verdict
 
 RUN = "run.json"
 README = "README.md"
@@ -111,20 +112,21 @@ def declaration(caps: dict) -> str:
 
 
 def verdict(report: dict) -> tuple[str, str]:
-    """(verdict, worst share of budget among passed checks) of one conformance report."""
+    """(verdict, worst share of budget among passed checks) of one conformance report: the
+    report's own verdict (report.verdict), with the failed checks named and the outcome in
+    bold where the run was whole."""
     checks = report.get("checks", [])
     failed = sorted({f"{c['check']} [{c['dtype']}]" for c in checks if c["outcome"] == "failed"})
-    if not report.get("finished"):
-        text = "incomplete: the run stopped before every check ran"
-        if failed:
-            text += f"; failed so far: {', '.join(failed)}"
-    elif failed:
-        text = f"**fails** {len(failed)}: {', '.join(failed)}"
-    elif report.get("conforms"):
+    text = report_verdict(report)
+    if failed:
+        gaps = len(report.get("missing", []))
+        whole = report.get("finished") and not gaps
+        text = f"**fails** {len(failed)}: {', '.join(failed)}" + (
+            "" if whole else f" (incomplete: {gaps} pairs not run)"
+        )
+    elif text == "conforms":
         counts = report.get("counts", {})
         text = f"**conforms** ({counts.get('passed', 0)} passed, {counts.get('not applicable', 0)} not applicable)"
-    else:
-        text = "no check passed"
     judged = [c for c in checks if c.get("worst") and c["outcome"] == "passed"]
     worst = max(judged, key=lambda c: c["worst"]["budget_used"]) if judged else None
     share = f"{worst['worst']['budget_used']:.2f} ({worst['check']} [{worst['dtype']}])" if worst else ""

@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import hypothesis
+import pytest
 import torch
 
 from .tolerance import FACTOR, FLOOR_UNITS
@@ -121,13 +122,24 @@ def missing(rows) -> list[str]:
 
 
 def verdict(data: dict) -> str:
+    """The one-line verdict of a report (one run's or a merge's). A failure is never hidden by
+    a gap, and a gap (a pair deselected with -k, or not reached before a time limit) never
+    reads as "conforms": an interrupted run whose every finished check passed says so, with
+    how many pairs it did not reach."""
+    counts = data.get("counts", {})
+    failed, passed = counts.get("failed", 0), counts.get("passed", 0)
+    gaps = data.get("missing", [])
+    not_run = f"{len(gaps)} of {len(expected())} (check, dtype) pairs not run"
+    if failed:
+        whole = data["finished"] and not gaps
+        return f"does not conform: {failed} failed" + ("" if whole else f"; incomplete: {not_run}")
     if not data["finished"]:
-        return "incomplete: the run stopped before every check ran"
-    if not data["conforms"]:
-        return "does not conform"
-    skipped = data.get("missing", [])
-    if skipped:  # a selection (-k) conforms only on what it ran: say so, never a bare "conforms"
-        return f"conforms on the checks that ran; {len(skipped)} of {len(expected())} (check, dtype) pairs not run"
+        ran = f"the {passed} checks that ran passed" if passed else "no check passed"
+        return f"incomplete: the run stopped before every check ran; {not_run}; {ran}"
+    if not passed:
+        return "does not conform: no check applied"
+    if gaps:  # a selection (-k) conforms only on what it ran: say so, never a bare "conforms"
+        return f"conforms on the checks that ran; {not_run}"
     return "conforms"
 
 
@@ -326,8 +338,10 @@ class ConformanceReport:
             "missing": missing(rows),
         }
 
-    def pytest_terminal_summary(self, terminalreporter):
-        self.finished = True
+    def pytest_terminal_summary(self, terminalreporter, exitstatus):
+        # a run stopped by Ctrl-C or `timeout -s INT` still reaches this summary: it is not
+        # finished, so it never reads "conforms" nor, with nothing failed, "does not conform"
+        self.finished = exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)
         if not self.rows:
             return
         tr = terminalreporter

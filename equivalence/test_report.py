@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from kdaverify.equivalence.report import expected, merge, time_line, verdict
 
 from kdaverify.cli import main
@@ -19,7 +20,8 @@ def part(pairs, date, outcome="passed", finished=True, **env):
     checks = [{"check": c, "dtype": d, "outcome": outcome, "seconds": 1.0} for c, d in pairs]
     return {
         "implementation": "pkg:impl", "capabilities": {"dtypes": ["float32"]}, "tolerance_rule": "rule",
-        "environment": dict(ENV, date=date, **env), "finished": finished, "conforms": finished, "counts": {},
+        "environment": dict(ENV, date=date, **env), "finished": finished, "conforms": finished,
+        "counts": {outcome: len(pairs)} if pairs else {},
         "seconds": 10.0, "checks": checks,
     }  # fmt: skip
 
@@ -55,7 +57,7 @@ def test_a_pair_run_twice_keeps_its_worst_outcome():
     a, b = halves()
     data = merge([part(a, "d1"), part(b, "d2"), part(a[:1], "d3", outcome="failed")])
     assert data["finished"] and not data["conforms"] and data["counts"]["failed"] == 1
-    assert verdict(data) == "does not conform"
+    assert verdict(data) == "does not conform: 1 failed"
 
 
 @pytest.mark.parametrize(
@@ -86,3 +88,33 @@ def test_time_line_splits_implementation_from_suite():
     rows = [{"seconds": 3.0, "impl_seconds": 2.5}, {"seconds": 1.0, "impl_seconds": 0.5}, {"seconds": 0.0}]
     assert time_line(rows) == "check time: 4.0 s, of which 3.0 s (75%) inside the implementation's calls"
     assert time_line([]) == "check time: 0.0 s, of which 0.0 s inside the implementation's calls"
+
+
+def test_an_interrupted_run_is_incomplete_not_failed():
+    """A run stopped by a time limit (timeout -s INT) with nothing failed reads "incomplete",
+    with the number of pairs it did not reach and whether what ran passed; one with a failure
+    reads "does not conform" and still says it is incomplete."""
+    a, _ = halves()
+    data = dict(
+        part(a, "d1", finished=False), counts={"passed": len(a)}, missing=[f"{c} [{d}]" for c, d in halves()[1]]
+    )
+    text = verdict(data)
+    assert text.startswith("incomplete:") and f"{len(halves()[1])} of {len(expected())}" in text
+    assert text.endswith(f"the {len(a)} checks that ran passed")
+    data = dict(data, counts={"passed": len(a) - 1, "failed": 1})
+    assert verdict(data).startswith("does not conform: 1 failed; incomplete:")
+    nothing = dict(part([], "d1", finished=False), counts={}, missing=[f"{c} [{d}]" for c, d in expected()])
+    assert verdict(nothing).endswith("no check passed")
+
+
+def test_the_report_of_an_interrupted_pytest_run_is_unfinished(tmp_path):
+    """pytest reaches its terminal summary after Ctrl-C too: the report must then stay unfinished."""
+    from kdaverify.equivalence.report import ConformanceReport
+
+    class Impl:
+        name, device = "pkg:impl", torch.device("cpu")
+
+    rep = ConformanceReport(Impl(), None)
+    for status, finished in ((pytest.ExitCode.INTERRUPTED, False), (pytest.ExitCode.OK, True)):
+        rep.pytest_terminal_summary(terminalreporter=None, exitstatus=status)
+        assert rep.finished is finished

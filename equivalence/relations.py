@@ -28,6 +28,7 @@ from .cases import CaseSpec
 from .implementation import DTYPES, Implementation
 from .large_offsets import LargeCase
 from .layouts import STRIDED_LAYOUTS, GuardBands
+from .strategies import GPU_GRAD_STATE_ELEMENTS
 from .tolerance import Verdict, as_f64, errors, judge
 
 REFERENCE_CHUNKS = (64, 16)  # the chunk sizes kernels use (64) and their secondary chunks (16)
@@ -492,6 +493,8 @@ class Check:
     # example costs hundreds of calls or a thousand tokens, where the explicit examples carry
     # the classes and the CI budget (2 cores, 20 minutes with every mutant) is the limit
     max_examples: int | None = None
+    # the most elements of a GPU case's state pool (None: strategies.GPU_STATE_ELEMENTS)
+    state_elements: int | None = None
 
     @property
     def description(self) -> str:
@@ -865,7 +868,10 @@ def _grad_check(name, fn, cases, about=None, needs_too=()):
         return None
 
     guards = "wrong backwards: unmasked ragged tails, dropped dh0, lost dg, GVA gradients not summed"
-    return Check(name, fn, cases, needs="backward", about=about, applies=applies, guards=guards)
+    return Check(
+        name, fn, cases, needs="backward", about=about, applies=applies, guards=guards,
+        state_elements=GPU_GRAD_STATE_ELEMENTS,  # the host-side oracle's cost (strategies.py)
+    )  # fmt: skip
 
 
 CHECKS.update(

@@ -232,6 +232,14 @@ GPU_ELEMENTS = 2**24
 # drew a 10 GiB state, and 12 workers ran an 80 GiB H100 out of memory (2026-11-27: 41
 # checks failed with CUDA out-of-memory errors, none with a wrong answer).
 GPU_STATE_ELEMENTS = 2**26
+# The same cap for the gradient checks (relations._grad_check), 16x lower: their float64
+# adjoint oracle and three float32 autograd references run on the host, whose cost grows
+# with the state pool times T. At 2^26 they were 95% of the gradient checks' time on an H100
+# (3470 of 3654 s summed over 31 checks, 12 workers), and one bf16 grad_oracle at GPU sizes
+# took ~120 s of host time on one CPU core. 2^22 still holds a whole row at the largest heads
+# (HV = 64, K = V = 256) and, in the other buckets, more rows or sequences times value heads
+# than an H100 has SMs.
+GPU_GRAD_STATE_ELEMENTS = 2**22
 
 
 @dataclass(frozen=True)
@@ -241,6 +249,8 @@ class Sizes:
     heads: K and V without a declaration; max_heads: H and HV at most; max_B: batch rows;
     many_seqs: the most sequences in a packed batch of short (1 to 3 token) sequences;
     buckets: on a GPU, the few (K, V, H, HV) a run draws from (None: independent draws).
+    state_elements: on a GPU, the most elements of a case's state pool [N, HV, K, V] (B rows
+    or packed sequences are capped to it).
     Every new (K, V, H, HV) makes a Triton kernel compile, and often autotune, again, so a
     GPU run draws them from a handful of buckets (compile_buckets) and lets B, T and the
     packing vary freely inside each."""
@@ -250,6 +260,7 @@ class Sizes:
     max_B: int
     many_seqs: int
     buckets: tuple[tuple[int, int, int, int], ...] | None = None
+    state_elements: int = GPU_STATE_ELEMENTS
 
 
 CPU_SIZES = Sizes(heads=tuple(range(1, 13)), max_heads=2, max_B=3, many_seqs=8)
@@ -321,7 +332,7 @@ def gpu_case_specs(draw, caps: Capabilities, sizes: Sizes, family: str = "genera
     """A case of `family` at GPU sizes: (K, V, H, HV) from the run's compile buckets, then
     either B up to sizes.max_B rows, or (where varlen is declared) a packed batch of up to
     sizes.many_seqs sequences of 1 to 3 tokens, or a length at a chunk boundary. Rows and
-    sequences are capped so that the state pool stays within GPU_STATE_ELEMENTS."""
+    sequences are capped so that the state pool stays within sizes.state_elements."""
     spec = draw(CASE_FAMILIES[family](caps))
     buckets = [b for b in sizes.buckets if not caps.head_sizes or {b[0], b[1]} <= set(caps.head_sizes)]
     if family == "guard_bands":  # the guard bands want heads that are not powers of two
@@ -333,10 +344,10 @@ def gpu_case_specs(draw, caps: Capabilities, sizes: Sizes, family: str = "genera
     shape = draw(st.sampled_from(("as drawn", "rows", "many sequences", "chunk boundary")))
     if shape == "rows" and spec.seqlens is None and family != "long":
         row = spec.T * spec.HV * max(K, V)
-        most = min(sizes.max_B, GPU_ELEMENTS // row, GPU_STATE_ELEMENTS // (spec.HV * K * V))
+        most = min(sizes.max_B, GPU_ELEMENTS // row, sizes.state_elements // (spec.HV * K * V))
         spec = spec.with_(B=draw(st.integers(1, max(1, most))))
     elif shape == "many sequences" and spec.seqlens is not None and family in ("general", "varlen"):
-        most = max(2, min(sizes.many_seqs, GPU_STATE_ELEMENTS // (spec.HV * K * V)))
+        most = max(2, min(sizes.many_seqs, sizes.state_elements // (spec.HV * K * V)))
         n = draw(st.one_of(st.just(most), st.integers(2, most)))
         lens = tuple(int(x) for x in 1 + np.random.default_rng(spec.seed).integers(0, 3, n))  # 1 to 3 tokens
         spec = spec.with_(T=sum(lens), seqlens=lens)
@@ -360,12 +371,15 @@ CASE_FAMILIES.update(
 FIXED_FAMILIES = ("one_case",)  # never resized to GPU sizes
 
 
-def strategy_for(family: str, caps: Capabilities, device="cpu"):
+def strategy_for(family: str, caps: Capabilities, device="cpu", state_elements: int | None = None):
     """The cases of `family` for an implementation on device: CASE_FAMILIES as they are on
-    the CPU, at GPU sizes (sizes_for) in compile buckets on a GPU."""
+    the CPU, at GPU sizes (sizes_for) in compile buckets on a GPU, the state pool capped at
+    state_elements (default GPU_STATE_ELEMENTS)."""
     sizes = sizes_for(device, caps.head_sizes)
     if sizes.buckets is None or family in FIXED_FAMILIES:
         return CASE_FAMILIES[family](caps)
+    if state_elements is not None:
+        sizes = replace(sizes, state_elements=state_elements)
     return gpu_case_specs(caps, sizes, family)
 
 
@@ -452,12 +466,12 @@ def examples_for(family: str, caps: Capabilities) -> list[CaseSpec]:
     return list(dict.fromkeys(s for s in fitted_specs if s is not None))
 
 
-def cases_for(family: str, caps: Capabilities, device="cpu"):
+def cases_for(family: str, caps: Capabilities, device="cpu", state_elements: int | None = None):
     """A decorator: @given(spec=...) over the family's cases on device (strategy_for), with its
     explicit examples."""
 
     def apply(fn):
-        fn = given(spec=strategy_for(family, caps, device))(fn)
+        fn = given(spec=strategy_for(family, caps, device, state_elements))(fn)
         for spec in reversed(examples_for(family, caps)):
             fn = example(spec=spec)(fn)
         return fn

@@ -35,7 +35,7 @@ def test_conformance(impl, record, kda_profile, check, dtype):
         profile = settings(kda_profile, max_examples=min(kda_profile.max_examples, check.max_examples))
 
     @profile
-    @cases_for(check.cases, impl.caps, impl.device)
+    @cases_for(check.cases, impl.caps, impl.device, check.state_elements)
     def run(spec):
         check.fn(harness, spec)
 

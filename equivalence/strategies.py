@@ -234,11 +234,11 @@ GPU_ELEMENTS = 2**24
 GPU_STATE_ELEMENTS = 2**26
 # The same cap for the gradient checks (relations._grad_check), 16x lower: their float64
 # adjoint oracle and three float32 autograd references run on the host, whose cost grows
-# with the state pool times T. At 2^26 they were 95% of the gradient checks' time on an H100
-# (3470 of 3654 s summed over 31 checks, 12 workers), and one bf16 grad_oracle at GPU sizes
-# took ~120 s of host time on one CPU core. 2^22 still holds a whole row at the largest heads
-# (HV = 64, K = V = 256) and, in the other buckets, more rows or sequences times value heads
-# than an H100 has SMs.
+# with the state pool times T. At 2^26, on an H100 with 12 workers, 5% of the gradient checks'
+# time (184 of 3654 s) was inside the implementation's forward calls, and one bf16
+# grad_oracle drawn at GPU sizes took ~120 s of host time on one CPU core (4.9 s at 2^22).
+# 2^22 still holds a whole row at the largest heads (HV = 64, K = V = 256) and, in the other
+# buckets, more rows or sequences times value heads than an H100 has SMs.
 GPU_GRAD_STATE_ELEMENTS = 2**22
 
 

@@ -29,6 +29,8 @@ determinism and finiteness, which cannot see a backward whose bf16 dots miscompi
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from kdaverify.reference import (
@@ -73,7 +75,7 @@ def cotangents(spec: CaseSpec, dtype: torch.dtype, device, loss: str):
     )
 
 
-def autograd_grads(fn, t: dict, do, dht, names=GRAD_INPUTS) -> dict:
+def autograd_grads(fn, t: dict, do, dht, names=GRAD_INPUTS, timer=contextlib.nullcontext) -> dict:
     """Gradients of <o, do> + <final_state, dht> (a None cotangent: that term left out) with
     respect to the inputs of t named in names (those not None), where fn(t) -> (o,
     final_state). An input the outputs do not depend on gets zeros, so a dropped gradient
@@ -83,7 +85,10 @@ def autograd_grads(fn, t: dict, do, dht, names=GRAD_INPUTS) -> dict:
     if S is None:
         raise AssertionError("final_state: output_final_state=True returned None")
     pairs = [(x, c) for x, c in ((o, do), (S, dht)) if c is not None]
-    grads = torch.autograd.grad([x for x, _ in pairs], list(leaves.values()), [c for _, c in pairs], allow_unused=True)
+    with timer():  # an implementation's backward pass is its time (Implementation.timed), not the suite's
+        grads = torch.autograd.grad(
+            [x for x, _ in pairs], list(leaves.values()), [c for _, c in pairs], allow_unused=True
+        )
     return {n: torch.zeros_like(x) if d is None else d for (n, x), d in zip(leaves.items(), grads, strict=True)}
 
 
@@ -164,7 +169,7 @@ def expect_gradients(h, what: str, spec: CaseSpec, loss: str = "o and final_stat
     error on the same gradient as its scale."""
     t = h.inputs(spec.arrays())
     do, dht = cotangents(spec, h.dtype, h.impl.device, loss)
-    got = autograd_grads(lambda x: h.impl.call(x, scale=spec.scale), t, do, dht)
+    got = autograd_grads(lambda x: h.impl.call(x, scale=spec.scale), t, do, dht, timer=h.impl.timed)
     want = oracle_grads(t, do, dht, spec.scale)
     judge_gradients(
         h, f"{what} ({loss})", got, want, reference_grads(spec.scale, t, do, dht, precision=_precision(h)), t
@@ -238,7 +243,7 @@ def grad_gate_in_kernel(h, spec: CaseSpec):
     g = kda_gate(torch.as_tensor(z), torch.as_tensor(a), torch.as_tensor(b), lower_bound).numpy()
     want = oracle_grads(dict(t, g=g), do, dht, spec.scale)
     want["g"], want["A_log"], want["dt_bias"] = kda_gate_backward_np(z, a, b, lower_bound, want["g"])
-    got = autograd_grads(run, t, do, dht, names)
+    got = autograd_grads(run, t, do, dht, names, timer=h.impl.timed)
     refs = reference_grads(spec.scale, t, do, dht, meaning, names, _precision(h))
     judge_gradients(h, "gate in kernel (dg is dz)", got, want, refs, t)
 
@@ -260,7 +265,9 @@ def grad_l2norm_in_kernel(h, spec: CaseSpec):
     normed = dict(t, q=l2norm(torch.as_tensor(q)).numpy(), k=l2norm(torch.as_tensor(k)).numpy())
     want = oracle_grads(normed, do, dht, spec.scale)
     want["q"], want["k"] = l2norm_backward_np(q, want["q"]), l2norm_backward_np(k, want["k"])
-    got = autograd_grads(lambda x: h.impl.call(x, scale=spec.scale, use_qk_l2norm_in_kernel=True), t, do, dht)
+    got = autograd_grads(
+        lambda x: h.impl.call(x, scale=spec.scale, use_qk_l2norm_in_kernel=True), t, do, dht, timer=h.impl.timed
+    )
     judge_gradients(
         h, "l2norm in kernel", got, want, reference_grads(spec.scale, t, do, dht, meaning, precision=_precision(h)), t
     )
@@ -282,7 +289,7 @@ def grad_vjp_directions(h, spec: CaseSpec):
         return np.array([float((as_f64(grads[n]) * u).sum()) for n, u in directions.items()])
 
     target = directional_derivatives(t, do, dht, spec.scale, directions)
-    got = along(autograd_grads(lambda x: h.impl.call(x, scale=spec.scale), t, do, dht))
+    got = along(autograd_grads(lambda x: h.impl.call(x, scale=spec.scale), t, do, dht, timer=h.impl.timed))
     scales = [errors(along(r), target) for r in reference_grads(spec.scale, t, do, dht, precision=_precision(h))]
     verdict = judge(f"<gradient, u> for u along {', '.join(directions)}", got, target, scales, h.dtype)
     h.record(verdict)
@@ -296,6 +303,7 @@ def grad_determinism(h, spec: CaseSpec):
 
     t = h.inputs(spec.arrays())
     do, dht = cotangents(spec, h.dtype, h.impl.device, "o and final_state")
-    first, second = (autograd_grads(lambda x: h.impl.call(x, scale=spec.scale), t, do, dht) for _ in range(2))
+    call = lambda x: h.impl.call(x, scale=spec.scale)  # noqa: E731
+    first, second = (autograd_grads(call, t, do, dht, timer=h.impl.timed) for _ in range(2))
     for n in first:
         bitwise_equal(f"two backward passes: d{n}", first[n], second[n])

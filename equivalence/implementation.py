@@ -13,6 +13,7 @@ capabilities are not applicable: never run, never counted as passed.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import time
@@ -48,6 +49,19 @@ class Implementation:
         out["cu_seqlens"] = None if cu is None else torch.as_tensor(np.asarray(cu)).to(self.device, torch.int64)
         return out
 
+    @contextlib.contextmanager
+    def timed(self):
+        """Count the block's wall time as the implementation's (seconds): its calls, and the
+        backward passes through its outputs. On CUDA the block ends with a synchronize, so the
+        kernels' own time counts, not only their launch."""
+        started = time.perf_counter()
+        try:
+            yield
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        finally:
+            self.seconds += time.perf_counter() - started
+
     def call(self, t: dict, scale=None, output_final_state: bool = True, form: str = "mixed", **extra):
         """Call the implementation on prepared tensors; returns (o, final_state in KV layout
         or None).
@@ -63,13 +77,8 @@ class Implementation:
             h0 = h0.transpose(-1, -2).contiguous()
         tensors = [t[n] for n in ("q", "k", "v", "g", "beta")]
         options = dict(scale=scale, initial_state=h0, output_final_state=output_final_state)
-        started = time.perf_counter()
-        try:
+        with self.timed():
             o, S = self._call(tensors, options, t["cu_seqlens"], form, extra)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # the kernels' own time, not only their launch
-        finally:
-            self.seconds += time.perf_counter() - started
         if S is not None and self.caps.state_layout == "VK":
             S = S.transpose(-1, -2)
         return o, S

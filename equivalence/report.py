@@ -197,9 +197,10 @@ def merge(parts: list[dict]) -> dict:
 
 
 def time_line(rows: list[dict]) -> str:
-    """Where the checks' time went: inside the implementation's calls (its compiles included)
-    or in the suite (inputs, the oracle, the references, Hypothesis). Summed over checks, so
-    with pytest-xdist workers it exceeds the wall time."""
+    """Where the checks' time went: inside the implementation's calls and the backward passes
+    through its outputs (Implementation.timed; its compiles included) or in the suite
+    (inputs, the oracle, the references, Hypothesis). Summed over checks, so with
+    pytest-xdist workers it exceeds the wall time."""
     total = sum(r.get("seconds", 0.0) for r in rows)
     inside = sum(r.get("impl_seconds", 0.0) for r in rows)
     share = f" ({100 * inside / total:.0f}%)" if total else ""
@@ -229,7 +230,7 @@ def markdown(data: dict) -> str:
         "",
         f"Tolerance rule: {data['tolerance_rule']}.",
         "",
-        time_line(data["checks"]) + " (a gradient check's backward pass counts as the suite's).",
+        time_line(data["checks"]) + " (a gradient check's backward passes through the implementation count as its).",
         "",
         "| check | dtype | outcome | worst comparison | measured (rel RMS / rel max) | budget | share of budget |",
         "|---|---|---|---|---|---|---|",

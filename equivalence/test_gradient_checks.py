@@ -6,6 +6,8 @@ kill table (`nox -s mutants`) runs the same through Hypothesis; this is the fast
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from kdaverify.equivalence.adapters import reference_recurrent_kda
@@ -96,3 +98,33 @@ def test_reduced_precision_kernels_are_judged():
         wrong = Implementation(wrong.fn, wrong.name, replace(wrong.caps, precision="tf32"))
         with pytest.raises(AssertionError, match="FAIL"):
             CHECKS[check].fn(Harness(wrong, torch.float32), CASE)
+
+
+class _SlowBackward(torch.autograd.Function):
+    """Identity whose backward takes at least DELAY seconds."""
+
+    DELAY = 0.2
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, dx):
+        time.sleep(_SlowBackward.DELAY)
+        return dx
+
+
+def slow_backward_recurrence(q, *args, **kw):
+    return reference_recurrent_kda(_SlowBackward.apply(q), *args, **kw)
+
+
+slow_backward_recurrence.kdaverify_capabilities = Capabilities(backward=True)
+
+
+def test_backward_time_counts_as_the_implementations():
+    """A gradient check's backward pass through the implementation is timed as the
+    implementation's (impl_seconds), not as the suite's: at least the backward's own sleep."""
+    impl = load_implementation(slow_backward_recurrence)
+    CHECKS["grad_determinism"].fn(Harness(impl, torch.float32), CASE)  # two backward passes
+    assert impl.seconds >= 2 * _SlowBackward.DELAY, f"{impl.seconds:.3f} s counted as the implementation's"

@@ -135,7 +135,10 @@ def verdict(data: dict) -> str:
         return f"does not conform: {failed} failed" + ("" if whole else f"; incomplete: {not_run}")
     if not data["finished"]:
         ran = f"the {passed} checks that ran passed" if passed else "no check passed"
-        return f"incomplete: the run stopped before every check ran; {not_run}; {ran}"
+        stopped = (
+            "the merged runs did not reach every check" if "parts" in data else "the run stopped before every check ran"
+        )
+        return f"incomplete: {stopped}; {not_run}; {ran}"
     if not passed:
         return "does not conform: no check applied"
     if gaps:  # a selection (-k) conforms only on what it ran: say so, never a bare "conforms"
@@ -184,6 +187,7 @@ def merge(parts: list[dict]) -> dict:
         seconds=round(sum(p["seconds"] for p in parts), 1),
         checks=checks,
         missing=gaps,
+        backward_timed=all(p.get("backward_timed", False) for p in parts),
         parts=[
             {
                 "date": p["environment"].get("date"),
@@ -194,6 +198,14 @@ def merge(parts: list[dict]) -> dict:
             for p in parts
         ],  # fmt: skip
     )
+
+
+# how a report's impl_seconds treat a gradient check's backward pass (reports written before
+# Implementation.timed counted it as the suite's time)
+BACKWARD_TIMING = {
+    True: " (a gradient check's backward passes through the implementation count as its).",
+    False: " (a gradient check's backward pass counts as the suite's).",
+}
 
 
 def time_line(rows: list[dict]) -> str:
@@ -230,7 +242,7 @@ def markdown(data: dict) -> str:
         "",
         f"Tolerance rule: {data['tolerance_rule']}.",
         "",
-        time_line(data["checks"]) + " (a gradient check's backward passes through the implementation count as its).",
+        time_line(data["checks"]) + BACKWARD_TIMING[data.get("backward_timed", False)],
         "",
         "| check | dtype | outcome | worst comparison | measured (rel RMS / rel max) | budget | share of budget |",
         "|---|---|---|---|---|---|---|",
@@ -337,6 +349,7 @@ class ConformanceReport:
             "seconds": round(time.perf_counter() - self.started, 1),
             "checks": rows,
             "missing": missing(rows),
+            "backward_timed": True,  # impl_seconds include the backward passes (Implementation.timed)
         }
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus):

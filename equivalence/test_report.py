@@ -50,7 +50,8 @@ def test_a_gap_leaves_the_merge_incomplete():
     a, b = halves()
     data = merge([part(a, "d1"), part(b[1:], "d2")])
     assert not data["finished"] and not data["conforms"]
-    assert data["missing"] == [f"{b[0][0]} [{b[0][1]}]"] and verdict(data).startswith("incomplete")
+    assert data["missing"] == [f"{b[0][0]} [{b[0][1]}]"]
+    assert verdict(data).startswith("incomplete: the merged runs did not reach every check; 1 of ")
 
 
 def test_a_pair_run_twice_keeps_its_worst_outcome():
@@ -118,3 +119,15 @@ def test_the_report_of_an_interrupted_pytest_run_is_unfinished(tmp_path):
     for status, finished in ((pytest.ExitCode.INTERRUPTED, False), (pytest.ExitCode.OK, True)):
         rep.pytest_terminal_summary(terminalreporter=None, exitstatus=status)
         assert rep.finished is finished
+
+
+def test_the_backward_timing_convention_is_recorded():
+    """A report says whether its impl_seconds include the backward passes; a merge says so only
+    when every part's do, so an older run's figures are never relabelled."""
+    from kdaverify.equivalence.report import markdown
+
+    a, b = halves()
+    new, old = dict(part(a, "d1"), backward_timed=True), part(b, "d2")
+    assert merge([new, dict(part(b, "d2"), backward_timed=True)])["backward_timed"]
+    mixed = merge([new, old])
+    assert not mixed["backward_timed"] and "backward pass counts as the suite's" in markdown(mixed)

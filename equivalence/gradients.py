@@ -303,7 +303,10 @@ def grad_determinism(h, spec: CaseSpec):
 
     t = h.inputs(spec.arrays())
     do, dht = cotangents(spec, h.dtype, h.impl.device, "o and final_state")
-    call = lambda x: h.impl.call(x, scale=spec.scale)  # noqa: E731
+
+    def call(x):
+        return h.impl.call(x, scale=spec.scale)
+
     first, second = (autograd_grads(call, t, do, dht, timer=h.impl.timed) for _ in range(2))
     for n in first:
         bitwise_equal(f"two backward passes: d{n}", first[n], second[n])

@@ -72,7 +72,7 @@ def _load_tril(x, rows, m, HV: tl.constexpr, i_hv, o_t, eos, t0, BT: tl.constexp
     return tl.load(x + (rows[:, None] * HV + i_hv) * BT + o_t[None, :], mask=keep, other=0.0).to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NT"])
 def chunk_dh_recurrence(
     q, k, G, Rs, Aqk, M, do, dht, dh, dh0, cu_seqlens, chunk_first, scale, T, NT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -118,7 +118,7 @@ def chunk_dh_recurrence(
         tl.store(dh0 + (i_n * HV + i_hv) * K * V + s_off, dS, mask=m_kv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NT", "NBH"])
 def chunk_grads(
     q, k, v, G, Rs, beta, Aqk, M, Minv, h, dh, do, dq, dk, dv, dg, dbeta, cu_seqlens, chunks, scale, T, NT, NBH,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,

@@ -25,7 +25,7 @@ from .kda_chunk_intra import chunk_end_decay, load_rows, mma, mma_split, one_dim
 
 
 # STORE_HT is a runtime flag: one binary with and without the final state (runtime.state_out)
-@triton.jit(do_not_specialize=["STORE_HT"])
+@triton.jit(do_not_specialize=["STORE_HT", "T", "NT"])
 def chunk_recurrence(
     QG, KG, KD, v, G, Rs, Aqk, M, o, h0, ht, h, chunk_first, cu_seqlens, T, NT, STORE_HT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,

@@ -248,7 +248,7 @@ def diagonal_block_inverse(a, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.
     return tl.reshape(tl.permute(d_inv, (0, 2, 1, 3)), (BT, BT))
 
 
-@triton.jit(do_not_specialize=["T", "NBH"])  # lengths: one compile for any T (NOTES.md, Compiles)
+@triton.jit(do_not_specialize=["T", "NBH"])  # lengths: one compile for any T (NOTES.md, "Lengths not specialized")
 def chunk_gate_cumsum(
     g, G, Rs, A_log, dt_bias, lower_bound, cu_seqlens, chunks, T, NBH,
     HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
@@ -302,7 +302,7 @@ def chunk_gate_cumsum(
     tl.store(G + ptr, Gc, mask=keep)
 
 
-@triton.jit(do_not_specialize=["T", "NBH"])  # lengths: one compile for any T (NOTES.md, Compiles)
+@triton.jit(do_not_specialize=["T", "NBH"])  # lengths: one compile for any T (NOTES.md, "Lengths not specialized")
 def chunk_pairs(
     q, k, G, Rs, beta, Aqk, L, QG, KG, KD, cu_seqlens, chunks, scale, T, NBH,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
@@ -413,7 +413,7 @@ def chunk_pairs(
         tl.store(L + out, a_kk * b_r[:, None], mask=m[:, None])
 
 
-@triton.jit(do_not_specialize=["T", "NBH"])  # lengths: one compile for any T (NOTES.md, Compiles)
+@triton.jit(do_not_specialize=["T", "NBH"])  # lengths: one compile for any T (NOTES.md, "Lengths not specialized")
 def chunk_solve(
     L, beta, M, Minv, cu_seqlens, chunks, T, NBH,
     HV: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,

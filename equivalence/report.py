@@ -22,6 +22,7 @@ from .tolerance import FACTOR, FLOOR_UNITS
 CONFORMANCE_TEST = "test_conformance"
 WORST = "kdaverify_worst"  # the user_properties key a test's worst comparison travels under
 IMPL_SECONDS = "kdaverify_impl_seconds"  # ... and the time spent inside the implementation's calls
+COMPILES = "kdaverify_compiles"  # ... and how much of it compiled Triton kernels (compiles.CompileClock)
 
 
 class Recorder:
@@ -31,11 +32,14 @@ class Recorder:
     def __init__(self, node):
         self.node, self.worst = node, None
 
-    def impl_seconds(self, seconds: float) -> None:
-        """The wall time of the check spent inside the implementation's calls (compiles and
-        autotuning included; the backward pass of a gradient check is not: autograd runs it
-        outside the call)."""
+    def impl_seconds(self, seconds: float, clock=None) -> None:
+        """The wall time of the check spent inside the implementation's calls and the backward
+        passes through its outputs (Implementation.timed; compiles and autotuning included),
+        and, from a compiles.CompileClock, how many Triton kernels compiled in it and in
+        how many seconds."""
         self.node.user_properties.append((IMPL_SECONDS, round(seconds, 3)))
+        if clock is not None and clock.compiles:
+            self.node.user_properties.append((COMPILES, [clock.compiles, round(clock.seconds, 3)]))
 
     def __call__(self, verdict) -> None:
         if self.worst is None or verdict.ratio >= self.worst.ratio:
@@ -216,7 +220,12 @@ def time_line(rows: list[dict]) -> str:
     total = sum(r.get("seconds", 0.0) for r in rows)
     inside = sum(r.get("impl_seconds", 0.0) for r in rows)
     share = f" ({100 * inside / total:.0f}%)" if total else ""
-    return f"check time: {total:.1f} s, of which {inside:.1f} s{share} inside the implementation's calls"
+    line = f"check time: {total:.1f} s, of which {inside:.1f} s{share} inside the implementation's calls"
+    compiles = sum(r.get("compiles", 0) for r in rows)
+    if compiles:
+        seconds = sum(r.get("compile_seconds", 0.0) for r in rows)  # a wait for another worker's compile is not
+        line += f", {seconds:.1f} s of it compiling {compiles} Triton kernels"
+    return line
 
 
 def save(out_dir, data: dict) -> None:
@@ -324,6 +333,9 @@ class ConformanceReport:
         inside = [v for k, v in report.user_properties if k == IMPL_SECONDS]
         if inside:
             row["impl_seconds"] = inside[-1]
+        compiled = [v for k, v in report.user_properties if k == COMPILES]
+        if compiled:
+            row["compiles"], row["compile_seconds"] = compiled[-1]
         self.rows[(check, dtype)] = row
         self.write()  # after every check, so a run stopped by a time limit still leaves its report
 

@@ -6,10 +6,16 @@ implementation in one environment."""
 from __future__ import annotations
 
 import json
+import threading
+import time
+import types
 
+import numpy as np
 import pytest
 import torch
+from kdaverify.equivalence.compiles import CompileClock
 from kdaverify.equivalence.report import expected, merge, time_line, verdict
+from kdaverify.equivalence.tolerance import errors
 
 from kdaverify.cli import main
 
@@ -89,6 +95,53 @@ def test_time_line_splits_implementation_from_suite():
     rows = [{"seconds": 3.0, "impl_seconds": 2.5}, {"seconds": 1.0, "impl_seconds": 0.5}, {"seconds": 0.0}]
     assert time_line(rows) == "check time: 4.0 s, of which 3.0 s (75%) inside the implementation's calls"
     assert time_line([]) == "check time: 0.0 s, of which 0.0 s inside the implementation's calls"
+    rows[0].update(compiles=7, compile_seconds=2.0)
+    assert time_line(rows).endswith("inside the implementation's calls, 2.0 s of it compiling 7 Triton kernels")
+
+
+def test_compile_clock_times_what_triton_compiles(tmp_path, monkeypatch):
+    """The clock counts each compile between Triton's two JIT hooks, per kernel name, logs it
+    where KDAVERIFY_COMPILE_LOG says, calls the hooks it replaced and puts them back."""
+    knobs = pytest.importorskip("triton").knobs
+    seen = []
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", lambda **kw: seen.append("before") or False)
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", lambda **kw: seen.append("after"))
+    monkeypatch.setenv("KDAVERIFY_COMPILE_LOG", str(tmp_path / "compiles.log"))
+    fn = types.SimpleNamespace(name="chunk_grads")
+    with CompileClock() as clock:
+        for key in ("a", "b"):
+            assert knobs.runtime.jit_cache_hook(key=key, repr=f"chunk_grads[{key}]", fn=fn) is False
+            time.sleep(0.01)
+            knobs.runtime.jit_post_compile_hook(key=key, repr=f"chunk_grads[{key}]", fn=fn)
+    assert clock.compiles == 2 and clock.kernels == {"chunk_grads": 2} and clock.seconds >= 0.02
+    assert seen == ["before", "after"] * 2
+    assert knobs.runtime.jit_cache_hook is not clock._before  # put back
+    assert " chunk_grads " in (tmp_path / "compiles.log").read_text().splitlines()[1]
+
+
+def test_workers_compile_one_specialization_once(tmp_path, monkeypatch):
+    """While one compile of a (kernel, specialization) runs, another of the same waits for it
+    (then finds Triton's disk cache filled); a different specialization does not wait."""
+    knobs = pytest.importorskip("triton").knobs
+    monkeypatch.setattr(knobs.cache, "dir", str(tmp_path))
+    fn, events = types.SimpleNamespace(name="chunk_grads"), []
+
+    def compile_(clock, key, tag):
+        clock._before(key=key, repr="", fn=fn)
+        events.append(tag)
+        clock._after(key=key, repr="", fn=fn)
+
+    with CompileClock() as clock:
+        clock._before(key="x", repr="", fn=fn)  # this thread compiles x
+        waiter = threading.Thread(target=compile_, args=(clock, "x", "second x"))
+        other = threading.Thread(target=compile_, args=(clock, "y", "y"))
+        waiter.start(), other.start()
+        other.join(timeout=10)
+        time.sleep(0.3)
+        assert events == ["y"]  # the second compile of x is still waiting
+        clock._after(key="x", repr="", fn=fn)
+        waiter.join(timeout=10)
+    assert events == ["y", "second x"] and clock.compiles == 3
 
 
 def test_an_interrupted_run_is_incomplete_not_failed():
@@ -131,3 +184,13 @@ def test_the_backward_timing_convention_is_recorded():
     assert merge([new, dict(part(b, "d2"), backward_timed=True)])["backward_timed"]
     mixed = merge([new, old])
     assert not mixed["backward_timed"] and "backward pass counts as the suite's" in markdown(mixed)
+
+
+def test_bias_noise_counts_rows_not_elements():
+    """The bias budget's noise term counts the rows along the last axis that carry the target
+    (an error shared by a row's elements is one piece of noise), not its elements."""
+    target = np.ones((2, 3, 5, 64))
+    assert errors(target, target).n_eff == pytest.approx(30)
+    target[0] *= 2  # half the rows carry 4x the weight: fewer effective rows
+    assert errors(target, target).n_eff == pytest.approx(30 * 25 / 34)
+    assert errors(np.ones(7), np.ones(7)).n_eff == pytest.approx(1)  # one row

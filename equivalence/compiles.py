@@ -104,8 +104,11 @@ class CompileClock:
         except ImportError:  # no Triton (a CPU-only torch): nothing can compile, the clock reads 0
             return self
         if fcntl is not None:
-            self._lock_dir = Path(knobs.cache.dir) / "kdaverify-compile-locks"
-            self._lock_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self._lock_dir = Path(knobs.cache.dir) / "kdaverify-compile-locks"
+                self._lock_dir.mkdir(parents=True, exist_ok=True)
+            except OSError:  # a cache folder we cannot write to: count compiles, share nothing
+                self._lock_dir = None
         self._saved = (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook)
         knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = self._before, self._after
         return self

@@ -194,3 +194,15 @@ def test_bias_noise_counts_rows_not_elements():
     target[0] *= 2  # half the rows carry 4x the weight: fewer effective rows
     assert errors(target, target).n_eff == pytest.approx(30 * 25 / 34)
     assert errors(np.ones(7), np.ones(7)).n_eff == pytest.approx(1)  # one row
+
+
+def test_compile_clock_without_a_writable_cache_still_counts(tmp_path, monkeypatch):
+    """A Triton cache folder that cannot be written to costs the lock, not the check."""
+    knobs = pytest.importorskip("triton").knobs
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(knobs.cache, "dir", str(tmp_path / "file" / "cache"))  # under a file: mkdir fails
+    fn = types.SimpleNamespace(name="chunk_pairs")
+    with CompileClock() as clock:
+        clock._before(key="x", repr="", fn=fn)
+        clock._after(key="x", repr="", fn=fn)
+    assert clock.compiles == 1 and clock._lock_dir is None

@@ -223,7 +223,7 @@ def time_line(rows: list[dict]) -> str:
     line = f"check time: {total:.1f} s, of which {inside:.1f} s{share} inside the implementation's calls"
     compiles = sum(r.get("compiles", 0) for r in rows)
     if compiles:
-        seconds = sum(r.get("compile_seconds", 0.0) for r in rows)  # a wait for another worker's compile is not
+        seconds = sum(r.get("compile_seconds", 0.0) for r in rows)  # waits for other workers excluded
         line += f", {seconds:.1f} s of it compiling {compiles} Triton kernels"
     return line
 

@@ -42,3 +42,14 @@ def test_chunk_kernels_fit_h100_shared_memory():
     assert not wrong, "shared memory against an H100's 227 KiB (expected fits / known not to):\n" + "\n".join(
         json.dumps(r) for r in wrong
     )
+
+
+def test_register_usage_is_read_from_ptxas():
+    """`sm90_fit --usage` adds the fitting config's registers per thread and spill bytes (from
+    the ptxas Triton bundles), the figures behind kernels/NOTES.md's spill measurements."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    command = [sys.executable, "-m", "kdaverify.kernels.sm90_fit", "--usage", "recurrence:bf16:16"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    usage = json.loads(run.stdout.splitlines()[-1])["usage"]
+    assert 16 <= usage["registers"] <= 255 and usage["spill_stores"] >= 0 and usage["spill_loads"] >= 0, usage

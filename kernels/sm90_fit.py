@@ -48,8 +48,8 @@ def _signature(fn, dtype: str, consts: dict) -> dict:
     return sig
 
 
-def shared_bytes(fn, dtype: str, consts: dict, num_warps: int, num_stages: int) -> int:
-    """Shared memory (bytes) of `fn` compiled for sm_90 with these constexprs and options."""
+def compile_sm90(fn, dtype: str, consts: dict, num_warps: int, num_stages: int):
+    """`fn` compiled for sm_90 with these constexprs and options (Triton's CompiledKernel)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -59,14 +59,43 @@ def shared_bytes(fn, dtype: str, consts: dict, num_warps: int, num_stages: int) 
     constexprs = {(params.index(n),): v for n, v in consts.items()}
     src = ASTSource(fn=fn, signature=_signature(fn, dtype, consts), constexprs=constexprs)
     options = dict(num_warps=num_warps, num_stages=num_stages)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-    return compiled.metadata.shared
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def first_fit(kernel: str, dtype: str, K: int, V: int) -> dict:
+def register_usage(compiled) -> dict:
+    """Registers per thread and spill bytes (stores, loads: sizes of the spill instructions in
+    the code, not of the traffic they make) of a compiled kernel, from `ptxas -v` (the ptxas
+    Triton bundles) on its PTX. A kernel at 255 registers with spills keeps part of its tiles
+    in local memory (L1/L2): chunk_grads at bf16 K = 128 spilled 16 KB of stores (2026-11-28)."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        command = [get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", ptx, "-o", os.path.join(tmp, "kernel.o")]
+        log = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+
+    def number(pattern: str) -> int:
+        found = re.search(pattern, log)
+        return int(found.group(1)) if found else 0
+
+    return {
+        "registers": number(r"Used (\d+) registers"),
+        "spill_stores": number(r"(\d+) bytes spill stores"),
+        "spill_loads": number(r"(\d+) bytes spill loads"),
+    }
+
+
+def first_fit(kernel: str, dtype: str, K: int, V: int, usage: bool = False) -> dict:
     """The config launch_fitting would take for `kernel` ("recurrence", "dh_recurrence" or
     "grads") at this head size, with the shared memory of every config tried; "fits": None
-    when no config fits (launch_fitting then raises its ValueError)."""
+    when no config fits (launch_fitting then raises its ValueError). With usage, also the
+    registers and spills of the config that fits (register_usage)."""
     import triton.language as tl
     from kdaverify.kernels import kda_chunk_backward, kda_chunk_inter
     from kdaverify.kernels.kda_chunk import BLOCKS
@@ -83,10 +112,11 @@ def first_fit(kernel: str, dtype: str, K: int, V: int) -> dict:
     tried = []
     for config in BLOCKS.fitting(BLOCKS.bv(K, V), dot, reload=kernel == "grads" and BK >= 256):
         meta = {n: v for n, v in config.items() if n != "num_stages"}
-        shared = shared_bytes(fn, dtype, {**consts, **meta}, BLOCKS.warps(BK), config.get("num_stages", 3))
-        tried.append({**config, "shared": shared})
-        if shared <= H100_SHARED_BYTES:
-            return {"kernel": kernel, "dtype": dtype, "K": K, "V": V, "fits": config, "tried": tried}
+        compiled = compile_sm90(fn, dtype, {**consts, **meta}, BLOCKS.warps(BK), config.get("num_stages", 3))
+        tried.append({**config, "shared": compiled.metadata.shared})
+        if compiled.metadata.shared <= H100_SHARED_BYTES:
+            fit = {"kernel": kernel, "dtype": dtype, "K": K, "V": V, "fits": config, "tried": tried}
+            return {**fit, "usage": register_usage(compiled)} if usage else fit
     return {"kernel": kernel, "dtype": dtype, "K": K, "V": V, "fits": None, "tried": tried}
 
 
@@ -95,14 +125,17 @@ CASES = [(kernel, dtype, K) for kernel in KERNELS for dtype in ("bf16", "fp32") 
 
 
 def main(argv=None) -> int:
-    """Arguments: cases as KERNEL:DTYPE:K (K = V), default every case of CASES."""
+    """Arguments: cases as KERNEL:DTYPE:K (K = V), default every case of CASES; --usage adds
+    registers and spills of each fitting config."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("sm90_fit: run with TRITON_INTERPRET=0 (kernels must compile, not interpret)", file=sys.stderr)
         return 2
     args = sys.argv[1:] if argv is None else argv
+    usage = "--usage" in args
+    args = [a for a in args if a != "--usage"]
     cases = [(a.split(":")[0], a.split(":")[1], int(a.split(":")[2])) for a in args] or CASES
     for kernel, dtype, K in cases:
-        print(json.dumps(first_fit(kernel, dtype, K, K)), flush=True)
+        print(json.dumps(first_fit(kernel, dtype, K, K, usage)), flush=True)
     return 0
 
 

@@ -8,7 +8,8 @@ GPU would run.
 
 Run in a process of its own with TRITON_INTERPRET=0 (the kernels must be compiled, not
 interpreted): `python -m kdaverify.kernels.sm90_fit` prints one JSON line per case.
-equivalence/test_kernel_fit.py does that on every CI run.
+equivalence/test_kernel_fit.py does that on every CI run. With --usage each line also gives
+the fitting config's registers per thread and spill bytes (register_usage).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import triton.language as tl
 from kdaverify.equivalence.capabilities import Capabilities
 from kdaverify.reference.gates import beta_activation, kda_gate, l2norm
 
-from .kda_chunk_backward import chunk_dh_recurrence, chunk_grads
+from .kda_chunk_backward import chunk_dh_recurrence, chunk_grads, chunk_pair_grads
 from .kda_chunk_inter import chunk_recurrence
 from .kda_chunk_intra import chunk_gate_cumsum, chunk_pairs, chunk_solve
 from .runtime import Call, Gate, check_call, check_gate, launch_fitting, state_out
@@ -353,11 +353,19 @@ def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, R
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **common,
     )  # fmt: skip
     BKG = BLOCKS.bk_grads(K, dot_dtype)
+    # the pair weights P and dL of each chunk, [B, T, HV, BT] fp32, from chunk_grads to chunk_pair_grads
+    P, DL = (torch.empty(B, T, HV, BT, dtype=torch.float32, device=device) for _ in range(2))
     launch_fitting(
         chunk_grads, (*key, BKG), BLOCKS.fitting(BV, dot_dtype, reload=BKG >= 256), lambda cfg: (plan.NC * plan.NBH,),
-        (q, k, v, G, Rs, beta, Aqk, M, Minv, h, dh, do, dq, dk, dv, dg, dbeta, c.cu_seqlens, plan.chunks,
+        (q, k, v, G, Rs, beta, Aqk, M, Minv, h, dh, do, dq, dk, dv, dg, dbeta, P, DL, c.cu_seqlens, plan.chunks,
          c.scale, T, plan.NT, plan.NBH),
         BC=BLOCKS.BC, **{**common, "BK": BKG, "num_warps": BLOCKS.warps(BKG)},
+    )  # fmt: skip
+    BKP = min(BKG, 64)  # chunk_pair_grads walks K in blocks: at least 64 for 16-bit dots (bk_grads)
+    chunk_pair_grads[(plan.NC * plan.NBH,)](
+        q, k, G, Rs, beta, P, DL, dq, dk, dg, dbeta, c.cu_seqlens, plan.chunks, T, plan.NBH,
+        H=H, HV=HV, K=K, BT=BT, BC=BLOCKS.BC, BK=BKP, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
+        DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=8,  # ptxas: half the spills of 4 warps
     )  # fmt: skip
     group = HV // H
     dq = dq.view(B, T, H, group, K).sum(3).to(q.dtype)

@@ -120,16 +120,21 @@ def chunk_dh_recurrence(
 
 @triton.jit(do_not_specialize=["T", "NT", "NBH"])
 def chunk_grads(
-    q, k, v, G, Rs, beta, Aqk, M, Minv, h, dh, do, dq, dk, dv, dg, dbeta, cu_seqlens, chunks, scale, T, NT, NBH,
+    q, k, v, G, Rs, beta, Aqk, M, Minv, h, dh, do, dq, dk, dv, dg, dbeta, P, DL, cu_seqlens, chunks, scale, T, NT, NBH,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     RELOAD: tl.constexpr = False,
 ):  # fmt: skip
-    """Gradients of one chunk of one value head: dq, dk [B*T, HV, K] fp32 (summed over the
-    value heads of a group by the host), dv [B*T, HV, V], dg [B*T, HV, K] fp32, dbeta
-    [B*T, HV] fp32. The value columns are walked in blocks of BV, accumulating the [BT, BT]
-    and [BT, K] terms that sum over V; then the pair terms and the cumulative sum."""
+    """The gradient terms of one chunk of one value head that sum over V: dv [B*T, HV, V]
+    (final), and the parts of dq, dk [B*T, HV, K], dG (before its cumulative sum; written to
+    dg) and dbeta [B*T, HV] through S0, X and SC, all fp32; and the [BT, BT] pair weights P =
+    scale Tril(dO V'^T) and dL = StrictTril(-dY V'^T) [B*T, HV, BT] fp32 that chunk_pair_grads
+    turns into the pair terms. The value columns are walked in blocks of BV.
+
+    Split from chunk_pair_grads because one program holding both phases needed about fifteen
+    [BT, BK] fp32 tiles and five [BT, BT] ones: 255 registers and 16 KB of spill stores at
+    bf16 K = 128 (kernels/sm90_fit.py --usage)."""
     i_c, i_bh = one_dim_grid(NBH)
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h = i_hv // (HV // H)
@@ -143,14 +148,13 @@ def chunk_grads(
     rows = t0 + o_t
     m = rows < eos
     m_k = m[:, None] & (cols_k[None, :] < K)
-    q_c = load_rows(q, rows, m, H, i_h, cols_k, K)
     k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
     b_c = tl.load(beta + rows * HV + i_hv, mask=m, other=0.0).to(tl.float32)
     a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
     m_c = _load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
     m_inv = _load_tril(Minv, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
     last = tl.minimum(t0 + BT, eos) - 1
-    g_c, cnt_c, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
+    _, _, e_g, e_d, _ = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
     kg = k_c * e_g
     kd = k_c * e_d
 
@@ -207,6 +211,10 @@ def chunk_grads(
 
     # Terms through S0, X and SC (no pairs): O = scale (Gam Q) S0, X = V - (Gam K) S0,
     # SC = Gam_C S0 + Kd^T V'.
+    # q, k and the decays loaded again (L2 hits) instead of held through the loop: registers
+    k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
+    q_c = load_rows(q, rows, m, H, i_h, cols_k, K)
+    _, _, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
     dq_c = (scale * e_g) * dq_s
     dG = q_c * dq_c
     dk_c = e_g * dkg_s
@@ -216,98 +224,143 @@ def chunk_grads(
     dG -= k_c * dkd
     dG_last = tl.sum(k_c * dkd, axis=0) + gam_c * dgc  # d/dG_C, added to the last row
 
+    # the pair weights, for chunk_pair_grads
+    p = tl.where(o_t[None, :] <= o_t[:, None], scale * d_aqk, 0.0)
+    d_l = tl.where(o_t[None, :] < o_t[:, None], d_l, 0.0)
+    dG = tl.where((rows == last)[:, None], dG + dG_last[None, :], dG)
+    out_k = (rows[:, None] * HV + i_hv) * K + cols_k[None, :]
+    tl.store(dq + out_k, dq_c, mask=m_k)
+    tl.store(dk + out_k, dk_c, mask=m_k)
+    tl.store(dg + out_k, dG, mask=m_k)  # before the cumulative sum: chunk_pair_grads finishes it
+    tl.store(dbeta + rows * HV + i_hv, db, mask=m)
+    out_t = (rows[:, None] * HV + i_hv) * BT + o_t[None, :]
+    tl.store(P + out_t, p, mask=m[:, None])
+    tl.store(DL + out_t, d_l, mask=m[:, None])
+
+
+@triton.jit(do_not_specialize=["T", "NBH"])
+def chunk_pair_grads(
+    q, k, G, Rs, beta, P, DL, dq, dk, dg, dbeta, cu_seqlens, chunks, T, NBH,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The pair terms of one chunk of one value head, from chunk_grads' P and dL, added to its
+    partial dq, dk, dG and dbeta; then dg = dG summed over s >= r within each reset segment.
+    Writes the final dq, dk [B*T, HV, K] (summed over a group's value heads by the host), dg
+    and dbeta, all fp32."""
+    i_c, i_bh = one_dim_grid(NBH)
+    i_b, i_hv = i_bh // HV, i_bh % HV
+    i_h = i_hv // (HV // H)
+    _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
+    o_t = tl.arange(0, BT)
+    rows = t0 + o_t
+    m = rows < eos
+    b_c = tl.load(beta + rows * HV + i_hv, mask=m, other=0.0).to(tl.float32)
+    out_t = (rows[:, None] * HV + i_hv) * BT + o_t[None, :]
+    p = tl.load(P + out_t, mask=m[:, None], other=0.0)
+    d_l = tl.load(DL + out_t, mask=m[:, None], other=0.0)
+
     # Pair terms (see the module docstring). The diagonal pairs of Aqk (r = i, ratio exactly 1)
     # feed dq and dk only: their dG terms, q_r P_rr k_r and -k_r P_rr q_r, cancel exactly in
     # the algebra but not after two roundings, and a residual of 1e-9 where the true dg is
     # exactly 0 (T = 1 without an initial state) is an infinite relative error. So every pair
-    # below has i < r strictly.
-    p = tl.where(o_t[None, :] <= o_t[:, None], scale * d_aqk, 0.0)
-    d_l = tl.where(o_t[None, :] < o_t[:, None], d_l, 0.0)
+    # below has i < r strictly. Every term is columnwise in K except dbeta's sum over K, so K
+    # is walked in blocks of BK, each with its own [BT, BK] tiles.
     d_lb = b_c[:, None] * d_l
-    row_pq = tl.zeros([BT, BK], dtype=tl.float32)  # rowpair(P, K): dQ, and Q * it into dG
-    row_pl = tl.zeros([BT, BK], dtype=tl.float32)  # rowpair(dL, K)
-    col = tl.zeros([BT, BK], dtype=tl.float32)  # colpair(P, Q) + colpair(beta dL, K): dK, -K * it into dG
     base = (o_t // BC) * BC  # first row of each row's sub-chunk
-    m_cols = (cols_k < K)[None, :]
-
-    # Diagonal blocks (i and r in one sub-chunk), all BT // BC at once, elementwise in fp32: at
-    # step j every row o gathers the token src = base(o) + j of its own sub-chunk. Row r takes
-    # the rowpair term of column src < r, P[r, src] K_src exp(G_r - G_src); row i takes the
-    # colpair term of row src > i, (P[src, i] Q_src + beta_src dL[src, i] K_src) exp(G_src - G_i).
-    # Both exponents are a later token's G minus an earlier one's of the same segment: <= 0.
-    for j in range(BC):
-        src = t0 + base + j
-        m_src = src < eos
-        k_j = load_rows(k, src, m_src, H, i_h, cols_k, K)
-        q_j = load_rows(q, src, m_src, H, i_h, cols_k, K)
-        g_j = load_rows(G, src, m_src, HV, i_hv, cols_k, K)
-        same = cnt_c == load_counts(Rs, src, m_src, HV, i_hv, cols_k, K, RESETS)
-        # P[o, base(o) + j] (o's row, column src) and P[base(o) + j, o] (row src, o's column)
-        at_row = o_t[None, :] == (base + j)[:, None]
-        at_col = o_t[:, None] == (base + j)[None, :]
-        p_r = tl.sum(tl.where(at_row, p, 0.0), axis=1)
-        l_r = tl.sum(tl.where(at_row, d_l, 0.0), axis=1)
-        p_c = tl.sum(tl.where(at_col, p, 0.0), axis=0)
-        lb_c = tl.sum(tl.where(at_col, d_lb, 0.0), axis=0)
-        before = (m & (o_t - base > j))[:, None] & m_cols & same  # src < r, r in the sequence
-        ke = k_j * tl.exp(tl.where(before, g_c - g_j, float("-inf")))
-        row_pq += p_r[:, None] * ke
-        row_pl += l_r[:, None] * ke
-        after = (m_src & (o_t - base < j))[:, None] & m_cols & same  # src > i, src in the sequence
-        col += (p_c[:, None] * q_j + lb_c[:, None] * k_j) * tl.exp(tl.where(after, g_j - g_c, float("-inf")))
-
-    # Blocks strictly below the diagonal (rows r of sub-chunk I, columns i < I * BC), as
-    # tensor-core dots around the anchor a = the first row of sub-chunk I, as in chunk_intra:
-    # exp(G_r - G_i) = e_r e_i with e_r = exp(G_r - G_a), e_i = exp(G_a - G_i), both exponents
-    # <= 0 because g <= 0 and i < a <= r (never exp(G) * exp(-G)). A pair across a reset has a
-    # reset in (i, a] or in (a, r]: e_i or e_r is 0 there (the counts `same`). Per I:
-    #   rowpair(P, K)[r]  += e_r[r] * (P_I @ (K e_i))[r]       (P_I: P on rows of I, columns < I * BC)
-    #   rowpair(dL, K)[r] += e_r[r] * (dL_I @ (K e_i))[r]
-    #   col[i]            += e_i[i] * (P_I^T @ (Q e_r) + (beta dL)_I^T @ (K e_r))[i]
-    # four products of [BT, BT] x [BT, BK], each as three 16-bit dots with both operands
-    # split in hi + lo parts (mma_hilo; one dot with fp32 operands): their dG terms cancel
-    # in dg's cumulative sum, and one bf16 dot each left dg 1.4x and ddt_bias 3.3x the bf16
-    # references' error.
-    for I in tl.static_range(1, BT // BC):
-        a = t0 + I * BC
-        if a < eos:
-            g_a = tl.load(G + (a * HV + i_hv) * K + cols_k, mask=cols_k < K, other=0.0)
-            same = cnt_c == load_counts_row(Rs, a, a < eos, HV, i_hv, cols_k, K, RESETS)[None, :]
-            in_i = o_t // BC == I
-            e_r = tl.exp(tl.where((in_i & m)[:, None] & m_cols & same, g_c - g_a[None, :], float("-inf")))
-            e_i = tl.exp(tl.where((o_t < I * BC)[:, None] & m_cols & same, g_a[None, :] - g_c, float("-inf")))
-            blk = in_i[:, None] & (o_t < I * BC)[None, :]
-            p_b = tl.where(blk, p, 0.0)
-            ki = k_c * e_i
-            row_pq += e_r * mma_hilo(p_b, ki, DOT_DTYPE, PRECISION)
-            row_pl += e_r * mma_hilo(tl.where(blk, d_l, 0.0), ki, DOT_DTYPE, PRECISION)
-            c_b = mma_hilo(tl.trans(p_b), q_c * e_r, DOT_DTYPE, PRECISION)
-            c_b += mma_hilo(tl.trans(tl.where(blk, d_lb, 0.0)), k_c * e_r, DOT_DTYPE, PRECISION)
-            col += e_i * c_b
     p_diag = tl.sum(tl.where(o_t[None, :] == o_t[:, None], p, 0.0), axis=1)[:, None]
-    dq_c += row_pq + p_diag * k_c
-    dG += q_c * row_pq
-    db += tl.sum(k_c * row_pl, axis=1)
-    dk_c += b_c[:, None] * row_pl + col + p_diag * q_c
-    dG += (b_c[:, None] * k_c) * row_pl - k_c * col
-    dG = tl.where((rows == last)[:, None], dG + dG_last[None, :], dG)
-    dG = tl.where(m_k, dG, 0.0)
-    if tl.max(tl.max(cnt_c, axis=1), axis=0) > 0:
-        # G restarts after each reset: dg_r sums dG_s over s >= r of r's own segment, and a
-        # reset token's g (-inf) gets 0, as in the oracle (its decay multiplies a zero state)
-        dg_c = tl.zeros([BT, BK], dtype=tl.float32)
-        for s in range(0, BT):
-            at_s = (o_t == s)[:, None]
-            dG_s = tl.sum(tl.where(at_s, dG, 0.0), axis=0)
-            c_s = tl.sum(tl.where(at_s, cnt_c, 0), axis=0)
-            dg_c += tl.where((o_t <= s)[:, None] & (cnt_c == c_s[None, :]), dG_s[None, :], 0.0)
-        prev = load_counts(Rs, rows - 1, m & (o_t > 0), HV, i_hv, cols_k, K, RESETS)
-        dg_c = tl.where(cnt_c > prev, 0.0, dg_c)
-    else:
-        dg_c = dG - tl.cumsum(dG, axis=0) + tl.sum(dG, axis=0)[None, :]  # sum over s >= r
+    db = tl.load(dbeta + rows * HV + i_hv, mask=m, other=0.0)  # chunk_grads' part
+    for i_k in range(0, (K + BK - 1) // BK):
+        cols_k = i_k * BK + tl.arange(0, BK)
+        m_k = m[:, None] & (cols_k[None, :] < K)
+        m_cols = (cols_k < K)[None, :]
+        q_c = load_rows(q, rows, m, H, i_h, cols_k, K)
+        k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
+        g_c = load_rows(G, rows, m, HV, i_hv, cols_k, K)
+        cnt_c = load_counts(Rs, rows, m, HV, i_hv, cols_k, K, RESETS)
+        row_pq = tl.zeros([BT, BK], dtype=tl.float32)  # rowpair(P, K): dQ, and Q * it into dG
+        row_pl = tl.zeros([BT, BK], dtype=tl.float32)  # rowpair(dL, K)
+        col = tl.zeros([BT, BK], dtype=tl.float32)  # colpair(P, Q) + colpair(beta dL, K): dK, -K * it into dG
 
-    out_k = (rows[:, None] * HV + i_hv) * K + cols_k[None, :]
-    tl.store(dq + out_k, dq_c, mask=m_k)
-    tl.store(dk + out_k, dk_c, mask=m_k)
-    tl.store(dg + out_k, dg_c, mask=m_k)
+        # Diagonal blocks (i and r in one sub-chunk), all BT // BC at once, elementwise in fp32: at
+        # step j every row o gathers the token src = base(o) + j of its own sub-chunk. Row r takes
+        # the rowpair term of column src < r, P[r, src] K_src exp(G_r - G_src); row i takes the
+        # colpair term of row src > i, (P[src, i] Q_src + beta_src dL[src, i] K_src) exp(G_src - G_i).
+        # Both exponents are a later token's G minus an earlier one's of the same segment: <= 0.
+        for j in range(BC):
+            src = t0 + base + j
+            m_src = src < eos
+            k_j = load_rows(k, src, m_src, H, i_h, cols_k, K)
+            q_j = load_rows(q, src, m_src, H, i_h, cols_k, K)
+            g_j = load_rows(G, src, m_src, HV, i_hv, cols_k, K)
+            same = cnt_c == load_counts(Rs, src, m_src, HV, i_hv, cols_k, K, RESETS)
+            # P[o, base(o) + j] (o's row, column src) and P[base(o) + j, o] (row src, o's column)
+            at_row = o_t[None, :] == (base + j)[:, None]
+            at_col = o_t[:, None] == (base + j)[None, :]
+            p_r = tl.sum(tl.where(at_row, p, 0.0), axis=1)
+            l_r = tl.sum(tl.where(at_row, d_l, 0.0), axis=1)
+            p_c = tl.sum(tl.where(at_col, p, 0.0), axis=0)
+            lb_c = tl.sum(tl.where(at_col, d_lb, 0.0), axis=0)
+            before = (m & (o_t - base > j))[:, None] & m_cols & same  # src < r, r in the sequence
+            ke = k_j * tl.exp(tl.where(before, g_c - g_j, float("-inf")))
+            row_pq += p_r[:, None] * ke
+            row_pl += l_r[:, None] * ke
+            after = (m_src & (o_t - base < j))[:, None] & m_cols & same  # src > i, src in the sequence
+            col += (p_c[:, None] * q_j + lb_c[:, None] * k_j) * tl.exp(tl.where(after, g_j - g_c, float("-inf")))
+
+        # Blocks strictly below the diagonal (rows r of sub-chunk I, columns i < I * BC), as
+        # tensor-core dots around the anchor a = the first row of sub-chunk I, as in chunk_intra:
+        # exp(G_r - G_i) = e_r e_i with e_r = exp(G_r - G_a), e_i = exp(G_a - G_i), both exponents
+        # <= 0 because g <= 0 and i < a <= r (never exp(G) * exp(-G)). A pair across a reset has a
+        # reset in (i, a] or in (a, r]: e_i or e_r is 0 there (the counts `same`). Per I:
+        #   rowpair(P, K)[r]  += e_r[r] * (P_I @ (K e_i))[r]       (P_I: P on rows of I, columns < I * BC)
+        #   rowpair(dL, K)[r] += e_r[r] * (dL_I @ (K e_i))[r]
+        #   col[i]            += e_i[i] * (P_I^T @ (Q e_r) + (beta dL)_I^T @ (K e_r))[i]
+        # four products of [BT, BT] x [BT, BK], each as three 16-bit dots with both operands
+        # split in hi + lo parts (mma_hilo; one dot with fp32 operands): their dG terms cancel
+        # in dg's cumulative sum, and one bf16 dot each left dg 1.4x and ddt_bias 3.3x the bf16
+        # references' error.
+        for I in tl.static_range(1, BT // BC):
+            a = t0 + I * BC
+            if a < eos:
+                g_a = tl.load(G + (a * HV + i_hv) * K + cols_k, mask=cols_k < K, other=0.0)
+                same = cnt_c == load_counts_row(Rs, a, a < eos, HV, i_hv, cols_k, K, RESETS)[None, :]
+                in_i = o_t // BC == I
+                e_r = tl.exp(tl.where((in_i & m)[:, None] & m_cols & same, g_c - g_a[None, :], float("-inf")))
+                e_i = tl.exp(tl.where((o_t < I * BC)[:, None] & m_cols & same, g_a[None, :] - g_c, float("-inf")))
+                blk = in_i[:, None] & (o_t < I * BC)[None, :]
+                p_b = tl.where(blk, p, 0.0)
+                ki = k_c * e_i
+                row_pq += e_r * mma_hilo(p_b, ki, DOT_DTYPE, PRECISION)
+                row_pl += e_r * mma_hilo(tl.where(blk, d_l, 0.0), ki, DOT_DTYPE, PRECISION)
+                c_b = mma_hilo(tl.trans(p_b), q_c * e_r, DOT_DTYPE, PRECISION)
+                c_b += mma_hilo(tl.trans(tl.where(blk, d_lb, 0.0)), k_c * e_r, DOT_DTYPE, PRECISION)
+                col += e_i * c_b
+        out_k = (rows[:, None] * HV + i_hv) * K + cols_k[None, :]
+        dq_c = tl.load(dq + out_k, mask=m_k, other=0.0)  # chunk_grads' parts
+        dk_c = tl.load(dk + out_k, mask=m_k, other=0.0)
+        dG = tl.load(dg + out_k, mask=m_k, other=0.0)
+        dq_c += row_pq + p_diag * k_c
+        dG += q_c * row_pq
+        db += tl.sum(k_c * row_pl, axis=1)  # sums over K: across the blocks
+        dk_c += b_c[:, None] * row_pl + col + p_diag * q_c
+        dG += (b_c[:, None] * k_c) * row_pl - k_c * col
+        dG = tl.where(m_k, dG, 0.0)
+        if tl.max(tl.max(cnt_c, axis=1), axis=0) > 0:
+            # G restarts after each reset: dg_r sums dG_s over s >= r of r's own segment, and a
+            # reset token's g (-inf) gets 0, as in the oracle (its decay multiplies a zero state)
+            dg_c = tl.zeros([BT, BK], dtype=tl.float32)
+            for s in range(0, BT):
+                at_s = (o_t == s)[:, None]
+                dG_s = tl.sum(tl.where(at_s, dG, 0.0), axis=0)
+                c_s = tl.sum(tl.where(at_s, cnt_c, 0), axis=0)
+                dg_c += tl.where((o_t <= s)[:, None] & (cnt_c == c_s[None, :]), dG_s[None, :], 0.0)
+            prev = load_counts(Rs, rows - 1, m & (o_t > 0), HV, i_hv, cols_k, K, RESETS)
+            dg_c = tl.where(cnt_c > prev, 0.0, dg_c)
+        else:
+            dg_c = dG - tl.cumsum(dG, axis=0) + tl.sum(dG, axis=0)[None, :]  # sum over s >= r
+
+        tl.store(dq + out_k, dq_c, mask=m_k)
+        tl.store(dk + out_k, dk_c, mask=m_k)
+        tl.store(dg + out_k, dg_c, mask=m_k)
     tl.store(dbeta + rows * HV + i_hv, db, mask=m)

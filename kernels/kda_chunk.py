@@ -62,10 +62,16 @@ class ChunkBlocks:
     # Measured on an H100 with the single intra kernel these two replace (B1 T16384 H32
     # K = V = 128 bf16, 2026-11-27, kernels/NOTES.md): 4 warps 3.34 ms against 8 warps
     # 4.77 ms; BK 32 / 64 / 128 on 4 warps 3.46 / 4.33 / 7.30 ms. The split kernels' own
-    # choices (tiles of [16, 32] and [64, 32]: 4 warps may be too many) are not measured yet.
-    BK_INTRA: int = 32
+    # sweep (.gpu-style A/B in one process, H100, 2026-11-28): chunk_pairs at PAIRS_WARPS x
+    # BK_INTRA = 4 x 32 2.57 ms, 4 x 64 2.08, 2 x 64 2.04, 1 x 32 3.22, 8 x 64 3.60;
+    # SOLVE_WARPS 2 / 4 / 8: chunk_solve 3.51 / 0.71 / 1.31 ms. 4 x 64 is kept (2 x 64 is within
+    # noise of it and leaves fewer warps to hide the K = 256 loads).
+    BK_INTRA: int = 64
     PAIRS_WARPS: int = 4
     SOLVE_WARPS: int = 4
+    # chunk_pair_grads: ptxas at sm_90 (kernels/sm90_fit.py --usage), bf16 K = 128: 2684 bytes
+    # of spill stores on 8 warps against 5700 on 4
+    PAIR_GRADS_WARPS: int = 8
 
     def bk(self, K: int) -> int:
         return max(16, triton.next_power_of_2(K))  # tl.dot needs every tile dimension >= 16
@@ -81,6 +87,11 @@ class ChunkBlocks:
         (Triton 3.6, 2026-11-27), right at BK = 64 and 128 and under the interpreter; padding
         K to 64 (masked columns) costs little where K is that small."""
         return max(self.bk(K), 64) if dot_dtype != tl.float32 else self.bk(K)
+
+    def bk_pair_grads(self, K: int, dot_dtype) -> int:
+        """chunk_pair_grads' BK: chunk_grads' (at least 64 with 16-bit dots, bk_grads), at most
+        64: each K block holds its own [BT, BK] tiles, so the block is kept small."""
+        return min(self.bk_grads(K, dot_dtype), 64)
 
     def warps(self, K: int) -> int:
         """8 warps once the [BT, BK] fp32 tiles (q, k, G) pass 32 KiB each, else 4: a guess
@@ -361,11 +372,10 @@ def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, R
          c.scale, T, plan.NT, plan.NBH),
         BC=BLOCKS.BC, **{**common, "BK": BKG, "num_warps": BLOCKS.warps(BKG)},
     )  # fmt: skip
-    BKP = min(BKG, 64)  # chunk_pair_grads walks K in blocks: at least 64 for 16-bit dots (bk_grads)
     chunk_pair_grads[(plan.NC * plan.NBH,)](
         q, k, G, Rs, beta, P, DL, dq, dk, dg, dbeta, c.cu_seqlens, plan.chunks, T, plan.NBH,
-        H=H, HV=HV, K=K, BT=BT, BC=BLOCKS.BC, BK=BKP, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
-        DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=8,  # ptxas: half the spills of 4 warps
+        H=H, HV=HV, K=K, BT=BT, BC=BLOCKS.BC, BK=BLOCKS.bk_pair_grads(K, dot_dtype), IS_VARLEN=plan.varlen,
+        RESETS=Rs is not None, DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=BLOCKS.PAIR_GRADS_WARPS,
     )  # fmt: skip
     group = HV // H
     dq = dq.view(B, T, H, group, K).sum(3).to(q.dtype)

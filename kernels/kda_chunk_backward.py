@@ -256,9 +256,9 @@ def chunk_pair_grads(
     rows = t0 + o_t
     m = rows < eos
     b_c = tl.load(beta + rows * HV + i_hv, mask=m, other=0.0).to(tl.float32)
+    # P and dL are read from their buffers (L1 / L2 hits: 32 KiB per chunk) where each use
+    # needs them, never held as [BT, BT] register tiles through the K loop
     out_t = (rows[:, None] * HV + i_hv) * BT + o_t[None, :]
-    p = tl.load(P + out_t, mask=m[:, None], other=0.0)
-    d_l = tl.load(DL + out_t, mask=m[:, None], other=0.0)
 
     # Pair terms (see the module docstring). The diagonal pairs of Aqk (r = i, ratio exactly 1)
     # feed dq and dk only: their dG terms, q_r P_rr k_r and -k_r P_rr q_r, cancel exactly in
@@ -266,9 +266,8 @@ def chunk_pair_grads(
     # exactly 0 (T = 1 without an initial state) is an infinite relative error. So every pair
     # below has i < r strictly. Every term is columnwise in K except dbeta's sum over K, so K
     # is walked in blocks of BK, each with its own [BT, BK] tiles.
-    d_lb = b_c[:, None] * d_l
     base = (o_t // BC) * BC  # first row of each row's sub-chunk
-    p_diag = tl.sum(tl.where(o_t[None, :] == o_t[:, None], p, 0.0), axis=1)[:, None]
+    p_diag = tl.load(P + (rows * HV + i_hv) * BT + o_t, mask=m, other=0.0)[:, None]  # P[r, r]
     db = tl.load(dbeta + rows * HV + i_hv, mask=m, other=0.0)  # chunk_grads' part
     for i_k in range(0, (K + BK - 1) // BK):
         cols_k = i_k * BK + tl.arange(0, BK)
@@ -294,13 +293,16 @@ def chunk_pair_grads(
             q_j = load_rows(q, src, m_src, H, i_h, cols_k, K)
             g_j = load_rows(G, src, m_src, HV, i_hv, cols_k, K)
             same = cnt_c == load_counts(Rs, src, m_src, HV, i_hv, cols_k, K, RESETS)
-            # P[o, base(o) + j] (o's row, column src) and P[base(o) + j, o] (row src, o's column)
-            at_row = o_t[None, :] == (base + j)[:, None]
-            at_col = o_t[:, None] == (base + j)[None, :]
-            p_r = tl.sum(tl.where(at_row, p, 0.0), axis=1)
-            l_r = tl.sum(tl.where(at_row, d_l, 0.0), axis=1)
-            p_c = tl.sum(tl.where(at_col, p, 0.0), axis=0)
-            lb_c = tl.sum(tl.where(at_col, d_lb, 0.0), axis=0)
+            # P[o, base(o) + j] (o's row, column src) and P[base(o) + j, o] (row src, o's column),
+            # gathered: [BT] loads, where picking them out of [BT, BT] registers cost four
+            # masked [BT, BT] reductions per step
+            at_row = (rows * HV + i_hv) * BT + base + j
+            at_col = (src * HV + i_hv) * BT + o_t
+            p_r = tl.load(P + at_row, mask=m, other=0.0)
+            l_r = tl.load(DL + at_row, mask=m, other=0.0)
+            p_c = tl.load(P + at_col, mask=m_src, other=0.0)
+            b_src = tl.load(beta + src * HV + i_hv, mask=m_src, other=0.0).to(tl.float32)
+            lb_c = b_src * tl.load(DL + at_col, mask=m_src, other=0.0)
             before = (m & (o_t - base > j))[:, None] & m_cols & same  # src < r, r in the sequence
             ke = k_j * tl.exp(tl.where(before, g_c - g_j, float("-inf")))
             row_pq += p_r[:, None] * ke
@@ -328,13 +330,14 @@ def chunk_pair_grads(
                 in_i = o_t // BC == I
                 e_r = tl.exp(tl.where((in_i & m)[:, None] & m_cols & same, g_c - g_a[None, :], float("-inf")))
                 e_i = tl.exp(tl.where((o_t < I * BC)[:, None] & m_cols & same, g_a[None, :] - g_c, float("-inf")))
-                blk = in_i[:, None] & (o_t < I * BC)[None, :]
-                p_b = tl.where(blk, p, 0.0)
+                blk = (in_i & m)[:, None] & (o_t < I * BC)[None, :]
+                p_b = tl.load(P + out_t, mask=blk, other=0.0)
+                l_b = tl.load(DL + out_t, mask=blk, other=0.0)
                 ki = k_c * e_i
                 row_pq += e_r * mma_hilo(p_b, ki, DOT_DTYPE, PRECISION)
-                row_pl += e_r * mma_hilo(tl.where(blk, d_l, 0.0), ki, DOT_DTYPE, PRECISION)
+                row_pl += e_r * mma_hilo(l_b, ki, DOT_DTYPE, PRECISION)
                 c_b = mma_hilo(tl.trans(p_b), q_c * e_r, DOT_DTYPE, PRECISION)
-                c_b += mma_hilo(tl.trans(tl.where(blk, d_lb, 0.0)), k_c * e_r, DOT_DTYPE, PRECISION)
+                c_b += mma_hilo(tl.trans(tl.where(blk, b_c[:, None] * l_b, 0.0)), k_c * e_r, DOT_DTYPE, PRECISION)
                 col += e_i * c_b
         out_k = (rows[:, None] * HV + i_hv) * K + cols_k[None, :]
         dq_c = tl.load(dq + out_k, mask=m_k, other=0.0)  # chunk_grads' parts

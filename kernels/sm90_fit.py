@@ -14,6 +14,7 @@ the fitting config's registers per thread and spill bytes (register_usage).
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
 import os
@@ -93,8 +94,8 @@ def register_usage(compiled) -> dict:
 
 
 def first_fit(kernel: str, dtype: str, K: int, V: int, usage: bool = False) -> dict:
-    """The config launch_fitting would take for `kernel` ("recurrence", "dh_recurrence" or
-    "grads") at this head size, with the shared memory of every config tried; "fits": None
+    """The config launch_fitting would take for `kernel` ("recurrence", "dh_recurrence",
+    "grads" or "pair_grads") at this head size, with the shared memory of every config tried; "fits": None
     when no config fits (launch_fitting then raises its ValueError). With usage, also the
     registers and spills of the config that fits (register_usage)."""
     import triton.language as tl
@@ -106,14 +107,20 @@ def first_fit(kernel: str, dtype: str, K: int, V: int, usage: bool = False) -> d
         "recurrence": (kda_chunk_inter.chunk_recurrence, BLOCKS.bk(K)),
         "dh_recurrence": (kda_chunk_backward.chunk_dh_recurrence, BLOCKS.bk(K)),
         "grads": (kda_chunk_backward.chunk_grads, BLOCKS.bk_grads(K, dot)),
+        "pair_grads": (kda_chunk_backward.chunk_pair_grads, BLOCKS.bk_pair_grads(K, dot)),
     }[kernel]
     consts = dict(H=1, HV=1, K=K, V=V, BT=BLOCKS.BT, BC=BLOCKS.BC, BK=BK, IS_VARLEN=False, RESETS=False,
                   HAS_H0=True, STORE_H=True, HAS_DHT=True, STORE_DH0=True, L2NORM=False, BETA_SIGMOID=False,
                   NEG_EIGVAL=False, DOT_DTYPE=dot, PRECISION="tf32")  # fmt: skip
     tried = []
-    for config in BLOCKS.fitting(BLOCKS.bv(K, V), dot, reload=kernel == "grads" and BK >= 256):
+    if kernel == "pair_grads":  # one config, no fallback (kda_chunk.chunk_kda_backward)
+        configs, warps = [{}], BLOCKS.PAIR_GRADS_WARPS
+    else:
+        configs = BLOCKS.fitting(BLOCKS.bv(K, V), dot, reload=kernel == "grads" and BK >= 256)
+        warps = BLOCKS.warps(BK)
+    for config in configs:
         meta = {n: v for n, v in config.items() if n != "num_stages"}
-        compiled = compile_sm90(fn, dtype, {**consts, **meta}, BLOCKS.warps(BK), config.get("num_stages", 3))
+        compiled = compile_sm90(fn, dtype, {**consts, **meta}, warps, config.get("num_stages", 3))
         tried.append({**config, "shared": compiled.metadata.shared})
         if compiled.metadata.shared <= H100_SHARED_BYTES:
             fit = {"kernel": kernel, "dtype": dtype, "K": K, "V": V, "fits": config, "tried": tried}
@@ -121,8 +128,16 @@ def first_fit(kernel: str, dtype: str, K: int, V: int, usage: bool = False) -> d
     return {"kernel": kernel, "dtype": dtype, "K": K, "V": V, "fits": None, "tried": tried}
 
 
-KERNELS = ("recurrence", "dh_recurrence", "grads")
+KERNELS = ("recurrence", "dh_recurrence", "grads", "pair_grads")
 CASES = [(kernel, dtype, K) for kernel in KERNELS for dtype in ("bf16", "fp32") for K in (64, 128, 256)]
+
+
+def _case(text: str) -> tuple[str, str, int]:
+    parts = text.split(":")
+    if len(parts) != 3 or parts[0] not in KERNELS or parts[1] not in ("bf16", "fp32") or not parts[2].isdigit():
+        expected = f"KERNEL:DTYPE:K with KERNEL in {KERNELS} and DTYPE bf16 or fp32"
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return parts[0], parts[1], int(parts[2])
 
 
 def main(argv=None) -> int:
@@ -131,12 +146,12 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("sm90_fit: run with TRITON_INTERPRET=0 (kernels must compile, not interpret)", file=sys.stderr)
         return 2
-    args = sys.argv[1:] if argv is None else argv
-    usage = "--usage" in args
-    args = [a for a in args if a != "--usage"]
-    cases = [(a.split(":")[0], a.split(":")[1], int(a.split(":")[2])) for a in args] or CASES
-    for kernel, dtype, K in cases:
-        print(json.dumps(first_fit(kernel, dtype, K, K, usage)), flush=True)
+    parser = argparse.ArgumentParser(prog="python -m kdaverify.kernels.sm90_fit", description=__doc__.split("\n\n")[0])
+    parser.add_argument("cases", nargs="*", type=_case, help="KERNEL:DTYPE:K (K = V); default: every case of CASES")
+    parser.add_argument("--usage", action="store_true", help="registers and spill bytes of each fitting config")
+    args = parser.parse_args(argv)
+    for kernel, dtype, K in args.cases or CASES:
+        print(json.dumps(first_fit(kernel, dtype, K, K, args.usage)), flush=True)
     return 0
 
 

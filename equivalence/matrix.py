@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -58,6 +59,44 @@ def engine_version(entry) -> str | None:
     return shim.version(source) if source else None
 
 
+def _verify(cmd: list[str], log, timeout_s: float):
+    """Run one `kdaverify verify` in a process group of its own; its exit code, or "timeout".
+    At the limit the whole group (pytest and its xdist workers) gets SIGINT, so that the suite
+    writes its report of the checks that finished, then SIGKILL after 30 s. Killing only the
+    parent left its workers running beside the next row (H100 run of 2026-11-28: every row
+    after the first timed out)."""
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        for sig, grace in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+            except ProcessLookupError:
+                break
+        return "timeout"
+
+
+def scrub_paths(text: str, out: Path) -> str:
+    """A log made fit to commit: the output folder, the interpreter's library folders and the
+    home folder written as placeholders (reports name no machine's paths)."""
+    import sysconfig
+
+    places = {str(out.resolve()): "<out>", str(out): "<out>"}
+    for key, mark in (("purelib", "<site-packages>"), ("platlib", "<site-packages>"), ("stdlib", "<stdlib>"),
+                      ("platstdlib", "<stdlib>")):  # fmt: skip
+        places[sysconfig.get_paths()[key]] = mark
+    places[os.path.expanduser("~")] = "<home>"
+    for path, mark in sorted(places.items(), key=lambda item: -len(item[0])):
+        if len(path) > 1:
+            text = text.replace(path, mark)
+    return text
+
+
 def run(device: str, out: str, profile: str, only=None, timeout_s: float = 3600, extra=()) -> Path:
     """Every entry through `kdaverify verify` on device; returns the folder (README.md built)."""
     from kdaverify.perf.sweep import device_name
@@ -78,11 +117,9 @@ def run(device: str, out: str, profile: str, only=None, timeout_s: float = 3600,
             print(f"matrix: {entry.name}: {' '.join(cmd[2:])}", flush=True)
             log = folder / entry.name / "verify.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with open(log, "w") as f:
-                    code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
-            except subprocess.TimeoutExpired:
-                code = "timeout"
+            with open(log, "w") as f:
+                code = _verify(cmd, f, timeout_s)
+            log.write_text(scrub_paths(log.read_text(errors="replace"), folder))
             row.update(exit=code, seconds=round(time.monotonic() - started, 1))
         rows.append(row)
         print(f"matrix: {entry.name}: {row.get('reason') or row.get('exit')}", flush=True)

@@ -289,3 +289,41 @@ def test_plan_on_a_cpu_marks_gpu_only_kernels(engines_missing):
     assert all(reason.startswith("not applicable: ") for reason in cpu_only.values())
     assert "needs a CUDA GPU" in cpu_only["sglang-helion-chunk_kda"]
     assert "pip download sglang==0.5.23" in cpu_only["sglang-triton-chunk_kda"]
+
+
+def test_a_row_past_its_limit_stops_with_its_workers(tmp_path):
+    """A verify run past the row's limit is stopped as a process group: its child processes
+    (pytest-xdist workers) die with it instead of running beside the next row."""
+    import os
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(60)\n"
+    )
+    started = time.monotonic()
+    with open(tmp_path / "verify.log", "w") as log:
+        assert matrix._verify([sys.executable, "-c", script], log, timeout_s=3) == "timeout"
+    assert time.monotonic() - started < 40
+    child = int(pid_file.read_text())
+    for _ in range(50):  # reaped by init once killed: gone within moments
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the verify run's child process {child} outlived the row's limit")
+
+
+def test_logs_name_no_machine_paths(tmp_path):
+    import sysconfig
+
+    site = sysconfig.get_paths()["purelib"]
+    text = f"{site}/pytest_benchmark/logger.py:44: warning\nreport: {tmp_path}/row/report.md\n"
+    scrubbed = matrix.scrub_paths(text, tmp_path)
+    assert site not in scrubbed and str(tmp_path) not in scrubbed
+    assert "<site-packages>/pytest_benchmark/logger.py:44" in scrubbed and "<out>/row/report.md" in scrubbed

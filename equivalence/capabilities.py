@@ -54,6 +54,11 @@ class Capabilities:
     max_beta: the largest beta it can be given: 2 (the contract's range [0, 2]), or 1 for
         kernels that take beta as the input of a sigmoid fused in the kernel, where beta > 1
         has no preimage.
+    reset_gates: accepts g = -inf, a hard reset of that channel of the state (exp(-inf) = 0;
+        what masking code produces). When False the `reset` gate regime is never drawn and
+        explicit examples that use it take the `masked` regime (g = -1000) instead: a
+        declared restriction, shown in reports, so that the rest of the suite still looks
+        past it (flash-linear-attention's chunk_kda returns NaN on it, finding 002).
     """
 
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
@@ -73,6 +78,7 @@ class Capabilities:
     empty_sequences: bool = True
     backward: bool = False
     max_beta: float = 2.0
+    reset_gates: bool = True
 
     def __post_init__(self):
         for d in self.dtypes:
@@ -196,4 +202,5 @@ _FIELD_HELP = {
     "empty_sequences": "accepts zero-length sequences (repeated offsets) in cu_seqlens",
     "backward": "its outputs carry autograd: run the gradient checks (grad_*)",
     "max_beta": "the largest beta it can be given (default 2; 1 for a sigmoid of beta fused in the kernel)",
+    "reset_gates": "accepts g = -inf (a hard reset); no: the reset gate regime is not drawn",
 }

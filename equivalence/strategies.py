@@ -35,6 +35,7 @@ SMALL_HEAD = st.integers(1, 12)
 LONG_T = (1024, 3072)  # "several thousand tokens", at K, V <= 4 on the CPU
 
 gates = st.sampled_from(sorted(GATE_REGIMES))
+finite_gates = st.sampled_from(sorted(set(GATE_REGIMES) - {"reset"}))  # for reset_gates=False
 beta_max = st.sampled_from([1.0, 2.0])
 input_scale = st.sampled_from([1e-2, 1e-1, 1.0, 10.0, 100.0])
 scales = st.one_of(st.none(), st.sampled_from([1.0, 0.3, 0.0625]))
@@ -115,7 +116,7 @@ def case_specs(
         G=G,
         K=draw(_head(caps, small_heads)),
         V=draw(_head(caps, small_heads)),
-        gate=draw(gates),
+        gate=draw(gates if caps.reset_gates else finite_gates),
         beta_max=min(draw(beta_max), caps.max_beta),
         input_scale=draw(input_scale),
         scale=draw(scales),
@@ -452,11 +453,14 @@ def _declared_size(n: int, sizes) -> int:
 
 def fitted(spec: CaseSpec, caps: Capabilities) -> CaseSpec | None:
     """An explicit example inside an implementation's declaration: head sizes moved to
-    declared ones, None where the declaration excludes it (GVA, varlen, max T)."""
+    declared ones, beta and reset gates to the declared range, None where the declaration
+    excludes it (GVA, varlen, max T)."""
     if caps.head_sizes is not None:
         spec = spec.with_(K=_declared_size(spec.K, caps.head_sizes), V=_declared_size(spec.V, caps.head_sizes))
     if spec.beta_max > caps.max_beta:
         spec = spec.with_(beta_max=caps.max_beta)
+    if spec.gate == "reset" and not caps.reset_gates:
+        spec = spec.with_(gate="masked")
     ok = (caps.gva or spec.G == 1) and (caps.varlen or spec.seqlens is None)
     return spec if ok and (caps.max_T is None or spec.T <= caps.max_T) else None
 

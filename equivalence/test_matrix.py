@@ -327,3 +327,18 @@ def test_logs_name_no_machine_paths(tmp_path):
     scrubbed = matrix.scrub_paths(text, tmp_path)
     assert site not in scrubbed and str(tmp_path) not in scrubbed
     assert "<site-packages>/pytest_benchmark/logger.py:44" in scrubbed and "<out>/row/report.md" in scrubbed
+
+
+@settings(max_examples=30, deadline=None, database=None)
+@given(spec=case_specs(Capabilities(reset_gates=False)))
+def test_reset_gates_no_never_draws_minus_infinity(spec):
+    assert spec.gate != "reset"
+
+
+def test_reset_gates_no_moves_explicit_examples_to_finite_masks_and_parses():
+    """An example written with g = -inf keeps its shape and takes g = -1000 instead, which
+    decays as completely (exp(-1000) = 0) without the -inf."""
+    spec = CaseSpec(B=2, T=19, H=2, G=2, K=5, V=7, gate="reset", seed=10, h0=True)
+    assert fitted(spec, Capabilities(reset_gates=False)) == spec.with_(gate="masked")
+    assert fitted(spec, Capabilities()) == spec
+    assert options_from_strings({"reset_gates": "no"})["reset_gates"] is False

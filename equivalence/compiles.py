@@ -16,6 +16,13 @@ So, where the platform has POSIX file locks, the clock holds a lock per (kernel,
 specialization) while one compiles; the others wait for it and then load its result from the
 disk cache.
 
+Autotuning is the other per-shape cost (a kernel under @triton.autotune compiles and times
+every config at each new key). With Triton's on-disk autotuning cache on (the plugin sets
+TRITON_CACHE_AUTOTUNING=1 on CUDA), the clock also holds a lock per (kernel, tuning key)
+while one worker tunes: the others wait and then read its result from the disk cache,
+instead of all timing the same configs at once on one GPU. It counts the tunings and their
+seconds (their compiles included) beside the compiles.
+
 Under the interpreter nothing compiles and the clock reads zero. With KDAVERIFY_COMPILE_LOG
 set to a file, every compile appends one line there: seconds, the kernel, its constexpr values
 and the argument attributes Triton specialized on (which one changed shows why it compiled).
@@ -51,27 +58,35 @@ class CompileClock:
         self._locks: dict[int, object] = {}  # per thread: the lock file held during its compile
         self._lock_dir: Path | None = None
         self._saved = None
+        self.tunes: Counter[str] = Counter()  # autotunings that timed configs, per kernel name
+        self.tune_seconds = 0.0  # their time, compiles of the configs included
+        self._saved_tuner = None
 
     @property
     def compiles(self) -> int:
         return sum(self.kernels.values())
 
-    def _lock(self, name: str, key) -> None:
-        self._unlock()  # compiles do not nest: a lock still held is from a compile that raised
+    def _acquire(self, what: str):
+        """The lock file for `what`, held (or after LOCK_WAIT_S, not held), or None."""
         if self._lock_dir is None:
-            return
-        digest = hashlib.sha256(f"{name}\n{key}".encode()).hexdigest()[:32]
+            return None
+        digest = hashlib.sha256(what.encode()).hexdigest()[:32]
         f = open(self._lock_dir / digest, "a")
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                return f
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    break
+                    return f
                 time.sleep(0.05)
-        self._locks[threading.get_ident()] = f
+
+    def _lock(self, name: str, key) -> None:
+        self._unlock()  # compiles do not nest: a lock still held is from a compile that raised
+        f = self._acquire(f"{name}\n{key}")
+        if f is not None:
+            self._locks[threading.get_ident()] = f
 
     def _unlock(self) -> None:
         f = self._locks.pop(threading.get_ident(), None)
@@ -98,9 +113,34 @@ class CompileClock:
                     f.write(line.replace("\n", " ") + "\n")
         return self._saved[1](**kw) if self._saved[1] else None
 
+    def _tuner(self, original):
+        """Autotuner.check_disk_cache (tuning key -> True if read from the disk cache, else the
+        configs are timed and stored) under a lock per (kernel, tuning key), timed."""
+        clock = self
+
+        def check_disk_cache(tuner, tuning_key, configs, bench_fn):
+            name = getattr(getattr(tuner, "base_fn", None), "__name__", "?")
+            # Triton times configs with a pre_hook (or an empty key) every time, never from the
+            # disk: waiting for another worker would not spare this one the timing
+            cacheable = bool(tuning_key) and not any(getattr(c, "pre_hook", None) for c in configs)
+            f = clock._acquire(f"autotune\n{name}\n{tuning_key}") if cacheable else None
+            started = time.perf_counter()
+            try:
+                cached = original(tuner, tuning_key, configs, bench_fn)
+            finally:
+                if f is not None:
+                    f.close()
+            if not cached:
+                clock.tunes[name] += 1
+                clock.tune_seconds += time.perf_counter() - started
+            return cached
+
+        return check_disk_cache
+
     def __enter__(self):
         try:
             from triton import knobs
+            from triton.runtime.autotuner import Autotuner
         except ImportError:  # no Triton (a CPU-only torch): nothing can compile, the clock reads 0
             return self
         if fcntl is not None:
@@ -111,6 +151,8 @@ class CompileClock:
                 self._lock_dir = None
         self._saved = (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook)
         knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = self._before, self._after
+        self._saved_tuner = Autotuner.check_disk_cache
+        Autotuner.check_disk_cache = self._tuner(self._saved_tuner)
         return self
 
     def __exit__(self, *exc):
@@ -119,6 +161,8 @@ class CompileClock:
         self._locks.clear()
         if self._saved is not None:
             from triton import knobs
+            from triton.runtime.autotuner import Autotuner
 
             knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = self._saved
+            Autotuner.check_disk_cache = self._saved_tuner
         return False

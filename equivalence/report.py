@@ -22,7 +22,7 @@ from .tolerance import FACTOR, FLOOR_UNITS
 CONFORMANCE_TEST = "test_conformance"
 WORST = "kdaverify_worst"  # the user_properties key a test's worst comparison travels under
 IMPL_SECONDS = "kdaverify_impl_seconds"  # ... and the time spent inside the implementation's calls
-COMPILES = "kdaverify_compiles"  # ... and how much of it compiled Triton kernels (compiles.CompileClock)
+COMPILES = "kdaverify_compiles"  # ... and how much of it compiled or autotuned Triton kernels (compiles.CompileClock)
 
 
 class Recorder:
@@ -36,10 +36,12 @@ class Recorder:
         """The wall time of the check spent inside the implementation's calls and the backward
         passes through its outputs (Implementation.timed; compiles and autotuning included),
         and, from a compiles.CompileClock, how many Triton kernels compiled in it and in
-        how many seconds."""
+        how many seconds, and how many autotunings timed their configs and in how many."""
         self.node.user_properties.append((IMPL_SECONDS, round(seconds, 3)))
-        if clock is not None and clock.compiles:
-            self.node.user_properties.append((COMPILES, [clock.compiles, round(clock.seconds, 3)]))
+        if clock is not None and (clock.compiles or clock.tunes):
+            tunes = sum(clock.tunes.values())
+            counts = [clock.compiles, round(clock.seconds, 3), tunes, round(clock.tune_seconds, 3)]
+            self.node.user_properties.append((COMPILES, counts))
 
     def __call__(self, verdict) -> None:
         if self.worst is None or verdict.ratio >= self.worst.ratio:
@@ -225,6 +227,10 @@ def time_line(rows: list[dict]) -> str:
     if compiles:
         seconds = sum(r.get("compile_seconds", 0.0) for r in rows)  # waits for other workers excluded
         line += f", {seconds:.1f} s of it compiling {compiles} Triton kernels"
+    tunes = sum(r.get("autotunes", 0) for r in rows)
+    if tunes:
+        seconds = sum(r.get("autotune_seconds", 0.0) for r in rows)
+        line += f", {seconds:.1f} s autotuning {tunes} times (the configs' compiles included)"
     return line
 
 
@@ -335,7 +341,9 @@ class ConformanceReport:
             row["impl_seconds"] = inside[-1]
         compiled = [v for k, v in report.user_properties if k == COMPILES]
         if compiled:
-            row["compiles"], row["compile_seconds"] = compiled[-1]
+            row["compiles"], row["compile_seconds"], *tuned = compiled[-1]
+            if tuned and tuned[0]:
+                row["autotunes"], row["autotune_seconds"] = tuned
         self.rows[(check, dtype)] = row
         self.write()  # after every check, so a run stopped by a time limit still leaves its report
 

@@ -97,6 +97,8 @@ def test_time_line_splits_implementation_from_suite():
     assert time_line([]) == "check time: 0.0 s, of which 0.0 s inside the implementation's calls"
     rows[0].update(compiles=7, compile_seconds=2.0)
     assert time_line(rows).endswith("inside the implementation's calls, 2.0 s of it compiling 7 Triton kernels")
+    rows[1].update(autotunes=2, autotune_seconds=1.5)
+    assert time_line(rows).endswith("7 Triton kernels, 1.5 s autotuning 2 times (the configs' compiles included)")
 
 
 def test_compile_clock_times_what_triton_compiles(tmp_path, monkeypatch):
@@ -206,3 +208,42 @@ def test_compile_clock_without_a_writable_cache_still_counts(tmp_path, monkeypat
         clock._before(key="x", repr="", fn=fn)
         clock._after(key="x", repr="", fn=fn)
     assert clock.compiles == 1 and clock._lock_dir is None
+
+
+def test_workers_autotune_one_key_once(tmp_path, monkeypatch):
+    """While one worker times the configs of a (kernel, tuning key), another asking for the same
+    key waits (then reads Triton's disk cache); another key does not wait. Tunings that timed
+    configs are counted, and the autotuner's method is put back."""
+    pytest.importorskip("triton")
+    from triton import knobs
+    from triton.runtime.autotuner import Autotuner
+
+    monkeypatch.setattr(knobs.cache, "dir", str(tmp_path))
+    disk, events, release = set(), [], threading.Event()
+
+    def check_disk_cache(tuner, tuning_key, configs, bench_fn):  # Triton's, without a GPU
+        if tuning_key in disk:
+            events.append(f"read {tuning_key}")
+            return True
+        events.append(f"tune {tuning_key}")
+        bench_fn()
+        disk.add(tuning_key)
+        return False
+
+    monkeypatch.setattr(Autotuner, "check_disk_cache", check_disk_cache)
+    tuner = types.SimpleNamespace(base_fn=types.SimpleNamespace(__name__="chunk_fwd"))
+    with CompileClock() as clock:
+        first = threading.Thread(target=Autotuner.check_disk_cache, args=(tuner, "x", [], lambda: release.wait(10)))
+        first.start()
+        time.sleep(0.2)
+        second = threading.Thread(target=Autotuner.check_disk_cache, args=(tuner, "x", [], lambda: None))
+        other = threading.Thread(target=Autotuner.check_disk_cache, args=(tuner, "y", [], lambda: None))
+        second.start(), other.start()
+        other.join(timeout=10)
+        time.sleep(0.3)
+        assert events == ["tune x", "tune y"]  # the second x still waits for the first
+        release.set()
+        first.join(timeout=10), second.join(timeout=10)
+    assert events == ["tune x", "tune y", "read x"]
+    assert clock.tunes == {"chunk_fwd": 2} and clock.tune_seconds >= 0.2
+    assert Autotuner.check_disk_cache is check_disk_cache

@@ -16,6 +16,7 @@ builder reads JSON only: it imports neither torch nor an engine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -61,23 +62,21 @@ def engine_version(entry) -> str | None:
 
 def _verify(cmd: list[str], log, timeout_s: float):
     """Run one `kdaverify verify` in a process group of its own; its exit code, or "timeout".
-    At the limit the whole group (pytest and its xdist workers) gets SIGINT, so that the suite
-    writes its report of the checks that finished, then SIGKILL after 30 s. Killing only the
-    parent left its workers running beside the next row (H100 run of 2026-11-28: every row
-    after the first timed out)."""
+    At the limit pytest gets SIGINT, as `timeout -s INT` gives it (it stops its xdist workers
+    and the suite's report keeps the checks that finished), then, 30 s later or once it has
+    exited, the whole group gets SIGKILL. Killing only the parent left its workers running
+    beside the next row (H100 run of 2026-11-28: every row after the first timed out)."""
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         return proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        for sig, grace in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=grace)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-            except ProcessLookupError:
-                break
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # what is left of the group: workers, the parent
+        proc.wait()
         return "timeout"
 
 

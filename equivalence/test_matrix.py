@@ -309,10 +309,20 @@ def test_a_row_past_its_limit_stops_with_its_workers(tmp_path):
         assert matrix._verify([sys.executable, "-c", script], log, timeout_s=3) == "timeout"
     assert time.monotonic() - started < 40
     child = int(pid_file.read_text())
-    for _ in range(50):  # reaped by init once killed: gone within moments
+
+    def alive(pid: int) -> bool:  # a zombie (killed, not yet reaped by whatever adopted it) is dead
         try:
-            os.kill(child, 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
+            return False
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return True
+
+    for _ in range(50):
+        if not alive(child):
             break
         time.sleep(0.1)
     else:

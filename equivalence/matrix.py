@@ -97,15 +97,26 @@ def scrub_paths(text: str, out: Path) -> str:
 
 
 def run(device: str, out: str, profile: str, only=None, timeout_s: float = 3600, extra=()) -> Path:
-    """Every entry through `kdaverify verify` on device; returns the folder (README.md built)."""
+    """Every entry (or those named in `only`) through `kdaverify verify` on device; returns the
+    folder (README.md built). A folder that already holds a run keeps the rows this run does
+    not redo, so a matrix too long for one sitting is made row by row (--only) into one folder;
+    every row records its engine's version, read where the engines are."""
     from kdaverify.perf.sweep import device_name
 
     name = device_name(device)
     folder = Path(out.replace("{slug}", slug(name)))
     folder.mkdir(parents=True, exist_ok=True)
+    before = json.loads((folder / RUN).read_text()) if (folder / RUN).exists() else {}
+    if before and (before.get("device"), before.get("profile")) != (name, profile):
+        raise ValueError(
+            f"out: {folder} holds a run on {before.get('device')} at profile {before.get('profile')}, "
+            f"not {name} at {profile}: expected an empty folder or one of the same device and profile"
+        )
+    kept = {r["name"]: r for r in before.get("rows", [])}
     rows = []
     for entry in public_kernels.MATRIX:
         if only and entry.name not in only:
+            rows.append(kept.get(entry.name) or {"name": entry.name, "version": engine_version(entry)})
             continue
         row = {"name": entry.name, "version": engine_version(entry), "reason": plan(entry, device)}
         if row["reason"] is None:
@@ -116,10 +127,13 @@ def run(device: str, out: str, profile: str, only=None, timeout_s: float = 3600,
             print(f"matrix: {entry.name}: {' '.join(cmd[2:])}", flush=True)
             log = folder / entry.name / "verify.log"
             log.parent.mkdir(parents=True, exist_ok=True)
+            for stale in ("report.json", "report.md"):  # an earlier run's report must not stand for this one
+                (log.parent / stale).unlink(missing_ok=True)
             with open(log, "w") as f:
                 code = _verify(cmd, f, timeout_s)
             log.write_text(scrub_paths(log.read_text(errors="replace"), folder))
             row.update(exit=code, seconds=round(time.monotonic() - started, 1))
+        row["date"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         rows.append(row)
         print(f"matrix: {entry.name}: {row.get('reason') or row.get('exit')}", flush=True)
     meta = {"device": name, "kind": device, "profile": profile, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC",

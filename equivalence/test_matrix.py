@@ -352,3 +352,28 @@ def test_reset_gates_no_moves_explicit_examples_to_finite_masks_and_parses():
     assert fitted(spec, Capabilities(reset_gates=False)) == spec.with_(gate="masked")
     assert fitted(spec, Capabilities()) == spec
     assert options_from_strings({"reset_gates": "no"})["reset_gates"] is False
+
+
+def test_rows_run_in_separate_sittings_accumulate_in_one_folder(tmp_path, monkeypatch):
+    """`matrix --only A`, then `--only B`, into one folder: run.json holds both rows, each with
+    its engine version, and the rows not run keep theirs too; another device or profile is
+    refused rather than mixed in. A row that runs again loses its earlier report first."""
+    import kdaverify.perf.sweep as sweep
+
+    a, b = (e.name for e in ADAPTED[:2])
+    monkeypatch.setattr(sweep, "device_name", lambda device: "Fake GPU")
+    monkeypatch.setattr(matrix, "plan", lambda entry, device: None)
+    monkeypatch.setattr(matrix, "engine_version", lambda entry: "9.9")
+    monkeypatch.setattr(matrix, "_verify", lambda cmd, log, timeout_s: 0)
+    out = tmp_path / "m"
+    matrix.run("cuda", str(out), "gpu", only=[a])
+    (out / a / "report.md").write_text("a report")  # as if verify had written one
+    matrix.run("cuda", str(out), "gpu", only=[b])
+    rows = {r["name"]: r for r in json.loads((out / "run.json").read_text())["rows"]}
+    assert rows[a]["exit"] == 0 and rows[b]["exit"] == 0 and "date" in rows[a]
+    assert all(r["version"] == "9.9" for r in rows.values()) and len(rows) == len(public_kernels.MATRIX)
+    assert (out / a / "report.md").exists()  # a row not redone keeps its report
+    matrix.run("cuda", str(out), "gpu", only=[a])
+    assert not (out / a / "report.md").exists()  # redone: the stale report is gone
+    with pytest.raises(ValueError, match="out: .* holds a run on Fake GPU at profile gpu"):
+        matrix.run("cuda", str(out), "ci", only=[a])

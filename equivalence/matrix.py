@@ -232,7 +232,7 @@ def build(folder: Path) -> Path:
         f"error vs float64 (T {' / '.join(map(str, PERF_T))}) | time (DESIGN.md section 7 shapes) | report |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    counts = {"conforms": 0, "fails": 0, "other": 0, "not applicable": 0}
+    counts = {"conforms": 0, "fails": 0, "other": 0, "not applicable": 0, "not run": 0}
     for entry in public_kernels.MATRIX:
         row = ran.get(entry.name, {})
         version = row.get("version") or (engine_version(entry) if entry.engine in ENGINES else None) or ""
@@ -257,14 +257,15 @@ def build(folder: Path) -> Path:
             elif entry.adapter is None:
                 text, key = f"not applicable: {entry.why_not}", "not applicable"
             else:
-                text, key = "not run", "not applicable"
+                text, key = "not run", "not run"  # runnable, not selected in any sitting so far
         counts[key] += 1
         err, ms = perf_cells(perf, (entry.name, entry.adapter or entry.name))
         lines.append(f"| {entry.name} | {entry.what} | {version} | {decl} | {text} | {share} | {err} | {ms} | {link} |")
     lines += [
         "",
         f"Summary: {counts['conforms']} conform, {counts['fails']} fail at least one check, "
-        f"{counts['other']} did not finish, {counts['not applicable']} could not run here.",
+        f"{counts['other']} did not finish, {counts['not applicable']} could not run here"
+        + (f", {counts['not run']} not run yet." if counts["not run"] else "."),
         "",
     ]
     if perf_path:

@@ -282,6 +282,7 @@ def test_matrix_readme_from_synthetic_reports(tmp_path):
     flashkda = next(e for e in public_kernels.MATRIX if e.name == "flashkda")
     assert flashkda.why_not in lines["flashkda"] and "no adapter" in lines["flashkda"]
     assert "| fla | chunk_kda fwd |" in text and "1 conform, 1 fail at least one check, 1 did not finish" in text
+    assert text.count("| not run |") and f", {text.count('| not run |')} not run yet." in text  # not "could not run"
 
 
 def test_plan_on_a_cpu_marks_gpu_only_kernels(engines_missing):

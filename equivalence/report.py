@@ -36,7 +36,7 @@ class Recorder:
         """The wall time of the check spent inside the implementation's calls and the backward
         passes through its outputs (Implementation.timed; compiles and autotuning included),
         and, from a compiles.CompileClock, how many Triton kernels compiled in it and in
-        how many seconds, and how many autotunings timed their configs and in how many."""
+        how many seconds, and how many autotunings timed their configs and for how long."""
         self.node.user_properties.append((IMPL_SECONDS, round(seconds, 3)))
         if clock is not None and (clock.compiles or clock.tunes):
             tunes = sum(clock.tunes.values())

@@ -1,9 +1,12 @@
-"""The backward of chunk_kda (DESIGN.md section 4 read in reverse): two launches after a
+"""The backward of chunk_kda (DESIGN.md section 4 read in reverse): three launches after a
 forward that kept the state entering every chunk (kda_chunk_inter, STORE_H).
 
     chunk_dh_recurrence  (NV * N*HV)   dh [NC, HV, K, V]: the adjoint of each chunk's end state,
                                        walking the chunks of a sequence backwards; dh0
-    chunk_grads          (NC * B*HV)   dq, dk (per value head), dv, dg, dbeta of one chunk
+    chunk_grads          (NC * B*HV)   dv, and the terms of dq, dk, dG, dbeta that sum over V;
+                                       the pair weights P, dL [B*T, HV, BT]
+    chunk_pair_grads     (NC * B*HV)   the pair terms (below) added to dq, dk (per value
+                                       head), dG and dbeta; dg = dG's reverse cumulative sum
 
 Per chunk, with the forward's quantities (tokens r of the chunk, G the in-chunk cumulative
 sum of g, S0 the state entering it, SC the one leaving it, Minv = (I + L)^{-1} and
@@ -37,7 +40,7 @@ reverse cumulative sum of dG.
 
 Everything is fp32 except the dot operands, rounded as in the forward (DOT_DTYPE,
 PRECISION). Memory: the forward keeps G, Aqk, M, Minv and h (4 NC HV K V bytes); the backward
-adds dh (the same size) and fp32 dq, dk, dg per value head.
+adds dh (the same size), fp32 dq, dk, dg per value head, and P and dL (2 x 4 B T HV BT bytes).
 """
 
 from __future__ import annotations

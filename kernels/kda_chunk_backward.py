@@ -1,12 +1,13 @@
-"""The backward of chunk_kda (DESIGN.md section 4 read in reverse): three launches after a
+"""The backward of chunk_kda (DESIGN.md section 4 read in reverse): four launches after a
 forward that kept the state entering every chunk (kda_chunk_inter, STORE_H).
 
     chunk_dh_recurrence  (NV * N*HV)   dh [NC, HV, K, V]: the adjoint of each chunk's end state,
                                        walking the chunks of a sequence backwards; dh0
     chunk_grads          (NC * B*HV)   dv, and the terms of dq, dk, dG, dbeta that sum over V;
                                        the pair weights P, dL [B*T, HV, BT]
-    chunk_pair_grads     (NC * B*HV)   the pair terms (below) added to dq, dk (per value
-                                       head), dG and dbeta; dg = dG's reverse cumulative sum
+    chunk_pair_grads     (NC * B*HV * NB)  the pair terms (below) of one 16-token sub-chunk's
+                                       rows added to dq, dk (per value head), dG and dbeta
+    chunk_dg_cumsum      (NC * B*HV)   dg = dG's reverse cumulative sum inside each chunk
 
 Per chunk, with the forward's quantities (tokens r of the chunk, G the in-chunk cumulative
 sum of g, S0 the state entering it, SC the one leaving it, Minv = (I + L)^{-1} and
@@ -27,16 +28,14 @@ L[r, i] = beta_r sum_d K_rd K_id exp(G_rd - G_id) feed dQ, dK and dG through
 rowpair(P, Y)[r, d] = sum_{i <= r} P_ri Y_id exp(G_rd - G_id) and
 colpair(P, Y)[i, d] = sum_{r >= i} P_ri Y_rd exp(G_rd - G_id). Both are split as the forward
 splits Aqk and L (kda_chunk_intra): on BC = 16-token sub-chunks, the pairs of one sub-chunk
-(the diagonal blocks) are formed elementwise in fp32, BC steps that each gather one token of
-every row's sub-chunk and serve both sums; the blocks below the diagonal are tensor-core dots
-around the anchor a = the first row of the rows' sub-chunk, exp(G_r - G_a) exp(G_a - G_i).
-Every exponent is a later token's G minus an earlier one's (r >= a >= i, or r >= i): never
-positive, whatever the gates (no exp(G) * exp(-G) factorisation). Cost per chunk: 16
-elementwise [BT, BK] steps and 12 products, where one column i at a time took 64 elementwise
-steps: chunk_grads 37.1 -> 22.0 ms at B1 T16K H32 K = V = 128 bf16 (H100, kernels/NOTES.md).
-With 16-bit dots each product is three dots (mma_hilo): the pair terms' dG contributions
-cancel in dg, and one bf16 dot each was too coarse for dg. Finally dg = the in-chunk
-reverse cumulative sum of dG.
+(the diagonal blocks) are formed elementwise in fp32, BC steps that each take one token of
+the sub-chunk and serve both sums; the blocks off the diagonal are tensor-core dots around
+an anchor a, exp(G_r - G_a) exp(G_a - G_i) with i < a <= r: the rows' sub-chunk's first
+token for their earlier columns, the next sub-chunk's first token for the columns' later
+rows. Every exponent is a later token's G minus an earlier one's: never positive, whatever
+the gates (no exp(G) * exp(-G) factorisation). With 16-bit dots each product is three dots
+(mma_hilo): the pair terms' dG contributions cancel in dg, and one bf16 dot each was too
+coarse for dg. Finally dg = the in-chunk reverse cumulative sum of dG.
 
 Everything is fp32 except the dot operands, rounded as in the forward (DOT_DTYPE,
 PRECISION). Memory: the forward keeps G, Aqk, M, Minv and h (4 NC HV K V bytes); the backward

@@ -28,7 +28,7 @@ import triton.language as tl
 from kdaverify.equivalence.capabilities import Capabilities
 from kdaverify.reference.gates import beta_activation, kda_gate, l2norm
 
-from .kda_chunk_backward import chunk_dh_recurrence, chunk_grads, chunk_pair_grads
+from .kda_chunk_backward import chunk_dg_cumsum, chunk_dh_recurrence, chunk_grads, chunk_pair_grads
 from .kda_chunk_inter import chunk_recurrence
 from .kda_chunk_intra import chunk_gate_cumsum, chunk_pairs, chunk_solve
 from .runtime import Call, Gate, check_call, check_gate, launch_fitting, state_out
@@ -69,8 +69,9 @@ class ChunkBlocks:
     BK_INTRA: int = 64
     PAIRS_WARPS: int = 4
     SOLVE_WARPS: int = 4
-    # chunk_pair_grads: ptxas at sm_90 (kernels/sm90_fit.py --usage), bf16 K = 128: 2684 bytes
-    # of spill stores on 8 warps against 5700 on 4
+    # chunk_pair_grads (one program per sub-chunk): ptxas at sm_90 (kernels/sm90_fit.py
+    # --usage), K = 128: spill stores 172 B (bf16) and 12 B (fp32) on 8 warps, 784 and 652 B
+    # on 4, 640 and 608 B on 2
     PAIR_GRADS_WARPS: int = 8
 
     def bk(self, K: int) -> int:
@@ -372,10 +373,15 @@ def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, R
          c.scale, T, plan.NT, plan.NBH),
         BC=BLOCKS.BC, **{**common, "BK": BKG, "num_warps": BLOCKS.warps(BKG)},
     )  # fmt: skip
-    chunk_pair_grads[(plan.NC * plan.NBH,)](
+    BKP = BLOCKS.bk_pair_grads(K, dot_dtype)
+    chunk_pair_grads[(plan.NC * plan.NBH * (BT // BLOCKS.BC),)](
         q, k, G, Rs, beta, P, DL, dq, dk, dg, dbeta, c.cu_seqlens, plan.chunks, T, plan.NBH,
-        H=H, HV=HV, K=K, BT=BT, BC=BLOCKS.BC, BK=BLOCKS.bk_pair_grads(K, dot_dtype), IS_VARLEN=plan.varlen,
+        H=H, HV=HV, K=K, BT=BT, BC=BLOCKS.BC, BK=BKP, IS_VARLEN=plan.varlen,
         RESETS=Rs is not None, DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=BLOCKS.PAIR_GRADS_WARPS,
+    )  # fmt: skip
+    chunk_dg_cumsum[(plan.NC * plan.NBH,)](
+        dg, Rs, c.cu_seqlens, plan.chunks, T, plan.NBH,
+        HV=HV, K=K, BT=BT, BK=BKP, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
     )  # fmt: skip
     group = HV // H
     dq = dq.view(B, T, H, group, K).sum(3).to(q.dtype)

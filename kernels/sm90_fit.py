@@ -117,7 +117,7 @@ def first_fit(kernel: str, dtype: str, K: int, V: int, usage: bool = False) -> d
         configs, warps = [{}], BLOCKS.PAIR_GRADS_WARPS
     else:
         configs = BLOCKS.fitting(BLOCKS.bv(K, V), dot, reload=kernel == "grads" and BK >= 256)
-        warps = BLOCKS.warps(BK)
+        warps = BLOCKS.recurrence_warps(K) if kernel == "recurrence" else BLOCKS.warps(BK)
     for config in configs:
         meta = {n: v for n, v in config.items() if n != "num_stages"}
         compiled = compile_sm90(fn, dtype, {**consts, **meta}, warps, config.get("num_stages", 3))

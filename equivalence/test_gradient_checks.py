@@ -100,10 +100,11 @@ def test_reduced_precision_kernels_are_judged():
             CHECKS[check].fn(Harness(wrong, torch.float32), CASE)
 
 
-class _SlowBackward(torch.autograd.Function):
-    """Identity whose backward takes at least DELAY seconds."""
+class _Probe(torch.autograd.Function):
+    """Identity whose backward sleeps DELAY seconds and adds EXTRA to the gradient."""
 
-    DELAY = 0.2
+    DELAY = 0.0
+    EXTRA = 0.0
 
     @staticmethod
     def forward(ctx, x):
@@ -111,12 +112,12 @@ class _SlowBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dx):
-        time.sleep(_SlowBackward.DELAY)
-        return dx
+        time.sleep(_Probe.DELAY)
+        return dx + _Probe.EXTRA
 
 
 def slow_backward_recurrence(q, *args, **kw):
-    return reference_recurrent_kda(_SlowBackward.apply(q), *args, **kw)
+    return reference_recurrent_kda(_Probe.apply(q), *args, **kw)
 
 
 slow_backward_recurrence.kdaverify_capabilities = Capabilities(backward=True)
@@ -126,5 +127,41 @@ def test_backward_time_counts_as_the_implementations():
     """A gradient check's backward pass through the implementation is timed as the
     implementation's (impl_seconds), not as the suite's: at least the backward's own sleep."""
     impl = load_implementation(slow_backward_recurrence)
-    CHECKS["grad_determinism"].fn(Harness(impl, torch.float32), CASE)  # two backward passes
-    assert impl.seconds >= 2 * _SlowBackward.DELAY, f"{impl.seconds:.3f} s counted as the implementation's"
+    _Probe.DELAY = 0.2
+    try:
+        CHECKS["grad_determinism"].fn(Harness(impl, torch.float32), CASE)  # two backward passes
+    finally:
+        _Probe.DELAY = 0.0
+    assert impl.seconds >= 2 * 0.2, f"{impl.seconds:.3f} s counted as the implementation's"
+
+
+def dg_offset_recurrence(q, k, v, g, *args, **kw):
+    """The float32 recurrence whose dg is off by _Probe.EXTRA."""
+    return reference_recurrent_kda(q, k, v, _Probe.apply(g), *args, **kw)
+
+
+dg_offset_recurrence.kdaverify_capabilities = Capabilities(backward=True)
+
+
+@pytest.mark.parametrize(("offset", "passes"), [(1e-9, True), (1e-4, False)])
+def test_zero_gate_gradient_judged_against_its_terms(offset, passes):
+    """Where the exact dg is identically zero (T = 1, no initial state), a dg off by a
+    rounding residue of the terms a chunked kernel cancels (1e-9 of them: gradients.sensitivity)
+    passes, one off by 1e-4 of them fails (float32 budget: 2 unit roundoffs, 1.2e-7)."""
+    from kdaverify.equivalence.gradients import cotangents, oracle_grads, sensitivity
+
+    spec = CaseSpec(B=1, T=1, H=1, G=2, K=8, V=8, gate="logsigmoid", input_scale=0.01, h0=False, seed=3)
+    h = Harness(load_implementation(dg_offset_recurrence), torch.float32)
+    t = h.inputs(spec.arrays())
+    do, dht = cotangents(spec, torch.float32, "cpu", "o and final_state")
+    want = oracle_grads(t, do, dht, spec.scale)
+    assert not want["g"].any(), "the case must have an identically zero dg"
+    _Probe.EXTRA = offset * sensitivity(t, want)
+    try:
+        if passes:
+            CHECKS["grad_oracle"].fn(h, spec)
+        else:
+            with pytest.raises(AssertionError, match="dg"):
+                CHECKS["grad_oracle"].fn(h, spec)
+    finally:
+        _Probe.EXTRA = 0.0

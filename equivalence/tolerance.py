@@ -83,12 +83,21 @@ def as_f64(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def errors(x, target) -> Errors:
-    """Errors of x against target; a non-finite x (or a shape mismatch) is infinitely wrong."""
+def errors(x, target, zero_scale: float | None = None) -> Errors:
+    """Errors of x against target; a non-finite x (or a shape mismatch) is infinitely wrong.
+
+    zero_scale: for a target that may be identically zero while x is computed as a sum of
+    terms that cancel (a gradient such as dg at T = 1 with no initial state, see
+    gradients.zero_scales), the magnitude of those terms. When the target is all zero, the
+    errors are then relative to it (rms and max of |x| / zero_scale; no bias: a zero target
+    has no direction); without it, an all-zero target must be matched exactly."""
     x, target = as_f64(x), as_f64(target)
     if x.shape != target.shape or not np.all(np.isfinite(x)):
         return Errors(float("inf"), float("inf"), float("inf"))
     d = x - target
+    if zero_scale is not None and zero_scale > 0 and not target.any():
+        e = np.abs(d) / zero_scale
+        return Errors(float(np.sqrt(np.mean(e * e))) if e.size else 0.0, float(e.max(initial=0.0)), 0.0)
     tiny = np.finfo(np.float64).tiny  # an all-zero target must be matched exactly
     # norms taken after scaling by the largest |target|, so squares neither overflow nor underflow
     top = max(np.abs(target).max(initial=0.0), tiny)
@@ -143,10 +152,13 @@ def budget_for(reference: Errors, dtype: torch.dtype, n_eff: float = 1.0) -> Err
     )
 
 
-def judge(what: str, x, target, reference_errors: list[Errors], dtype: torch.dtype) -> Verdict:
+def judge(
+    what: str, x, target, reference_errors: list[Errors], dtype: torch.dtype, zero_scale: float | None = None
+) -> Verdict:
     """Compare x with target under the rule. reference_errors: how far the same-precision
     references land (from the oracle, or from the relation being checked); the worst of
-    them scales the budget."""
+    them scales the budget. zero_scale: as errors' (the references' errors must be measured
+    with the same one)."""
     if not reference_errors:
         raise ValueError("reference_errors: expected at least one measured reference error")
     ref = Errors(
@@ -156,6 +168,6 @@ def judge(what: str, x, target, reference_errors: list[Errors], dtype: torch.dty
     )
     if not np.isfinite(ref.rel_rms):
         raise RuntimeError(f"{what}: a same-precision reference is not finite; the case is out of range")
-    measured = errors(x, target)
+    measured = errors(x, target, zero_scale)
     budget = budget_for(ref, dtype, measured.n_eff)
     return Verdict(what, measured, budget, ref, str(dtype).replace("torch.", ""))

@@ -8,7 +8,8 @@ initial_state, taken by torch.autograd, are held to the float64 adjoint oracle
 gradient separately, under the tolerance rule of tolerance.py.
 
 The same-precision references of a gradient are autograd through the float32 recurrence
-and through the float32 chunkwise oracle at chunk sizes 64 and 16 (the forward's set,
+(its decays formed as GPU kernels form them, reference.exp_via_exp2) and through the
+float32 chunkwise oracle at chunk sizes 64 and 16 (the forward's set,
 relations.Harness.references), each gradient rounded to the dtype of the input it belongs
 to; the worst of them scales the budget, as in the forward. Both ways are legitimate at
 this precision and their errors differ: over 70 tokens with strong gates the chunkwise
@@ -34,16 +35,17 @@ import contextlib
 import numpy as np
 import torch
 from kdaverify.reference import (
+    exp_via_exp2,
     kda_chunkwise,
     kda_gate,
     kda_gate_backward_np,
+    kda_recurrent,
     kda_recurrent_backward_np,
     kda_recurrent_np,
     l2norm,
     l2norm_backward_np,
 )
 
-from .adapters import reference_recurrent_kda
 from .cases import CaseSpec
 from .tolerance import as_f64, errors, judge
 
@@ -116,8 +118,9 @@ def reference_calls(scale, precision: str | None = None) -> list:
         def fn(t):
             args = (t["q"], t["k"], t["v"], t["g"], t["beta"])
             kw = dict(scale=scale, initial_state=t["initial_state"], output_final_state=True)
-            if chunk is None:
-                return reference_recurrent_kda(*args, cu_seqlens=t["cu_seqlens"], **kw)
+            if chunk is None:  # decays formed as GPU kernels form them (relations.Harness.references)
+                o, S = kda_recurrent(*(x.float() for x in args), cu_seqlens=t["cu_seqlens"], exp=exp_via_exp2, **kw)
+                return o.to(t["q"].dtype), S
             o, S = kda_chunkwise(
                 *(x.float() for x in args), cu_seqlens=t["cu_seqlens"], chunk_size=chunk, matmul_precision=precision,
                 **kw,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from hypothesis import reject
-from kdaverify.reference import kda_chunkwise, kda_gate, kda_recurrent, kda_recurrent_np, l2norm
+from kdaverify.reference import exp_via_exp2, kda_chunkwise, kda_gate, kda_recurrent, kda_recurrent_np, l2norm
 
 from . import large_offsets
 from .cases import CaseSpec
@@ -82,10 +82,14 @@ class Harness:
     def references(self, scale=None, chunks=(*REFERENCE_CHUNKS, None)) -> list[Callable[[dict], tuple]]:
         """Same-precision references, as functions of the inputs: what correct kernels of
         this class achieve. The chunkwise oracle in float32 with the declared matmul
-        precision at chunk sizes 64 and 16, and the float32 recurrence, each output rounded
-        to the input dtype. The worst of them scales a budget: one reference's error on a
-        small case is a noisy estimate (a chunking can be lucky), and each is a legitimate
-        way to compute KDA at this precision, so a correct kernel may land where any does."""
+        precision at chunk sizes 64 and 16, and the float32 recurrence with its decays formed
+        as GPU kernels form them (reference.exp_via_exp2: under strong gates its error is
+        about |g| unit roundoffs per decay, which torch.exp's is not; with torch.exp the
+        budget failed flash-linear-attention's fused_recurrent_kda at 1.02 of it on beta_zero,
+        an H200, 17 tokens of g to -20), each output rounded to the input dtype. The worst
+        of them scales a budget: one reference's error on a small case is a noisy estimate
+        (a chunking can be lucky), and each is a legitimate way to compute KDA at this
+        precision, so a correct kernel may land where any does."""
         precision = self.impl.caps.matmul_precision(self.dtype)
 
         def make(chunk):
@@ -96,7 +100,7 @@ class Harness:
                 h0 = cpu["initial_state"]
                 h0 = None if h0 is None else h0.float()
                 if chunk is None:
-                    o, S = kda_recurrent(*args, initial_state=h0, **kw)
+                    o, S = kda_recurrent(*args, initial_state=h0, exp=exp_via_exp2, **kw)
                 else:
                     o, S = kda_chunkwise(*args, initial_state=h0, chunk_size=chunk, matmul_precision=precision, **kw)
                 return o.to(self.dtype), S

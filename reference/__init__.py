@@ -20,7 +20,7 @@ from .conventions import Dims, check_kda
 from .dplr import dplr_recurrent, dplr_recurrent_np, kda_as_dplr
 from .gates import beta_activation, check_gate_args, kda_gate, l2norm
 from .gates_backward import beta_activation_backward_np, kda_gate_backward_np, l2norm_backward_np
-from .kda import kda_recurrent, kda_recurrent_np
+from .kda import exp_via_exp2, kda_recurrent, kda_recurrent_np
 from .kda_backward import kda_recurrent_backward_np
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "compose_affine",
     "dplr_recurrent",
     "dplr_recurrent_np",
+    "exp_via_exp2",
     "kda_as_dplr",
     "kda_chunkwise",
     "kda_gate",

@@ -17,6 +17,8 @@ the loop still visits each of the T tokens exactly once.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -79,9 +81,22 @@ def kda_recurrent_np(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     return o, (S if output_final_state else None)
 
 
-def _scan_torch(q, k, v, g, beta, scale, S):
+LOG2E = 1.4426950408889634  # log2(e)
+
+
+def exp_via_exp2(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) as GPU kernels form it: the product x log2(e) rounded to x's dtype, then exp2
+    (Triton's tl.exp and CUDA's __expf on float32 lower to a multiply and ex2.approx). The
+    rounded product makes the relative error about |x| unit roundoffs where torch.exp's is
+    under one: over 17 tokens of strong gates (g to -20) a float32 recurrence's final state
+    under beta = 0 lands 9.0e-7 from the float64 oracle this way against 7e-8 with torch.exp
+    (flash-linear-attention's fused_recurrent_kda measured 6.4e-7 on an H200)."""
+    return torch.exp2(x * LOG2E)
+
+
+def _scan_torch(q, k, v, g, beta, scale, S, exp=torch.exp):
     """Differentiable twin of _scan_np: no in-place update of a tensor autograd needs."""
-    decay = g.exp()
+    decay = exp(g)
     outs = []
     for t in range(v.shape[1]):
         S = S * decay[:, t, :, :, None]
@@ -92,14 +107,19 @@ def _scan_torch(q, k, v, g, beta, scale, S):
     return torch.stack(outs, dim=1), S
 
 
-def kda_recurrent(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+def kda_recurrent(
+    q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, exp=torch.exp
+):
     """KDA by its recurrence in PyTorch: any dtype and device, differentiable (KDA_EQ).
 
     Shapes as kda_recurrent_np. Everything, the state included, is computed in the dtype of
-    q (pass float64 for an oracle), and o and the final state are returned in it.
+    q (pass float64 for an oracle), and o and the final state are returned in it. exp: the
+    exponential the decays exp(g_t) are formed with (torch.exp, or exp_via_exp2 as a GPU
+    kernel forms them).
     """
     dims, scale, spans = check_kda(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     k, v, g, beta = (x.to(q.dtype) for x in (k, v, g, beta))
     tensors = (expand_heads(q, dims.HV), expand_heads(k, dims.HV), v, g, beta)
-    o, S = run_torch(_scan_torch, tensors, scale, dims, initial_state, spans, cu_seqlens is not None)
+    scan = functools.partial(_scan_torch, exp=exp)
+    o, S = run_torch(scan, tensors, scale, dims, initial_state, spans, cu_seqlens is not None)
     return o, (S if output_final_state else None)

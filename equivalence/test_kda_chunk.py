@@ -336,6 +336,32 @@ def test_reload_config_changes_no_bit(impl, monkeypatch):
         assert torch.equal(d, got[True][n]), f"d{n}: RELOAD changed the result"
 
 
+DIAG_CASES = [  # (spec, dtype, L2 norm in the kernel)
+    (CASES[6], "float32", False),  # packed, length-1 sequences, masked gates, GVA, initial state
+    (CaseSpec(T=40, K=5, V=7, H=2, G=2, h0=True, seqlens=(3, 21, 16), gate="reset", seed=48), "bfloat16", True),
+    (CaseSpec(T=40, K=80, V=24, G=2, h0=True, gate="strong", seed=47), "float32", True),  # two K blocks of 64
+]
+
+
+@pytest.mark.parametrize(("spec", "dtype", "l2"), DIAG_CASES, ids=[_id(c[0]) for c in DIAG_CASES])
+def test_diagonal_tile_forms_agree_bitwise(spec, dtype, l2, monkeypatch):
+    """chunk_pairs' diagonal tile in one [BC, BC, BK] step (DIAG3D, the interpreter's form) and
+    in BC column steps (the GPU's form) give the same o and final state, bit for bit: the
+    interpreter's runs of the suite check the GPU's form through this test."""
+    from dataclasses import replace
+
+    from kdaverify.kernels import kda_chunk
+
+    h = Harness(DEFAULT, DTYPES[dtype])
+    t = h.inputs(spec.arrays())
+    got = []
+    for diag3d in (False, True):
+        monkeypatch.setattr(kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, DIAG3D=diag3d))
+        got.append(DEFAULT.call(t, scale=spec.scale, use_qk_l2norm_in_kernel=l2))
+    for a, b, name in zip(*got, ("o", "final_state"), strict=True):
+        assert torch.equal(a, b), f"{name}: the two forms of the diagonal tile differ"
+
+
 def test_bfloat16_backward_is_deterministic_and_typed():
     """The bf16 backward is deterministic, finite and returns each gradient in its input's dtype."""
     spec = GRAD_CASES[1]

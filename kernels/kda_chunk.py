@@ -31,7 +31,7 @@ from kdaverify.reference.gates import beta_activation, kda_gate, l2norm
 from .kda_chunk_backward import chunk_dg_cumsum, chunk_dh_recurrence, chunk_grads, chunk_pair_grads
 from .kda_chunk_inter import chunk_recurrence
 from .kda_chunk_intra import chunk_gate_cumsum, chunk_pairs, chunk_solve
-from .runtime import Call, Gate, check_call, check_gate, launch_fitting, state_out
+from .runtime import INTERPRET, Call, Gate, check_call, check_gate, launch_fitting, state_out
 
 PRECISIONS = (None, "ieee")
 # tl.dot precision of the (I + L)^{-1} solve in chunk_solve, per `precision` argument: never
@@ -73,6 +73,12 @@ class ChunkBlocks:
     # --usage), K = 128: spill stores 172 B (bf16) and 12 B (fp32) on 8 warps, 784 and 652 B
     # on 4, 640 and 608 B on 2
     PAIR_GRADS_WARPS: int = 8
+    # chunk_pairs' diagonal tile in one [BC, BC, BK] step (DIAG3D) rather than BC column steps:
+    # the same products and sums, bitwise equal under the interpreter. There each tl operation
+    # costs ~0.3 ms of Python whatever its size, so the one step is the faster form (a forward
+    # call at B1 T100 H2 K = V = 16 float32: 3.0 -> 0.83 s); on an H100 it was the slower one
+    # (chunk_pairs 2.58 -> 3.93 ms). test_kda_chunk holds the two forms bitwise equal.
+    DIAG3D: bool = INTERPRET
 
     def bk(self, K: int) -> int:
         return max(16, triton.next_power_of_2(K))  # tl.dot needs every tile dimension >= 16
@@ -296,7 +302,7 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     chunk_pairs[(plan.NC * plan.NBH * (BT // BC),)](
         c.q, c.k, G, Rs, c.beta, Aqk, L, QG, KG, KD, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
         H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BLOCKS.bk_intra(K), IS_VARLEN=plan.varlen, RESETS=Rs is not None,
-        num_warps=BLOCKS.PAIRS_WARPS, **flags,
+        DIAG3D=BLOCKS.DIAG3D, num_warps=BLOCKS.PAIRS_WARPS, **flags,
     )  # fmt: skip
     chunk_solve[grid](
         L, c.beta, M, Minv, c.cu_seqlens, plan.chunks, T, plan.NBH,

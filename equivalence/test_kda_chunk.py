@@ -345,21 +345,22 @@ DIAG_CASES = [  # (spec, dtype, L2 norm in the kernel)
 
 @pytest.mark.parametrize(("spec", "dtype", "l2"), DIAG_CASES, ids=[_id(c[0]) for c in DIAG_CASES])
 def test_diagonal_tile_forms_agree_bitwise(spec, dtype, l2, monkeypatch):
-    """chunk_pairs' diagonal tile in one [BC, BC, BK] step (DIAG3D, the interpreter's form) and
-    in BC column steps (the GPU's form) give the same o and final state, bit for bit: the
-    interpreter's runs of the suite check the GPU's form through this test."""
+    """chunk_pairs' diagonal tile in column steps (DIAG_COLS = 1, the GPU's form) and in steps
+    of 4 and 16 columns (16: the interpreter's form) give the same o and final state, bit for
+    bit: the interpreter's runs of the suite check the GPU's form through this test."""
     from dataclasses import replace
 
     from kdaverify.kernels import kda_chunk
 
     h = Harness(DEFAULT, DTYPES[dtype])
     t = h.inputs(spec.arrays())
-    got = []
-    for diag3d in (False, True):
-        monkeypatch.setattr(kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, DIAG3D=diag3d))
-        got.append(DEFAULT.call(t, scale=spec.scale, use_qk_l2norm_in_kernel=l2))
-    for a, b, name in zip(*got, ("o", "final_state"), strict=True):
-        assert torch.equal(a, b), f"{name}: the two forms of the diagonal tile differ"
+    got = {}
+    for cols in (1, 4, 16):
+        monkeypatch.setattr(kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, DIAG_COLS=cols))
+        got[cols] = DEFAULT.call(t, scale=spec.scale, use_qk_l2norm_in_kernel=l2)
+    for cols in (4, 16):
+        for a, b, name in zip(got[1], got[cols], ("o", "final_state"), strict=True):
+            assert torch.equal(a, b), f"{name}: {cols} columns per step differ from the column loop"
 
 
 def test_bfloat16_backward_is_deterministic_and_typed():

@@ -73,12 +73,13 @@ class ChunkBlocks:
     # --usage), K = 128: spill stores 172 B (bf16) and 12 B (fp32) on 8 warps, 784 and 652 B
     # on 4, 640 and 608 B on 2
     PAIR_GRADS_WARPS: int = 8
-    # chunk_pairs' diagonal tile in one [BC, BC, BK] step (DIAG3D) rather than BC column steps:
-    # the same products and sums, bitwise equal under the interpreter. There each tl operation
-    # costs ~0.3 ms of Python whatever its size, so the one step is the faster form (a forward
-    # call at B1 T100 H2 K = V = 16 float32: 3.0 -> 0.83 s); on an H100 it was the slower one
-    # (chunk_pairs 2.58 -> 3.93 ms). test_kda_chunk holds the two forms bitwise equal.
-    DIAG3D: bool = INTERPRET
+    # chunk_pairs' diagonal tile: DIAG_COLS columns per step (kda_chunk_intra.chunk_pairs). Under
+    # the interpreter each tl operation costs ~0.3 ms of Python whatever its size, so one step
+    # of all BC columns is the faster form there (a forward call at B1 T100 H2 K = V = 16
+    # float32: 3.0 -> 0.83 s). On the GPU the column loop (1) stays until 2, 4, 8 are
+    # measured; all BC columns at once inside the K loop was slower on an H100 (chunk_pairs
+    # 2.58 -> 3.93 ms). test_kda_chunk holds every form bitwise equal to the loop.
+    DIAG_COLS: int = 16 if INTERPRET else 1
 
     def bk(self, K: int) -> int:
         return max(16, triton.next_power_of_2(K))  # tl.dot needs every tile dimension >= 16
@@ -302,7 +303,7 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     chunk_pairs[(plan.NC * plan.NBH * (BT // BC),)](
         c.q, c.k, G, Rs, c.beta, Aqk, L, QG, KG, KD, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
         H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BLOCKS.bk_intra(K), IS_VARLEN=plan.varlen, RESETS=Rs is not None,
-        DIAG3D=BLOCKS.DIAG3D, num_warps=BLOCKS.PAIRS_WARPS, **flags,
+        DIAG_COLS=BLOCKS.DIAG_COLS, num_warps=BLOCKS.PAIRS_WARPS, **flags,
     )  # fmt: skip
     chunk_solve[grid](
         L, c.beta, M, Minv, c.cu_seqlens, plan.chunks, T, plan.NBH,

@@ -308,7 +308,7 @@ def chunk_pairs(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, DIAG3D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, DIAG_COLS: tl.constexpr,
 ):  # fmt: skip
     """The rows of one sub-chunk I (BC tokens) of one chunk of one value head: Aqk [BC, BT]
     (diagonal included; in the Aqk buffer's dtype) and L = StrictTril(Diag(beta) ...) [BC, BT]
@@ -322,10 +322,13 @@ def chunk_pairs(
     and the [BT, BT] solve (3.3 ms at B1 T16K H32 on an H100, 4 warps). K is summed in blocks
     of BK; the L2 norm takes a first pass for the row norms.
 
-    Columns of the sub-chunk itself (the diagonal tile): one column j per step, elementwise,
-    exp(G_r - G_j) masked to j <= r; with DIAG3D all [BC, BC] pairs in one [BC, BC, BK] step
-    instead (the same products and sums: bitwise equal under the interpreter, where it is
-    the faster form; on an H100 it was 1.5x slower, 2.58 -> 3.93 ms, kernels/NOTES.md).
+    Columns of the sub-chunk itself (the diagonal tile): elementwise, exp(G_r - G_j) masked to
+    j <= r. With DIAG_COLS = 1, one column j per step inside the loop over K blocks, added
+    into the [BC, BT] accumulators; with DIAG_COLS = DC > 1, after that loop, DC columns per
+    step as [BC, DC, BK] products, each step's [BC, DC] block stored on its own (the same
+    products and sums in the same order: bitwise equal under the interpreter). DC = BC is the
+    interpreter's form (one step); on an H100 its forerunner, all [BC, BC] pairs at once in
+    the K loop, was 1.5x slower than the column loop (2.58 -> 3.93 ms, kernels/NOTES.md).
     Earlier columns (sub-chunks J < I): one dot around the anchor a = the first row of
     sub-chunk I, exp(G_r - G_a) exp(G_a - G_i), both <= 0."""
     NB: tl.constexpr = BT // BC
@@ -362,8 +365,6 @@ def chunk_pairs(
 
         a_qk = tl.zeros([BC, BT], dtype=tl.float32)
         a_kk = tl.zeros([BC, BT], dtype=tl.float32)
-        d_qk = tl.zeros([BC, BC], dtype=tl.float32)  # DIAG3D: the diagonal tile's columns
-        d_kk = tl.zeros([BC, BC], dtype=tl.float32)
         for i_k in range(0, (K + BK - 1) // BK):
             cols = i_k * BK + tl.arange(0, BK)
             q_r = load_rows(q, rows, m, H, i_h, cols, K)
@@ -381,14 +382,7 @@ def chunk_pairs(
             tl.store(KD + ops, round_to(k_r * e_d, KD.dtype.element_ty), mask=m_ops)
             q_r = q_r * scale
 
-            if DIAG3D:  # the diagonal tile at once: its own rows are its columns
-                use = ((o[:, None] >= o[None, :]) & m[:, None] & m[None, :])[:, :, None] & (
-                    cnt_r[:, None, :] == cnt_r[None, :, :]
-                )  # j <= r, inside the sequence, in the same reset segment
-                k_d = k_r[None, :, :] * tl.exp(tl.where(use, g_r[:, None, :] - g_r[None, :, :], float("-inf")))
-                d_qk += tl.sum(q_r[:, None, :] * k_d, axis=2)
-                d_kk += tl.sum(k_r[:, None, :] * k_d, axis=2)
-            else:  # the diagonal tile, one column j (token a + j) per step
+            if DIAG_COLS == 1:  # the diagonal tile, one column j (token a + j) per step
                 for j in range(BC):
                     src = a + j
                     ok = src < eos
@@ -421,17 +415,46 @@ def chunk_pairs(
                 a_kk += mma(k_r * e_r, k_p, DOT_DTYPE, PRECISION)
 
         out = (rows[:, None] * HV + i_hv) * BT + oc[None, :]
-        if DIAG3D:  # two stores on disjoint columns: the diagonal tile's from d_*, the rest from a_*
+        if DIAG_COLS == 1:
+            tl.store(Aqk + out, round_to(a_qk, Aqk.dtype.element_ty), mask=m[:, None])
+            tl.store(L + out, a_kk * b_r[:, None], mask=m[:, None])
+        else:  # every column but the diagonal tile's here (disjoint stores: no element written twice)
             off_diag = m[:, None] & ((oc < I * BC) | (oc >= I * BC + BC))[None, :]
             tl.store(Aqk + out, round_to(a_qk, Aqk.dtype.element_ty), mask=off_diag)
             tl.store(L + out, a_kk * b_r[:, None], mask=off_diag)
-            out = (rows[:, None] * HV + i_hv) * BT + I * BC + o[None, :]
-            tl.store(Aqk + out, round_to(d_qk, Aqk.dtype.element_ty), mask=m[:, None])
-            d_kk = tl.where(o[:, None] > o[None, :], d_kk, 0.0)  # L is strictly lower triangular
-            tl.store(L + out, d_kk * b_r[:, None], mask=m[:, None])
-        else:
-            tl.store(Aqk + out, round_to(a_qk, Aqk.dtype.element_ty), mask=m[:, None])
-            tl.store(L + out, a_kk * b_r[:, None], mask=m[:, None])
+            # the diagonal tile, DIAG_COLS columns jc (tokens a + jc) per step, summed over the
+            # K blocks in the loop's order; rows and columns read again (L1/L2 hits)
+            for s in range(BC // DIAG_COLS):
+                jc = s * DIAG_COLS + tl.arange(0, DIAG_COLS)
+                src = a + jc
+                ok = src < eos
+                d_qk = tl.zeros([BC, DIAG_COLS], dtype=tl.float32)
+                d_kk = tl.zeros([BC, DIAG_COLS], dtype=tl.float32)
+                for i_k in range(0, (K + BK - 1) // BK):
+                    cols = i_k * BK + tl.arange(0, BK)
+                    q_r = load_rows(q, rows, m, H, i_h, cols, K)
+                    k_r = load_rows(k, rows, m, H, i_h, cols, K)
+                    k_c = load_rows(k, src, ok, H, i_h, cols, K)
+                    if L2NORM:  # column jc is row jc of this sub-chunk: its norm is k_norm[jc]
+                        q_r = round_to(q_r / q_norm[:, None], q.dtype.element_ty).to(tl.float32)
+                        k_r = round_to(k_r / k_norm[:, None], k.dtype.element_ty).to(tl.float32)
+                        norm_c = tl.sum(tl.where(o[None, :] == jc[:, None], k_norm[None, :], 0.0), axis=1)
+                        k_c = round_to(k_c / norm_c[:, None], k.dtype.element_ty).to(tl.float32)
+                    q_r = q_r * scale
+                    g_r = load_rows(G, rows, m, HV, i_hv, cols, K)
+                    g_c = load_rows(G, src, ok, HV, i_hv, cols, K)
+                    same = (
+                        load_counts(Rs, rows, m, HV, i_hv, cols, K, RESETS)[:, None, :]
+                        == load_counts(Rs, src, ok, HV, i_hv, cols, K, RESETS)[None, :, :]
+                    )
+                    use = (m[:, None] & (o[:, None] >= jc[None, :]))[:, :, None] & same  # j <= r, in the sequence
+                    k_d = k_c[None, :, :] * tl.exp(tl.where(use, g_r[:, None, :] - g_c[None, :, :], float("-inf")))
+                    d_qk += tl.sum(q_r[:, None, :] * k_d, axis=2)
+                    d_kk += tl.sum(k_r[:, None, :] * k_d, axis=2)
+                out_d = (rows[:, None] * HV + i_hv) * BT + I * BC + jc[None, :]
+                tl.store(Aqk + out_d, round_to(d_qk, Aqk.dtype.element_ty), mask=m[:, None])
+                d_kk = tl.where(o[:, None] > jc[None, :], d_kk, 0.0)  # L is strictly lower triangular
+                tl.store(L + out_d, d_kk * b_r[:, None], mask=m[:, None])
 
 
 @triton.jit(do_not_specialize=["T", "NBH"])  # lengths: one compile for any T (NOTES.md, "Lengths not specialized")

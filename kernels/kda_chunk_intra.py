@@ -162,6 +162,18 @@ def load_rows(x, rows, mask, heads, head, cols, D: tl.constexpr):
 
 
 @triton.jit
+def load_qk_rows(q, k, rows, mask, H: tl.constexpr, i_h, cols, K: tl.constexpr, L2NORM: tl.constexpr, q_norm, k_norm):
+    """q and k at token rows as fp32 [len(rows), len(cols)] (load_rows); with L2NORM divided
+    by their row norms q_norm, k_norm and rounded to the input dtype, as the oracle's inputs."""
+    q_r = load_rows(q, rows, mask, H, i_h, cols, K)
+    k_r = load_rows(k, rows, mask, H, i_h, cols, K)
+    if L2NORM:
+        q_r = round_to(q_r / q_norm[:, None], q.dtype.element_ty).to(tl.float32)
+        k_r = round_to(k_r / k_norm[:, None], k.dtype.element_ty).to(tl.float32)
+    return q_r, k_r
+
+
+@triton.jit
 def load_counts(Rs, rows, mask, HV: tl.constexpr, i_hv, cols, K: tl.constexpr, RESETS: tl.constexpr):
     """Resets so far in the chunk at token rows, as int32 [len(rows), len(cols)]: from Rs
     [B*T, HV, K] int8 when the gate is given (RESETS), else zeros (a gate computed in the
@@ -362,16 +374,15 @@ def chunk_pairs(
             q_norm = tl.sqrt(q_ss + L2NORM_EPS)  # x / sqrt(sum x^2 + eps), as reference/gates.l2norm
             k_norm = tl.sqrt(k_ss + L2NORM_EPS)
             p_norm = tl.sqrt(p_ss + L2NORM_EPS)
+        else:  # not read (load_qk_rows takes them only with L2NORM)
+            q_norm = tl.full([BC], 1.0, tl.float32)
+            k_norm = tl.full([BC], 1.0, tl.float32)
 
         a_qk = tl.zeros([BC, BT], dtype=tl.float32)
         a_kk = tl.zeros([BC, BT], dtype=tl.float32)
         for i_k in range(0, (K + BK - 1) // BK):
             cols = i_k * BK + tl.arange(0, BK)
-            q_r = load_rows(q, rows, m, H, i_h, cols, K)
-            k_r = load_rows(k, rows, m, H, i_h, cols, K)
-            if L2NORM:
-                q_r = round_to(q_r / q_norm[:, None], q.dtype.element_ty).to(tl.float32)
-                k_r = round_to(k_r / k_norm[:, None], k.dtype.element_ty).to(tl.float32)
+            q_r, k_r = load_qk_rows(q, k, rows, m, H, i_h, cols, K, L2NORM, q_norm, k_norm)
             g_r = load_rows(G, rows, m, HV, i_hv, cols, K)
             cnt_r = load_counts(Rs, rows, m, HV, i_hv, cols, K, RESETS)  # a pair spans a reset: ratio 0
             e_g, e_d = row_decays(G, Rs, g_r, cnt_r, m, last, HV, i_hv, cols, K, RESETS)
@@ -432,12 +443,9 @@ def chunk_pairs(
                 d_kk = tl.zeros([BC, DIAG_COLS], dtype=tl.float32)
                 for i_k in range(0, (K + BK - 1) // BK):
                     cols = i_k * BK + tl.arange(0, BK)
-                    q_r = load_rows(q, rows, m, H, i_h, cols, K)
-                    k_r = load_rows(k, rows, m, H, i_h, cols, K)
+                    q_r, k_r = load_qk_rows(q, k, rows, m, H, i_h, cols, K, L2NORM, q_norm, k_norm)
                     k_c = load_rows(k, src, ok, H, i_h, cols, K)
                     if L2NORM:  # column jc is row jc of this sub-chunk: its norm is k_norm[jc]
-                        q_r = round_to(q_r / q_norm[:, None], q.dtype.element_ty).to(tl.float32)
-                        k_r = round_to(k_r / k_norm[:, None], k.dtype.element_ty).to(tl.float32)
                         norm_c = tl.sum(tl.where(o[None, :] == jc[:, None], k_norm[None, :], 0.0), axis=1)
                         k_c = round_to(k_c / norm_c[:, None], k.dtype.element_ty).to(tl.float32)
                     q_r = q_r * scale

@@ -363,6 +363,27 @@ def test_diagonal_tile_forms_agree_bitwise(spec, dtype, l2, monkeypatch):
             assert torch.equal(a, b), f"{name}: {cols} columns per step differ from the column loop"
 
 
+@pytest.mark.parametrize("cols", [1, 4, 16])
+@pytest.mark.parametrize(
+    ("spec", "impl", "dtype"),
+    [
+        (CaseSpec(T=70, K=40, V=24, G=2, h0=True, gate="strong", seed=49), IEEE, "float32"),
+        (CaseSpec(T=40, K=5, V=7, H=2, G=2, h0=True, seqlens=(3, 21, 16), gate="reset", seed=50), DEFAULT, "bfloat16"),
+    ],
+    ids=["strong-fp32-ieee", "reset-packed-bf16"],
+)
+def test_pair_grads_diagonal_widths_match_oracle(cols, spec, impl, dtype, monkeypatch):
+    """chunk_pair_grads' pairs inside a sub-chunk at every width (GRADS_DIAG_COLS: 1 is the
+    GPU's column loop, 16 the interpreter's one step) give gradients that pass the oracle
+    under the tolerance rule: the widths add the same terms in different orders."""
+    from dataclasses import replace
+
+    from kdaverify.kernels import kda_chunk
+
+    monkeypatch.setattr(kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, GRADS_DIAG_COLS=cols))
+    expect_gradients(Harness(impl, DTYPES[dtype]), f"pair grads, {cols} columns per step", spec)
+
+
 def test_bfloat16_backward_is_deterministic_and_typed():
     """The bf16 backward is deterministic, finite and returns each gradient in its input's dtype."""
     spec = GRAD_CASES[1]

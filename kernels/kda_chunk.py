@@ -80,6 +80,11 @@ class ChunkBlocks:
     # measured; all BC columns at once inside the K loop was slower on an H100 (chunk_pairs
     # 2.58 -> 3.93 ms). test_kda_chunk holds every form bitwise equal to the loop.
     DIAG_COLS: int = 16 if INTERPRET else 1
+    # chunk_pair_grads' pairs inside a sub-chunk, the same choice (its DIAG_COLS): the column
+    # loop on the GPU until other widths are measured, one step under the interpreter. Not
+    # bitwise equal across widths (the terms are added in another order): test_kda_chunk
+    # holds the widths within float32 rounding of each other and each to the oracle.
+    GRADS_DIAG_COLS: int = 16 if INTERPRET else 1
 
     def bk(self, K: int) -> int:
         return max(16, triton.next_power_of_2(K))  # tl.dot needs every tile dimension >= 16
@@ -393,7 +398,8 @@ def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, R
     chunk_pair_grads[(plan.NC * plan.NBH * (BT // BLOCKS.BC),)](
         q, k, G, Rs, beta, P, DL, dq, dk, dg, dbeta, c.cu_seqlens, plan.chunks, T, plan.NBH,
         H=H, HV=HV, K=K, BT=BT, BC=BLOCKS.BC, BK=BKP, IS_VARLEN=plan.varlen,
-        RESETS=Rs is not None, DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=BLOCKS.PAIR_GRADS_WARPS,
+        RESETS=Rs is not None, DOT_DTYPE=dot_dtype, PRECISION=dot_precision, DIAG_COLS=BLOCKS.GRADS_DIAG_COLS,
+        num_warps=BLOCKS.PAIR_GRADS_WARPS,
     )  # fmt: skip
     chunk_dg_cumsum[(plan.NC * plan.NBH,)](
         dg, Rs, c.cu_seqlens, plan.chunks, T, plan.NBH,

@@ -245,6 +245,7 @@ def chunk_pair_grads(
     q, k, G, Rs, beta, P, DL, dq, dk, dg, dbeta, cu_seqlens, chunks, T, NBH,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DIAG_COLS: tl.constexpr,
 ):  # fmt: skip
     """The pair terms of the rows of one sub-chunk I (BC tokens) of one chunk of one value
     head, from chunk_grads' P and dL, added to its partial dq, dk, dG [B*T, HV, K] and dbeta
@@ -254,7 +255,9 @@ def chunk_pair_grads(
     of I take their rowpair terms (columns i < r) and, as columns, their colpair terms (rows
     r > i). Three parts (the module docstring has the sums):
     - the pairs inside I, elementwise: BC steps over the token src = a + j (a = I's first
-      token), each a [BK] row of q, k, G broadcast over I's rows and [BC] columns of P, dL;
+      token), each a [BK] row of q, k, G broadcast over I's rows and [BC] columns of P, dL
+      (DIAG_COLS = 1); or BC / DC steps of DC tokens each, as [BC, DC, BK] products summed
+      over their DC axis (DIAG_COLS = DC > 1: the same terms added in another order);
     - rows of I, columns in earlier sub-chunks: dots around the anchor a, exp(G_r - G_a)
       exp(G_a - G_i), [BC, BT] x [BT, BK];
     - columns of I, rows in later sub-chunks: dots around the anchor a2 = the first token of
@@ -306,28 +309,56 @@ def chunk_pair_grads(
             # (rowpair: P[r, src] K_src exp(G_r - G_src), src < r) and as row of the earlier
             # columns (colpair: (P[src, i] Q_src + beta_src dL[src, i] K_src) exp(G_src - G_i),
             # src > i); a pair across a reset has ratio 0 (the counts differ)
-            for j in range(BC):
-                src = a + j
-                ok = src < eos
-                m_j = ok & (cols < K)
-                k_j = tl.load(k + (src * H + i_h) * K + cols, mask=m_j, other=0.0).to(tl.float32)
-                q_j = tl.load(q + (src * H + i_h) * K + cols, mask=m_j, other=0.0).to(tl.float32)
-                g_j = tl.load(G + (src * HV + i_hv) * K + cols, mask=m_j, other=0.0)
-                same = cnt_r == load_counts_row(Rs, src, ok, HV, i_hv, cols, K, RESETS)[None, :]
-                at_j = (rows * HV + i_hv) * BT + I * BC + j  # P[r, src] for each row r of I
-                p_r = tl.load(P + at_j, mask=m, other=0.0)
-                l_r = tl.load(DL + at_j, mask=m, other=0.0)
-                ke = k_j[None, :] * tl.exp(tl.where((m & (o > j))[:, None] & same, g_r - g_j[None, :], float("-inf")))
-                row_pq += p_r[:, None] * ke
-                row_pl += l_r[:, None] * ke
-                from_j = (src * HV + i_hv) * BT + I * BC + o  # P[src, i] for each column i of I
-                p_c = tl.load(P + from_j, mask=ok, other=0.0)
-                b_j = tl.load(beta + src * HV + i_hv, mask=ok, other=0.0).to(tl.float32)
-                lb_c = b_j * tl.load(DL + from_j, mask=ok, other=0.0)
-                after = (ok & m & (o < j))[:, None] & same
-                col += (p_c[:, None] * q_j[None, :] + lb_c[:, None] * k_j[None, :]) * tl.exp(
-                    tl.where(after, g_j[None, :] - g_r, float("-inf"))
-                )
+            if DIAG_COLS == 1:
+                for j in range(BC):
+                    src = a + j
+                    ok = src < eos
+                    m_j = ok & (cols < K)
+                    k_j = tl.load(k + (src * H + i_h) * K + cols, mask=m_j, other=0.0).to(tl.float32)
+                    q_j = tl.load(q + (src * H + i_h) * K + cols, mask=m_j, other=0.0).to(tl.float32)
+                    g_j = tl.load(G + (src * HV + i_hv) * K + cols, mask=m_j, other=0.0)
+                    same = cnt_r == load_counts_row(Rs, src, ok, HV, i_hv, cols, K, RESETS)[None, :]
+                    at_j = (rows * HV + i_hv) * BT + I * BC + j  # P[r, src] for each row r of I
+                    p_r = tl.load(P + at_j, mask=m, other=0.0)
+                    l_r = tl.load(DL + at_j, mask=m, other=0.0)
+                    ke = k_j[None, :] * tl.exp(
+                        tl.where((m & (o > j))[:, None] & same, g_r - g_j[None, :], float("-inf"))
+                    )
+                    row_pq += p_r[:, None] * ke
+                    row_pl += l_r[:, None] * ke
+                    from_j = (src * HV + i_hv) * BT + I * BC + o  # P[src, i] for each column i of I
+                    p_c = tl.load(P + from_j, mask=ok, other=0.0)
+                    b_j = tl.load(beta + src * HV + i_hv, mask=ok, other=0.0).to(tl.float32)
+                    lb_c = b_j * tl.load(DL + from_j, mask=ok, other=0.0)
+                    after = (ok & m & (o < j))[:, None] & same
+                    col += (p_c[:, None] * q_j[None, :] + lb_c[:, None] * k_j[None, :]) * tl.exp(
+                        tl.where(after, g_j[None, :] - g_r, float("-inf"))
+                    )
+            else:  # DIAG_COLS tokens src = a + jc per step: [BC, DC, BK] terms summed over jc
+                for s in range(BC // DIAG_COLS):
+                    jc = s * DIAG_COLS + tl.arange(0, DIAG_COLS)
+                    src = a + jc
+                    ok = src < eos
+                    k_c = load_rows(k, src, ok, H, i_h, cols, K)
+                    q_c = load_rows(q, src, ok, H, i_h, cols, K)
+                    g_c = load_rows(G, src, ok, HV, i_hv, cols, K)
+                    same = cnt_r[:, None, :] == load_counts(Rs, src, ok, HV, i_hv, cols, K, RESETS)[None, :, :]
+                    at_c = (rows[:, None] * HV + i_hv) * BT + I * BC + jc[None, :]  # P[r, src] [BC, DC]
+                    p_r = tl.load(P + at_c, mask=m[:, None], other=0.0)
+                    l_r = tl.load(DL + at_c, mask=m[:, None], other=0.0)
+                    before = (m[:, None] & (o[:, None] > jc[None, :]))[:, :, None] & same
+                    ke = k_c[None, :, :] * tl.exp(tl.where(before, g_r[:, None, :] - g_c[None, :, :], float("-inf")))
+                    row_pq += tl.sum(p_r[:, :, None] * ke, axis=1)
+                    row_pl += tl.sum(l_r[:, :, None] * ke, axis=1)
+                    from_c = (src[None, :] * HV + i_hv) * BT + I * BC + o[:, None]  # P[src, i] at [i, j]
+                    p_c = tl.load(P + from_c, mask=ok[None, :], other=0.0)
+                    b_c = tl.load(beta + src * HV + i_hv, mask=ok, other=0.0).to(tl.float32)
+                    lb_c = b_c[None, :] * tl.load(DL + from_c, mask=ok[None, :], other=0.0)
+                    after = (ok[None, :] & m[:, None] & (o[:, None] < jc[None, :]))[:, :, None] & same
+                    term = p_c[:, :, None] * q_c[None, :, :] + lb_c[:, :, None] * k_c[None, :, :]
+                    col += tl.sum(
+                        term * tl.exp(tl.where(after, g_c[None, :, :] - g_r[:, None, :], float("-inf"))), axis=1
+                    )
 
             # rows of I, columns before a (anchor a; a reset between i and r lies in (i, a] or
             # (a, r]: one factor is 0). Each product is three 16-bit dots (mma_hilo; the pair

@@ -111,7 +111,7 @@ def first_fit(kernel: str, dtype: str, K: int, V: int, usage: bool = False) -> d
     }[kernel]
     consts = dict(H=1, HV=1, K=K, V=V, BT=BLOCKS.BT, BC=BLOCKS.BC, BK=BK, IS_VARLEN=False, RESETS=False,
                   HAS_H0=True, STORE_H=True, HAS_DHT=True, STORE_DH0=True, L2NORM=False, BETA_SIGMOID=False,
-                  NEG_EIGVAL=False, DOT_DTYPE=dot, PRECISION="tf32")  # fmt: skip
+                  NEG_EIGVAL=False, DOT_DTYPE=dot, PRECISION="tf32", DIAG_COLS=BLOCKS.GRADS_DIAG_COLS)  # fmt: skip
     tried = []
     if kernel == "pair_grads":  # one config, no fallback (kda_chunk.chunk_kda_backward)
         configs, warps = [{}], BLOCKS.PAIR_GRADS_WARPS

@@ -76,7 +76,7 @@ class ChunkBlocks:
     # chunk_pairs' diagonal tile: DIAG_COLS columns per step (kda_chunk_intra.chunk_pairs). Under
     # the interpreter each tl operation costs ~0.3 ms of Python whatever its size, so one step
     # of all BC columns is the faster form there (a forward call at B1 T100 H2 K = V = 16
-    # float32: 3.0 -> 0.83 s). On the GPU the column loop (1) stays until 2, 4, 8 are
+    # float32: 3.0 -> 0.97 s). On the GPU the column loop (1) stays until 2, 4, 8 are
     # measured; all BC columns at once inside the K loop was slower on an H100 (chunk_pairs
     # 2.58 -> 3.93 ms). test_kda_chunk holds every form bitwise equal to the loop.
     DIAG_COLS: int = 16 if INTERPRET else 1

@@ -9,9 +9,12 @@ compiled on a CUDA GPU when there is one.
 
 from __future__ import annotations
 
+import kdaverify.kernels  # noqa: F401  (before triton: it sets TRITON_INTERPRET on a CPU)
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 from kdaverify.equivalence.cases import CaseSpec
 from kdaverify.equivalence.gradients import (
     autograd_grads,
@@ -28,6 +31,7 @@ from kdaverify.equivalence.implementation import DTYPES, load_implementation
 from kdaverify.equivalence.relations import Harness, bitwise_equal, causality, gate_in_kernel, l2norm_in_kernel
 from kdaverify.equivalence.tolerance import as_f64
 from kdaverify.kernels import chunk_kda, chunk_kda_ieee
+from kdaverify.kernels.kda_chunk_intra import round_to
 from kdaverify.reference import beta_activation
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -459,3 +463,24 @@ def test_launch_fitting_takes_the_first_config_that_loads():
     with pytest.raises(ValueError, match=r"fake_kernel: no launch config fits .*K=256") as err:
         runtime.launch_fitting(Kernel(lambda meta: False), ("none",), configs, lambda cfg: (1,), (), K=256)
     assert isinstance(err.value.__cause__, OutOfResources)
+
+
+@triton.jit
+def _bf16_round_trip(x_ptr, y_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(y_ptr + i, round_to(tl.load(x_ptr + i), tl.bfloat16).to(tl.float32))
+
+
+def test_bfloat16_conversions_round_to_nearest():
+    """float32 -> bfloat16 -> float32 inside a kernel equals torch's rounding (to nearest,
+    ties to even; NaN kept, subnormals exact), compiled or interpreted: the interpreter's own
+    cast truncated, and its way back got subnormals wrong (kernels/runtime.py)."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(1024) * 10.0 ** rng.integers(-42, 38, 1024)).astype(np.float32)
+    halfway = (rng.standard_normal(64).astype(np.float32).view(np.uint32) & 0xFFFF0000) | 0x8000
+    x[:64] = halfway.view(np.float32)  # ties between two bfloat16 values
+    x[64:69] = [np.nan, np.inf, -np.inf, 0.0, 6.131231e-39]
+    xt = torch.from_numpy(x).to(DEVICE)
+    y = torch.empty_like(xt)
+    _bf16_round_trip[(1,)](xt, y, N=1024)
+    torch.testing.assert_close(y, xt.to(torch.bfloat16).float(), rtol=0, atol=0, equal_nan=True)

@@ -14,7 +14,9 @@ import pytest
 import torch
 from kdaverify.reference import exp_via_exp2, round_operand
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: it measures the tensor cores")
+cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: it measures the hardware's rounding (tensor cores, exp)"
+)
 N = 64
 
 

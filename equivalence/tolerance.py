@@ -88,7 +88,7 @@ def errors(x, target, zero_scale: float | None = None) -> Errors:
 
     zero_scale: for a target that may be identically zero while x is computed as a sum of
     terms that cancel (a gradient such as dg at T = 1 with no initial state, see
-    gradients.zero_scales), the magnitude of those terms. When the target is all zero, the
+    gradients.sensitivity), the magnitude of those terms. When the target is all zero, the
     errors are then relative to it (rms and max of |x| / zero_scale; no bias: a zero target
     has no direction); without it, an all-zero target must be matched exactly."""
     x, target = as_f64(x), as_f64(target)

@@ -81,14 +81,18 @@ def _verify(cmd: list[str], log, timeout_s: float):
 
 
 def scrub_paths(text: str, out: Path) -> str:
-    """A log made fit to commit: the output folder, the interpreter's library folders and the
+    """A log made fit to commit: the output folder, the interpreter's library folders, the
+    folder of kdaverify's own sources, the shim's unpacked wheels, the Python executable and the
     home folder written as placeholders (reports name no machine's paths)."""
     import sysconfig
 
     places = {str(out.resolve()): "<out>", str(out): "<out>"}
+    places[str(Path(__file__).resolve().parent.parent)] = "<kdaverify>"  # the checkout or site-packages/kdaverify
+    places[str(shim._cache_dir())] = "<wheels>"
     for key, mark in (("purelib", "<site-packages>"), ("platlib", "<site-packages>"), ("stdlib", "<stdlib>"),
                       ("platstdlib", "<stdlib>")):  # fmt: skip
         places[sysconfig.get_paths()[key]] = mark
+    places[sys.executable] = "<python>"
     places[os.path.expanduser("~")] = "<home>"
     for path, mark in sorted(places.items(), key=lambda item: -len(item[0])):
         if len(path) > 1:

@@ -351,18 +351,27 @@ DIAG_CASES = [  # (spec, dtype, L2 norm in the kernel)
 def test_diagonal_tile_forms_agree_bitwise(spec, dtype, l2, monkeypatch):
     """chunk_pairs' diagonal tile in column steps (DIAG_COLS = 1, the GPU's form) and in steps
     of 4 and 16 columns (16: the interpreter's form) give the same o and final state, bit for
-    bit: the interpreter's runs of the suite check the GPU's form through this test."""
+    bit under the interpreter: the interpreter's runs of the suite check the GPU's form
+    through this test. Compiled, the forms differ by rounding (about 4e-5 relative in bf16 on
+    an H200: the compiler contracts products and sums in other orders), so there each form is
+    held to the oracle instead."""
     from dataclasses import replace
 
     from kdaverify.kernels import kda_chunk
+    from kdaverify.kernels.runtime import INTERPRET
+    from kdaverify.reference.gates import l2norm
 
     h = Harness(DEFAULT, DTYPES[dtype])
     t = h.inputs(spec.arrays())
+    meaning = dict(t, q=l2norm(t["q"].double()).to(h.dtype), k=l2norm(t["k"].double()).to(h.dtype)) if l2 else t
     got = {}
     for cols in (1, 4, 16):
         monkeypatch.setattr(kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, DIAG_COLS=cols))
-        got[cols] = DEFAULT.call(t, scale=spec.scale, use_qk_l2norm_in_kernel=l2)
-    for cols in (4, 16):
+        if INTERPRET:
+            got[cols] = DEFAULT.call(t, scale=spec.scale, use_qk_l2norm_in_kernel=l2)
+        else:
+            h.expect_oracle(f"{cols} columns per step", t, spec.scale, meaning=meaning, use_qk_l2norm_in_kernel=l2)
+    for cols in (4, 16) if INTERPRET else ():
         for a, b, name in zip(got[1], got[cols], ("o", "final_state"), strict=True):
             assert torch.equal(a, b), f"{name}: {cols} columns per step differ from the column loop"
 

@@ -330,14 +330,26 @@ def test_a_row_past_its_limit_stops_with_its_workers(tmp_path):
         pytest.fail(f"the verify run's child process {child} outlived the row's limit")
 
 
-def test_logs_name_no_machine_paths(tmp_path):
+def test_logs_name_no_machine_paths(tmp_path, monkeypatch):
     import sysconfig
+    from pathlib import Path
 
+    from kdaverify.equivalence import shim
+
+    monkeypatch.setenv(shim.CACHE_ENV, str(tmp_path / "cache"))
     site = sysconfig.get_paths()["purelib"]
-    text = f"{site}/pytest_benchmark/logger.py:44: warning\nreport: {tmp_path}/row/report.md\n"
-    scrubbed = matrix.scrub_paths(text, tmp_path)
-    assert site not in scrubbed and str(tmp_path) not in scrubbed
-    assert "<site-packages>/pytest_benchmark/logger.py:44" in scrubbed and "<out>/row/report.md" in scrubbed
+    ours = Path(matrix.__file__).resolve().parent.parent
+    text = (
+        f"{site}/pytest_benchmark/logger.py:44: warning\nreport: {tmp_path}/out/row/report.md\n"
+        f"{tmp_path}/cache/wheels/sglang-0.5.23-py3-none-any/sglang/fla/kda.py:1304: in chunk_kda\n"
+        f"{ours}/equivalence/cases.py:25\n[gw1] linux -- Python 3.12.3 {sys.executable}\n"
+    )
+    scrubbed = matrix.scrub_paths(text, tmp_path / "out")
+    assert site not in scrubbed and str(tmp_path) not in scrubbed and str(ours) not in scrubbed
+    assert "<site-packages>/pytest_benchmark/logger.py:44" in scrubbed
+    assert "<wheels>/sglang-0.5.23-py3-none-any/sglang/fla/kda.py:1304" in scrubbed
+    assert "<kdaverify>/equivalence/cases.py:25" in scrubbed and sys.executable not in scrubbed
+    assert matrix.scrub_paths(f"report: {tmp_path}/row/report.md", tmp_path) == "report: <out>/row/report.md"
 
 
 @settings(max_examples=30, deadline=None, database=None)

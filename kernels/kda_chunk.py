@@ -76,14 +76,18 @@ class ChunkBlocks:
     # chunk_pairs' diagonal tile: DIAG_COLS columns per step (kda_chunk_intra.chunk_pairs). Under
     # the interpreter each tl operation costs ~0.3 ms of Python whatever its size, so one step
     # of all BC columns is the faster form there (a forward call at B1 T100 H2 K = V = 16
-    # float32: 3.0 -> 0.97 s). On the GPU the column loop (1) stays until 2, 4, 8 are
-    # measured; all BC columns at once inside the K loop was slower on an H100 (chunk_pairs
-    # 2.58 -> 3.93 ms). test_kda_chunk holds every form bitwise equal to the loop.
+    # float32: 3.0 -> 0.97 s). On the GPU the column loop (1) is faster than every wider step:
+    # H200, B1 T16384 H32 K = V = 128 bf16, one process (2026-11-28, kernels/NOTES.md),
+    # chunk_pairs 2.13 ms at 1 column against 4.67 / 5.05 / 4.51 / 6.02 ms at 2 / 4 / 8 / 16
+    # on 4 warps (2 warps: 2.11 against 5.18 to 11.5 ms). The forms are bitwise equal under
+    # the interpreter (test_kda_chunk), not compiled (4e-5 relative on the GPU: the compiler
+    # contracts the products and sums in other orders).
     DIAG_COLS: int = 16 if INTERPRET else 1
-    # chunk_pair_grads' pairs inside a sub-chunk, the same choice (its DIAG_COLS): the column
-    # loop on the GPU until other widths are measured, one step under the interpreter. Not
-    # bitwise equal across widths (the terms are added in another order): test_kda_chunk
-    # holds the widths within float32 rounding of each other and each to the oracle.
+    # chunk_pair_grads' pairs inside a sub-chunk, the same choice (its DIAG_COLS): the token
+    # loop on the GPU, one step under the interpreter. Not bitwise equal across widths (the
+    # terms are added in another order): test_kda_chunk holds the widths within float32
+    # rounding of each other and each to the oracle. Same H200 run, fwd+bwd: chunk_pair_grads
+    # 5.63 ms at 1 token per step against 34.0 / 24.8 / 15.0 ms at 2 / 4 / 8.
     GRADS_DIAG_COLS: int = 16 if INTERPRET else 1
 
     def bk(self, K: int) -> int:

@@ -59,6 +59,9 @@ class Capabilities:
         explicit examples that use it take the `masked` regime (g = -1000) instead: a
         declared restriction, shown in reports, so that the rest of the suite still looks
         past it (flash-linear-attention's chunk_kda returns NaN on it, finding 002).
+    scale_zero: accepts scale = 0 (o is then exactly zero). When False, a loud refusal of
+        scale = 0 whose message names the scale is checked instead (SGLang's decode wrappers
+        assert scale > 0: a documented input restriction, not a wrong answer).
     """
 
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
@@ -79,6 +82,7 @@ class Capabilities:
     backward: bool = False
     max_beta: float = 2.0
     reset_gates: bool = True
+    scale_zero: bool = True
 
     def __post_init__(self):
         for d in self.dtypes:
@@ -203,4 +207,5 @@ _FIELD_HELP = {
     "backward": "its outputs carry autograd: run the gradient checks (grad_*)",
     "max_beta": "the largest beta it can be given (default 2; 1 for a sigmoid of beta fused in the kernel)",
     "reset_gates": "accepts g = -inf (a hard reset); no: the reset gate regime is not drawn",
+    "scale_zero": "accepts scale = 0; no: a loud refusal of scale = 0 (naming the scale) is checked instead",
 }

@@ -556,7 +556,10 @@ _SGLANG_DECODE = dict(
 )  # fmt: skip
 sglang_chunk_kda.kdaverify_capabilities = _SGLANG_CHUNK
 sglang_fused_recurrent_kda.kdaverify_capabilities = _SGLANG_RECURRENT
-sglang_sigmoid_gating_decode.kdaverify_capabilities = Capabilities(l2norm_in_kernel=True, **_SGLANG_DECODE)
+# its wrapper (fused_sigmoid_gating_delta_rule_update) asserts scale > 0: a stated restriction
+sglang_sigmoid_gating_decode.kdaverify_capabilities = Capabilities(
+    l2norm_in_kernel=True, scale_zero=False, **_SGLANG_DECODE
+)
 # fla/fused_recurrent.py fused_recurrent_kda_packed_decode: the same arithmetic one token at a
 # time; q, k, v packed ([B, 2 H K + HV V]), so q/k heads equal (H) and HV a multiple of H (GVA).
 # With the L2 norm on, SGLang sends covered shapes to its JIT CUDA kernel instead, so the
@@ -575,10 +578,12 @@ sglang_helion_chunk_kda.kdaverify_capabilities = Capabilities(
 # cutedsl_kda.py: K == 128 (TILE_K) and V a multiple of 128 (V % 32 and (V / 16) % 8);
 # o always bfloat16 (q.new_empty(..., dtype=torch.bfloat16)): bf16 inputs only; the softplus
 # gate only (no lower_bound argument), so the fused gate is not declared (the contract's g
-# is mapped onto it); beta = sigmoid(b); fp32 state arithmetic in registers (ieee)
+# is mapped onto it); beta = sigmoid(b); fp32 state arithmetic in registers (ieee); its
+# wrapper asserts scale > 0 (scale_zero=False)
 sglang_cutedsl_decode.kdaverify_capabilities = Capabilities(
-    dtypes=("bfloat16",), head_sizes=(128,), state_layout="VK", max_beta=1.0, l2norm_in_kernel=True
-)
+    dtypes=("bfloat16",), head_sizes=(128,), state_layout="VK", max_beta=1.0, l2norm_in_kernel=True,
+    scale_zero=False,
+)  # fmt: skip
 # vllm .../ops/kda.py chunk_kda: the FLA chunked forward (tf32 dots, K <= 256), one head count
 # from q (no GVA), VK state (chunk_delta_h: h0 + i_nh * V * K, [V, K] tiles); fused gate
 # through chunk_kda_with_fused_gate (same two gate forms); q/k L2 norm

@@ -387,8 +387,12 @@ def default_scale(h: Harness, spec: CaseSpec):
 
 def scale_zero(h: Harness, spec: CaseSpec):
     """scale=0 gives o exactly zero (0 is a scale, not 'use the default'), and the same
-    final state as the oracle."""
+    final state as the oracle; or, declared scale_zero=no, a loud refusal that names the
+    scale (an assert in the implementation's own code counts as loud)."""
     t = h.inputs(spec.arrays())
+    if not h.impl.caps.scale_zero:
+        _expect_refusal("scale = 0", lambda: h.impl.call(t, scale=0.0), ("scale",), implementation_asserts=True)
+        return
     o, S = h.run(t, 0.0)
     bitwise_equal("scale=0: o", o, torch.zeros_like(o))
     h.expect_oracle_of("scale=0", (o, S), t, 0.0)
@@ -622,14 +626,15 @@ def strided_inputs(h: Harness, spec: CaseSpec):
             h.expect_oracle(f"strided inputs ({name})", views, spec.scale)
 
 
-def _expect_refusal(what: str, call, words: tuple[str, ...]) -> None:
-    """call() must raise an error (not an AssertionError of the harness) whose message
-    contains one of words."""
+def _expect_refusal(what: str, call, words: tuple[str, ...], implementation_asserts: bool = False) -> None:
+    """call() must raise an error whose message contains one of words. An AssertionError is
+    the harness's own failure and passes through, unless implementation_asserts (call() is
+    then the implementation alone, Implementation.call, which the harness does not check)."""
     try:
         call()
-    except AssertionError:
-        raise
     except Exception as e:  # noqa: BLE001 - any exception type is a refusal; its message is checked
+        if isinstance(e, AssertionError) and not implementation_asserts:
+            raise
         if not any(w in str(e).lower() for w in words):
             raise AssertionError(f"{what}: refused, but the error does not say why ({' / '.join(words)}): {e!r}") from e
         return

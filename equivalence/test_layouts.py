@@ -166,6 +166,34 @@ def test_empty_sequences_refused_when_declared():
     empty_sequences(_harness(_refusing("", lambda *a: False)), EMPTY)  # the default implementation passes
 
 
+def _asserting(message: str):
+    """The default implementation with an `assert scale > 0` in front, as SGLang's decode
+    wrappers have."""
+    from kdaverify.equivalence.adapters import reference_chunk_kda
+
+    def fn(q, k, v, g, beta, scale=None, **kw):
+        assert scale is None or scale > 0, message
+        return reference_chunk_kda(q, k, v, g, beta, scale=scale, **kw)
+
+    return fn
+
+
+def test_scale_zero_refused_when_declared():
+    """scale_zero=no: an assert in the implementation that names the scale is a loud refusal
+    and passes; undeclared, the same assert fails the check; declared, a refusal that does
+    not name the scale, or no refusal at all, fails."""
+    from kdaverify.equivalence.relations import scale_zero
+
+    scale_zero(_harness(_asserting("scale must be positive"), scale_zero=False), SPEC)
+    with pytest.raises(AssertionError, match="scale must be positive"):
+        scale_zero(_harness(_asserting("scale must be positive")), SPEC)
+    with pytest.raises(AssertionError, match="does not say why"):
+        scale_zero(_harness(_asserting("bad input"), scale_zero=False), SPEC)
+    with pytest.raises(AssertionError, match="but the call returned"):
+        scale_zero(_harness(_refusing("", lambda *a: False), scale_zero=False), SPEC)
+    scale_zero(_harness(_refusing("", lambda *a: False)), SPEC)  # the default implementation passes
+
+
 def test_empty_sequence_state_must_be_written():
     """An implementation that leaves an empty sequence's final state as NaN fails."""
     from kdaverify.equivalence.adapters import reference_chunk_kda

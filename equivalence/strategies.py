@@ -465,9 +465,31 @@ def fitted(spec: CaseSpec, caps: Capabilities) -> CaseSpec | None:
     return spec if ok and (caps.max_T is None or spec.T <= caps.max_T) else None
 
 
-def examples_for(family: str, caps: Capabilities) -> list[CaseSpec]:
-    fitted_specs = (fitted(s, caps) for s in EXAMPLES.get(family, list)())
-    return list(dict.fromkeys(s for s in fitted_specs if s is not None))
+def in_bucket(spec: CaseSpec, caps: Capabilities, sizes: Sizes) -> CaseSpec:
+    """An explicit example on a GPU: its (K, V, H, HV) moved to the nearest of the run's
+    compile buckets (among those inside the declared head sizes, and with HV > H where the
+    example has grouped value heads), T, B, the packing, gates and seed kept. Each
+    (K, V, H, HV) outside the buckets is one more compile and autotuning key for every
+    kernel: fitted to the declared sizes alone, the examples reached about ten of them for
+    flash-linear-attention (K = V = 16 at seven (H, HV), three wide ones), each a few
+    minutes of autotuning cold. The classes the examples stand for on the CPU (a second K
+    block, more tiles than SMs) are the buckets' own on a GPU (K = V = 256; H = 16, HV = 64)."""
+    buckets = [b for b in sizes.buckets if not caps.head_sizes or {b[0], b[1]} <= set(caps.head_sizes)]
+    buckets = buckets or list(sizes.buckets)
+    if spec.G > 1 and caps.gva:
+        buckets = [b for b in buckets if b[3] > b[2]] or buckets
+    K, V, H, HV = min(buckets, key=lambda b: (abs(b[0] - spec.K) + abs(b[1] - spec.V), abs(b[2] - spec.H)))
+    return spec.with_(K=K, V=V, H=H, G=HV // H if caps.gva else 1)
+
+
+def examples_for(family: str, caps: Capabilities, device="cpu") -> list[CaseSpec]:
+    """The family's explicit examples inside the declaration (fitted); on a GPU each also
+    inside the run's compile buckets (in_bucket)."""
+    specs = [s for s in (fitted(s, caps) for s in EXAMPLES.get(family, list)()) if s is not None]
+    sizes = sizes_for(device, caps.head_sizes)
+    if sizes.buckets is not None and family not in FIXED_FAMILIES:
+        specs = [in_bucket(s, caps, sizes) for s in specs]
+    return list(dict.fromkeys(specs))
 
 
 def cases_for(family: str, caps: Capabilities, device="cpu", state_elements: int | None = None):
@@ -476,7 +498,7 @@ def cases_for(family: str, caps: Capabilities, device="cpu", state_elements: int
 
     def apply(fn):
         fn = given(spec=strategy_for(family, caps, device, state_elements))(fn)
-        for spec in reversed(examples_for(family, caps)):
+        for spec in reversed(examples_for(family, caps, device)):
             fn = example(spec=spec)(fn)
         return fn
 

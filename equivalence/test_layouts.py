@@ -81,6 +81,31 @@ def test_gpu_sizes_and_buckets():
     assert set(CHUNK_BOUNDARY_T) >= {15, 16, 17, 33, 63, 64, 65, 129}
 
 
+@pytest.mark.parametrize(
+    "caps",
+    [Capabilities(), Capabilities(head_sizes=GPU_HEAD_SIZES, gva=False), Capabilities(head_sizes=(64, 128, 256))],
+    ids=["default", "no-gva", "three-sizes"],
+)
+def test_gpu_examples_stay_in_the_buckets(caps):
+    """On a GPU the explicit examples of every family take the run's buckets too (each other
+    (K, V, H, HV) is one more compile and autotuning key per kernel), keeping their T, B,
+    packing, gate and seed, and GVA where they have it and it is declared; on the CPU they
+    are as written (fitted to the declaration)."""
+    from kdaverify.equivalence.strategies import EXAMPLES, examples_for, fitted
+
+    buckets = sizes_for("cuda", caps.head_sizes).buckets
+    for family in EXAMPLES:
+        cpu, gpu = examples_for(family, caps, "cpu"), examples_for(family, caps, "cuda")
+        assert cpu == list(dict.fromkeys(s for s in map(lambda x: fitted(x, caps), EXAMPLES[family]()) if s))
+        assert len(gpu) <= len(cpu) and (gpu or not cpu)
+        for spec in gpu:  # without GVA declared, a bucket's (K, V, H) with HV = H, as the draws take it
+            shape = (spec.K, spec.V, spec.H, spec.HV) if caps.gva else (spec.K, spec.V, spec.H)
+            assert shape in {b if caps.gva else b[:3] for b in buckets} and (caps.gva or spec.G == 1), (family, spec)
+        for a, b in zip(cpu, gpu, strict=False) if len(gpu) == len(cpu) else ():
+            assert (a.T, a.B, a.seqlens, a.gate, a.seed, a.h0) == (b.T, b.B, b.seqlens, b.gate, b.seed, b.h0)
+            assert (a.G > 1) <= (b.G > 1) or not caps.gva
+
+
 @pytest.mark.parametrize("family", ["general", "varlen", "guard_bands", "gva", "length_one"])
 @pytest.mark.parametrize("cap", [None, GPU_GRAD_STATE_ELEMENTS], ids=["forward", "gradient"])
 @given(data=st.data())

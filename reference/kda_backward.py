@@ -39,6 +39,7 @@ import numpy as np
 
 from .conventions import check_cotangents, check_kda
 from .kda import expand_heads, to_f64
+from .packing import same_length, stack_spans
 
 CHECKPOINT = 64  # tokens between stored forward states
 
@@ -126,11 +127,13 @@ def kda_recurrent_backward_np(
         dq, dk, dv, dg, dbeta, dh0 = _adjoint_scan(q, k, v, g, beta, do, scale, S0, seed)
     else:
         dq, dk, dg = (np.zeros_like(q) for _ in range(3))
-        dv, dbeta, dh0 = np.zeros_like(v), np.zeros_like(beta), np.zeros(state_shape)
-        for n, (a, b) in enumerate(spans):
-            per_token = (x[:, a:b] for x in (q, k, v, g, beta, do))
-            grads = _adjoint_scan(*per_token, scale, S0[n : n + 1], seed[n : n + 1])
-            for out, grad in zip((dq, dk, dv, dg, dbeta), grads[:5], strict=True):
-                out[:, a:b] = grad
-            dh0[n : n + 1] = grads[5]
+        dv, dbeta = np.zeros_like(v), np.zeros_like(beta)
+        dh0 = seed.copy()  # an empty sequence's final state is its initial state
+        for ns in same_length(spans).values():  # the sequences of one length as rows of one scan
+            grads = _adjoint_scan(*stack_spans((q, k, v, g, beta, do), spans, ns), scale, S0[ns], seed[ns])
+            for i, n in enumerate(ns):
+                a, b = spans[n]
+                for out, grad in zip((dq, dk, dv, dg, dbeta), grads[:5], strict=True):
+                    out[0, a:b] = grad[i]
+            dh0[ns] = grads[5]
     return sum_groups(dq, dims.H), sum_groups(dk, dims.H), dv, dg, dbeta, dh0

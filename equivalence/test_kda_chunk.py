@@ -349,12 +349,13 @@ DIAG_CASES = [  # (spec, dtype, L2 norm in the kernel)
 
 @pytest.mark.parametrize(("spec", "dtype", "l2"), DIAG_CASES, ids=[_id(c[0]) for c in DIAG_CASES])
 def test_diagonal_tile_forms_agree_bitwise(spec, dtype, l2, monkeypatch):
-    """chunk_pairs' diagonal tile in column steps (DIAG_COLS = 1, the GPU's form) and in steps
-    of 4 and 16 columns (16: the interpreter's form) give the same o and final state, bit for
-    bit under the interpreter: the interpreter's runs of the suite check the GPU's form
-    through this test. Compiled, the forms differ by rounding (about 4e-5 relative in bf16 on
-    an H200: the compiler contracts products and sums in other orders), so there each form is
-    held to the oracle instead."""
+    """chunk_pairs' diagonal tile in column steps (DIAG_COLS = 1, the GPU's form), in steps of
+    4 and 16 columns (16: the interpreter's form) and token-parallel in chunk_diag (DIAG_COLS =
+    0, one and four value heads a program) give the same o and final state, bit for bit under
+    the interpreter: the interpreter's runs of the suite check the GPU's form through this
+    test. Compiled, the forms differ by rounding (about 4e-5 relative in bf16 on an H200: the
+    compiler contracts products and sums in other orders), so there each form is held to the
+    oracle instead."""
     from dataclasses import replace
 
     from kdaverify.kernels import kda_chunk
@@ -364,16 +365,17 @@ def test_diagonal_tile_forms_agree_bitwise(spec, dtype, l2, monkeypatch):
     h = Harness(DEFAULT, DTYPES[dtype])
     t = h.inputs(spec.arrays())
     meaning = dict(t, q=l2norm(t["q"].double()).to(h.dtype), k=l2norm(t["k"].double()).to(h.dtype)) if l2 else t
+    forms = {"1": (1, 4), "4": (4, 4), "16": (16, 4), "token, 4 heads": (0, 4), "token, 1 head": (0, 1)}
     got = {}
-    for cols in (1, 4, 16):
-        monkeypatch.setattr(kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, DIAG_COLS=cols))
+    for name, (cols, heads) in forms.items():
+        monkeypatch.setattr(kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, DIAG_COLS=cols, DIAG_HEADS=heads))
         if INTERPRET:
-            got[cols] = DEFAULT.call(t, scale=spec.scale, use_qk_l2norm_in_kernel=l2)
+            got[name] = DEFAULT.call(t, scale=spec.scale, use_qk_l2norm_in_kernel=l2)
         else:
-            h.expect_oracle(f"{cols} columns per step", t, spec.scale, meaning=meaning, use_qk_l2norm_in_kernel=l2)
-    for cols in (4, 16) if INTERPRET else ():
-        for a, b, name in zip(got[1], got[cols], ("o", "final_state"), strict=True):
-            assert torch.equal(a, b), f"{name}: {cols} columns per step differ from the column loop"
+            h.expect_oracle(f"diagonal tile: {name}", t, spec.scale, meaning=meaning, use_qk_l2norm_in_kernel=l2)
+    for name in list(got)[1:]:
+        for a, b, what in zip(got["1"], got[name], ("o", "final_state"), strict=True):
+            assert torch.equal(a, b), f"{what}: diagonal tile '{name}' differs from the column loop"
 
 
 @pytest.mark.parametrize("cols", [1, 4, 16])

@@ -30,7 +30,7 @@ from kdaverify.reference.gates import beta_activation, kda_gate, l2norm
 
 from .kda_chunk_backward import chunk_dg_cumsum, chunk_dh_recurrence, chunk_grads, chunk_pair_grads
 from .kda_chunk_inter import chunk_recurrence
-from .kda_chunk_intra import chunk_gate_cumsum, chunk_pairs, chunk_solve
+from .kda_chunk_intra import chunk_diag, chunk_gate_cumsum, chunk_pairs, chunk_solve
 from .runtime import INTERPRET, Call, Gate, check_call, check_gate, launch_fitting, state_out
 
 PRECISIONS = (None, "ieee")
@@ -83,6 +83,13 @@ class ChunkBlocks:
     # the interpreter (test_kda_chunk), not compiled (4e-5 relative on the GPU: the compiler
     # contracts the products and sums in other orders).
     DIAG_COLS: int = 16 if INTERPRET else 1
+    # DIAG_COLS = 0: the diagonal tiles in a kernel of their own, one program per (chunk,
+    # DIAG_HEADS value heads, token) on DIAG_WARPS warps (kda_chunk_intra.chunk_diag), the
+    # decomposition flash-linear-attention's intra kernel uses for them. Not yet timed on a
+    # GPU (prepared 2026-11-28, tenth session); bitwise equal to the column loop under the
+    # interpreter (test_kda_chunk).
+    DIAG_HEADS: int = 4
+    DIAG_WARPS: int = 2
     # chunk_pair_grads' pairs inside a sub-chunk, the same choice (its DIAG_COLS): the token
     # loop on the GPU, one step under the interpreter. Not bitwise equal across widths (the
     # terms are added in another order): test_kda_chunk holds the widths within float32
@@ -314,6 +321,14 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
         H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BLOCKS.bk_intra(K), IS_VARLEN=plan.varlen, RESETS=Rs is not None,
         DIAG_COLS=BLOCKS.DIAG_COLS, num_warps=BLOCKS.PAIRS_WARPS, **flags,
     )  # fmt: skip
+    if BLOCKS.DIAG_COLS == 0:  # the diagonal tiles token-parallel (chunk_diag), not in chunk_pairs
+        BH = min(BLOCKS.DIAG_HEADS, triton.next_power_of_2(HV))
+        chunk_diag[(plan.NC * (plan.NBH // HV) * triton.cdiv(HV, BH) * BT,)](
+            c.q, c.k, G, Rs, c.beta, Aqk, L, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
+            H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BLOCKS.bk_intra(K), BH=BH, IS_VARLEN=plan.varlen,
+            RESETS=Rs is not None, L2NORM=opts.l2norm, BETA_SIGMOID=opts.beta_sigmoid, NEG_EIGVAL=opts.neg_eigval,
+            num_warps=BLOCKS.DIAG_WARPS,
+        )  # fmt: skip
     chunk_solve[grid](
         L, c.beta, M, Minv, c.cu_seqlens, plan.chunks, T, plan.NBH,
         HV=HV, BT=BT, BC=BC, IS_VARLEN=plan.varlen, BETA_SIGMOID=opts.beta_sigmoid, NEG_EIGVAL=opts.neg_eigval,

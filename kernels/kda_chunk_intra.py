@@ -334,7 +334,8 @@ def chunk_pairs(
     j <= r. With DIAG_COLS = 1, one column j per step inside the loop over K blocks, added
     into the [BC, BT] accumulators; with DIAG_COLS = DC > 1, after that loop, DC columns per
     step as [BC, DC, BK] products, each step's [BC, DC] block stored on its own (the same
-    products and sums in the same order: bitwise equal under the interpreter). DC = BC is the
+    products and sums in the same order: bitwise equal under the interpreter); with
+    DIAG_COLS = 0 not here at all: chunk_diag writes it, one program per token. DC = BC is the
     interpreter's form (one step); on an H100 its forerunner, all [BC, BC] pairs at once in
     the K loop, was 1.5x slower than the column loop (2.58 -> 3.93 ms, kernels/NOTES.md).
     Earlier columns (sub-chunks J < I): one dot around the anchor a = the first row of
@@ -429,6 +430,7 @@ def chunk_pairs(
             off_diag = m[:, None] & ((oc < I * BC) | (oc >= I * BC + BC))[None, :]
             tl.store(Aqk + out, round_to(a_qk, Aqk.dtype.element_ty), mask=off_diag)
             tl.store(L + out, a_kk * b_r[:, None], mask=off_diag)
+        if DIAG_COLS > 1:
             # the diagonal tile, DIAG_COLS columns jc (tokens a + jc) per step, summed over the
             # K blocks in the loop's order; rows and columns read again (L1/L2 hits)
             for s in range(BC // DIAG_COLS):
@@ -459,6 +461,107 @@ def chunk_pairs(
                 tl.store(Aqk + out_d, round_to(d_qk, Aqk.dtype.element_ty), mask=m[:, None])
                 d_kk = tl.where(o[:, None] > jc[None, :], d_kk, 0.0)  # L is strictly lower triangular
                 tl.store(L + out_d, d_kk * b_r[:, None], mask=m[:, None])
+
+
+@triton.jit(do_not_specialize=["T", "NBH"])  # lengths: one compile for any T (NOTES.md, "Lengths not specialized")
+def chunk_diag(
+    q, k, G, Rs, beta, Aqk, L, cu_seqlens, chunks, scale, T, NBH,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    BH: tl.constexpr, IS_VARLEN: tl.constexpr, RESETS: tl.constexpr,
+    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
+):  # fmt: skip
+    """The diagonal tiles of Aqk and L, token-parallel (chunk_pairs with DIAG_COLS = 0 leaves
+    them out): one program per (chunk, block of BH value heads of one batch row, token r of
+    the chunk) writes row r's BC entries of its sub-chunk, exp(G_r - G_j) for j <= r, as
+    [BH, BK] vectors (columns j > r: 0; L strictly lower). Where chunk_pairs walks the BC
+    columns in sequence inside one program of BC rows, here each row is a program of its own,
+    BT times more programs with a loop of at most BC steps over [BH, BK] tiles: many small
+    independent programs to hide the loads' latency (flash-linear-attention's intra kernel
+    takes the diagonal token by token too). Reads q, k, G of each row once and of its
+    sub-chunk's earlier rows once more (L1/L2 hits): about one more read of q, k and G.
+
+    The products and sums are chunk_pairs' own, in its order (K in blocks of BK, each block
+    summed, blocks added in turn; q scaled before the product), so the tiles are bitwise those
+    of the column loop under the interpreter (test_kda_chunk)."""
+    NHB: tl.constexpr = (HV + BH - 1) // BH
+    i_c, rest = one_dim_grid((NBH // HV) * NHB * BT)
+    i_bhb, i_r = rest // BT, rest % BT
+    i_b, hb = i_bhb // NHB, i_bhb % NHB
+    _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
+    r = t0 + i_r
+    if r < eos:
+        hv = hb * BH + tl.arange(0, BH)
+        m_h = hv < HV
+        h = hv // (HV // H)
+        a = t0 + (i_r // BC) * BC  # the sub-chunk's first token
+        oj = tl.arange(0, BC)
+        b_r = load_beta(beta, r + hv * 0, m_h, HV, hv, BETA_SIGMOID, NEG_EIGVAL)
+        if L2NORM:  # row r's norms over all of K (chunk_pairs' first pass)
+            q_ss = tl.zeros([BH], dtype=tl.float32)
+            k_ss = tl.zeros([BH], dtype=tl.float32)
+            for i_k in range(0, (K + BK - 1) // BK):
+                cols = i_k * BK + tl.arange(0, BK)
+                x = load_heads(q, r, m_h, H, h, cols, K)
+                q_ss += tl.sum(x * x, axis=1)
+                x = load_heads(k, r, m_h, H, h, cols, K)
+                k_ss += tl.sum(x * x, axis=1)
+            q_norm = tl.sqrt(q_ss + L2NORM_EPS)
+            k_norm = tl.sqrt(k_ss + L2NORM_EPS)
+        d_qk = tl.zeros([BH, BC], dtype=tl.float32)
+        d_kk = tl.zeros([BH, BC], dtype=tl.float32)
+        for j in range(0, i_r % BC + 1):  # the columns j <= r of the sub-chunk
+            src = a + j
+            if L2NORM:  # column j's own norm, as chunk_pairs has it from its rows
+                j_ss = tl.zeros([BH], dtype=tl.float32)
+                for i_k in range(0, (K + BK - 1) // BK):
+                    cols = i_k * BK + tl.arange(0, BK)
+                    x = load_heads(k, src, m_h, H, h, cols, K)
+                    j_ss += tl.sum(x * x, axis=1)
+                norm_j = tl.sqrt(j_ss + L2NORM_EPS)
+            s_qk = tl.zeros([BH], dtype=tl.float32)
+            s_kk = tl.zeros([BH], dtype=tl.float32)
+            for i_k in range(0, (K + BK - 1) // BK):
+                cols = i_k * BK + tl.arange(0, BK)
+                q_r = load_heads(q, r, m_h, H, h, cols, K)
+                k_r = load_heads(k, r, m_h, H, h, cols, K)
+                k_j = load_heads(k, src, m_h, H, h, cols, K)
+                if L2NORM:
+                    q_r = round_to(q_r / q_norm[:, None], q.dtype.element_ty).to(tl.float32)
+                    k_r = round_to(k_r / k_norm[:, None], k.dtype.element_ty).to(tl.float32)
+                    k_j = round_to(k_j / norm_j[:, None], k.dtype.element_ty).to(tl.float32)
+                q_r = q_r * scale
+                g_r = load_heads(G, r, m_h, HV, hv, cols, K)
+                g_j = load_heads(G, src, m_h, HV, hv, cols, K)
+                same = load_head_counts(Rs, r, m_h, HV, hv, cols, K, RESETS) == load_head_counts(
+                    Rs, src, m_h, HV, hv, cols, K, RESETS
+                )
+                k_j = k_j * tl.exp(tl.where(same, g_r - g_j, float("-inf")))
+                s_qk += tl.sum(q_r * k_j, axis=1)
+                s_kk += tl.sum(k_r * k_j, axis=1)
+            at_j = (oj == j)[None, :]
+            d_qk += tl.where(at_j, s_qk[:, None], 0.0)
+            d_kk += tl.where(at_j & (j < i_r % BC), s_kk[:, None], 0.0)
+        out = (r * HV + hv[:, None]) * BT + (a - t0) + oj[None, :]
+        tl.store(Aqk + out, round_to(d_qk, Aqk.dtype.element_ty), mask=m_h[:, None])
+        tl.store(L + out, d_kk * b_r[:, None], mask=m_h[:, None])
+
+
+@triton.jit
+def load_heads(x, row, m_h, heads: tl.constexpr, h, cols, D: tl.constexpr):
+    """x[row, h, cols] of a [tokens, heads, D] tensor for a block of heads h as fp32
+    [len(h), len(cols)], 0 where m_h is false or past D."""
+    ptr = x + (row * heads + h[:, None]) * D + cols[None, :]
+    return tl.load(ptr, mask=m_h[:, None] & (cols[None, :] < D), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def load_head_counts(Rs, row, m_h, HV: tl.constexpr, hv, cols, K: tl.constexpr, RESETS: tl.constexpr):
+    """load_counts at one token for a block of value heads hv, as int32 [len(hv), len(cols)]."""
+    if RESETS:
+        ptr = Rs + (row * HV + hv[:, None]) * K + cols[None, :]
+        return tl.load(ptr, mask=m_h[:, None] & (cols[None, :] < K), other=0).to(tl.int32)
+    else:
+        return hv[:, None] * 0 + cols[None, :] * 0
 
 
 @triton.jit(do_not_specialize=["T", "NBH"])  # lengths: one compile for any T (NOTES.md, "Lengths not specialized")

@@ -28,7 +28,7 @@ H100_SHARED_BYTES = 232448
 _POINTERS = {
     "q": "in", "k": "in", "v": "in", "o": "in", "do": "in", "dv": "in",
     "Aqk": "mat", "M": "mat", "Minv": "mat", "QG": "mat", "KG": "mat", "KD": "mat",
-    "G": "fp32", "beta": "fp32", "h0": "fp32", "ht": "fp32", "h": "fp32", "dh": "fp32", "dh0": "fp32",
+    "G": "fp32", "L": "fp32", "beta": "fp32", "h0": "fp32", "ht": "fp32", "h": "fp32", "dh": "fp32", "dh0": "fp32",
     "dht": "fp32", "dq": "fp32", "dk": "fp32", "dg": "fp32", "dbeta": "fp32", "P": "fp32", "DL": "fp32",
     "Rs": "i8", "cu_seqlens": "i32", "chunk_first": "i32", "chunks": "i32",
 }  # fmt: skip

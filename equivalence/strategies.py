@@ -185,12 +185,20 @@ def packed_long(draw, caps: Capabilities):
 @st.composite
 def decode_chain(draw, caps: Capabilities):
     """A few hundred tokens for a chained decode (one call per token): small heads, a slow
-    gate (near 0 or mild) so the state is long-lived, small beta, an initial state."""
+    gate (near 0 or mild) so the state is long-lived, small beta, an initial state. K and V
+    at least 4: the check compares the final state's relative RMS with that of references,
+    and a state of one or two numbers makes each reference's error a single sample (K = 2,
+    V = 1, T = 200, bf16, seed 12295: the one-token-chunk reference 6.4e-4 at T = 200 and
+    5.6e-3 at T = 60 on the same tokens; our chunk_kda 4.2e-3 and 4.9e-3), so a correct
+    kernel failed on the luck of the reference."""
     T = draw(st.integers(200, 256))
     if caps.max_T is not None:
         T = min(T, caps.max_T)
     spec = draw(case_specs(caps, T=st.just(T), packed=False, small_heads=True, B=1, H=1, G=1, h0=True))
-    return spec.with_(gate=draw(st.sampled_from(["near_zero", "mild"])), beta_max=0.1)
+    K, V = max(spec.K, 4), max(spec.V, 4)
+    if caps.head_sizes:
+        K, V = _declared_size(K, caps.head_sizes), _declared_size(V, caps.head_sizes)
+    return spec.with_(K=K, V=V, gate=draw(st.sampled_from(["near_zero", "mild"])), beta_max=0.1)
 
 
 CASE_FAMILIES = {

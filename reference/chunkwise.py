@@ -80,24 +80,6 @@ def _mm(a, b, precision):
     return round_operand(a, precision) @ round_operand(b, precision)
 
 
-def running_sum(g: torch.Tensor, restart: torch.Tensor | None = None) -> torch.Tensor:
-    """The inclusive cumulative sum of g [..., C, K] over the chunk axis, accumulated token by
-    token in g's dtype (as a kernel's float32 sum accumulates), restarted from 0 after each
-    position where `restart` is true. Not torch.cumsum: on the CPU it accumulates float32 in
-    float64, a precision no float32 kernel has, which made the CPU's float32 reference
-    unrepresentatively accurate (the error of G_C over 12 logsigmoid gates, the exact sum of
-    the float32 inputs as truth: 2.2e-7 against 4.3e-7 accumulated in float32; a beta = 0
-    final state, which is exp(G_C) times the initial state, failed our chunk_kda at 1.06 of
-    its budget on the CPU only) and the budget device-dependent."""
-    sums, acc = [], torch.zeros_like(g[..., 0, :])
-    for r in range(g.shape[-2]):
-        acc = acc + g[..., r, :]
-        if restart is not None:
-            acc = torch.where(restart[..., r, :], torch.zeros_like(acc), acc)
-        sums.append(acc)
-    return torch.stack(sums, dim=-2)
-
-
 def chunk_decay(g: torch.Tensor):
     """Decay factors of one chunk from its per-token gates g [..., C, K].
 
@@ -113,13 +95,16 @@ def chunk_decay(g: torch.Tensor):
     arithmetic.
     """
     reset = torch.isneginf(g)
-    G = running_sum(g)
+    G = g.cumsum(dim=-2)
     C = g.shape[-2]
     causal = torch.ones(C, C, dtype=torch.bool, device=g.device).tril()
     if bool(reset.any()):
         # the cumulative sum restarted after each reset, so nothing before a reset (not even
         # its rounding) reaches the ratios after it
-        finite = running_sum(g, restart=reset)
+        finite, acc = torch.empty_like(g), torch.zeros_like(g[..., 0, :])
+        for r in range(C):
+            acc = torch.where(reset[..., r, :], torch.zeros_like(acc), acc + g[..., r, :])
+            finite[..., r, :] = acc
         resets = reset.to(torch.int32).cumsum(dim=-2)  # resets in [1, r]
         D = finite[..., :, None, :] - finite[..., None, :, :]
         D = torch.where(resets[..., :, None, :] != resets[..., None, :, :], torch.full_like(D, float("-inf")), D)

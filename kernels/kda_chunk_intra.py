@@ -493,6 +493,8 @@ def chunk_diag(
         hv = hb * BH + tl.arange(0, BH)
         m_h = hv < HV
         h = hv // (HV // H)
+        # one token r for a block of heads: load_rows' rows are r repeated, its head a column
+        rr, hq, hg = r + hv * 0, h[:, None], hv[:, None]
         a = t0 + (i_r // BC) * BC  # the sub-chunk's first token
         oj = tl.arange(0, BC)
         b_r = load_beta(beta, r + hv * 0, m_h, HV, hv, BETA_SIGMOID, NEG_EIGVAL)
@@ -501,9 +503,9 @@ def chunk_diag(
             k_ss = tl.zeros([BH], dtype=tl.float32)
             for i_k in range(0, (K + BK - 1) // BK):
                 cols = i_k * BK + tl.arange(0, BK)
-                x = load_heads(q, r, m_h, H, h, cols, K)
+                x = load_rows(q, rr, m_h, H, hq, cols, K)
                 q_ss += tl.sum(x * x, axis=1)
-                x = load_heads(k, r, m_h, H, h, cols, K)
+                x = load_rows(k, rr, m_h, H, hq, cols, K)
                 k_ss += tl.sum(x * x, axis=1)
             q_norm = tl.sqrt(q_ss + L2NORM_EPS)
             k_norm = tl.sqrt(k_ss + L2NORM_EPS)
@@ -515,25 +517,25 @@ def chunk_diag(
                 j_ss = tl.zeros([BH], dtype=tl.float32)
                 for i_k in range(0, (K + BK - 1) // BK):
                     cols = i_k * BK + tl.arange(0, BK)
-                    x = load_heads(k, src, m_h, H, h, cols, K)
+                    x = load_rows(k, src + hv * 0, m_h, H, hq, cols, K)
                     j_ss += tl.sum(x * x, axis=1)
                 norm_j = tl.sqrt(j_ss + L2NORM_EPS)
             s_qk = tl.zeros([BH], dtype=tl.float32)
             s_kk = tl.zeros([BH], dtype=tl.float32)
             for i_k in range(0, (K + BK - 1) // BK):
                 cols = i_k * BK + tl.arange(0, BK)
-                q_r = load_heads(q, r, m_h, H, h, cols, K)
-                k_r = load_heads(k, r, m_h, H, h, cols, K)
-                k_j = load_heads(k, src, m_h, H, h, cols, K)
+                q_r = load_rows(q, rr, m_h, H, hq, cols, K)
+                k_r = load_rows(k, rr, m_h, H, hq, cols, K)
+                k_j = load_rows(k, src + hv * 0, m_h, H, hq, cols, K)
                 if L2NORM:
                     q_r = round_to(q_r / q_norm[:, None], q.dtype.element_ty).to(tl.float32)
                     k_r = round_to(k_r / k_norm[:, None], k.dtype.element_ty).to(tl.float32)
                     k_j = round_to(k_j / norm_j[:, None], k.dtype.element_ty).to(tl.float32)
                 q_r = q_r * scale
-                g_r = load_heads(G, r, m_h, HV, hv, cols, K)
-                g_j = load_heads(G, src, m_h, HV, hv, cols, K)
-                same = load_head_counts(Rs, r, m_h, HV, hv, cols, K, RESETS) == load_head_counts(
-                    Rs, src, m_h, HV, hv, cols, K, RESETS
+                g_r = load_rows(G, rr, m_h, HV, hg, cols, K)
+                g_j = load_rows(G, src + hv * 0, m_h, HV, hg, cols, K)
+                same = load_counts(Rs, rr, m_h, HV, hg, cols, K, RESETS) == load_counts(
+                    Rs, src + hv * 0, m_h, HV, hg, cols, K, RESETS
                 )
                 k_j = k_j * tl.exp(tl.where(same, g_r - g_j, float("-inf")))
                 s_qk += tl.sum(q_r * k_j, axis=1)
@@ -544,24 +546,6 @@ def chunk_diag(
         out = (r * HV + hv[:, None]) * BT + (a - t0) + oj[None, :]
         tl.store(Aqk + out, round_to(d_qk, Aqk.dtype.element_ty), mask=m_h[:, None])
         tl.store(L + out, d_kk * b_r[:, None], mask=m_h[:, None])
-
-
-@triton.jit
-def load_heads(x, row, m_h, heads: tl.constexpr, h, cols, D: tl.constexpr):
-    """x[row, h, cols] of a [tokens, heads, D] tensor for a block of heads h as fp32
-    [len(h), len(cols)], 0 where m_h is false or past D."""
-    ptr = x + (row * heads + h[:, None]) * D + cols[None, :]
-    return tl.load(ptr, mask=m_h[:, None] & (cols[None, :] < D), other=0.0).to(tl.float32)
-
-
-@triton.jit
-def load_head_counts(Rs, row, m_h, HV: tl.constexpr, hv, cols, K: tl.constexpr, RESETS: tl.constexpr):
-    """load_counts at one token for a block of value heads hv, as int32 [len(hv), len(cols)]."""
-    if RESETS:
-        ptr = Rs + (row * HV + hv[:, None]) * K + cols[None, :]
-        return tl.load(ptr, mask=m_h[:, None] & (cols[None, :] < K), other=0).to(tl.int32)
-    else:
-        return hv[:, None] * 0 + cols[None, :] * 0
 
 
 @triton.jit(do_not_specialize=["T", "NBH"])  # lengths: one compile for any T (NOTES.md, "Lengths not specialized")

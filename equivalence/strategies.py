@@ -336,6 +336,12 @@ def empty_sequence_cases(draw, caps: Capabilities):
     return draw(case_specs(caps, T=st.just(sum(lens)), packed=True, seqlens=tuple(lens)))
 
 
+def declared_buckets(caps: Capabilities, sizes: Sizes) -> list[tuple[int, int, int, int]]:
+    """The run's compile buckets whose K and V the implementation declares (all of them
+    without a declaration of head sizes)."""
+    return [b for b in sizes.buckets if not caps.head_sizes or {b[0], b[1]} <= set(caps.head_sizes)]
+
+
 @st.composite
 def gpu_case_specs(draw, caps: Capabilities, sizes: Sizes, family: str = "general"):
     """A case of `family` at GPU sizes: (K, V, H, HV) from the run's compile buckets, then
@@ -343,7 +349,7 @@ def gpu_case_specs(draw, caps: Capabilities, sizes: Sizes, family: str = "genera
     sizes.many_seqs sequences of 1 to 3 tokens, or a length at a chunk boundary. Rows and
     sequences are capped so that the state pool stays within sizes.state_elements."""
     spec = draw(CASE_FAMILIES[family](caps))
-    buckets = [b for b in sizes.buckets if not caps.head_sizes or {b[0], b[1]} <= set(caps.head_sizes)]
+    buckets = declared_buckets(caps, sizes)
     if family == "guard_bands":  # the guard bands want heads that are not powers of two
         buckets = [b for b in buckets if not (is_power_of_two(b[0]) and is_power_of_two(b[1]))] or buckets
     if spec.G > 1 and caps.gva:  # a family that needs GVA (the first bucket always has HV = 2 H)
@@ -482,8 +488,7 @@ def in_bucket(spec: CaseSpec, caps: Capabilities, sizes: Sizes) -> CaseSpec:
     flash-linear-attention (K = V = 16 at seven (H, HV), three wide ones), each a few
     minutes of autotuning cold. The classes the examples stand for on the CPU (a second K
     block, more tiles than SMs) are the buckets' own on a GPU (K = V = 256; H = 16, HV = 64)."""
-    buckets = [b for b in sizes.buckets if not caps.head_sizes or {b[0], b[1]} <= set(caps.head_sizes)]
-    buckets = buckets or list(sizes.buckets)
+    buckets = declared_buckets(caps, sizes) or list(sizes.buckets)
     if spec.G > 1 and caps.gva:
         buckets = [b for b in buckets if b[3] > b[2]] or buckets
     K, V, H, HV = min(buckets, key=lambda b: (abs(b[0] - spec.K) + abs(b[1] - spec.V), abs(b[2] - spec.H)))

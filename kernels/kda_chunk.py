@@ -79,16 +79,20 @@ class ChunkBlocks:
     # float32: 3.0 -> 0.97 s). On the GPU the column loop (1) is faster than every wider step:
     # H200, B1 T16384 H32 K = V = 128 bf16, one process (2026-11-28, kernels/NOTES.md),
     # chunk_pairs 2.13 ms at 1 column against 4.67 / 5.05 / 4.51 / 6.02 ms at 2 / 4 / 8 / 16
-    # on 4 warps (2 warps: 2.11 against 5.18 to 11.5 ms). The forms are bitwise equal under
-    # the interpreter (test_kda_chunk), not compiled (4e-5 relative on the GPU: the compiler
-    # contracts the products and sums in other orders).
-    DIAG_COLS: int = 16 if INTERPRET else 1
-    # DIAG_COLS = 0: the diagonal tiles in a kernel of their own, one program per (chunk,
-    # DIAG_HEADS value heads, token) on DIAG_WARPS warps (kda_chunk_intra.chunk_diag), the
-    # decomposition flash-linear-attention's intra kernel uses for them. Not yet timed on a
-    # GPU (prepared 2026-11-28, tenth session); bitwise equal to the column loop under the
-    # interpreter (test_kda_chunk).
-    DIAG_HEADS: int = 4
+    # on 4 warps (2 warps: 2.11 against 5.18 to 11.5 ms); DIAG_COLS = 0 below beats both. The
+    # forms are bitwise equal under the interpreter (test_kda_chunk), not compiled (4e-5
+    # relative on the GPU: the compiler contracts the products and sums in other orders).
+    DIAG_COLS: int = 16 if INTERPRET else 0
+    # DIAG_COLS = 0 (the GPU default): the diagonal tiles in a kernel of their own, one program
+    # per (chunk, DIAG_HEADS value heads, token) on DIAG_WARPS warps (kda_chunk_intra.chunk_diag),
+    # the decomposition flash-linear-attention's intra kernel uses for them. Measured on an
+    # H200 (2026-11-28, eleventh session, python -m kdaverify.perf.ab, same shape): forward
+    # 4.15 -> 3.55 ms at 4 heads on 2 warps (chunk_pairs 2.14 -> 0.73 ms plus chunk_diag 0.82
+    # ms; predicted 3.3-3.6), fwd+bwd 16.82 -> 16.22 ms. chunk_diag per (heads, warps), one
+    # round: (1, 1) 0.81, (2, 2) 0.81, (4, 1) 0.75, (4, 2) 0.82, (4, 4) 0.78, (8, 1) 0.91,
+    # (8, 2) 0.71 ms, forward 3.44 ms; 2 and 4 warps at 1 or 2 heads 2.5 to 5.0 ms. Bitwise
+    # equal to the column loop under the interpreter (test_kda_chunk), 4e-5 relative compiled.
+    DIAG_HEADS: int = 8
     DIAG_WARPS: int = 2
     # chunk_pair_grads' pairs inside a sub-chunk, the same choice (its DIAG_COLS): the token
     # loop on the GPU, one step under the interpreter. Not bitwise equal across widths (the

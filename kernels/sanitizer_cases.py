@@ -1,0 +1,79 @@
+"""The small cases our kernels run under compute-sanitizer (issue 7's memory check), one
+command for memcheck and racecheck alike:
+
+    compute-sanitizer --tool memcheck --error-exitcode 9 python -m kdaverify.kernels.sanitizer_cases
+    compute-sanitizer --tool racecheck --racecheck-report hazard python -m kdaverify.kernels.sanitizer_cases
+
+Shapes chosen to reach the masks: ragged T (77: a last chunk of 13 tokens, not a multiple of
+the 16-token sub-chunk), head sizes that are not powers of two (K = 20, V = 48; K = 100,
+V = 70), GVA (H = 2, HV = 4), an initial state, a packed batch with a length-1 sequence and
+an empty one, and the decode pool with a padding index (-1) and state_layout "vk". chunk_kda
+runs forward and backward (every gradient, dh0 included), bf16 and fp32. With PyTorch's
+caching allocator on, an out-of-bounds access that lands inside another cached block is not
+seen: run with PYTORCH_NO_CUDA_MEMORY_CACHING=1. Prints one line per case; the sanitizer's
+exit code is the verdict.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kda_chunk import chunk_kda
+from .kda_fused_recurrent import fused_recurrent_kda
+
+# (T, H, HV, K, V, cu_seqlens or None, with an initial state)
+CASES = (
+    (77, 2, 4, 20, 48, None, True),
+    (131, 1, 2, 100, 70, (0, 1, 65, 65, 131), True),
+)
+
+
+def _inputs(T, H, HV, K, V, N, dtype, device, seed):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+
+    q, k = rand(1, T, H, K).to(dtype), rand(1, T, H, K).to(dtype)
+    v = rand(1, T, HV, V).to(dtype)
+    g = (-torch.rand(1, T, HV, K, generator=gen) * 2).to(device, dtype)
+    beta = torch.rand(1, T, HV, generator=gen).to(device, dtype)
+    h0 = rand(N, HV, K, V) * 0.1
+    return q, k, v, g, beta, h0
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(device: str = "cuda") -> None:
+    for dtype in (torch.bfloat16, torch.float32):
+        for T, H, HV, K, V, cu, with_h0 in CASES:
+            N = 1 if cu is None else len(cu) - 1
+            cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int64, device=device)
+            q, k, v, g, beta, h0 = _inputs(T, H, HV, K, V, N, dtype, device, seed=T)
+            h0 = h0 if with_h0 else None
+            leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
+            h0_leaf = None if h0 is None else h0.detach().requires_grad_()
+            o, ht = chunk_kda(*leaves, initial_state=h0_leaf, output_final_state=True, cu_seqlens=cu_t)
+            (o.float().square().sum() + ht.square().sum()).backward()
+            _sync(device)
+            print(f"chunk_kda fwd+bwd {dtype} T={T} H={H} HV={HV} K={K} V={V} cu={cu}", flush=True)
+            with torch.no_grad():
+                fused_recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu_t)
+                # decode: one token per sequence from a pool of 5 slots, padding included, "vk"
+                pool = torch.randn(5, HV, V, K, device=device)
+                idx = torch.tensor([3, -1, 0], dtype=torch.int64, device=device)
+                qd, kd, vd, gd, bd, _ = _inputs(3, H, HV, K, V, 1, dtype, device, seed=3)
+                rows = [x.reshape(3, 1, *x.shape[2:]) for x in (qd, kd, vd, gd, bd)]
+                decode = dict(state_indices=idx, state_layout="vk", inplace_final_state=True)
+                fused_recurrent_kda(*rows, initial_state=pool, **decode)
+            _sync(device)
+            print(f"fused_recurrent_kda + decode pool {dtype} T={T} K={K} V={V}", flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    run(sys.argv[1] if len(sys.argv) > 1 else "cuda")

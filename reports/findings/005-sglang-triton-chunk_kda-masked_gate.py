@@ -1,15 +1,18 @@
-"""Candidate: SGLang 0.5.23's Triton chunk_kda (sglang/kernels/ops/attention/fla/kda.py)
+"""Finding 005: SGLang 0.5.23's Triton chunk_kda (sglang/kernels/ops/attention/fla/kda.py)
 returns a wrong o and final state for short inputs whose gate decays by more than about 87
 (126 powers of two) inside a 16-token sub-chunk, such as a masked token (g = -1000).
-A candidate, not a finding: this script reproduces it under Triton's interpreter; its one
-GPU attempt (an H200) ran out of time while SGLang's kernels autotuned.
+Reproduced by this script on an H200 in a fresh process, and on a CPU under Triton's
+interpreter.
 
-chunk_kda_fwd takes a fused path when B * NT * H <= 256 chunk-heads (`_small_grid`, kda.py):
-chunk_kda_fwd_intra with fuse_diagonal=True (chunk_intra.py,
-chunk_kda_fwd_kernel_inter_solve_fused, the FUSE_DIAGONAL blocks). There the diagonal 16 x 16 blocks are formed as
-(q_r exp2(g_r - g_a)) . (k_c exp2(g_a - g_c)) around the sub-chunk's first token a, each
-exponent clamped to [-126, 126]. Once g_a - g_c passes 126 (log2 units) the clamp changes the
-product, so exp2(g_r - g_c) is not what is multiplied. The unfused path (larger grids) is right.
+When B * NT * H <= 256 chunk-heads (`_small_grid` in chunk_kda_fwd, kda.py), chunk_kda_fwd
+asks chunk_kda_fwd_intra (chunk_intra.py) for fuse_diagonal=True: the diagonal 16 x 16
+blocks are then built inside chunk_kda_fwd_kernel_inter_solve_fused (its FUSE_DIAGONAL
+branches), as (q_r exp2(g_r - g_a)) . (k_c exp2(g_a - g_c)) with a the sub-chunk's first
+token and the key's exponent clamped to [-126, 126] (in the first sub-chunk the query's too).
+For tokens c <= r that both lie more than 126 (log2 units) below g_a, the product is then not
+exp2(g_r - g_c) but 1 in the first sub-chunk, and 0 in the other three, where the query's
+unclamped factor underflows. Larger grids take the unfused path, which forms exp2(g_r - g_c)
+per pair and is right.
 
 The script runs one sequence alone (a small grid: the fused path) and the same sequence as
 the first of 300 identical sequences in one packed batch (300 chunks: the unfused path), both
@@ -19,12 +22,14 @@ Needs torch, NumPy and SGLang's files: an installed sglang (pip install sglang==
 --no-deps is enough), or a wheel or unpacked folder named by --sglang or KDAVERIFY_SGLANG.
 Only the kernel files are imported, never the engine's package __init__ files:
 
-    KDAVERIFY_SGLANG=path/to/sglang-0.5.23-...whl python sglang-triton-chunk_kda-masked_gate.py [--device cuda]
+    KDAVERIFY_SGLANG=path/to/sglang-0.5.23-...whl python 005-sglang-triton-chunk_kda-masked_gate.py [--device cuda]
 
-With --device cpu the kernels run under Triton's interpreter. Exits 1 while the lone
-sequence's o or final state differs from the recurrence by more than TOLERANCE, 0 once it
-agrees, 2 when the check cannot run (no SGLang files, files that do not import, or a call
-that raises).
+With --device cpu the kernels run under Triton's interpreter; keep --T <= 16 there: Triton
+3.6's interpreter multiplies the stored bits of bfloat16 dot operands, and chunk_kda's blocks
+between sub-chunks are bfloat16 dots, so any longer input comes back as garbage on both paths
+(a fault of the interpreter, not of SGLang). Exits 1 while the lone sequence's o or final
+state differs from the recurrence by more than TOLERANCE, 0 once it agrees, 2 when the check
+cannot run (no SGLang files, files that do not import, or a call that raises).
 """
 
 from __future__ import annotations

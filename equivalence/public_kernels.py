@@ -149,8 +149,9 @@ def _interpreter_aliases(package: str) -> None:
     same tl function, so the arithmetic is unchanged. An autotuned kernel keeps only its first
     configuration (the interpreter has no timer; block sizes change the order of sums, not
     the math). The input guard's CUDA device context
-    (custom_device_ctx) becomes a no-op: there is no device to select. Compiled kernels on a
-    GPU are not touched."""
+    (custom_device_ctx) becomes a no-op: there is no device to select. In the modules of
+    LOOP_INDEX_CASTS, range yields loop indices that take .to() (_LoopIndex). Compiled kernels
+    on a GPU are not touched."""
     import contextlib
     import sys
 
@@ -171,19 +172,49 @@ def _interpreter_aliases(package: str) -> None:
                         layer.configs = layer.configs[:1]
             if hasattr(mod, "custom_device_ctx"):  # the device guard has no CPU form (torch.cpu.device)
                 mod.custom_device_ctx = lambda index: contextlib.nullcontext()
+            if name in LOOP_INDEX_CASTS:
+                mod.range = _interpreted_range
+
+
+# Under the interpreter only. vLLM's chunk_delta_h casts its chunk loop's index (for i_t in
+# range(NT): ... i_t.to(tl.int64), lines 144 to 184): compiled, i_t is a Triton integer; the
+# interpreter runs the loop in Python, i_t is a plain int and the call raised "'int' object has
+# no attribute 'to'", so vllm_chunk_kda could not run on a CPU at all. Only this module's
+# kernel loop uses range (its host code does not), so rebinding range there touches nothing else.
+LOOP_INDEX_CASTS = ("vllm.third_party.flash_linear_attention.ops.chunk_delta_h",)
+
+
+class _LoopIndex(int):
+    """A loop index of an interpreted kernel: an int whose .to(dtype) is the same int (a Python
+    int does not wrap, so widening it to int64 changes nothing)."""
+
+    def to(self, *args, **kwargs):
+        return self
+
+
+def _interpreted_range(*args):
+    return map(_LoopIndex, range(*args))
 
 
 def _requires(source: shim.Source, *modules: str):
     """A kdaverify_available check: the engine's files (shim.available) and the Python
-    modules its kernels need beyond torch and Triton, each with its install command."""
+    modules its kernels need beyond torch and Triton, each with its install command. Each module
+    is imported, not only found: one that is installed but does not import with this torch (a
+    Helion release newer than the torch it finds, on an H200 in the eleventh session) makes the
+    implementation unavailable with the import's error, instead of failing every check."""
 
     def check() -> None:
+        import importlib
         import importlib.util
 
         shim.available(source)
         for module in modules:
             if importlib.util.find_spec(module) is None:
                 raise ImportError(f"needs the module {module!r}; install it with: {MODULE_INSTALL[module]}")
+            try:
+                importlib.import_module(module)
+            except Exception as error:
+                raise ImportError(f"the module {module!r} is installed but does not import: {error}") from error
 
     return check
 

@@ -26,6 +26,15 @@ def test_forward_and_backward_compares_every_gradient():
     assert set(row["vs_baseline"]) == {"o", "dq", "dk", "dv", "dg", "dbeta"}
 
 
+def test_another_implementation_is_timed_on_the_same_inputs():
+    """--with-fla's path, with our own chunk_kda standing in for fla's (no fla-core on the CPU)."""
+    from kdaverify.kernels import chunk_kda
+
+    rows = ab.run({"DIAG_COLS": [16]}, _case("fwd"), "cpu", rounds=1, budget_s=0.0, other=("stand-in", chunk_kda))
+    assert [r.get("provider") for r in rows] == [None, "stand-in"]
+    assert rows[1]["vs_baseline"] == {"o": "bitwise"} and rows[1]["ms"] > 0
+
+
 def test_a_changed_output_is_reported():
     base = {"o": ab.torch.ones(3)}
     assert ab._compare({"o": ab.torch.tensor([1.0, 1.0, 2.0])}, base)["o"] == pytest.approx(1 / 3**0.5)

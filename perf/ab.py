@@ -3,7 +3,7 @@ inputs for every configuration, outputs compared with the baseline's, the whole 
 in rounds so that drift shows, and on a GPU the time of each chunk_* kernel.
 
     python -m kdaverify.perf.ab DIAG_COLS=1,0 DIAG_HEADS=1,4 [--B 1 --T 16384 --H 32 --K 128 --V 128]
-        [--dtype bfloat16] [--mode fwd|fwdbwd] [--rounds 2] [--out FILE.jsonl]
+        [--dtype bfloat16] [--mode fwd|fwdbwd] [--rounds 2] [--out FILE.jsonl] [--with-fla]
 
 Each NAME=v1,v2,... names an integer field of kernels.kda_chunk.ChunkBlocks; the
 configurations are the product of the lists, and the first value of each list makes the
@@ -47,10 +47,12 @@ def _assignment(text: str) -> tuple[str, list[int]]:
         raise argparse.ArgumentTypeError(f"{name}: expected a comma list of integers, got {values!r}") from None
 
 
-def _call(t: dict, mode: str):
-    """The call to repeat, returning its outputs by name (o; with fwdbwd the gradients too)."""
+def _call(t: dict, mode: str, fn=None):
+    """The call to repeat, returning its outputs by name (o; with fwdbwd the gradients too).
+    fn: the chunk_kda to call (default ours)."""
     from kdaverify.kernels import chunk_kda
 
+    chunk_kda = fn or chunk_kda
     names = ("q", "k", "v", "g", "beta")
     if mode == "fwd":
         return lambda: {"o": chunk_kda(*(t[n] for n in names))[0]}
@@ -67,8 +69,9 @@ def _call(t: dict, mode: str):
     return step
 
 
-def _kernel_ms(fn) -> dict:
-    """Milliseconds per call of each chunk_* kernel (CUDA), from torch.profiler."""
+def _kernel_ms(fn, prefix: str = "chunk_") -> dict:
+    """Milliseconds per call of each CUDA kernel whose name starts with prefix, from
+    torch.profiler ("" for every kernel, as for flash-linear-attention's, whose names vary)."""
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -78,7 +81,7 @@ def _kernel_ms(fn) -> dict:
     return {
         e.key: round(e.self_device_time_total / PROFILED_CALLS / 1e3, 4)
         for e in prof.key_averages()
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.key.startswith("chunk_")
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.key.startswith(prefix)
     }
 
 
@@ -96,9 +99,14 @@ def _compare(out: dict, base: dict) -> dict:
     return diff
 
 
-def run(grid: dict[str, list[int]], case: Case, device: str, rounds: int, budget_s: float | None = None) -> list[dict]:
+def run(
+    grid: dict[str, list[int]], case: Case, device: str, rounds: int, budget_s: float | None = None, other=None
+) -> list[dict]:
     """Every configuration of grid (the product; first values = baseline) on case, `rounds`
-    times; one row per configuration and round."""
+    times; one row per configuration and round. other: (name, chunk_kda) of another
+    implementation timed on the same inputs after each round, its row compared with the
+    baseline by relative RMS and, on a GPU, with the time of every kernel it launches (so a
+    gap to flash-linear-attention shows per kernel, in one process)."""
     from kdaverify.kernels import kda_chunk
 
     t = inputs(case, device)
@@ -119,6 +127,18 @@ def run(grid: dict[str, list[int]], case: Case, device: str, rounds: int, budget
                     row["kernels_ms"] = _kernel_ms(call)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+            if other is not None:
+                name, fn = other
+                call = _call(t, case.mode, fn)
+                out = {n: x.detach().clone() for n, x in call().items()}
+                kw = {} if budget_s is None else {"budget_s": budget_s}
+                ms, how = median_ms(call, device, **kw)
+                row = {"round": r, "provider": name, "ms": round(ms, 4), "timed": how,
+                       "vs_baseline": _compare(out, baseline)}  # fmt: skip
+                if device == "cuda":
+                    row["kernels_ms"] = _kernel_ms(call, prefix="")
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     finally:
         kda_chunk.BLOCKS = base_blocks
     return rows
@@ -135,6 +155,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument("--out", default=None, help="also write the rows as JSON lines to this file")
+    p.add_argument("--with-fla", action="store_true", help="also time flash-linear-attention's chunk_kda (fla-core) "
+                   "on the same inputs, each round, with the time of each of its kernels")  # fmt: skip
     a = p.parse_args(argv)
     grid = dict(a.grid)
     if len(grid) != len(a.grid):
@@ -144,7 +166,12 @@ def main(argv=None) -> int:
                 dtype=a.dtype)  # fmt: skip
     if device == "cuda":
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    rows = run(grid, case, device, a.rounds)
+    other = None
+    if a.with_fla:
+        from kdaverify.equivalence.adapters import fla_chunk_kda
+
+        other = ("fla", fla_chunk_kda)
+    rows = run(grid, case, device, a.rounds, other=other)
     if a.out:
         with open(a.out, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

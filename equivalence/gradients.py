@@ -106,13 +106,13 @@ def oracle_grads(t: dict, do, dht, scale) -> dict:
     return {n: d for n, d in zip(GRAD_INPUTS, grads, strict=True) if t[n] is not None}
 
 
-def reference_calls(scale, precision: str | None = None) -> list:
+def reference_calls(scale, precision: str | None = None, t: dict | None = None) -> list:
     """fn(t) -> (o, final_state) of each same-precision gradient reference (module
     docstring): the float32 recurrence, then the float32 chunkwise oracle at each of
-    REFERENCE_CHUNKS with the matmul precision (None or "ieee": full fp32; "bf16", "tf32",
+    relations.reference_chunks(t) with the matmul precision (None or "ieee": full fp32; "bf16", "tf32",
     "tf32_rn": operands rounded by reference.round_operand, which is differentiable).
     Gradients come back in each input's dtype, as an implementation returns them."""
-    from .relations import REFERENCE_CHUNKS  # relations registers these checks: import it late
+    from .relations import reference_chunks  # relations registers these checks: import it late
 
     def make(chunk):
         def fn(t):
@@ -129,7 +129,7 @@ def reference_calls(scale, precision: str | None = None) -> list:
 
         return fn
 
-    return [make(c) for c in (None, *REFERENCE_CHUNKS)]
+    return [make(c) for c in (None, *reference_chunks(t))]
 
 
 def reference_grads(scale, t: dict, do, dht, transform=None, names=GRAD_INPUTS, precision=None) -> list[dict]:
@@ -139,7 +139,7 @@ def reference_grads(scale, t: dict, do, dht, transform=None, names=GRAD_INPUTS, 
     t, do, dht = _on_cpu(t), _cpu(do), _cpu(dht)
     return [
         autograd_grads(lambda x, fn=fn: fn(x if transform is None else transform(x)), t, do, dht, names)
-        for fn in reference_calls(scale, precision)
+        for fn in reference_calls(scale, precision, t)
     ]
 
 

@@ -60,7 +60,7 @@ def pytest_configure(config):
     from .profiles import resolve
 
     try:
-        config.kda_profile = resolve(config.getoption("kda_profile"))
+        config.kda_profile = resolve(config.getoption("kda_profile"), _device_kind(config))
         config.kda_impl = _load(config, target)
     except ValueError as e:  # a bad --kda-* option: a usage error, not a crash
         raise pytest.UsageError(str(e)) from None
@@ -85,10 +85,17 @@ def _add_suite(config) -> None:
         config.args[:] = [suite]
 
 
+def _device_kind(config) -> str:
+    """The --kda-device option, else cuda if a GPU is present, else cpu."""
+    import torch
+
+    return config.getoption("kda_device") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _device(config) -> str:
     import torch
 
-    device = config.getoption("kda_device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device_kind(config)
     if device == "cuda":
         _prepare_gpu_run()
         worker = getattr(config, "workerinput", {}).get("workerid", "")
@@ -135,7 +142,9 @@ def kda_profile(pytestconfig):
     """The Hypothesis settings the conformance tests run under."""
     from .profiles import PROFILES, resolve
 
-    name = getattr(pytestconfig, "kda_profile", None) or resolve(pytestconfig.getoption("kda_profile"))
+    name = getattr(pytestconfig, "kda_profile", None) or resolve(
+        pytestconfig.getoption("kda_profile"), _device_kind(pytestconfig)
+    )
     return PROFILES[name]
 
 

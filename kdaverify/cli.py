@@ -46,7 +46,7 @@ def _verify_arguments(p: argparse.ArgumentParser) -> None:
         caps.add_argument(f"--{name}", dest=field, **kw)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--profile", default=None, help="Hypothesis profile: ci, dev, deep, gpu, mutants (default: "
-                   "KDAVERIFY_PROFILE, else dev)")  # fmt: skip
+                   "KDAVERIFY_PROFILE, else gpu on a CUDA device and dev elsewhere)")  # fmt: skip
     p.add_argument("--out", default=None, help="report folder (default: kdaverify-reports/<target>)")
     p.add_argument("--junitxml", default=None, metavar="FILE", help="also write a JUnit XML file for CI systems")
     p.add_argument(

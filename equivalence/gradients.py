@@ -94,9 +94,25 @@ def autograd_grads(fn, t: dict, do, dht, names=GRAD_INPUTS, timer=contextlib.nul
     return {n: torch.zeros_like(x) if d is None else d for (n, x), d in zip(leaves.items(), grads, strict=True)}
 
 
-def oracle_grads(t: dict, do, dht, scale) -> dict:
+def oracle_grads(t: dict, do, dht, scale, torch_twin: bool | None = None) -> dict:
     """The float64 adjoint oracle on the rounded inputs and cotangents, keyed as GRAD_INPUTS
-    (initial_state only when one is given)."""
+    (initial_state only when one is given), as float64 NumPy arrays. With inputs on a GPU,
+    its PyTorch twin there: autograd through the float64 recurrence on the device
+    (relations.oracle_on_device, the forward checks' oracle of GPU runs; equal to the adjoint
+    to ~1e-12, test_oracle_backward), so a GPU-sized case is not checked on the host. There,
+    one NumPy adjoint at B1 T64 HV64 K = V = 256 took 25 s on one core of the development
+    machine and the float32 references 15 s more, and two H200 runs of our chunk_kda's
+    gradient checks (16 workers on 32 cores, 2026-11-28, twelfth session) finished no check
+    in 500 and 561 s. torch_twin: the PyTorch way (default: on a GPU only; tests take it on
+    the host too)."""
+    device = _device(t)
+    if device.type != "cpu" if torch_twin is None else torch_twin:
+        from .relations import oracle_on_device  # relations registers these checks: import it late
+
+        x = _f64_on({n: t[n] for n in (*GRAD_INPUTS, "cu_seqlens")}, device)
+        do, dht = (None if c is None else torch.as_tensor(c, device=device).to(torch.float64) for c in (do, dht))
+        grads = autograd_grads(lambda y: oracle_on_device(y, scale), x, do, dht)
+        return {n: d.cpu().numpy() for n, d in grads.items()}
     h0, cu = t["initial_state"], t["cu_seqlens"]
     grads = kda_recurrent_backward_np(
         t["q"], t["k"], t["v"], t["g"], t["beta"], do, dht, scale=scale,
@@ -104,6 +120,24 @@ def oracle_grads(t: dict, do, dht, scale) -> dict:
         cu_seqlens=None if cu is None else as_f64(cu).astype(np.int64),
     )  # fmt: skip
     return {n: d for n, d in zip(GRAD_INPUTS, grads, strict=True) if t[n] is not None}
+
+
+def _device(t: dict) -> torch.device:
+    """Where the inputs t live: the device of its tensors (some may be NumPy arrays already,
+    such as the normalised q and k of grad_l2norm_in_kernel); the host if none is a tensor."""
+    return next((x.device for x in t.values() if isinstance(x, torch.Tensor)), torch.device("cpu"))
+
+
+def _f64_on(t: dict, device) -> dict:
+    """t's arrays or tensors as float64 tensors on device (cu_seqlens as integers)."""
+
+    def one(n, x):
+        if x is None:
+            return None
+        x = torch.as_tensor(x.detach() if isinstance(x, torch.Tensor) else x, device=device)
+        return x if n == "cu_seqlens" else x.to(torch.float64)
+
+    return {n: one(n, x) for n, x in t.items()}
 
 
 def reference_calls(scale, precision: str | None = None, t: dict | None = None) -> list:
@@ -133,22 +167,14 @@ def reference_calls(scale, precision: str | None = None, t: dict | None = None) 
 
 
 def reference_grads(scale, t: dict, do, dht, transform=None, names=GRAD_INPUTS, precision=None) -> list[dict]:
-    """The gradients of every same-precision reference on the CPU (matmul precision as
-    reference_calls), the inputs passed through transform (an in-kernel option's meaning,
-    as a differentiable function of them) first."""
-    t, do, dht = _on_cpu(t), _cpu(do), _cpu(dht)
+    """The gradients of every same-precision reference (matmul precision as
+    reference_calls) on the inputs' device, as the forward's references run (on a GPU, there:
+    see oracle_grads for what the host cost), the inputs passed through transform (an
+    in-kernel option's meaning, as a differentiable function of them) first."""
     return [
         autograd_grads(lambda x, fn=fn: fn(x if transform is None else transform(x)), t, do, dht, names)
         for fn in reference_calls(scale, precision, t)
     ]
-
-
-def _cpu(x):
-    return None if x is None else x.detach().to("cpu")
-
-
-def _on_cpu(t: dict) -> dict:
-    return {n: _cpu(x) for n, x in t.items()}
 
 
 def sensitivity(t: dict, want: dict) -> float:
@@ -210,25 +236,36 @@ def expect_gradients(h, what: str, spec: CaseSpec, loss: str = "o and final_stat
     )
 
 
-def _loss_np(t: dict, do: np.ndarray, dht: np.ndarray, scale) -> float:
-    o, S = kda_recurrent_np(
-        t["q"], t["k"], t["v"], t["g"], t["beta"], scale=scale, initial_state=t["initial_state"],
-        output_final_state=True, cu_seqlens=t["cu_seqlens"],
-    )  # fmt: skip
+def _loss(t: dict, do, dht, scale, device, torch_twin: bool) -> float:
+    """<o, do> + <final_state, dht> of the float64 oracle on t (float64 arrays): NumPy, or
+    with torch_twin its PyTorch twin on device (oracle_grads)."""
+    if not torch_twin:
+        o, S = kda_recurrent_np(
+            t["q"], t["k"], t["v"], t["g"], t["beta"], scale=scale, initial_state=t["initial_state"],
+            output_final_state=True, cu_seqlens=t["cu_seqlens"],
+        )  # fmt: skip
+        return float((o * do).sum() + (S * dht).sum())
+    from .relations import oracle_on_device  # relations registers these checks: import it late
+
+    o, S = oracle_on_device(_f64_on(t, device), scale)
+    do, dht = (torch.as_tensor(c, device=device) for c in (do, dht))
     return float((o * do).sum() + (S * dht).sum())
 
 
-def directional_derivatives(t: dict, do, dht, scale, directions: dict) -> np.ndarray:
+def directional_derivatives(t: dict, do, dht, scale, directions: dict, torch_twin: bool | None = None) -> np.ndarray:
     """Central differences of the float64 oracle's loss along each direction (one per
-    input, FD_STEP apart): [dL/dx_n . u_n for n in directions]."""
+    input, FD_STEP apart): [dL/dx_n . u_n for n in directions], on the inputs' device
+    (torch_twin as oracle_grads)."""
+    device = _device(t)
+    torch_twin = device.type != "cpu" if torch_twin is None else torch_twin
     x = {n: None if v is None else as_f64(v) for n, v in t.items()}
     if x["cu_seqlens"] is not None:
         x["cu_seqlens"] = x["cu_seqlens"].astype(np.int64)
     do, dht = as_f64(do), as_f64(dht)
     out = []
     for n, u in directions.items():
-        up = _loss_np(dict(x, **{n: x[n] + FD_STEP * u}), do, dht, scale)
-        down = _loss_np(dict(x, **{n: x[n] - FD_STEP * u}), do, dht, scale)
+        up = _loss(dict(x, **{n: x[n] + FD_STEP * u}), do, dht, scale, device, torch_twin)
+        down = _loss(dict(x, **{n: x[n] - FD_STEP * u}), do, dht, scale, device, torch_twin)
         out.append((up - down) / (2 * FD_STEP))
     return np.array(out)
 

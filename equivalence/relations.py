@@ -784,7 +784,7 @@ def device_memory_lock(device: torch.device, exclusive: bool = False):
     from pathlib import Path
 
     index = device.index if device.index is not None else torch.cuda.current_device()
-    path = Path(tempfile.gettempdir()) / f"kdaverify-memory-cuda{index}.lock"
+    path = Path(tempfile.gettempdir()) / f"kdaverify-memory-{_physical_device(index)}.lock"
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         try:
@@ -792,6 +792,18 @@ def device_memory_lock(device: torch.device, exclusive: bool = False):
         finally:
             torch.cuda.empty_cache()
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _physical_device(index: int) -> str:
+    """The card behind CUDA device `index` of this process, as its UUID: the index alone
+    names another card in a process with another CUDA_VISIBLE_DEVICES. Keyed by the index,
+    two runs on the two GPUs of one host (one verify per GPU, each with CUDA_VISIBLE_DEVICES
+    set) share one lock file, so one run's large-offset checks, which hold it alone, stop the
+    other run's workers too. Seen on two H200s (2026-11-28, twelfth session): the gradient
+    run on the second GPU finished no check in 561 s beside the first GPU's run (the lock is
+    the likely cause; not isolated)."""
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    return f"cuda-{uuid}" if uuid else f"cuda{index}"
 
 
 def _large_call_or_skip(h: Harness, c: LargeCase, seed: int):

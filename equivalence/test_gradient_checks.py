@@ -165,3 +165,25 @@ def test_zero_gate_gradient_judged_against_its_terms(offset, passes):
                 CHECKS["grad_oracle"].fn(h, spec)
     finally:
         _Probe.EXTRA = 0.0
+
+
+@pytest.mark.parametrize("spec", [CASE, PACKED], ids=["batch", "packed"])
+def test_torch_twin_of_the_gradient_oracle(spec):
+    """The PyTorch twin that GPU runs take for the gradient oracle (autograd through the
+    float64 recurrence on the device, and the central differences of grad_vjp_directions)
+    gives the NumPy adjoint's gradients to 1e-10 relative, here on the host: GVA, an initial
+    state and a packed batch included."""
+    import numpy as np
+    from kdaverify.equivalence.gradients import cotangents, directional_derivatives, oracle_grads
+
+    t = Harness(load_implementation(reference_recurrent_kda), torch.float32).inputs(spec.arrays())
+    do, dht = cotangents(spec, torch.float32, "cpu", "o and final_state")
+    numpy_way, torch_way = (oracle_grads(t, do, dht, spec.scale, torch_twin=w) for w in (False, True))
+    assert numpy_way.keys() == torch_way.keys() == {"q", "k", "v", "g", "beta", "initial_state"}
+    for n, want in numpy_way.items():
+        assert isinstance(torch_way[n], np.ndarray) and torch_way[n].shape == want.shape, n
+        np.testing.assert_allclose(torch_way[n], want, rtol=1e-10, atol=1e-10 * np.abs(want).max(), err_msg=n)
+    rng = np.random.default_rng(0)
+    directions = {n: rng.standard_normal(tuple(t[n].shape)) for n in ("k", "g")}
+    fd = [directional_derivatives(t, do, dht, spec.scale, directions, torch_twin=w) for w in (False, True)]
+    np.testing.assert_allclose(fd[1], fd[0], rtol=1e-7)

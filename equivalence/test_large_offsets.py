@@ -82,19 +82,26 @@ def test_large_check_logic_on_a_miniature(monkeypatch, name):
 
 def test_device_memory_lock_is_shared_by_checks_and_taken_alone_by_large_cases(tmp_path, monkeypatch):
     """relations.device_memory_lock on a (pretended) CUDA device: two checks hold it at once,
-    a large-offset case cannot take it while any check does; on the CPU it is no lock."""
+    a large-offset case cannot take it while any check does; the lock is the card's (its
+    UUID), so the same CUDA index in a process that sees another card is another lock; on the
+    CPU it is no lock."""
     import fcntl
     import tempfile
     import types
 
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    card = {"card": "cuda-GPU-aaaa"}  # what CUDA index 0 is in this process
+    monkeypatch.setattr(relations, "_physical_device", lambda index: card["card"])
     dev = types.SimpleNamespace(type="cuda", index=0)
-    path = tmp_path / "kdaverify-memory-cuda0.lock"
+    path = tmp_path / "kdaverify-memory-cuda-GPU-aaaa.lock"
     with relations.device_memory_lock(dev), relations.device_memory_lock(dev):  # two workers' checks
         with open(path) as f, pytest.raises(BlockingIOError):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     with relations.device_memory_lock(dev, exclusive=True):
         with open(path) as f, pytest.raises(BlockingIOError):
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        card["card"] = "cuda-GPU-bbbb"  # another process, CUDA_VISIBLE_DEVICES=1: index 0 is the other card
+        with relations.device_memory_lock(dev, exclusive=True):
+            pass  # not blocked by the first card's lock
     with relations.device_memory_lock(torch.device("cpu")):
         assert not list(tmp_path.glob("*cpu*"))

@@ -64,11 +64,21 @@ class ChunkBlocks:
     # 4.77 ms; BK 32 / 64 / 128 on 4 warps 3.46 / 4.33 / 7.30 ms. The split kernels' own
     # sweep (.gpu-style A/B in one process, H100, 2026-11-28): chunk_pairs at PAIRS_WARPS x
     # BK_INTRA = 4 x 32 2.57 ms, 4 x 64 2.08, 2 x 64 2.04, 1 x 32 3.22, 8 x 64 3.60;
-    # SOLVE_WARPS 2 / 4 / 8: chunk_solve 3.51 / 0.71 / 1.31 ms. 4 x 64 is kept (2 x 64 is within
-    # noise of it and leaves fewer warps to hide the K = 256 loads).
+    # SOLVE_WARPS 2 / 4 / 8: chunk_solve 3.51 / 0.71 / 1.31 ms (its full-tile form, replaced in
+    # the twelfth session by the [BC, BC] block form: 0.49 ms on 4 warps on an H200; 1 and 2
+    # warps not yet timed for it). 4 x 64 is kept (2 x 64 is within noise of it and leaves
+    # fewer warps to hide the K = 256 loads).
     BK_INTRA: int = 64
     PAIRS_WARPS: int = 4
     SOLVE_WARPS: int = 4
+    # chunk_gate_cumsum: columns of K per program (0: all of K) and warps. 0 and 4 are its
+    # launch before the twelfth session; it took 0.275 ms at the shape above on an H200,
+    # against 0.107 ms for flash-linear-attention's gate cumsum (same run), for about 0.47 GB
+    # moved (g in, G and the reset counts out). Narrower blocks (more programs) are the
+    # candidate; python -m kdaverify.perf.ab CUMSUM_BK=0,32,64 CUMSUM_WARPS=4,2,1 has not run
+    # yet (bitwise equal under the interpreter, every gate form and resets).
+    CUMSUM_BK: int = 0
+    CUMSUM_WARPS: int = 4
     # chunk_pair_grads (one program per sub-chunk): ptxas at sm_90 (kernels/sm90_fit.py
     # --usage), K = 128: spill stores 172 B (bf16) and 12 B (fp32) on 8 warps, 784 and 652 B
     # on 4, 640 and 608 B on 2
@@ -94,6 +104,12 @@ class ChunkBlocks:
     # equal to the column loop under the interpreter (test_kda_chunk), 4e-5 relative compiled.
     DIAG_HEADS: int = 8
     DIAG_WARPS: int = 2
+    # chunk_diag's loops: 1 = K blocks outside the columns (row r's q, k, G and reset counts
+    # loaded once per block of K, not once per column: 3 loads per column and block instead of
+    # 7), 0 = inside (the eleventh session's form, 0.71 ms). Bitwise equal under the
+    # interpreter; 1 is what the twelfth session's GPU conformance run checked (forward, H200).
+    # Not yet timed: python -m kdaverify.perf.ab DIAG_KOUTER=1,0.
+    DIAG_KOUTER: int = 1
     # chunk_pair_grads' pairs inside a sub-chunk, the same choice (its DIAG_COLS): the token
     # loop on the GPU, one step under the interpreter. Not bitwise equal across widths (the
     # terms are added in another order): test_kda_chunk holds the widths within float32
@@ -103,6 +119,10 @@ class ChunkBlocks:
 
     def bk(self, K: int) -> int:
         return max(16, triton.next_power_of_2(K))  # tl.dot needs every tile dimension >= 16
+
+    def bk_cumsum(self, K: int) -> int:
+        """chunk_gate_cumsum's columns per program: CUMSUM_BK, or all of K when 0."""
+        return self.bk(K) if self.CUMSUM_BK == 0 else min(self.bk(K), self.CUMSUM_BK)
 
     def bk_intra(self, K: int) -> int:
         """Columns per step of chunk_pairs' sums over K: at most BK_INTRA."""
@@ -306,13 +326,14 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     # hold them; one computed from z is finite
     Rs = torch.empty(B, T, HV, K, dtype=torch.int8, device=device) if gate is None else None
     grid = (plan.NC * plan.NBH,)  # one axis: see kda_chunk_intra.one_dim_grid
-    chunk_gate_cumsum[grid](
+    BKC = BLOCKS.bk_cumsum(K)
+    chunk_gate_cumsum[(plan.NC * triton.cdiv(K, BKC) * plan.NBH,)](
         c.g, G, Rs,
         None if gate is None else gate.A_log, None if gate is None else gate.dt_bias,
         0.0 if gate is None or gate.lower_bound is None else gate.lower_bound,
         c.cu_seqlens, plan.chunks, T, plan.NBH,
-        HV=HV, K=K, BT=BT, BK=BK, IS_VARLEN=plan.varlen, GATE=gate_kind,
-        HAS_DT_BIAS=gate is not None and gate.dt_bias is not None,
+        HV=HV, K=K, BT=BT, BK=BKC, NKB=triton.cdiv(K, BKC), IS_VARLEN=plan.varlen, GATE=gate_kind,
+        HAS_DT_BIAS=gate is not None and gate.dt_bias is not None, num_warps=BLOCKS.CUMSUM_WARPS,
     )  # fmt: skip
     flags = dict(
         L2NORM=opts.l2norm, BETA_SIGMOID=opts.beta_sigmoid, NEG_EIGVAL=opts.neg_eigval,
@@ -331,7 +352,7 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
             c.q, c.k, G, Rs, c.beta, Aqk, L, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
             H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BLOCKS.bk_intra(K), BH=BH, IS_VARLEN=plan.varlen,
             RESETS=Rs is not None, L2NORM=opts.l2norm, BETA_SIGMOID=opts.beta_sigmoid, NEG_EIGVAL=opts.neg_eigval,
-            num_warps=BLOCKS.DIAG_WARPS,
+            K_OUTER=bool(BLOCKS.DIAG_KOUTER), num_warps=BLOCKS.DIAG_WARPS,
         )  # fmt: skip
     chunk_solve[grid](
         L, c.beta, M, Minv, c.cu_seqlens, plan.chunks, T, plan.NBH,

@@ -233,36 +233,14 @@ def row_decays(G, Rs, g_c, cnt_c, m, last, HV: tl.constexpr, i_hv, cols, K: tl.c
     return e_g, e_d
 
 
-@triton.jit
-def diagonal_block_inverse(a, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr):
-    """(I + Ld)^{-1} as a [BT, BT] tile, Ld = the BC x BC diagonal blocks of the strictly lower
-    [BT, BT] tile a (the rest of a is ignored). The NB = BT / BC blocks are solved as one
-    [NB, BC, BC] batch by forward substitution, one row of every block per step: with
-    N = Dinv - I, row r is -Ld_r - sum_{i<r} Ld_ri N_i = -Ld_r + (-Ld_r) N (Ld_ri = 0 for
-    i >= r). Each step is a batched [BC, BC] dot: NB * BC^3 multiply-adds, where the same
-    substitution on the [BT, BT] tile (masked to its diagonal blocks) cost BT^3, 16x more."""
-    NB: tl.constexpr = BT // BC
-    blk = tl.arange(0, NB)
-    on_diag = (blk[:, None] == blk[None, :])[:, :, None, None]  # [I, J, 1, 1]
-    blocks = tl.permute(tl.reshape(a, (NB, BC, NB, BC)), (0, 2, 1, 3))  # [I, J, r, c]
-    n = -tl.sum(tl.where(on_diag, blocks, 0.0), axis=1)  # [I, r, c] = -Ld_I
-    r16 = tl.arange(0, BC)
-    for j in range(1, BC):
-        sel = (r16 == j)[None, :, None]
-        r = tl.where(sel, n, 0.0)
-        n = tl.where(sel, r + tl.dot(r, n, input_precision=PRECISION), n)
-    n += tl.where(r16[:, None] == r16[None, :], 1.0, 0.0)[None, :, :]
-    d_inv = tl.where(on_diag, tl.expand_dims(n, 1), 0.0)  # [I, J, r, c], zero off the diagonal
-    return tl.reshape(tl.permute(d_inv, (0, 2, 1, 3)), (BT, BT))
-
-
 @triton.jit(do_not_specialize=["T", "NBH"])  # lengths: one compile for any T (NOTES.md, "Lengths not specialized")
 def chunk_gate_cumsum(
     g, G, Rs, A_log, dt_bias, lower_bound, cu_seqlens, chunks, T, NBH,
-    HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
     IS_VARLEN: tl.constexpr, GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
 ):  # fmt: skip
-    """G [B*T, HV, K] fp32 = the in-chunk inclusive cumulative sum of g. GATE: 0 = g as given;
+    """G [B*T, HV, K] fp32 = the in-chunk inclusive cumulative sum of g, BK of the K columns per
+    program (NKB programs per chunk and value head). GATE: 0 = g as given;
     1 = g = -exp(A_log) softplus(z + dt_bias); 2 = g = lower_bound sigmoid(exp(A_log) (z + dt_bias)).
 
     g = -inf is a hard reset (the state is wiped; DESIGN.md's contract includes it). With g
@@ -270,11 +248,12 @@ def chunk_gate_cumsum(
     restarts after each one (G = 0 at the reset itself), so that a ratio Gam_r / Gam_i is
     exp(G_r - G_i) between tokens of one segment and 0 across a reset (chunk_decays): no
     -inf - -inf. Without a reset in the chunk this is the plain cumulative sum, bit for bit."""
-    i_c, i_bh = one_dim_grid(NBH)
+    i_ck, i_bh = one_dim_grid(NBH)
+    i_c, i_kb = i_ck // NKB, i_ck % NKB
     i_b, i_hv = i_bh // HV, i_bh % HV
     _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
     rows = t0 + tl.arange(0, BT)
-    cols = tl.arange(0, BK)
+    cols = i_kb * BK + tl.arange(0, BK)
     m = rows < eos
     x = load_rows(g, rows, m, HV, i_hv, cols, K)
     if GATE != 0:
@@ -468,7 +447,7 @@ def chunk_diag(
     q, k, G, Rs, beta, Aqk, L, cu_seqlens, chunks, scale, T, NBH,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     BH: tl.constexpr, IS_VARLEN: tl.constexpr, RESETS: tl.constexpr,
-    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
+    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, K_OUTER: tl.constexpr,
 ):  # fmt: skip
     """The diagonal tiles of Aqk and L, token-parallel (chunk_pairs with DIAG_COLS = 0 leaves
     them out): one program per (chunk, block of BH value heads of one batch row, token r of
@@ -511,7 +490,41 @@ def chunk_diag(
             k_norm = tl.sqrt(k_ss + L2NORM_EPS)
         d_qk = tl.zeros([BH, BC], dtype=tl.float32)
         d_kk = tl.zeros([BH, BC], dtype=tl.float32)
-        for j in range(0, i_r % BC + 1):  # the columns j <= r of the sub-chunk
+        if K_OUTER:
+            # row r's q, k, G and counts loaded once per block of K, not once per column j;
+            # each column's sum over K is still block 0 + block 1 + ..., so bitwise the same
+            if L2NORM:  # the columns' norms first: column j's over all of K
+                n_j = tl.zeros([BH, BC], dtype=tl.float32)
+                for j in range(0, i_r % BC + 1):
+                    j_ss = tl.zeros([BH], dtype=tl.float32)
+                    for i_k in range(0, (K + BK - 1) // BK):
+                        cols = i_k * BK + tl.arange(0, BK)
+                        x = load_rows(k, a + j + hv * 0, m_h, H, hq, cols, K)
+                        j_ss += tl.sum(x * x, axis=1)
+                    n_j += tl.where((oj == j)[None, :], tl.sqrt(j_ss + L2NORM_EPS)[:, None], 0.0)
+            for i_k in range(0, (K + BK - 1) // BK):
+                cols = i_k * BK + tl.arange(0, BK)
+                q_r = load_rows(q, rr, m_h, H, hq, cols, K)
+                k_r = load_rows(k, rr, m_h, H, hq, cols, K)
+                if L2NORM:
+                    q_r = round_to(q_r / q_norm[:, None], q.dtype.element_ty).to(tl.float32)
+                    k_r = round_to(k_r / k_norm[:, None], k.dtype.element_ty).to(tl.float32)
+                q_r = q_r * scale
+                g_r = load_rows(G, rr, m_h, HV, hg, cols, K)
+                c_r = load_counts(Rs, rr, m_h, HV, hg, cols, K, RESETS)
+                for j in range(0, i_r % BC + 1):
+                    src = a + j
+                    at_j = (oj == j)[None, :]
+                    k_j = load_rows(k, src + hv * 0, m_h, H, hq, cols, K)
+                    if L2NORM:
+                        norm_j = tl.sum(tl.where(at_j, n_j, 0.0), axis=1)
+                        k_j = round_to(k_j / norm_j[:, None], k.dtype.element_ty).to(tl.float32)
+                    g_j = load_rows(G, src + hv * 0, m_h, HV, hg, cols, K)
+                    same = c_r == load_counts(Rs, src + hv * 0, m_h, HV, hg, cols, K, RESETS)
+                    k_j = k_j * tl.exp(tl.where(same, g_r - g_j, float("-inf")))
+                    d_qk += tl.where(at_j, tl.sum(q_r * k_j, axis=1)[:, None], 0.0)
+                    d_kk += tl.where(at_j & (j < i_r % BC), tl.sum(k_r * k_j, axis=1)[:, None], 0.0)
+        for j in range(0, (i_r % BC + 1) * (1 - K_OUTER)):  # the columns j <= r of the sub-chunk
             src = a + j
             if L2NORM:  # column j's own norm, as chunk_pairs has it from its rows
                 j_ss = tl.zeros([BH], dtype=tl.float32)
@@ -548,6 +561,23 @@ def chunk_diag(
         tl.store(L + out, d_kk * b_r[:, None], mask=m_h[:, None])
 
 
+@triton.jit
+def solve_block(n, I: tl.constexpr, NB: tl.constexpr):
+    """D_I = (I + Ld_I)^{-1} as [BC, BC] from the [NB, BC, BC] batch n = Dinv - I."""
+    blk = tl.arange(0, NB)[:, None, None]
+    r16 = tl.arange(0, n.shape[1])
+    return tl.sum(tl.where(blk == I, n, 0.0), axis=0) + tl.where(r16[:, None] == r16[None, :], 1.0, 0.0)
+
+
+@triton.jit
+def solve_store(M, Minv, x, b_j, rows, ok, cols, HV: tl.constexpr, i_hv, BT: tl.constexpr):
+    """Block (I, J) of (I + L)^{-1}: M gets it times Diag(beta_J), Minv (when given) as is."""
+    ptr = (rows[:, None] * HV + i_hv) * BT + cols[None, :]
+    tl.store(M + ptr, round_to(x * b_j[None, :], M.dtype.element_ty), mask=ok[:, None])
+    if Minv is not None:
+        tl.store(Minv + ptr, round_to(x, Minv.dtype.element_ty), mask=ok[:, None])
+
+
 @triton.jit(do_not_specialize=["T", "NBH"])  # lengths: one compile for any T (NOTES.md, "Lengths not specialized")
 def chunk_solve(
     L, beta, M, Minv, cu_seqlens, chunks, T, NBH,
@@ -555,35 +585,82 @@ def chunk_solve(
     IS_VARLEN: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, SOLVE_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """M = (I + L)^{-1} Diag(beta) of one chunk of one value head (eq. (6)), and Minv =
-    (I + L)^{-1} itself when Minv is given (for the backward), from L of chunk_pairs; written
-    as [BT, BT] rows in the buffers' dtype (rows past the sequence end are not written).
+    (I + L)^{-1} itself when Minv is given (for the backward), from L of chunk_pairs and
+    chunk_diag; written as [BT, BT] rows in the buffers' dtype (rows past the sequence end are
+    not written).
 
-    (I + L)^{-1} in fp32, its dots in SOLVE_PRECISION ("ieee", or "tf32x3": three
-    tensor-core passes that keep about fp32 accuracy, for the default precision). Split
-    L = Ld + Lo (block diagonal, strictly block lower): Dinv = (I + Ld)^{-1} by
-    diagonal_block_inverse, then block forward substitution over the sub-chunks in order,
-    X_I = Dinv_I (E_I - sum_{J<I} Lo_IJ X_J), block row 0 being Dinv_0. (The Neumann product
-    (I - E)(I + E^2), E = Dinv Lo, is shorter but its intermediates grow and cancel: it lost
-    3.4x the reference's accuracy over 2633 tokens with beta near 2.)"""
+    (I + L)^{-1} in fp32 on [BC, BC] blocks, its dots in SOLVE_PRECISION ("ieee", or "tf32x3":
+    three tensor-core passes that keep about fp32 accuracy, for the default precision). Split
+    L = Ld + Lo (block diagonal, strictly block lower). The four diagonal blocks
+    D_I = (I + Ld_I)^{-1} are one [NB, BC, BC] batch solved by forward substitution, one row
+    of every block per step: with N = D - I, row j is r + r N, r = -Ld_j (Ld_ji = 0 for
+    i >= j), a batched [BC, BC] dot. Then the block forward substitution over the sub-chunks,
+    written out: X_II = D_I and X_IJ = -D_I sum_{J <= K < I} Lo_IK X_KJ for J < I, 16 [BC, BC]
+    dots, each Lo_IK loaded from L as a block; the six blocks above the diagonal are stored
+    as zeros.
+
+    Measured on an H200 (B1 T16384 H32 K = V = 128 bf16, 2026-11-28, twelfth session,
+    python -m kdaverify.perf.ab, two rounds agreeing within 1%): 0.49 ms, against 0.73 ms for
+    the form it replaced (the same substitution on the [BT, BT] tile, six [BT, BT] x [BT, BT]
+    dots masked to one block row each: 24x the multiply-adds, 98 KiB of shared memory and
+    register spills at sm_90) and 0.65 ms with the diagonal blocks' rows done as fp32
+    broadcast products and sums instead of batched dots; forward 3.44 -> 3.20 ms. o moved by
+    2.1e-5 relative (the sums in another order). (The Neumann product (I - E)(I + E^2),
+    E = Dinv Lo, is shorter but its intermediates grow and cancel: it lost 3.4x the
+    reference's accuracy over 2633 tokens with beta near 2.)"""
+    tl.static_assert(BT == 4 * BC)
+    NB: tl.constexpr = BT // BC
     i_c, i_bh = one_dim_grid(NBH)
     i_b, i_hv = i_bh // HV, i_bh % HV
     _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
-    o = tl.arange(0, BT)
-    rows = t0 + o
-    m = rows < eos
-    mat = (rows[:, None] * HV + i_hv) * BT + o[None, :]
-    lower = m[:, None] & (o[None, :] < o[:, None])  # columns before a row in the sequence are in it too
-    a_kk = tl.load(L + mat, mask=lower, other=0.0)
-    b_c = load_beta(beta, rows, m, HV, i_hv, BETA_SIGMOID, NEG_EIGVAL)
-    d_inv = diagonal_block_inverse(a_kk, BT, BC, SOLVE_PRECISION)
-    lo = tl.where((o[:, None] // BC) == (o[None, :] // BC), 0.0, a_kk)
-    m_inv = d_inv
-    for I in tl.static_range(1, BT // BC):
-        r = tl.where((o // BC == I)[:, None], lo, 0.0)
-        m_inv -= tl.dot(d_inv, tl.dot(r, m_inv, input_precision=SOLVE_PRECISION), input_precision=SOLVE_PRECISION)
-    # beta is folded into M before the rounding to the dot dtype, as eq. (6) writes M: rounding
-    # Minv and beta * (V - W S) separately cost bf16 inputs up to 3x the same-precision
-    # reference's error in the final state (conformance, K = V = 4, T = 116; 1.0x folded)
-    tl.store(M + mat, round_to(m_inv * b_c[None, :], M.dtype.element_ty), mask=m[:, None])
-    if Minv is not None:
-        tl.store(Minv + mat, round_to(m_inv, Minv.dtype.element_ty), mask=m[:, None])
+    o16 = tl.arange(0, BC)
+    # the diagonal blocks as one [NB, BC, BC] batch: 4 KiB of the chunk's 16 KiB of L
+    r3 = tl.arange(0, NB)[:, None, None] * BC + o16[None, :, None]
+    c3 = tl.arange(0, NB)[:, None, None] * BC + o16[None, None, :]
+    n = -tl.load(L + ((t0 + r3) * HV + i_hv) * BT + c3, mask=(t0 + r3 < eos) & (c3 < r3), other=0.0)
+    for j in range(1, BC):
+        sel = (o16 == j)[None, :, None]
+        r = tl.where(sel, n, 0.0)
+        n = tl.where(sel, r + tl.dot(r, n, input_precision=SOLVE_PRECISION), n)
+    d0 = solve_block(n, 0, NB)
+    d1 = solve_block(n, 1, NB)
+    d2 = solve_block(n, 2, NB)
+    d3 = solve_block(n, 3, NB)
+    ra, rb, rc, rd = t0 + o16, t0 + BC + o16, t0 + 2 * BC + o16, t0 + 3 * BC + o16
+    oa, ob, oc, od = ra < eos, rb < eos, rc < eos, rd < eos
+    ca, cb, cc, cd = o16, BC + o16, 2 * BC + o16, 3 * BC + o16
+    l10 = tl.load(L + (rb[:, None] * HV + i_hv) * BT + ca[None, :], mask=ob[:, None], other=0.0)
+    l20 = tl.load(L + (rc[:, None] * HV + i_hv) * BT + ca[None, :], mask=oc[:, None], other=0.0)
+    l21 = tl.load(L + (rc[:, None] * HV + i_hv) * BT + cb[None, :], mask=oc[:, None], other=0.0)
+    l30 = tl.load(L + (rd[:, None] * HV + i_hv) * BT + ca[None, :], mask=od[:, None], other=0.0)
+    l31 = tl.load(L + (rd[:, None] * HV + i_hv) * BT + cb[None, :], mask=od[:, None], other=0.0)
+    l32 = tl.load(L + (rd[:, None] * HV + i_hv) * BT + cc[None, :], mask=od[:, None], other=0.0)
+    P: tl.constexpr = SOLVE_PRECISION
+    x10 = -tl.dot(d1, tl.dot(l10, d0, input_precision=P), input_precision=P)
+    x21 = -tl.dot(d2, tl.dot(l21, d1, input_precision=P), input_precision=P)
+    x20 = -tl.dot(d2, tl.dot(l20, d0, input_precision=P) + tl.dot(l21, x10, input_precision=P), input_precision=P)
+    x32 = -tl.dot(d3, tl.dot(l32, d2, input_precision=P), input_precision=P)
+    x31 = -tl.dot(d3, tl.dot(l31, d1, input_precision=P) + tl.dot(l32, x21, input_precision=P), input_precision=P)
+    s30 = tl.dot(l30, d0, input_precision=P) + tl.dot(l31, x10, input_precision=P)
+    x30 = -tl.dot(d3, s30 + tl.dot(l32, x20, input_precision=P), input_precision=P)
+    ba = load_beta(beta, ra, oa, HV, i_hv, BETA_SIGMOID, NEG_EIGVAL)
+    bb = load_beta(beta, rb, ob, HV, i_hv, BETA_SIGMOID, NEG_EIGVAL)
+    bc = load_beta(beta, rc, oc, HV, i_hv, BETA_SIGMOID, NEG_EIGVAL)
+    bd = load_beta(beta, rd, od, HV, i_hv, BETA_SIGMOID, NEG_EIGVAL)
+    zero = tl.zeros((BC, BC), dtype=tl.float32)
+    solve_store(M, Minv, d0, ba, ra, oa, ca, HV, i_hv, BT)
+    solve_store(M, Minv, zero, bb, ra, oa, cb, HV, i_hv, BT)
+    solve_store(M, Minv, zero, bc, ra, oa, cc, HV, i_hv, BT)
+    solve_store(M, Minv, zero, bd, ra, oa, cd, HV, i_hv, BT)
+    solve_store(M, Minv, x10, ba, rb, ob, ca, HV, i_hv, BT)
+    solve_store(M, Minv, d1, bb, rb, ob, cb, HV, i_hv, BT)
+    solve_store(M, Minv, zero, bc, rb, ob, cc, HV, i_hv, BT)
+    solve_store(M, Minv, zero, bd, rb, ob, cd, HV, i_hv, BT)
+    solve_store(M, Minv, x20, ba, rc, oc, ca, HV, i_hv, BT)
+    solve_store(M, Minv, x21, bb, rc, oc, cb, HV, i_hv, BT)
+    solve_store(M, Minv, d2, bc, rc, oc, cc, HV, i_hv, BT)
+    solve_store(M, Minv, zero, bd, rc, oc, cd, HV, i_hv, BT)
+    solve_store(M, Minv, x30, ba, rd, od, ca, HV, i_hv, BT)
+    solve_store(M, Minv, x31, bb, rd, od, cb, HV, i_hv, BT)
+    solve_store(M, Minv, x32, bc, rd, od, cc, HV, i_hv, BT)
+    solve_store(M, Minv, d3, bd, rd, od, cd, HV, i_hv, BT)

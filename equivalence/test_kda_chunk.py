@@ -351,11 +351,12 @@ DIAG_CASES = [  # (spec, dtype, L2 norm in the kernel)
 def test_diagonal_tile_forms_agree_bitwise(spec, dtype, l2, monkeypatch):
     """chunk_pairs' diagonal tile in column steps (DIAG_COLS = 1, the GPU's form), in steps of
     4 and 16 columns (16: the interpreter's form) and token-parallel in chunk_diag (DIAG_COLS =
-    0, one and four value heads a program) give the same o and final state, bit for bit under
-    the interpreter: the interpreter's runs of the suite check the GPU's form through this
-    test. Compiled, the forms differ by rounding (about 4e-5 relative in bf16 on an H200: the
-    compiler contracts products and sums in other orders), so there each form is held to the
-    oracle instead."""
+    0, one and four value heads a program; its loop over K outside or inside the columns,
+    DIAG_KOUTER), and the gate cumsum over all of K or in blocks of 16 columns (CUMSUM_BK)
+    give the same o and final state, bit for bit under the interpreter: the interpreter's runs
+    of the suite check the GPU's forms through this test. Compiled, the diagonal forms differ
+    by rounding (about 4e-5 relative in bf16 on an H200: the compiler contracts products and
+    sums in other orders), so there each form is held to the oracle instead."""
     from dataclasses import replace
 
     from kdaverify.kernels import kda_chunk
@@ -365,10 +366,19 @@ def test_diagonal_tile_forms_agree_bitwise(spec, dtype, l2, monkeypatch):
     h = Harness(DEFAULT, DTYPES[dtype])
     t = h.inputs(spec.arrays())
     meaning = dict(t, q=l2norm(t["q"].double()).to(h.dtype), k=l2norm(t["k"].double()).to(h.dtype)) if l2 else t
-    forms = {"1": (1, 4), "4": (4, 4), "16": (16, 4), "token, 4 heads": (0, 4), "token, 1 head": (0, 1)}
+    forms = {
+        "1": dict(DIAG_COLS=1),
+        "4": dict(DIAG_COLS=4),
+        "16": dict(DIAG_COLS=16),
+        "token, 4 heads": dict(DIAG_COLS=0, DIAG_HEADS=4),
+        "token, 1 head": dict(DIAG_COLS=0, DIAG_HEADS=1),
+        "token, K inside": dict(DIAG_COLS=0, DIAG_HEADS=4, DIAG_KOUTER=0),
+        "1, cumsum in 16 columns": dict(DIAG_COLS=1, CUMSUM_BK=16),
+    }
     got = {}
-    for name, (cols, heads) in forms.items():
-        monkeypatch.setattr(kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, DIAG_COLS=cols, DIAG_HEADS=heads))
+    base = replace(kda_chunk.BLOCKS, DIAG_HEADS=4, DIAG_KOUTER=1, CUMSUM_BK=0)
+    for name, fields in forms.items():
+        monkeypatch.setattr(kda_chunk, "BLOCKS", replace(base, **fields))
         if INTERPRET:
             got[name] = DEFAULT.call(t, scale=spec.scale, use_qk_l2norm_in_kernel=l2)
         else:

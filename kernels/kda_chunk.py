@@ -71,13 +71,17 @@ class ChunkBlocks:
     BK_INTRA: int = 64
     PAIRS_WARPS: int = 4
     SOLVE_WARPS: int = 4
-    # chunk_gate_cumsum: columns of K per program (0: all of K) and warps. 0 and 4 are its
-    # launch before the twelfth session; it took 0.275 ms at the shape above on an H200,
-    # against 0.107 ms for flash-linear-attention's gate cumsum (same run), for about 0.47 GB
-    # moved (g in, G and the reset counts out). Narrower blocks (more programs) are the
-    # candidate; python -m kdaverify.perf.ab CUMSUM_BK=0,32,64 CUMSUM_WARPS=4,2,1 has not run
-    # yet (bitwise equal under the interpreter, every gate form and resets).
-    CUMSUM_BK: int = 0
+    # chunk_gate_cumsum: columns of K per program (0: all of K) and warps. Until the twelfth
+    # session it ran all of K on 4 warps: 0.275 ms at the shape above on an H200, against
+    # 0.107 ms for flash-linear-attention's gate cumsum (same run), for about 0.47 GB moved
+    # (g in, G and the reset counts out; 1.7 TB/s). Compiled for sm_90 on the CPU
+    # (sm90_fit.compile_sm90, bf16 g, K = 128, 4 warps), that launch spills: 544 B of spill
+    # stores with the fp32 sum, 852 B with the fp64 sum it now does; at 32 columns per program
+    # neither spills (216 registers; 16 columns: 96). So 32 on the GPU, chosen from ptxas and
+    # not yet timed (python -m kdaverify.perf.ab CUMSUM_BK=32,16,0 CUMSUM_WARPS=4,2 is next).
+    # Bitwise equal at every width (test_kda_chunk). Under the interpreter all of K in one
+    # program: fewer programs, fewer interpreted operations.
+    CUMSUM_BK: int = 0 if INTERPRET else 32
     CUMSUM_WARPS: int = 4
     # chunk_pair_grads (one program per sub-chunk): ptxas at sm_90 (kernels/sm90_fit.py
     # --usage), K = 128: spill stores 172 B (bf16) and 12 B (fp32) on 8 warps, 784 and 652 B

@@ -106,7 +106,9 @@ def oracle_grads(t: dict, do, dht, scale, torch_twin: bool | None = None) -> dic
     in 500 and 561 s. torch_twin: the PyTorch way (default: on a GPU only; tests take it on
     the host too)."""
     device = _device(t)
-    if device.type != "cpu" if torch_twin is None else torch_twin:
+    if torch_twin is None:
+        torch_twin = device.type != "cpu" and _fits_on_device(t, device)
+    if torch_twin:
         from .relations import oracle_on_device  # relations registers these checks: import it late
 
         x = _f64_on({n: t[n] for n in (*GRAD_INPUTS, "cu_seqlens")}, device)
@@ -120,6 +122,21 @@ def oracle_grads(t: dict, do, dht, scale, torch_twin: bool | None = None) -> dic
         cu_seqlens=None if cu is None else as_f64(cu).astype(np.int64),
     )  # fmt: skip
     return {n: d for n, d in zip(GRAD_INPUTS, grads, strict=True) if t[n] is not None}
+
+
+def _fits_on_device(t: dict, device) -> bool:
+    """Whether autograd through the float64 recurrence fits in half the device's free memory.
+    It keeps about three states a token for the backward (the state before and after its
+    decay, and after its update: reference.kda._scan_torch), so T * 3 * N * HV * K * V * 8
+    bytes; at the gradient checks' largest draws (a state pool of GPU_GRAD_STATE_ELEMENTS =
+    2^22, T = 129) about 13 GB per worker, and several workers share one card. A case that
+    does not fit goes to the host's NumPy adjoint instead: slower, never out of memory."""
+    B, T, HV, V = t["v"].shape
+    K = t["q"].shape[-1]
+    N = B if t.get("cu_seqlens") is None else len(t["cu_seqlens"]) - 1
+    need = 3 * T * N * HV * K * V * 8
+    free, _ = torch.cuda.mem_get_info(device)
+    return need <= free // 2
 
 
 def _device(t: dict) -> torch.device:
@@ -169,12 +186,20 @@ def reference_calls(scale, precision: str | None = None, t: dict | None = None) 
 def reference_grads(scale, t: dict, do, dht, transform=None, names=GRAD_INPUTS, precision=None) -> list[dict]:
     """The gradients of every same-precision reference (matmul precision as
     reference_calls) on the inputs' device, as the forward's references run (on a GPU, there:
-    see oracle_grads for what the host cost), the inputs passed through transform (an
-    in-kernel option's meaning, as a differentiable function of them) first."""
+    see oracle_grads for what the host cost; on the host where the oracle's autograd would
+    not fit, _fits_on_device), the inputs passed through transform (an in-kernel option's
+    meaning, as a differentiable function of them) first."""
+    device = _device(t)
+    if device.type != "cpu" and not _fits_on_device(t, device):
+        t, do, dht = ({n: _host(x) for n, x in t.items()}, _host(do), _host(dht))
     return [
         autograd_grads(lambda x, fn=fn: fn(x if transform is None else transform(x)), t, do, dht, names)
         for fn in reference_calls(scale, precision, t)
     ]
+
+
+def _host(x):
+    return x.detach().cpu() if isinstance(x, torch.Tensor) else x
 
 
 def sensitivity(t: dict, want: dict) -> float:

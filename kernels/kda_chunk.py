@@ -1,11 +1,15 @@
 """Chunked KDA forward (the chunkwise WY/UT algorithm of DESIGN.md section 4) in Triton, a
 drop-in for flash-linear-attention's chunk_kda forward (calling convention: section 3).
 
-Four launches, no loop over chunks or heads on the host:
+Five launches on a GPU (four under the interpreter, where chunk_pairs forms the diagonal
+tiles itself), no loop over chunks or heads on the host:
 
-    chunk_gate_cumsum  (NC, B*HV)      G [B*T, HV, K] fp32: in-chunk cumsum of g (gate from z if asked)
-    chunk_pairs        (NC, B*HV, 4)   Aqk and L [B*T, HV, BT] (bounded exponents), one sub-chunk each
-    chunk_solve        (NC, B*HV)      M = (I + L)^{-1} Diag(beta) [B*T, HV, BT]
+    chunk_gate_cumsum  (NC, K/32, B*HV) G [B*T, HV, K] fp32: in-chunk cumsum of g, summed in
+                                        fp64 (the gate from z first, if asked)
+    chunk_pairs        (NC, B*HV, 4)   Aqk and L [B*T, HV, BT] below the diagonal tiles (bounded
+                                        exponents), one sub-chunk each
+    chunk_diag         (NC, B*HV/8, BT) the diagonal 16 x 16 tiles of Aqk and L, one token each
+    chunk_solve        (NC, B*HV)      M = (I + L)^{-1} Diag(beta) [B*T, HV, BT], on 16 x 16 blocks
     chunk_recurrence   (NV, N*HV)      o, final state; S carried in registers across chunks
 
 NC = number of chunks (B * NT, or the chunks of all packed sequences). Memory besides inputs

@@ -1,11 +1,14 @@
 """The per-chunk stages of chunk_kda (DESIGN.md section 4): everything that does not depend on
 the state entering a chunk.
 
-    chunk_gate_cumsum   (chunk, value head)      G = inclusive cumulative sum of g inside
-                        each chunk (fp32), with the gate computed from z first when asked
+    chunk_gate_cumsum   (chunk, block of K, value head)
+                        G = inclusive cumulative sum of g inside each chunk (summed in fp64,
+                        stored fp32), with the gate computed from z first when asked
     chunk_pairs         (chunk, value head, sub-chunk)
                         Aqk  = scale * Tril((Gam * Q)(K / Gam)^T)          (diagonal included)
                         L    = StrictTril(Diag(beta) (Gam * K)(K / Gam)^T)   (eq. (6)), fp32
+                        (on a GPU without the diagonal 16 x 16 tiles: chunk_diag forms them)
+    chunk_diag          (chunk, block of value heads, token)   the diagonal tiles' rows
     chunk_solve         (chunk, value head)      M = (I + L)^{-1} Diag(beta) (eq. (6))
 
 Layouts (tokens flattened over the batch, t in [0, B*T)): q, k [B*T, H, K]; g, G [B*T, HV, K];

@@ -335,12 +335,13 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     Rs = torch.empty(B, T, HV, K, dtype=torch.int8, device=device) if gate is None else None
     grid = (plan.NC * plan.NBH,)  # one axis: see kda_chunk_intra.one_dim_grid
     BKC = BLOCKS.bk_cumsum(K)
-    chunk_gate_cumsum[(plan.NC * triton.cdiv(K, BKC) * plan.NBH,)](
+    NKB = triton.cdiv(K, BKC)
+    chunk_gate_cumsum[(plan.NC * NKB * plan.NBH,)](
         c.g, G, Rs,
         None if gate is None else gate.A_log, None if gate is None else gate.dt_bias,
         0.0 if gate is None or gate.lower_bound is None else gate.lower_bound,
         c.cu_seqlens, plan.chunks, T, plan.NBH,
-        HV=HV, K=K, BT=BT, BK=BKC, NKB=triton.cdiv(K, BKC), IS_VARLEN=plan.varlen, GATE=gate_kind,
+        HV=HV, K=K, BT=BT, BK=BKC, NKB=NKB, IS_VARLEN=plan.varlen, GATE=gate_kind,
         HAS_DT_BIAS=gate is not None and gate.dt_bias is not None, num_warps=BLOCKS.CUMSUM_WARPS,
     )  # fmt: skip
     flags = dict(

@@ -63,28 +63,25 @@ class ChunkBlocks:
     BC: int = 16
     BV: int = 64
     # chunk_pairs: columns of K per step of its sums over K, and warps; chunk_solve: warps.
-    # Measured on an H100 with the single intra kernel these two replace (B1 T16384 H32
-    # K = V = 128 bf16, 2026-11-27, kernels/NOTES.md): 4 warps 3.34 ms against 8 warps
-    # 4.77 ms; BK 32 / 64 / 128 on 4 warps 3.46 / 4.33 / 7.30 ms. The split kernels' own
-    # sweep (.gpu-style A/B in one process, H100, 2026-11-28): chunk_pairs at PAIRS_WARPS x
-    # BK_INTRA = 4 x 32 2.57 ms, 4 x 64 2.08, 2 x 64 2.04, 1 x 32 3.22, 8 x 64 3.60;
-    # SOLVE_WARPS 2 / 4 / 8: chunk_solve 3.51 / 0.71 / 1.31 ms (its full-tile form, replaced in
-    # the twelfth session by the [BC, BC] block form: 0.49 ms on 4 warps on an H200; 1 and 2
-    # warps not yet timed for it). 4 x 64 is kept (2 x 64 is within noise of it and leaves
-    # fewer warps to hide the K = 256 loads).
-    BK_INTRA: int = 64
+    # The thirteenth session's A/B (python -m kdaverify.perf.ab, H200, B1 T16384 H32 K = V = 128
+    # bf16, one process, two rounds within 0.3%): chunk_pairs at BK_INTRA x PAIRS_WARPS =
+    # 64 x 4 0.723 ms, 64 x 8 0.646, 32 x 4 0.569, 32 x 8 0.884. At 64 on 4 warps ptxas
+    # showed 584 B of spills (sm90_fit, CPU); at 32, 121 registers and none. 32 x 4 taken
+    # (chunk_diag keeps its own DIAG_BK). chunk_solve (the [BC, BC] block form) on 4 warps
+    # 0.495 ms, on 2 warps 0.318 ms: 2 taken (ptxas: 255 registers, no spills at 2 or 4; it
+    # spills at 1). Older figures (H100, the full-tile solve): kernels/NOTES.md.
+    BK_INTRA: int = 32
     PAIRS_WARPS: int = 4
-    SOLVE_WARPS: int = 4
+    SOLVE_WARPS: int = 2
     # chunk_gate_cumsum: columns of K per program (0: all of K) and warps. Until the twelfth
-    # session it ran all of K on 4 warps: 0.275 ms at the shape above on an H200, against
-    # 0.107 ms for flash-linear-attention's gate cumsum (same run), for about 0.47 GB moved
-    # (g in, G and the reset counts out; 1.7 TB/s). Compiled for sm_90 on the CPU
-    # (sm90_fit.compile_sm90, bf16 g, K = 128, 4 warps), that launch spills: 544 B of spill
-    # stores with the fp32 sum, 852 B with the fp64 sum it now does; at 32 columns per program
-    # neither spills (216 registers; 16 columns: 96). So 32 on the GPU, chosen from ptxas and
-    # not yet timed (python -m kdaverify.perf.ab CUMSUM_BK=32,16,0 CUMSUM_WARPS=4,2 is next).
-    # Bitwise equal at every width (test_kda_chunk). Under the interpreter all of K in one
-    # program: fewer programs, fewer interpreted operations.
+    # session it ran all of K on 4 warps. ptxas (sm90_fit.compile_sm90, bf16 g, K = 128, 4
+    # warps) showed that launch spilling 852 B with the fp64 sum it now does; at 32 columns
+    # per program none (216 registers). The thirteenth session's A/B (same shape and run as
+    # above), gate cumsum in ms, CUMSUM_BK x CUMSUM_WARPS: 32 x 4 0.277, 32 x 2 0.308, 16 x 4
+    # 0.278, 16 x 2 0.285, all of K x 4 0.342, all of K x 2 3.16. 32 x 4 taken. It is still
+    # 2.6x flash-linear-attention's 0.107 ms for about 0.47 GB moved (g in, G and the reset
+    # counts out). Bitwise equal at every width (test_kda_chunk). Under the interpreter all
+    # of K in one program: fewer programs, fewer interpreted operations.
     CUMSUM_BK: int = 0 if INTERPRET else 32
     CUMSUM_WARPS: int = 4
     # chunk_pair_grads (one program per sub-chunk): ptxas at sm_90 (kernels/sm90_fit.py
@@ -112,12 +109,11 @@ class ChunkBlocks:
     # equal to the column loop under the interpreter (test_kda_chunk), 4e-5 relative compiled.
     DIAG_HEADS: int = 8
     DIAG_WARPS: int = 2
-    # chunk_diag's loops: 1 = K blocks outside the columns (row r's q, k, G and reset counts
-    # loaded once per block of K, not once per column: 3 loads per column and block instead of
-    # 7), 0 = inside (the eleventh session's form, 0.71 ms). Bitwise equal under the
-    # interpreter; 1 is what the twelfth session's GPU conformance run checked (forward, H200).
-    # Not yet timed: python -m kdaverify.perf.ab DIAG_KOUTER=1,0.
-    DIAG_KOUTER: int = 1
+    # chunk_diag's columns of K per step (its K loop runs outside the columns: row r's q, k, G
+    # and reset counts loaded once per block of K, not once per column; the thirteenth
+    # session's A/B, H200, shape above, two rounds: 0.690 ms against 0.713 with K inside, the
+    # inside form deleted). 64, not chunk_pairs' 32: at 32 chunk_diag took 0.741 ms.
+    DIAG_BK: int = 64
     # chunk_pair_grads' pairs inside a sub-chunk, the same choice (its DIAG_COLS): the token
     # loop on the GPU, one step under the interpreter. Not bitwise equal across widths (the
     # terms are added in another order): test_kda_chunk holds the widths within float32
@@ -135,6 +131,10 @@ class ChunkBlocks:
     def bk_intra(self, K: int) -> int:
         """Columns per step of chunk_pairs' sums over K: at most BK_INTRA."""
         return min(self.bk(K), self.BK_INTRA)
+
+    def bk_diag(self, K: int) -> int:
+        """Columns per step of chunk_diag's sums over K: at most DIAG_BK."""
+        return min(self.bk(K), self.DIAG_BK)
 
     def bk_grads(self, K: int, dot_dtype) -> int:
         """chunk_grads' BK: at least 64 with 16-bit dot operands. Its anchored dots (P^T @ (Q e),
@@ -359,9 +359,9 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
         BH = min(BLOCKS.DIAG_HEADS, triton.next_power_of_2(HV))
         chunk_diag[(plan.NC * (plan.NBH // HV) * triton.cdiv(HV, BH) * BT,)](
             c.q, c.k, G, Rs, c.beta, Aqk, L, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
-            H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BLOCKS.bk_intra(K), BH=BH, IS_VARLEN=plan.varlen,
+            H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BLOCKS.bk_diag(K), BH=BH, IS_VARLEN=plan.varlen,
             RESETS=Rs is not None, L2NORM=opts.l2norm, BETA_SIGMOID=opts.beta_sigmoid, NEG_EIGVAL=opts.neg_eigval,
-            K_OUTER=bool(BLOCKS.DIAG_KOUTER), num_warps=BLOCKS.DIAG_WARPS,
+            num_warps=BLOCKS.DIAG_WARPS,
         )  # fmt: skip
     chunk_solve[grid](
         L, c.beta, M, Minv, c.cu_seqlens, plan.chunks, T, plan.NBH,

@@ -455,7 +455,7 @@ def chunk_diag(
     q, k, G, Rs, beta, Aqk, L, cu_seqlens, chunks, scale, T, NBH,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     BH: tl.constexpr, IS_VARLEN: tl.constexpr, RESETS: tl.constexpr,
-    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, K_OUTER: tl.constexpr,
+    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
 ):  # fmt: skip
     """The diagonal tiles of Aqk and L, token-parallel (chunk_pairs with DIAG_COLS = 0 leaves
     them out): one program per (chunk, block of BH value heads of one batch row, token r of
@@ -498,72 +498,39 @@ def chunk_diag(
             k_norm = tl.sqrt(k_ss + L2NORM_EPS)
         d_qk = tl.zeros([BH, BC], dtype=tl.float32)
         d_kk = tl.zeros([BH, BC], dtype=tl.float32)
-        if K_OUTER:
-            # row r's q, k, G and counts loaded once per block of K, not once per column j;
-            # each column's sum over K is still block 0 + block 1 + ..., so bitwise the same
-            if L2NORM:  # the columns' norms first: column j's over all of K
-                n_j = tl.zeros([BH, BC], dtype=tl.float32)
-                for j in range(0, i_r % BC + 1):
-                    j_ss = tl.zeros([BH], dtype=tl.float32)
-                    for i_k in range(0, (K + BK - 1) // BK):
-                        cols = i_k * BK + tl.arange(0, BK)
-                        x = load_rows(k, a + j + hv * 0, m_h, H, hq, cols, K)
-                        j_ss += tl.sum(x * x, axis=1)
-                    n_j += tl.where((oj == j)[None, :], tl.sqrt(j_ss + L2NORM_EPS)[:, None], 0.0)
-            for i_k in range(0, (K + BK - 1) // BK):
-                cols = i_k * BK + tl.arange(0, BK)
-                q_r = load_rows(q, rr, m_h, H, hq, cols, K)
-                k_r = load_rows(k, rr, m_h, H, hq, cols, K)
-                if L2NORM:
-                    q_r = round_to(q_r / q_norm[:, None], q.dtype.element_ty).to(tl.float32)
-                    k_r = round_to(k_r / k_norm[:, None], k.dtype.element_ty).to(tl.float32)
-                q_r = q_r * scale
-                g_r = load_rows(G, rr, m_h, HV, hg, cols, K)
-                c_r = load_counts(Rs, rr, m_h, HV, hg, cols, K, RESETS)
-                for j in range(0, i_r % BC + 1):
-                    src = a + j
-                    at_j = (oj == j)[None, :]
-                    k_j = load_rows(k, src + hv * 0, m_h, H, hq, cols, K)
-                    if L2NORM:
-                        norm_j = tl.sum(tl.where(at_j, n_j, 0.0), axis=1)
-                        k_j = round_to(k_j / norm_j[:, None], k.dtype.element_ty).to(tl.float32)
-                    g_j = load_rows(G, src + hv * 0, m_h, HV, hg, cols, K)
-                    same = c_r == load_counts(Rs, src + hv * 0, m_h, HV, hg, cols, K, RESETS)
-                    k_j = k_j * tl.exp(tl.where(same, g_r - g_j, float("-inf")))
-                    d_qk += tl.where(at_j, tl.sum(q_r * k_j, axis=1)[:, None], 0.0)
-                    d_kk += tl.where(at_j & (j < i_r % BC), tl.sum(k_r * k_j, axis=1)[:, None], 0.0)
-        for j in range(0, (i_r % BC + 1) * (1 - K_OUTER)):  # the columns j <= r of the sub-chunk
-            src = a + j
-            if L2NORM:  # column j's own norm, as chunk_pairs has it from its rows
+        # row r's q, k, G and counts loaded once per block of K, not once per column j;
+        # each column's sum over K is still block 0 + block 1 + ..., so bitwise the same
+        if L2NORM:  # the columns' norms first: column j's over all of K
+            n_j = tl.zeros([BH, BC], dtype=tl.float32)
+            for j in range(0, i_r % BC + 1):
                 j_ss = tl.zeros([BH], dtype=tl.float32)
                 for i_k in range(0, (K + BK - 1) // BK):
                     cols = i_k * BK + tl.arange(0, BK)
-                    x = load_rows(k, src + hv * 0, m_h, H, hq, cols, K)
+                    x = load_rows(k, a + j + hv * 0, m_h, H, hq, cols, K)
                     j_ss += tl.sum(x * x, axis=1)
-                norm_j = tl.sqrt(j_ss + L2NORM_EPS)
-            s_qk = tl.zeros([BH], dtype=tl.float32)
-            s_kk = tl.zeros([BH], dtype=tl.float32)
-            for i_k in range(0, (K + BK - 1) // BK):
-                cols = i_k * BK + tl.arange(0, BK)
-                q_r = load_rows(q, rr, m_h, H, hq, cols, K)
-                k_r = load_rows(k, rr, m_h, H, hq, cols, K)
+                n_j += tl.where((oj == j)[None, :], tl.sqrt(j_ss + L2NORM_EPS)[:, None], 0.0)
+        for i_k in range(0, (K + BK - 1) // BK):
+            cols = i_k * BK + tl.arange(0, BK)
+            q_r = load_rows(q, rr, m_h, H, hq, cols, K)
+            k_r = load_rows(k, rr, m_h, H, hq, cols, K)
+            if L2NORM:
+                q_r = round_to(q_r / q_norm[:, None], q.dtype.element_ty).to(tl.float32)
+                k_r = round_to(k_r / k_norm[:, None], k.dtype.element_ty).to(tl.float32)
+            q_r = q_r * scale
+            g_r = load_rows(G, rr, m_h, HV, hg, cols, K)
+            c_r = load_counts(Rs, rr, m_h, HV, hg, cols, K, RESETS)
+            for j in range(0, i_r % BC + 1):
+                src = a + j
+                at_j = (oj == j)[None, :]
                 k_j = load_rows(k, src + hv * 0, m_h, H, hq, cols, K)
                 if L2NORM:
-                    q_r = round_to(q_r / q_norm[:, None], q.dtype.element_ty).to(tl.float32)
-                    k_r = round_to(k_r / k_norm[:, None], k.dtype.element_ty).to(tl.float32)
+                    norm_j = tl.sum(tl.where(at_j, n_j, 0.0), axis=1)
                     k_j = round_to(k_j / norm_j[:, None], k.dtype.element_ty).to(tl.float32)
-                q_r = q_r * scale
-                g_r = load_rows(G, rr, m_h, HV, hg, cols, K)
                 g_j = load_rows(G, src + hv * 0, m_h, HV, hg, cols, K)
-                same = load_counts(Rs, rr, m_h, HV, hg, cols, K, RESETS) == load_counts(
-                    Rs, src + hv * 0, m_h, HV, hg, cols, K, RESETS
-                )
+                same = c_r == load_counts(Rs, src + hv * 0, m_h, HV, hg, cols, K, RESETS)
                 k_j = k_j * tl.exp(tl.where(same, g_r - g_j, float("-inf")))
-                s_qk += tl.sum(q_r * k_j, axis=1)
-                s_kk += tl.sum(k_r * k_j, axis=1)
-            at_j = (oj == j)[None, :]
-            d_qk += tl.where(at_j, s_qk[:, None], 0.0)
-            d_kk += tl.where(at_j & (j < i_r % BC), s_kk[:, None], 0.0)
+                d_qk += tl.where(at_j, tl.sum(q_r * k_j, axis=1)[:, None], 0.0)
+                d_kk += tl.where(at_j & (j < i_r % BC), tl.sum(k_r * k_j, axis=1)[:, None], 0.0)
         out = (r * HV + hv[:, None]) * BT + (a - t0) + oj[None, :]
         tl.store(Aqk + out, round_to(d_qk, Aqk.dtype.element_ty), mask=m_h[:, None])
         tl.store(L + out, d_kk * b_r[:, None], mask=m_h[:, None])

@@ -388,7 +388,7 @@ def test_diagonal_tile_forms_agree_bitwise(spec, dtype, l2, monkeypatch):
             assert torch.equal(a, b), f"{what}: diagonal tile '{name}' differs from the column loop"
 
 
-@pytest.mark.parametrize("cols", [1, 4, 16])
+@pytest.mark.parametrize("cols", [0, 1, 4, 16])
 @pytest.mark.parametrize(
     ("spec", "impl", "dtype"),
     [
@@ -399,8 +399,11 @@ def test_diagonal_tile_forms_agree_bitwise(spec, dtype, l2, monkeypatch):
 )
 def test_pair_grads_diagonal_widths_match_oracle(cols, spec, impl, dtype, monkeypatch):
     """chunk_pair_grads' pairs inside a sub-chunk at every width (GRADS_DIAG_COLS: 1 is the
-    GPU's column loop, 16 the interpreter's one step) give gradients that pass the oracle
-    under the tolerance rule: the widths add the same terms in different orders."""
+    GPU's column loop, 16 the interpreter's one step, 0 the token-parallel kernel
+    chunk_pair_grads_diag) give gradients that pass the oracle under the tolerance rule: the
+    widths add the same terms in different orders. The cases have ragged tails (T = 70, a
+    packed batch of 3, 21 and 16 tokens), GVA and resets, which the token-parallel form's
+    loop bounds and head blocks must honour."""
     from dataclasses import replace
 
     from kdaverify.kernels import kda_chunk
@@ -408,6 +411,18 @@ def test_pair_grads_diagonal_widths_match_oracle(cols, spec, impl, dtype, monkey
     monkeypatch.setattr(kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, GRADS_DIAG_COLS=cols))
     expect_gradients(Harness(impl, DTYPES[dtype]), f"pair grads, {cols} columns per step", spec)
 
+
+def test_pair_grads_token_parallel_head_blocks(monkeypatch):
+    """chunk_pair_grads_diag over blocks of value heads that do not divide HV: HV = 6 in blocks
+    of 4, the second block half masked, with a ragged packed batch and resets."""
+    from dataclasses import replace
+
+    from kdaverify.kernels import kda_chunk
+
+    blocks = replace(kda_chunk.BLOCKS, GRADS_DIAG_COLS=0, GRADS_DIAG_HEADS=4)
+    monkeypatch.setattr(kda_chunk, "BLOCKS", blocks)
+    spec = CaseSpec(T=37, K=20, V=12, H=3, G=2, h0=True, seqlens=(1, 20, 16), gate="reset", seed=51)
+    expect_gradients(Harness(DEFAULT, DTYPES["float32"]), "pair grads token-parallel, HV = 6 in blocks of 4", spec)
 
 def test_bfloat16_backward_is_deterministic_and_typed():
     """The bf16 backward is deterministic, finite and returns each gradient in its input's dtype."""

@@ -24,7 +24,7 @@ gate from z is computed in chunk_gate_cumsum.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import triton
@@ -32,7 +32,13 @@ import triton.language as tl
 from kdaverify.equivalence.capabilities import Capabilities
 from kdaverify.reference.gates import beta_activation, kda_gate, l2norm
 
-from .kda_chunk_backward import chunk_dg_cumsum, chunk_dh_recurrence, chunk_grads, chunk_pair_grads
+from .kda_chunk_backward import (
+    chunk_dg_cumsum,
+    chunk_dh_recurrence,
+    chunk_grads,
+    chunk_pair_grads,
+    chunk_pair_grads_diag,
+)
 from .kda_chunk_inter import chunk_recurrence
 from .kda_chunk_intra import chunk_diag, chunk_gate_cumsum, chunk_pairs, chunk_solve
 from .runtime import INTERPRET, Call, Gate, check_call, check_gate, launch_fitting, state_out
@@ -120,6 +126,16 @@ class ChunkBlocks:
     # rounding of each other and each to the oracle. Same H200 run, fwd+bwd: chunk_pair_grads
     # 5.63 ms at 1 token per step against 34.0 / 24.8 / 15.0 ms at 2 / 4 / 8.
     GRADS_DIAG_COLS: int = 16 if INTERPRET else 1
+    # GRADS_DIAG_COLS = 0: those pairs token-parallel in chunk_pair_grads_diag, one program per
+    # (chunk, GRADS_DIAG_HEADS value heads, token) on GRADS_DIAG_WARPS warps, after
+    # chunk_pair_grads (which then does the dots between sub-chunks only): the forward's
+    # chunk_diag move for the backward. Written in the thirteenth session, checked under the
+    # interpreter (test_kda_chunk), not yet run on a GPU or timed; the prediction is in
+    # kernels/NOTES.md. ptxas at sm_90 (sm90_fit, K = 128, resets, bf16 / fp32), registers
+    # per thread: 8 heads on 2 warps 255 / 255, on 4 warps 167 / 168, 4 heads on 2 warps
+    # 96 / 114, on 1 warp 242 / 242, no spills in any; 4 on 2 taken until measured.
+    GRADS_DIAG_HEADS: int = 4
+    GRADS_DIAG_WARPS: int = 2
 
     def bk(self, K: int) -> int:
         return max(16, triton.next_power_of_2(K))  # tl.dot needs every tile dimension >= 16
@@ -191,6 +207,19 @@ class ChunkBlocks:
 
 
 BLOCKS = ChunkBlocks()
+
+
+def blocks_assignment(text: str) -> tuple[str, list[int]]:
+    """`NAME=v1,v2,...` with NAME a ChunkBlocks field, as (NAME, [v1, v2, ...]): the form in
+    which perf.ab and sanitizer_cases take block choices. ValueError on anything else."""
+    names = sorted(f.name for f in fields(ChunkBlocks))
+    name, _, values = text.partition("=")
+    if name not in names or not values:
+        raise ValueError(f"expected NAME=v1,v2 with NAME a ChunkBlocks field {names}, got {text!r}")
+    try:
+        return name, [int(v) for v in values.split(",")]
+    except ValueError:
+        raise ValueError(f"{name}: expected a comma list of integers, got {values!r}") from None
 
 
 @functools.lru_cache(maxsize=64)
@@ -454,6 +483,13 @@ def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, R
         RESETS=Rs is not None, DOT_DTYPE=dot_dtype, PRECISION=dot_precision, DIAG_COLS=BLOCKS.GRADS_DIAG_COLS,
         num_warps=BLOCKS.PAIR_GRADS_WARPS,
     )  # fmt: skip
+    if BLOCKS.GRADS_DIAG_COLS == 0:  # the pairs inside each sub-chunk, token-parallel
+        BH = min(BLOCKS.GRADS_DIAG_HEADS, triton.next_power_of_2(HV))
+        chunk_pair_grads_diag[(plan.NC * (plan.NBH // HV) * triton.cdiv(HV, BH) * BT,)](
+            q, k, G, Rs, beta, P, DL, dq, dk, dg, dbeta, c.cu_seqlens, plan.chunks, T, plan.NBH,
+            H=H, HV=HV, K=K, BT=BT, BC=BLOCKS.BC, BK=BKP, BH=BH, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
+            num_warps=BLOCKS.GRADS_DIAG_WARPS,
+        )  # fmt: skip
     chunk_dg_cumsum[(plan.NC * plan.NBH,)](
         dg, Rs, c.cu_seqlens, plan.chunks, T, plan.NBH,
         HV=HV, K=K, BT=BT, BK=BKP, IS_VARLEN=plan.varlen, RESETS=Rs is not None,

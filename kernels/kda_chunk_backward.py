@@ -7,6 +7,8 @@ forward that kept the state entering every chunk (kda_chunk_inter, STORE_H).
                                        the pair weights P, dL [B*T, HV, BT]
     chunk_pair_grads     (NC * B*HV * NB)  the pair terms (below) of one 16-token sub-chunk's
                                        rows added to dq, dk (per value head), dG and dbeta
+    chunk_pair_grads_diag (NC * B*HV/BH * BT)  with GRADS_DIAG_COLS = 0 only: the pairs inside
+                                       each sub-chunk, one program per token (chunk_diag's way)
     chunk_dg_cumsum      (NC * B*HV)   dg = dG's reverse cumulative sum inside each chunk
 
 Per chunk, with the forward's quantities (tokens r of the chunk, G the in-chunk cumulative
@@ -291,7 +293,8 @@ def chunk_pair_grads(
         p_t = tl.trans(tl.load(P + w_cols, mask=later, other=0.0))  # [BC, BT]: P[r, i] at [i, r]
         b_n = tl.load(beta + chunk * HV + i_hv, mask=chunk < eos, other=0.0).to(tl.float32)
         lb_t = tl.trans(tl.where(later, b_n[:, None] * tl.load(DL + w_cols, mask=later, other=0.0), 0.0))
-        p_diag = tl.load(P + (rows * HV + i_hv) * BT + I * BC + o, mask=m, other=0.0)  # P[r, r]
+        # P[r, r] (0 with DIAG_COLS = 0: chunk_pair_grads_diag adds its terms)
+        p_diag = tl.load(P + (rows * HV + i_hv) * BT + I * BC + o, mask=m & (DIAG_COLS > 0), other=0.0)
         db = tl.load(dbeta + rows * HV + i_hv, mask=m, other=0.0)  # chunk_grads' part
         a2 = a + BC  # the anchor of the later rows' pairs with I's columns
         for i_k in range(0, (K + BK - 1) // BK):
@@ -309,7 +312,7 @@ def chunk_pair_grads(
             # (rowpair: P[r, src] K_src exp(G_r - G_src), src < r) and as row of the earlier
             # columns (colpair: (P[src, i] Q_src + beta_src dL[src, i] K_src) exp(G_src - G_i),
             # src > i); a pair across a reset has ratio 0 (the counts differ)
-            if DIAG_COLS == 1:
+            if DIAG_COLS == 1:  # (DIAG_COLS = 0: none here, chunk_pair_grads_diag adds them)
                 for j in range(BC):
                     src = a + j
                     ok = src < eos
@@ -334,7 +337,7 @@ def chunk_pair_grads(
                     col += (p_c[:, None] * q_j[None, :] + lb_c[:, None] * k_j[None, :]) * tl.exp(
                         tl.where(after, g_j[None, :] - g_r, float("-inf"))
                     )
-            else:  # DIAG_COLS tokens src = a + jc per step: [BC, DC, BK] terms summed over jc
+            elif DIAG_COLS > 1:  # DIAG_COLS tokens src = a + jc per step: [BC, DC, BK] terms summed over jc
                 for s in range(BC // DIAG_COLS):
                     jc = s * DIAG_COLS + tl.arange(0, DIAG_COLS)
                     src = a + jc
@@ -405,6 +408,85 @@ def chunk_pair_grads(
             tl.store(dk + out_k, dk_c, mask=m_k)
             tl.store(dg + out_k, dG, mask=m_k)
         tl.store(dbeta + rows * HV + i_hv, db, mask=m)
+
+
+@triton.jit(do_not_specialize=["T", "NBH"])
+def chunk_pair_grads_diag(
+    q, k, G, Rs, beta, P, DL, dq, dk, dg, dbeta, cu_seqlens, chunks, T, NBH,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    BH: tl.constexpr, IS_VARLEN: tl.constexpr, RESETS: tl.constexpr,
+):  # fmt: skip
+    """The pair terms inside each sub-chunk, token-parallel (chunk_pair_grads with DIAG_COLS = 0
+    leaves them out), as chunk_diag takes the forward's diagonal tiles: one program per
+    (chunk, block of BH value heads of one batch row, token r of the chunk). Row r takes its
+    rowpair terms from the earlier tokens j of its sub-chunk (P[r, j] K_j exp(G_r - G_j), and
+    dL's) and, as a column, its colpair terms from the later ones ((P[j, r] Q_j + beta_j
+    dL[j, r] K_j) exp(G_j - G_r)); then P[r, r]'s terms (q_r and k_r, no dG), all added to
+    dq, dk, dG and dbeta of (r, head) after chunk_pair_grads, which owns no other program's
+    row. Every step is a [BH, BK] vector: at most BC - 1 of them per block of K, where
+    chunk_pair_grads' token loop runs BC steps over [BC, BK] tiles in one program per
+    sub-chunk (BT times fewer, longer programs). Memory: q, k, G of the sub-chunk's rows
+    again (L1/L2 hits), P and dL's diagonal blocks, and one more read and write of dq, dk,
+    dG (fp32) than with the token loop inside chunk_pair_grads."""
+    NHB: tl.constexpr = (HV + BH - 1) // BH
+    i_c, rest = one_dim_grid((NBH // HV) * NHB * BT)
+    i_bhb, i_r = rest // BT, rest % BT
+    i_b, hb = i_bhb // NHB, i_bhb % NHB
+    _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
+    r = t0 + i_r
+    if r < eos:
+        hv = hb * BH + tl.arange(0, BH)
+        m_h = hv < HV
+        h = hv // (HV // H)
+        rr, hq, hg = r + hv * 0, h[:, None], hv[:, None]  # load_rows' rows: r for every head
+        jr = i_r % BC  # r's place in its sub-chunk
+        a = r - jr  # the sub-chunk's first token
+        w_r = (r * HV + hv) * BT + (i_r - jr)  # P[r, a + j] at w_r + j
+        n_in = tl.minimum(eos - a, BC)  # the sub-chunk's tokens inside the sequence
+        b_r = tl.load(beta + r * HV + hv, mask=m_h, other=0.0).to(tl.float32)
+        p_diag = tl.load(P + w_r + jr, mask=m_h, other=0.0)  # P[r, r]
+        db = tl.load(dbeta + r * HV + hv, mask=m_h, other=0.0)
+        for i_k in range(0, (K + BK - 1) // BK):
+            cols = i_k * BK + tl.arange(0, BK)
+            m_k = m_h[:, None] & (cols[None, :] < K)
+            q_r = load_rows(q, rr, m_h, H, hq, cols, K)
+            k_r = load_rows(k, rr, m_h, H, hq, cols, K)
+            g_r = load_rows(G, rr, m_h, HV, hg, cols, K)
+            c_r = load_counts(Rs, rr, m_h, HV, hg, cols, K, RESETS)
+            row_pq = tl.zeros([BH, BK], dtype=tl.float32)  # rowpair(P, K) at r
+            row_pl = tl.zeros([BH, BK], dtype=tl.float32)  # rowpair(dL, K) at r
+            col = tl.zeros([BH, BK], dtype=tl.float32)  # colpair(P, Q) + colpair(beta dL, K) at r
+            for j in range(0, jr):  # earlier tokens of the sub-chunk: r's row terms
+                s_j = a + j + hv * 0
+                same = c_r == load_counts(Rs, s_j, m_h, HV, hg, cols, K, RESETS)  # no reset in (j, r]
+                ke = load_rows(k, s_j, m_h, H, hq, cols, K) * tl.exp(
+                    tl.where(same, g_r - load_rows(G, s_j, m_h, HV, hg, cols, K), float("-inf"))
+                )
+                row_pq += tl.load(P + w_r + j, mask=m_h, other=0.0)[:, None] * ke
+                row_pl += tl.load(DL + w_r + j, mask=m_h, other=0.0)[:, None] * ke
+            for j in range(jr + 1, n_in):  # later tokens: r as their column
+                s_j = a + j + hv * 0
+                same = c_r == load_counts(Rs, s_j, m_h, HV, hg, cols, K, RESETS)
+                w_j = (s_j * HV + hv) * BT + i_r  # P[a + j, r]
+                b_j = tl.load(beta + s_j * HV + hv, mask=m_h, other=0.0).to(tl.float32)
+                p_c = tl.load(P + w_j, mask=m_h, other=0.0)
+                lb_c = b_j * tl.load(DL + w_j, mask=m_h, other=0.0)
+                term = p_c[:, None] * load_rows(q, s_j, m_h, H, hq, cols, K)
+                term += lb_c[:, None] * load_rows(k, s_j, m_h, H, hq, cols, K)
+                col += term * tl.exp(tl.where(same, load_rows(G, s_j, m_h, HV, hg, cols, K) - g_r, float("-inf")))
+            out_k = (r * HV + hg) * K + cols[None, :]
+            dq_c = tl.load(dq + out_k, mask=m_k, other=0.0)  # chunk_grads' and chunk_pair_grads' parts
+            dk_c = tl.load(dk + out_k, mask=m_k, other=0.0)
+            dG = tl.load(dg + out_k, mask=m_k, other=0.0)
+            dq_c += row_pq + p_diag[:, None] * k_r  # P[r, r]: dq and dk only (chunk_pair_grads says why)
+            dG += q_r * row_pq
+            db += tl.sum(k_r * row_pl, axis=1)
+            dk_c += b_r[:, None] * row_pl + col + p_diag[:, None] * q_r
+            dG += (b_r[:, None] * k_r) * row_pl - k_r * col
+            tl.store(dq + out_k, dq_c, mask=m_k)
+            tl.store(dk + out_k, dk_c, mask=m_k)
+            tl.store(dg + out_k, dG, mask=m_k)
+        tl.store(dbeta + r * HV + hv, db, mask=m_h)
 
 
 @triton.jit(do_not_specialize=["T", "NBH"])

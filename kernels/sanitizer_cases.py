@@ -11,7 +11,10 @@ an empty one, and the decode pool with a padding index (-1) and state_layout "vk
 runs forward and backward (every gradient, dh0 included), bf16 and fp32. With PyTorch's
 caching allocator on, an out-of-bounds access that lands inside another cached block is not
 seen: run with PYTORCH_NO_CUDA_MEMORY_CACHING=1. Prints one line per case; the sanitizer's
-exit code is the verdict.
+exit code is the verdict. Block choices not yet the default are checked by naming them after
+the device, as perf.ab takes them (one value each):
+
+    compute-sanitizer --tool memcheck python -m kdaverify.kernels.sanitizer_cases cuda GRADS_DIAG_COLS=0
 """
 
 from __future__ import annotations
@@ -73,7 +76,28 @@ def run(device: str = "cuda") -> None:
             print(f"fused_recurrent_kda + decode pool {dtype} T={T} K={K} V={V}", flush=True)
 
 
+def main(argv: list[str]) -> None:
+    from dataclasses import replace
+
+    from . import kda_chunk
+
+    device = argv[0] if argv and "=" not in argv[0] else "cuda"
+    choices = {}
+    for text in argv[1 if argv and "=" not in argv[0] else 0 :]:
+        try:
+            name, values = kda_chunk.blocks_assignment(text)
+        except ValueError as e:
+            raise SystemExit(f"sanitizer_cases: {e}") from None
+        if len(values) != 1:
+            raise SystemExit(f"sanitizer_cases: {name}: expected one value, got {values}")
+        choices[name] = values[0]
+    kda_chunk.BLOCKS = replace(kda_chunk.BLOCKS, **choices)
+    if choices:
+        print(f"block choices: {choices}", flush=True)
+    run(device)
+
+
 if __name__ == "__main__":
     import sys
 
-    run(sys.argv[1] if len(sys.argv) > 1 else "cuda")
+    main(sys.argv[1:])

@@ -33,18 +33,12 @@ PROFILED_CALLS = 5
 
 
 def _assignment(text: str) -> tuple[str, list[int]]:
-    from kdaverify.kernels.kda_chunk import ChunkBlocks
+    from kdaverify.kernels.kda_chunk import blocks_assignment
 
-    fields = {f.name for f in dataclasses.fields(ChunkBlocks)}
-    name, _, values = text.partition("=")
-    if name not in fields or not values:
-        raise argparse.ArgumentTypeError(
-            f"expected NAME=v1,v2 with NAME a ChunkBlocks field {sorted(fields)}, got {text!r}"
-        )
     try:
-        return name, [int(v) for v in values.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{name}: expected a comma list of integers, got {values!r}") from None
+        return blocks_assignment(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _call(t: dict, mode: str, fn=None):

@@ -61,6 +61,7 @@ from .kda_chunk_intra import (
     one_dim_grid,
     round_to,
     sequence_span,
+    token_program,
 )
 
 
@@ -428,14 +429,9 @@ def chunk_pair_grads_diag(
     sub-chunk (BT times fewer, longer programs). Memory: q, k, G of the sub-chunk's rows
     again (L1/L2 hits), P and dL's diagonal blocks, and one more read and write of dq, dk,
     dG (fp32) than with the token loop inside chunk_pair_grads."""
-    NHB: tl.constexpr = (HV + BH - 1) // BH
-    i_c, rest = one_dim_grid((NBH // HV) * NHB * BT)
-    i_bhb, i_r = rest // BT, rest % BT
-    i_b, hb = i_bhb // NHB, i_bhb % NHB
-    _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
-    r = t0 + i_r
+    eos, t0, i_r, r, hb = token_program(cu_seqlens, chunks, T, NBH, HV, BT, BH, IS_VARLEN)
     if r < eos:
-        hv = hb * BH + tl.arange(0, BH)
+        hv = hb * BH + tl.arange(0, BH)  # the block's value heads
         m_h = hv < HV
         h = hv // (HV // H)
         rr, hq, hg = r + hv * 0, h[:, None], hv[:, None]  # load_rows' rows: r for every head

@@ -27,7 +27,6 @@ import functools
 from dataclasses import dataclass, fields, replace
 
 import torch
-import triton
 import triton.language as tl
 from kdaverify.equivalence.capabilities import Capabilities
 from kdaverify.reference.gates import beta_activation, kda_gate, l2norm
@@ -41,7 +40,17 @@ from .kda_chunk_backward import (
 )
 from .kda_chunk_inter import chunk_recurrence
 from .kda_chunk_intra import chunk_diag, chunk_gate_cumsum, chunk_pairs, chunk_solve
-from .runtime import INTERPRET, Call, Gate, check_call, check_gate, launch_fitting, state_out
+from .runtime import (
+    INTERPRET,
+    Call,
+    Gate,
+    cdiv,
+    check_call,
+    check_gate,
+    launch_fitting,
+    next_power_of_2,
+    state_out,
+)
 
 PRECISIONS = (None, "ieee")
 # tl.dot precision of the (I + L)^{-1} solve in chunk_solve, per `precision` argument: never
@@ -138,7 +147,7 @@ class ChunkBlocks:
     GRADS_DIAG_WARPS: int = 2
 
     def bk(self, K: int) -> int:
-        return max(16, triton.next_power_of_2(K))  # tl.dot needs every tile dimension >= 16
+        return max(16, next_power_of_2(K))  # tl.dot needs every tile dimension >= 16
 
     def bk_cumsum(self, K: int) -> int:
         """chunk_gate_cumsum's columns per program: CUMSUM_BK, or all of K when 0."""
@@ -227,7 +236,7 @@ def _chunk_table(offsets: tuple[int, ...], BT: int) -> list[int]:
     """(sequence, chunk within it) of every chunk of a packed batch, flattened."""
     table = []
     for n, (a, b) in enumerate(zip(offsets, offsets[1:], strict=False)):
-        for c in range(triton.cdiv(b - a, BT)):
+        for c in range(cdiv(b - a, BT)):
             table += [n, c]
     return table
 
@@ -318,10 +327,10 @@ class _Plan:
     def of(c: Call) -> _Plan:
         BT = BLOCKS.BT
         if c.offsets is None:
-            NT = triton.cdiv(c.T, BT)
+            NT = cdiv(c.T, BT)
             return _Plan(NT, NT, c.B * c.HV, False, None, None, c.B * NT)
         table = _chunk_table(c.offsets, BT)
-        counts = [triton.cdiv(b - a, BT) for a, b in zip(c.offsets, c.offsets[1:], strict=False)]
+        counts = [cdiv(b - a, BT) for a, b in zip(c.offsets, c.offsets[1:], strict=False)]
         first = [0]
         for n in counts:
             first.append(first[-1] + n)
@@ -364,7 +373,7 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     Rs = torch.empty(B, T, HV, K, dtype=torch.int8, device=device) if gate is None else None
     grid = (plan.NC * plan.NBH,)  # one axis: see kda_chunk_intra.one_dim_grid
     BKC = BLOCKS.bk_cumsum(K)
-    NKB = triton.cdiv(K, BKC)
+    NKB = cdiv(K, BKC)
     chunk_gate_cumsum[(plan.NC * NKB * plan.NBH,)](
         c.g, G, Rs,
         None if gate is None else gate.A_log, None if gate is None else gate.dt_bias,
@@ -385,8 +394,8 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
         DIAG_COLS=BLOCKS.DIAG_COLS, num_warps=BLOCKS.PAIRS_WARPS, **flags,
     )  # fmt: skip
     if BLOCKS.DIAG_COLS == 0:  # the diagonal tiles token-parallel (chunk_diag), not in chunk_pairs
-        BH = min(BLOCKS.DIAG_HEADS, triton.next_power_of_2(HV))
-        chunk_diag[(plan.NC * (plan.NBH // HV) * triton.cdiv(HV, BH) * BT,)](
+        BH = min(BLOCKS.DIAG_HEADS, next_power_of_2(HV))
+        chunk_diag[(plan.NC * (plan.NBH // HV) * cdiv(HV, BH) * BT,)](
             c.q, c.k, G, Rs, c.beta, Aqk, L, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
             H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BLOCKS.bk_diag(K), BH=BH, IS_VARLEN=plan.varlen,
             RESETS=Rs is not None, L2NORM=opts.l2norm, BETA_SIGMOID=opts.beta_sigmoid, NEG_EIGVAL=opts.neg_eigval,
@@ -402,7 +411,7 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     # shared memory): where that does not fit, launch_fitting falls back to num_stages=1
     launch_fitting(
         chunk_recurrence, (device.index, BK, BV, str(dot_dtype), dot_precision, keep),
-        BLOCKS.fitting(BV, dot_dtype), lambda cfg: (triton.cdiv(V, cfg["BV"]) * N * HV,),
+        BLOCKS.fitting(BV, dot_dtype), lambda cfg: (cdiv(V, cfg["BV"]) * N * HV,),
         (QG, KG, KD, c.v, G, Rs, Aqk, M, o, c.initial_state, ht_arg, h, plan.chunk_first, c.cu_seqlens, T, plan.NT,
          store_ht),
         H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
@@ -463,7 +472,7 @@ def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, R
                   DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=BLOCKS.warps(K))  # fmt: skip
     key = (q.device.index, BK, BV, str(dot_dtype), dot_precision)
     launch_fitting(
-        chunk_dh_recurrence, key, BLOCKS.fitting(BV, dot_dtype), lambda cfg: (triton.cdiv(V, cfg["BV"]) * N * HV,),
+        chunk_dh_recurrence, key, BLOCKS.fitting(BV, dot_dtype), lambda cfg: (cdiv(V, cfg["BV"]) * N * HV,),
         (q, k, G, Rs, Aqk, M, do, dht, dh, dh0, c.cu_seqlens, plan.chunk_first, c.scale, T, plan.NT),
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **common,
     )  # fmt: skip
@@ -484,8 +493,8 @@ def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, R
         num_warps=BLOCKS.PAIR_GRADS_WARPS,
     )  # fmt: skip
     if BLOCKS.GRADS_DIAG_COLS == 0:  # the pairs inside each sub-chunk, token-parallel
-        BH = min(BLOCKS.GRADS_DIAG_HEADS, triton.next_power_of_2(HV))
-        chunk_pair_grads_diag[(plan.NC * (plan.NBH // HV) * triton.cdiv(HV, BH) * BT,)](
+        BH = min(BLOCKS.GRADS_DIAG_HEADS, next_power_of_2(HV))
+        chunk_pair_grads_diag[(plan.NC * (plan.NBH // HV) * cdiv(HV, BH) * BT,)](
             q, k, G, Rs, beta, P, DL, dq, dk, dg, dbeta, c.cu_seqlens, plan.chunks, T, plan.NBH,
             H=H, HV=HV, K=K, BT=BT, BC=BLOCKS.BC, BK=BKP, BH=BH, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
             num_warps=BLOCKS.GRADS_DIAG_WARPS,

@@ -15,6 +15,7 @@ store, and all offsets are int64.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ import triton.language as tl
 from kdaverify.equivalence.capabilities import Capabilities
 from kdaverify.reference.gates import L2NORM_EPS, check_gate_args
 
-from .runtime import check_call, state_out
+from .runtime import cdiv, check_call, next_power_of_2, state_out
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class RecurrentConfig:
 WIDE_GRID = 512
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function of three ints, on every call's path
 def config_for(K: int, V: int, NHV: int = 1) -> RecurrentConfig:
     """The launch configuration for head sizes K, V and N * HV (sequences times value heads).
 
@@ -54,13 +56,13 @@ def config_for(K: int, V: int, NHV: int = 1) -> RecurrentConfig:
     N = 256; the former default BV = 32 on 4 warps: 61% and 64%); with few (N = 1, 128
     programs) BV = 32 on 8 warps is fastest (11.1 us against 48.8 us or more on one warp).
     Small tiles (K, V < 128) keep the register-sized rule below."""
-    BK = triton.next_power_of_2(K)
+    BK = next_power_of_2(K)
     if BK >= 128:
-        BV = min(triton.next_power_of_2(V), 32)
-        if NHV * triton.cdiv(V, 16) >= WIDE_GRID:  # one warp per 2048 state values: 64 registers a thread
+        BV = min(next_power_of_2(V), 32)
+        if NHV * cdiv(V, 16) >= WIDE_GRID:  # one warp per 2048 state values: 64 registers a thread
             return RecurrentConfig(BV=min(BV, 16), num_warps=max(1, BK * min(BV, 16) // 2048))
         return RecurrentConfig(BV=BV, num_warps=8 if BK * BV >= 4096 else 4)
-    BV = min(triton.next_power_of_2(V), 64)
+    BV = min(next_power_of_2(V), 64)
     return RecurrentConfig(BV=BV, num_warps=4 if BK * BV >= 4096 else (2 if BK * BV >= 1024 else 1))
 
 
@@ -254,13 +256,13 @@ def fused_recurrent_kda(
         ht = torch.empty(shape, dtype=torch.float32, device=c.q.device)
     else:
         ht = None
-    grid = (triton.cdiv(c.V, cfg.BV) * c.N * c.HV,)
+    grid = (cdiv(c.V, cfg.BV) * c.N * c.HV,)
     ht_arg, store_ht = state_out(ht, c.q.device)
     _fused_recurrent_kda_kernel[grid](
         c.q, c.k, c.v, c.g, c.beta, o, c.initial_state, ht_arg, c.cu_seqlens, c.state_indices, A32, bias32,
         float(c.scale), float(lower_bound) if lower_bound is not None else 0.0, c.T, c.H, c.HV,
         store_ht, int(bool(inplace_final_state)),
-        K=c.K, V=c.V, BK=triton.next_power_of_2(c.K), BV=cfg.BV,
+        K=c.K, V=c.V, BK=next_power_of_2(c.K), BV=cfg.BV,
         USE_H0=c.initial_state is not None,
         IS_VARLEN=c.cu_seqlens is not None, USE_INDICES=c.state_indices is not None,
         STATE_VK=state_layout == "vk", L2NORM=bool(use_qk_l2norm_in_kernel),

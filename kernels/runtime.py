@@ -23,6 +23,17 @@ if not torch.cuda.is_available():
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+import triton  # noqa: E402  (after TRITON_INTERPRET is settled)
+
+# Host-side block arithmetic. triton.cdiv and triton.next_power_of_2 are ConstexprFunctions:
+# from the host each call costs about 5 us (an import and an unwrap per argument: 5.0 and
+# 6.0 us on the development CPU, Triton 3.6), and a decode call of fused_recurrent_kda made
+# five (about 27 of its 63 us of Python there) for a few microseconds of GPU work; the
+# chunk table of a packed batch made one per sequence. Their raw functions, the same
+# arithmetic, serve the host.
+cdiv = triton.cdiv.fn
+next_power_of_2 = triton.next_power_of_2.fn
+
 
 def _interpreter_scalar_index() -> None:
     """Let `range(n)` take a runtime scalar under the interpreter with NumPy >= 2.4.

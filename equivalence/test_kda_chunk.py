@@ -424,6 +424,7 @@ def test_pair_grads_token_parallel_head_blocks(monkeypatch):
     spec = CaseSpec(T=37, K=20, V=12, H=3, G=2, h0=True, seqlens=(1, 20, 16), gate="reset", seed=51)
     expect_gradients(Harness(DEFAULT, DTYPES["float32"]), "pair grads token-parallel, HV = 6 in blocks of 4", spec)
 
+
 def test_bfloat16_backward_is_deterministic_and_typed():
     """The bf16 backward is deterministic, finite and returns each gradient in its input's dtype."""
     spec = GRAD_CASES[1]

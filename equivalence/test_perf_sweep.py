@@ -178,6 +178,17 @@ def test_speedups_compare_only_rows_of_one_run():
     assert speedups([dict(ours, run="b"), fla]) == []
 
 
+@pytest.mark.parametrize(("kind", "load", "busy"), [("cuda", 30.0, True), ("cuda", 4.0, False), ("cpu", 30.0, False)])
+def test_report_flags_a_busy_host_on_a_gpu_run(kind, load, busy):
+    """A GPU run whose host was loaded past half its cores says so in bold (its launch-bound
+    rows may be slow); an idle one, and a CPU run, state the load plainly."""
+    from kdaverify.perf.report import _host_line
+
+    text = " ".join(_host_line(dict(kind=kind, load_average=load, cpu_count=32, torch_threads=16)))
+    assert f"load average {load:.1f}" in text
+    assert ("**Busy host.**" in text) == busy
+
+
 def test_accuracy_command_measures_against_the_oracle():
     """perf.accuracy at a small size: the reference chunkwise adapter in float32 sits at
     float32 rounding of the oracle (a mix-up of outputs, inputs or the oracle would not)."""

@@ -236,10 +236,8 @@ def markdown(data: dict, figures: list[tuple[str, str]]) -> str:
         lines += [f"Rows from {len(runs)} runs on this device, merged with --perf-merge: {', '.join(runs)} (the",
                   "run above is the last). Each row's floor and roofline fraction use its own run's ceilings;",
                   "'vs FLA' and the speedup figure compare only rows of the same run.", ""]  # fmt: skip
-    if env["kind"] != "cuda" and env.get("load_average") is not None:
-        lines += [f"Host: {env.get('cpu_count')} cores, {env.get('torch_threads')} torch thread(s), 1-minute load "
-                  f"average {env['load_average']:.1f} at the end of the run (a load above the core count means "
-                  "other processes shared the cores, and CPU timings are slower and noisier for it).", ""]  # fmt: skip
+    if env.get("load_average") is not None:
+        lines += _host_line(env)
     lines += ["## Ceilings", "", "| ceiling | measured | datasheet |", "|---|---|---|"]
     sizes = {"copy": f"{m['copy_bytes'] / 2**20:.0f} MiB device-to-device copy, read + written",
              "bfloat16": f"{m.get('bf16_matmul_n', m['matmul_n'])}^3 bf16 matmul",
@@ -324,3 +322,25 @@ def main(argv=None) -> int:
         print(f"report: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+# A GPU run's host is busy when its 1-minute load average passes half its cores: a launch-bound
+# row then waits for the CPU. Seen on an H200 (thirteenth session): beside three jobs holding
+# about 30 of 64 cores, fla's chunk_kda at B1 T4096 went from 0.598 to 0.975 ms forward and
+# from 2.58 to 8.06 ms forward + backward, while the GPU-bound rows (T >= 16384) moved < 0.5%.
+BUSY_HOST_LOAD = 0.5
+
+
+def _host_line(env: dict) -> list[str]:
+    """The report's line on the host's load during the run (perf.json's environment)."""
+    load, cores = env["load_average"], env.get("cpu_count")
+    head = (f"Host: {cores} cores, {env.get('torch_threads')} torch thread(s), 1-minute load average "
+            f"{load:.1f} at the end of the run")  # fmt: skip
+    if env["kind"] != "cuda":
+        return [head + " (a load above the core count means other processes shared the cores, and CPU timings "
+                "are slower and noisier for it).", ""]  # fmt: skip
+    if cores and load > BUSY_HOST_LOAD * cores:
+        return [f"**Busy host.** {head}: other processes held the CPU, so rows whose time is bound by kernel "
+                "launches (small T, few sequences, decode, and providers that launch many kernels) may read "
+                "slower than on an idle host; rows bound by the GPU are not affected.", ""]  # fmt: skip
+    return [head + ".", ""]

@@ -290,11 +290,13 @@ def chunk_gate_cumsum(
     keep = m[:, None] & (cols[None, :] < K)
     ptr = (rows[:, None] * HV + i_hv) * K + cols[None, :]
     if GATE == 0:
-        reset = keep & (x == float("-inf"))
-        cnt = tl.cumsum(reset.to(tl.int32), axis=0)
-        tl.store(Rs + ptr, cnt.to(tl.int8), mask=keep)
-        x = tl.where(reset, 0.0, x)
-        if tl.max(tl.max(cnt, axis=1), axis=0) > 0:
+        reset = (keep & (x == float("-inf"))).to(tl.int32)
+        # the reset counts' scan only where this block holds a reset: a reduction, where every
+        # block paid a second scan before (the counts are 0 everywhere else, as the scan gives)
+        if tl.max(tl.max(reset, axis=1), axis=0) > 0:
+            cnt = tl.cumsum(reset, axis=0)
+            tl.store(Rs + ptr, cnt.to(tl.int8), mask=keep)
+            x = tl.where(reset > 0, 0.0, x)
             # segmented sum, one source row j at a time: G_r = sum of x_j, j <= r, same segment
             o = tl.arange(0, BT)
             Gc = tl.zeros([BT, BK], dtype=tl.float64)
@@ -304,6 +306,7 @@ def chunk_gate_cumsum(
                 c_j = tl.sum(tl.where(at_j, cnt, 0), axis=0)
                 Gc += tl.where((o >= j)[:, None] & (cnt == c_j[None, :]), x_j[None, :], 0.0)
         else:
+            tl.store(Rs + ptr, tl.zeros([BT, BK], dtype=tl.int8), mask=keep)
             Gc = tl.cumsum(x.to(tl.float64), axis=0)
     else:
         Gc = tl.cumsum(x.to(tl.float64), axis=0)

@@ -121,9 +121,14 @@ def _vllm_stubs() -> dict[str, dict]:
     }
 
 
+# SGLang packages whose __init__.py runs (shim.load's run_init): constants only, imported by
+# the kernel files beside them
+_SGLANG_INITS = ("sglang.kernels.ops.attention.helion",)
+
+
 def sglang_module(name: str):
     """sglang.kernels.ops.attention.<name>, loaded by the shim."""
-    return _load(shim.SGLANG, f"sglang.kernels.ops.attention.{name}", _sglang_stubs)
+    return _load(shim.SGLANG, f"sglang.kernels.ops.attention.{name}", _sglang_stubs, _SGLANG_INITS)
 
 
 def vllm_module(name: str):
@@ -132,10 +137,10 @@ def vllm_module(name: str):
     return _load(shim.VLLM, f"vllm.third_party.flash_linear_attention.ops.{name}", _vllm_stubs)
 
 
-def _load(source: shim.Source, module: str, stubs):
+def _load(source: shim.Source, module: str, stubs, run_init: tuple[str, ...] = ()):
     from kdaverify.kernels.runtime import INTERPRET  # switches Triton's interpreter on without a GPU
 
-    mod = shim.load(source, module, stubs())
+    mod = shim.load(source, module, stubs(), run_init)
     if INTERPRET:
         _interpreter_aliases(source.package)
     return mod

@@ -147,11 +147,27 @@ def _register(name: str, mod: types.ModuleType) -> None:
         setattr(sys.modules[parent], child, mod)
 
 
-def load(source: Source, module: str, stubs: dict[str, dict] | None = None) -> types.ModuleType:
+def _package_with_init(name: str, path: Path, root: Path) -> types.ModuleType:
+    """The package `name` with its own __init__.py run (registered before it runs, as an
+    import does)."""
+    spec = importlib.util.spec_from_file_location(name, path / "__init__.py", submodule_search_locations=[str(path)])
+    mod = importlib.util.module_from_spec(spec)
+    mod.__kdaverify_shim__ = str(root)
+    _register(name, mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def load(
+    source: Source, module: str, stubs: dict[str, dict] | None = None, run_init: tuple[str, ...] = ()
+) -> types.ModuleType:
     """Import `module` (a dotted name inside source.package) from its file, with its parent
     packages registered empty and the modules in stubs ({name: {attribute: value}})
-    registered as given. Modules already imported (the real engine, or an earlier load) are
-    left as they are."""
+    registered as given. The packages named in run_init run their own __init__.py: those
+    whose kernel files import a constant from it and whose __init__ imports nothing of the
+    engine (SGLang's helion/__init__.py holds KDA_SMALL_VALUE_HEAD_THRESHOLD, which
+    helion/kda_decode.py imports). Modules already imported (the real engine, or an earlier
+    load) are left as they are."""
     root = package_root(source)
     parts = module.split(".")
     if parts[0] != source.package:
@@ -159,7 +175,9 @@ def load(source: Source, module: str, stubs: dict[str, dict] | None = None) -> t
     for i in range(1, len(parts)):
         name = ".".join(parts[:i])
         have = sys.modules.get(name)
-        if have is None:
+        if have is None and name in run_init:
+            _package_with_init(name, root.joinpath(*parts[:i]), root)
+        elif have is None:
             _register(name, _package(name, root.joinpath(*parts[:i]), root))
         elif getattr(have, "__kdaverify_shim__", str(root)) != str(root):
             raise ImportError(f"{name} was already loaded from {have.__kdaverify_shim__}, not from {root}")

@@ -84,13 +84,16 @@ def test_missing_kernel_language_names_its_extra(adapter, module, monkeypatch, t
 
 def test_shim_loads_a_module_without_its_parents_init(tmp_path, monkeypatch):
     """A wheel whose package __init__ would fail: the shim unpacks it, runs only the module's
-    file, and hands it the stubbed helper."""
+    file, and hands it the stubbed helper; a package named in run_init runs its __init__."""
     pkg = "kdaverify_fake_engine"
     wheel = tmp_path / f"{pkg}-1.2.3-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr(f"{pkg}/__init__.py", "raise ImportError('the whole engine')\n")
         zf.writestr(f"{pkg}/ops/__init__.py", "raise ImportError('the ops registry')\n")
         zf.writestr(f"{pkg}/ops/kernel.py", f"from {pkg}.utils import twice\n\nANSWER = twice(21)\n")
+        # a kernel folder whose __init__ holds a constant its kernels import (SGLang's helion/)
+        zf.writestr(f"{pkg}/ops/consts/__init__.py", "THRESHOLD = 12\n")
+        zf.writestr(f"{pkg}/ops/consts/kernel.py", f"from {pkg}.ops.consts import THRESHOLD\n\nT2 = 2 * THRESHOLD\n")
         zf.writestr(f"{pkg}-1.2.3.dist-info/METADATA", "Name: fake\nVersion: 1.2.3\n")
     source = shim.Source(pkg, "KDAVERIFY_FAKE_ENGINE", "1.2.3")
     monkeypatch.setenv(source.env, str(wheel))
@@ -101,6 +104,9 @@ def test_shim_loads_a_module_without_its_parents_init(tmp_path, monkeypatch):
         assert shim.version(source) == "1.2.3"
         with pytest.raises(ValueError, match="expected a module inside"):
             shim.load(source, "elsewhere.kernel")
+        # run_init runs the named package's own __init__ (and only that one)
+        assert shim.load(source, f"{pkg}.ops.consts.kernel", run_init=(f"{pkg}.ops.consts",)).T2 == 24
+        assert sys.modules[f"{pkg}.ops.consts"].THRESHOLD == 12 and not hasattr(sys.modules[f"{pkg}.ops"], "THRESHOLD")
     finally:
         for name in [n for n in sys.modules if n == pkg or n.startswith(pkg + ".")]:
             del sys.modules[name]

@@ -4,6 +4,11 @@ device-to-device copy, and next to flash-linear-attention's fused_recurrent_kda 
 importable. Standalone, about a minute of GPU time:
 
     python -m kdaverify.perf.bench_fused_recurrent
+    python -m kdaverify.perf.bench_fused_recurrent --configs   # every (BV, warps) of decode
+
+`--configs` times the decode kernel at each N under every launch configuration (BV in 16 to
+128, 1 to 8 warps, in place of `config_for`'s choice), each output compared with the default
+configuration's: the sweep `config_for` was chosen from on an H100, to rerun on another card.
 
 Accuracy verdicts use the suite's tolerance rule (equivalence.relations.Harness). Decode
 traffic is the state read once and written once (2 * N * 32 * 128 * 128 * 4 bytes) plus the
@@ -13,6 +18,7 @@ triton.testing.do_bench. The copy ceiling counts bytes read plus written.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -143,13 +149,52 @@ def _decode_rows(N: int, ceiling: float, fla_kda) -> None:
               f"{100 * bw / ceiling:.0f}% | {diff:.1e} |")  # fmt: skip
 
 
-def main() -> int:
+def sweep_configs(bvs=(16, 32, 64, 128), warps=(1, 2, 4, 8)) -> None:
+    """Decode at each N of NS under every (BV, num_warps), against the copy ceiling."""
+    from kdaverify.kernels import fused_recurrent_kda
+    from kdaverify.kernels import kda_fused_recurrent as fr
+    from triton.testing import do_bench
+
+    ceiling = copy_bandwidth()
+    default = fr.config_for
+    print(f"\ndecode configurations, bf16 token, fp32 state [N, {HV}, {K}, {V}]; copy {ceiling / 1e12:.2f} TB/s")
+    print("| N | BV | warps | median | % of copy | max diff vs config_for's | config_for's choice |")
+    print("|---|---|---|---|---|---|---|")
+    for N in NS:
+        q, k, v, g, beta = _decode_inputs(N, torch.bfloat16)
+        h0 = torch.randn(N, HV, K, V, device="cuda")
+        nbytes = 2 * h0.numel() * 4 + sum(x.numel() * x.element_size() for x in (q, k, v, g, beta, v))
+        chosen = default(K, V, N * HV)
+        run = functools.partial(fused_recurrent_kda, q, k, v, g, beta, initial_state=h0, output_final_state=True)
+        base = run()
+        try:
+            for bv in bvs:
+                for w in warps:
+                    fr.config_for = lambda *_, bv=bv, w=w: fr.RecurrentConfig(BV=bv, num_warps=w)
+                    o, S = run()
+                    diff = max(float((o.float() - base[0].float()).abs().max()), float((S - base[1]).abs().max()))
+                    ms = do_bench(run, warmup=25, rep=200)
+                    mark = "<-" if (bv, w) == (chosen.BV, chosen.num_warps) else ""
+                    print(f"| {N} | {bv} | {w} | {ms * 1e3:.1f} us | {100 * nbytes / (ms * 1e-3) / ceiling:.0f}% | "
+                          f"{diff:.1e} | {mark} |", flush=True)  # fmt: skip
+        finally:
+            fr.config_for = default
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
         return 2
     import triton
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    if argv == ["--configs"]:
+        sweep_configs()
+        return 0
+    if argv:
+        print(f"unknown arguments {argv}: expected none or --configs")
+        return 2
     print("accuracy against the float64 oracle (suite tolerance rule):")
     ok = check_oracle()
     ok = check_large_pool() and ok

@@ -154,6 +154,30 @@ def report(args) -> int:
     return run(args.folders)
 
 
+def _tuning_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("export", "import"), help="export: the cache's results into FILE; "
+                   "import: FILE's results into the cache")  # fmt: skip
+    p.add_argument("file", help="a .tar.gz of autotuning results")
+    p.add_argument("--cache-dir", default=None, help="Triton's cache folder (default: TRITON_CACHE_DIR, else "
+                   "Triton's default)")  # fmt: skip
+
+
+@command("tuning", "carry Triton's autotuning results (*.autotune.json) to a fresh machine", _tuning_arguments)
+def tuning(args) -> int:
+    from kdaverify.equivalence import tuning as t
+
+    try:
+        if args.action == "export":
+            n = t.export(args.file, args.cache_dir)
+            print(f"tuning: {n} autotuning results from {args.cache_dir or t.cache_dir()} into {args.file}")
+        else:
+            n = t.import_(args.file, args.cache_dir)
+            print(f"tuning: {n} autotuning results from {args.file} into {args.cache_dir or t.cache_dir()}")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"tuning: {e}") from None
+    return 0
+
+
 def _merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="folder for the merged report.json and report.md")
     p.add_argument("parts", nargs="+", help="report folders (or report.json files) of the runs to merge")

@@ -84,8 +84,11 @@ class ChunkBlocks:
     # showed 584 B of spills (sm90_fit, CPU); at 32, 121 registers and none. 32 x 4 taken
     # (chunk_diag keeps its own DIAG_BK). chunk_solve (the [BC, BC] block form) on 4 warps
     # 0.495 ms, on 2 warps 0.318 ms: 2 taken (ptxas: 255 registers, no spills at 2 or 4; it
-    # spills at 1). Older figures (H100, the full-tile solve): kernels/NOTES.md.
-    BK_INTRA: int = 32
+    # spills at 1). Older figures (H100, the full-tile solve): kernels/NOTES.md. Under the
+    # interpreter 64: there each tl operation costs the same at any size, and at K = 64
+    # chunk_pairs took about 1.6x as long in blocks of 32 (development CPU); test_kda_chunk
+    # holds the GPU's step of 32 (and 16) to the oracle under the interpreter.
+    BK_INTRA: int = 64 if INTERPRET else 32
     PAIRS_WARPS: int = 4
     SOLVE_WARPS: int = 2
     # chunk_gate_cumsum: columns of K per program (0: all of K) and warps. Until the twelfth

@@ -590,6 +590,10 @@ _SGLANG_DECODE = dict(
     # docstring), safe form through lower_bound; q/k L2 norm in kernel
     precision="ieee", state_layout="VK", head_sizes=GPU_HEAD_SIZES, max_beta=1.0, gate_in_kernel=True,
 )  # fmt: skip
+# float32 stays declared up to K = 256 (chunk_kda checks no dtype; chunk_delta_h.py asserts only
+# K <= 256), although at K = V = 256 the one fixed launch configuration of its state kernel needs
+# more shared memory than an H200 has and the call raises OutOfResources (finding
+# reports/findings/007-sglang-triton-chunk_kda-fp32_k256_shared_memory.md)
 sglang_chunk_kda.kdaverify_capabilities = _SGLANG_CHUNK
 sglang_fused_recurrent_kda.kdaverify_capabilities = _SGLANG_RECURRENT
 # its wrapper (fused_sigmoid_gating_delta_rule_update) asserts scale > 0: a stated restriction
@@ -628,6 +632,9 @@ vllm_chunk_kda.kdaverify_capabilities = Capabilities(**_SGLANG_CHUNK.declared())
 # the kernel computes GVA; fp32 FMAs (ieee); VK pool; L2 norm in kernel; no fused gate. Its
 # wrapper sizes o by k (ops/kda.py: empty_like(k)), so GVA and V != K are refused by the adapter
 # (VLLM_O_LIKE_K): still declared, so they fail in the matrix, loudly rather than past o
+# Its kernel loads the gate row without the K mask, so where K is not a power of two the last
+# (token, value head) reads past g and can return NaN (finding
+# reports/findings/006-vllm-fused_recurrent_kda-unmasked_gate_load.md): those head sizes stay declared
 vllm_fused_recurrent_kda.kdaverify_capabilities = Capabilities(**dict(_SGLANG_RECURRENT.declared(), gva=True))
 
 for _fn in (sglang_chunk_kda, sglang_fused_recurrent_kda, sglang_sigmoid_gating_decode, sglang_packed_decode):

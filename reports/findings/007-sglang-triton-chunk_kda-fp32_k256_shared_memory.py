@@ -1,4 +1,4 @@
-"""Candidate (issue 11): SGLang 0.5.23's Triton chunk_kda (sglang/kernels/ops/attention/fla/kda.py)
+"""Finding 007: SGLang 0.5.23's Triton chunk_kda (sglang/kernels/ops/attention/fla/kda.py)
 cannot run float32 inputs at K = V = 256 on a Hopper GPU: its state kernel
 chunk_gated_delta_rule_fwd_kernel_h_blockdim64 (fla/chunk_delta_h.py) has one fixed launch
 configuration (BV 32, 4 warps, 2 pipeline stages; the SGLANG_GDN_CHUNK_H_* environment
@@ -6,15 +6,16 @@ variables) where flash-linear-attention's autotuner chooses among several and dr
 that do not fit, and at K = 256 with float32 operands that one configuration asks for 286720
 bytes of shared memory, more than the 232448 an H200 block may have. The call raises
 triton's OutOfResources (loud, not a wrong answer). Seen in the suite's matrix run on an H200
-(five float32 checks, each at K = V = 256); this script is the standalone reproduction still
-to be run in a fresh process on a GPU before it becomes a finding.
+(five float32 checks, each at K = V = 256) and reproduced by this script on an H200 in a fresh
+process, at B = T = H = 1.
 
-    KDAVERIFY_SGLANG=path/to/sglang-0.5.23-...whl python sglang-triton-chunk_kda-fp32_k256_shared_memory.py
+    KDAVERIFY_SGLANG=path/to/sglang-0.5.23-...whl python 007-sglang-triton-chunk_kda-fp32_k256_shared_memory.py
 
 Exits 1 while the call raises OutOfResources, 0 once it runs (with o finite), 2 when the
 check cannot run (no GPU, no SGLang files, or any other error). SGLANG_GDN_CHUNK_H_NUM_STAGES=1
-in the environment is SGLang's own knob for the stage count: with it the call is expected to
-run (not yet tried on a GPU).
+in the environment is SGLang's own knob for the stage count; whether the call then runs is not
+known: the one GPU attempt with it stopped at its 40 s limit before the call returned, as did
+an attempt without it in the same device call (likely compile time).
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
-"""Candidate (not a finding yet): vLLM 0.33.0's fused_recurrent_kda reads past the end of the
-gate g when the key head size K is not a power of two, and returns NaN when what lies there is
-NaN or larger than about 88.7.
+"""Finding 006: vLLM 0.33.0's fused_recurrent_kda reads past the end of the gate g when the key
+head size K is not a power of two, and returns NaN when what lies there is NaN or larger than
+about 88.7.
 
-Reproduced only under Triton's interpreter on a CPU so far. It becomes a finding once this
-script, run in a fresh process on a GPU, still fails; the interpreter proves the indexing and
-the arithmetic, not the compiled kernel.
+Reproduced by this script on an H200 in a fresh process (--device cuda), and before that on a
+CPU under Triton's interpreter (--device cpu): the same verdict on both.
 
 Cause, in vllm/third_party/flash_linear_attention/ (the wheel's files): fused_recurrent_kda
 (ops/kda.py) launches fused_recurrent_gated_delta_rule_fwd_kernel (ops/fused_recurrent.py)
@@ -31,7 +30,8 @@ Needs torch, NumPy and vLLM's files: an installed vllm (imported as a user impor
 vllm wheel or unpacked folder named by --vllm or KDAVERIFY_VLLM, of which only the kernel files
 are imported (no vLLM dependency beyond torch and Triton):
 
-    KDAVERIFY_VLLM=path/to/vllm-0.33.0-...whl python vllm-fused_recurrent_kda-unmasked_gate_load.py [--device cuda|cpu]
+    KDAVERIFY_VLLM=path/to/vllm-0.33.0-...whl \\
+        python 006-vllm-fused_recurrent_kda-unmasked_gate_load.py [--device cuda|cpu]
 
 --device cpu runs the kernel under Triton's interpreter (TRITON_INTERPRET=1, set before Triton
 is imported). Exits 1 while a K = 3 call with a NaN or large band differs from the recurrence,

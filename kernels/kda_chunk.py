@@ -72,7 +72,11 @@ class ChunkBlocks:
     to 0.9) or hit an illegal memory access at (BK, BV) = (64, 16), (64, 32), (128, 16),
     (128, 32) and (256, 16), and the backward at (16, 16), (16, 32) and (32, 32); every size
     was right under the interpreter. BV = 64 was right at BK = 16, 32, 64, 128 and 256 in
-    bf16 and fp32, forward and backward (K <= 64 probed for gradients)."""
+    bf16 and fp32, forward and backward (K <= 64 probed for gradients). Still so on an H200
+    in the fourteenth session (kernels/NOTES.md), the recurrence in its current form, bf16,
+    K = 128: BV = 32 on 4 warps gave o 0.87 relative off BV = 64's (Triton's pipelining or 3
+    stages) or an illegal address (1 stage), with compute-sanitizer's memcheck clean at
+    T = 256: a silent miscompile. On 2 warps right, but 4.1 ms against BV = 64's 1.0."""
 
     BT: int = 64
     BC: int = 16
@@ -125,27 +129,35 @@ class ChunkBlocks:
     # round: (1, 1) 0.81, (2, 2) 0.81, (4, 1) 0.75, (4, 2) 0.82, (4, 4) 0.78, (8, 1) 0.91,
     # (8, 2) 0.71 ms, forward 3.44 ms; 2 and 4 warps at 1 or 2 heads 2.5 to 5.0 ms. Bitwise
     # equal to the column loop under the interpreter (test_kda_chunk), 4e-5 relative compiled.
-    DIAG_HEADS: int = 8
+    # Since the fourteenth session 4 heads, with DIAG_BK = 128 (below).
+    DIAG_HEADS: int = 4
     DIAG_WARPS: int = 2
     # chunk_diag's columns of K per step (its K loop runs outside the columns: row r's q, k, G
     # and reset counts loaded once per block of K, not once per column; the thirteenth
     # session's A/B, H200, shape above, two rounds: 0.690 ms against 0.713 with K inside, the
-    # inside form deleted). 64, not chunk_pairs' 32: at 32 chunk_diag took 0.741 ms.
-    DIAG_BK: int = 64
+    # inside form deleted). 64, not chunk_pairs' 32: at 32 chunk_diag took 0.741 ms. The
+    # fourteenth session's A/B (same shape, two rounds within 0.5%), chunk_diag in ms at
+    # DIAG_BK x DIAG_HEADS: 64 x 8 0.693, 64 x 4 0.775, 128 x 8 0.767, 128 x 4 0.677 (forward
+    # 2.806 -> 2.787 ms; predicted 0.55-0.65: the column loop was not the cost). 128 x 4 taken
+    # (ptxas: 80 registers on 2 warps, no spills); the GPU conformance run passed with it.
+    DIAG_BK: int = 128
     # chunk_pair_grads' pairs inside a sub-chunk, the same choice (its DIAG_COLS): the token
     # loop on the GPU, one step under the interpreter. Not bitwise equal across widths (the
     # terms are added in another order): test_kda_chunk holds the widths within float32
     # rounding of each other and each to the oracle. Same H200 run, fwd+bwd: chunk_pair_grads
     # 5.63 ms at 1 token per step against 34.0 / 24.8 / 15.0 ms at 2 / 4 / 8.
-    GRADS_DIAG_COLS: int = 16 if INTERPRET else 1
+    GRADS_DIAG_COLS: int = 16 if INTERPRET else 0
     # GRADS_DIAG_COLS = 0: those pairs token-parallel in chunk_pair_grads_diag, one program per
     # (chunk, GRADS_DIAG_HEADS value heads, token) on GRADS_DIAG_WARPS warps, after
     # chunk_pair_grads (which then does the dots between sub-chunks only): the forward's
     # chunk_diag move for the backward. Written in the thirteenth session, checked under the
-    # interpreter (test_kda_chunk), not yet run on a GPU or timed; the prediction is in
-    # kernels/NOTES.md. ptxas at sm_90 (sm90_fit, K = 128, resets, bf16 / fp32), registers
-    # per thread: 8 heads on 2 warps 255 / 255, on 4 warps 167 / 168, 4 heads on 2 warps
-    # 96 / 114, on 1 warp 242 / 242, no spills in any; 4 on 2 taken until measured.
+    # interpreter (test_kda_chunk). ptxas at sm_90 (sm90_fit, K = 128, resets, bf16 / fp32),
+    # registers per thread: 8 heads on 2 warps 255 / 255, on 4 warps 167 / 168, 4 heads on 2
+    # warps 96 / 114, on 1 warp 242 / 242, no spills in any. The fourteenth session's A/B
+    # (H200, B1 T16384 H32 K = V = 128 bf16, fwd+bwd, two rounds within 0.1%): 15.46 ms with
+    # the token loop, 14.25 with chunk_pair_grads_diag on 4 heads (chunk_pair_grads 5.70 ->
+    # 3.40 ms plus 1.11 for the new kernel; predicted 14-15, 2.5-4 and 0.8-1.2), 14.57 on 8
+    # heads. The default since; GPU gradient conformance, memcheck and racecheck passed.
     GRADS_DIAG_HEADS: int = 4
     GRADS_DIAG_WARPS: int = 2
 

@@ -7,7 +7,7 @@ forward that kept the state entering every chunk (kda_chunk_inter, STORE_H).
                                        the pair weights P, dL [B*T, HV, BT]
     chunk_pair_grads     (NC * B*HV * NB)  the pair terms (below) of one 16-token sub-chunk's
                                        rows added to dq, dk (per value head), dG and dbeta
-    chunk_pair_grads_diag (NC * B*HV/BH * BT)  with GRADS_DIAG_COLS = 0 only: the pairs inside
+    chunk_pair_grads_diag (NC * B*HV/BH * BT)  with GRADS_DIAG_COLS = 0 (the GPU default): the pairs inside
                                        each sub-chunk, one program per token (chunk_diag's way)
     chunk_dg_cumsum      (NC * B*HV)   dg = dG's reverse cumulative sum inside each chunk
 

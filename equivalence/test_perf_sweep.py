@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,6 +188,25 @@ def test_report_flags_a_busy_host_on_a_gpu_run(kind, load, busy):
     text = " ".join(_host_line(dict(kind=kind, load_average=load, cpu_count=32, torch_threads=16)))
     assert f"load average {load:.1f}" in text
     assert ("**Busy host.**" in text) == busy
+
+
+@pytest.mark.parametrize(("gpu_ms", "cell"), [(0.5, "0.5 (71%) **launch-bound**"), (0.69, "0.69 (99%)"), (None, "")])
+def test_table_marks_launch_bound_rows(gpu_ms, cell):
+    """A row whose kernels filled less than LAUNCH_BOUND of its time is marked launch-bound in
+    the table; a row from a run without kernel times leaves the cell blank."""
+    from kdaverify.perf.report import _table
+
+    row = dict(op="chunk_kda", provider="fla", mode="fwd", B=1, T=4096, H=2, HV=2, K=16, V=16, dtype="bfloat16",
+               ms=0.7, gpu_ms=gpu_ms, status="ok", verified=True)  # fmt: skip
+    line = _table([row], {})[2]
+    assert f"| 0.7 | {cell} |" in line
+
+
+def test_report_shows_notes_added_after_the_run():
+    from kdaverify.perf.report import markdown
+
+    data = json.loads((Path(__file__).parents[1] / "reports" / "nvidia-h200" / "perf.json").read_text())
+    assert "- a note |x|" in markdown(dict(data, notes=["a note |x|"]), [])
 
 
 def test_accuracy_command_measures_against_the_oracle():

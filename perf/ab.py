@@ -27,9 +27,7 @@ import sys
 import torch
 
 from .providers import Case, inputs
-from .timing import median_ms
-
-PROFILED_CALLS = 5
+from .timing import kernel_ms, median_ms
 
 
 def _assignment(text: str) -> tuple[str, list[int]]:
@@ -61,22 +59,6 @@ def _call(t: dict, mode: str, fn=None):
         return {"o": o.detach(), **{f"d{n}": x.grad for n, x in leaves.items()}}
 
     return step
-
-
-def _kernel_ms(fn, prefix: str = "chunk_") -> dict:
-    """Milliseconds per call of each CUDA kernel whose name starts with prefix, from
-    torch.profiler ("" for every kernel, as for flash-linear-attention's, whose names vary)."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(PROFILED_CALLS):
-            fn()
-        torch.cuda.synchronize()
-    return {
-        e.key: round(e.self_device_time_total / PROFILED_CALLS / 1e3, 4)
-        for e in prof.key_averages()
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.key.startswith(prefix)
-    }
 
 
 def _compare(out: dict, base: dict) -> dict:
@@ -118,7 +100,7 @@ def run(
                 ms, how = median_ms(call, device, **kw)
                 row = {"round": r, **cfg, "ms": round(ms, 4), "timed": how, "vs_baseline": _compare(out, baseline)}
                 if device == "cuda":
-                    row["kernels_ms"] = _kernel_ms(call)
+                    row["kernels_ms"] = {k: round(v, 4) for k, v in kernel_ms(call, prefix="chunk_").items()}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             if other is not None:
@@ -130,7 +112,7 @@ def run(
                 row = {"round": r, "provider": name, "ms": round(ms, 4), "timed": how,
                        "vs_baseline": _compare(out, baseline)}  # fmt: skip
                 if device == "cuda":
-                    row["kernels_ms"] = _kernel_ms(call, prefix="")
+                    row["kernels_ms"] = {k: round(v, 4) for k, v in kernel_ms(call).items()}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     finally:

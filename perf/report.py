@@ -9,7 +9,9 @@ Figures (PNG, labelled axes with units), each with the table behind it in the ma
     precision.png  verification error (relative RMS of the sampled tail) against T per
                    provider and dtype
 Only verified rows are plotted; unverified, unavailable and excluded rows are listed with
-their status and never drawn as results.
+their status and never drawn as results. perf.json may carry `notes`, a list of sentences
+written after the run by whoever reviewed it (a row measured in unusual conditions, say):
+the page shows them under the host line, as notes, never as measurements.
 """
 
 from __future__ import annotations
@@ -177,9 +179,25 @@ def precision(plt, data, rows, path):
     _save(fig, path)
 
 
+# A row is launch-bound when the GPU spent less than this share of its median time in kernels
+# (torch.profiler's kernel times, perf.json's gpu_ms): the rest it sat idle waiting for the
+# host's launches. Seen on an H200 (fourteenth session): fla's chunk_kda forward at B1 T4096
+# took 0.64-0.70 ms by do_bench for 0.50 ms of kernels (72-78%), ours 0.725 for 0.719 (99%).
+LAUNCH_BOUND = 0.9
+
+
+def _gpu(r) -> str:
+    """The table's 'in kernels' cell: GPU ms per call and its share of ms, marked when launch-bound."""
+    if r.get("gpu_ms") is None or not r.get("ms"):
+        return ""
+    share = r["gpu_ms"] / r["ms"]
+    mark = " **launch-bound**" if share < LAUNCH_BOUND else ""
+    return f"{_fmt(r['gpu_ms'])} ({100 * min(share, 1.0):.0f}%){mark}"
+
+
 def _table(rows, fla: dict) -> list[str]:
-    head = ("| op | provider | mode | B | T | H | HV | K | V | dtype | ms | TFLOP/s | GB/s | floor ms | "
-            "of roofline | vs FLA | peak MiB | verified | status |")  # fmt: skip
+    head = ("| op | provider | mode | B | T | H | HV | K | V | dtype | ms | in kernels | TFLOP/s | GB/s | "
+            "floor ms | of roofline | vs FLA | peak MiB | verified | status |")  # fmt: skip
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         ref = fla.get(shape_key(r))
@@ -190,7 +208,8 @@ def _table(rows, fla: dict) -> list[str]:
         frac = "" if r.get("roofline_fraction") is None else f"{100 * r['roofline_fraction']:.1f}%"
         out.append(
             f"| {r['op']} | {r['provider']} | {r['mode']} | {r['B']} | {r['T']} | {r['H']} | {r['HV']} | {r['K']} | "
-            f"{r['V']} | {r['dtype']} | {_fmt(r.get('ms'))} | {_fmt(r.get('tflops'))} | {_fmt(r.get('gbs'), '.4g')} | "
+            f"{r['V']} | {r['dtype']} | {_fmt(r.get('ms'))} | {_gpu(r)} | {_fmt(r.get('tflops'))} | "
+            f"{_fmt(r.get('gbs'), '.4g')} | "
             f"{_fmt(r.get('floor_ms'))} | {frac} | {vs} | {_fmt(r.get('peak_mib'), '.0f')} | {verified} | "
             f"{r['status']} |"
         )
@@ -238,6 +257,9 @@ def markdown(data: dict, figures: list[tuple[str, str]]) -> str:
                   "'vs FLA' and the speedup figure compare only rows of the same run.", ""]  # fmt: skip
     if env.get("load_average") is not None:
         lines += _host_line(env)
+    if data.get("notes"):
+        lines += ["Notes on this run, added after it (perf.json's `notes`):", "",
+                  *(f"- {n}" for n in data["notes"]), ""]  # fmt: skip
     lines += ["## Ceilings", "", "| ceiling | measured | datasheet |", "|---|---|---|"]
     sizes = {"copy": f"{m['copy_bytes'] / 2**20:.0f} MiB device-to-device copy, read + written",
              "bfloat16": f"{m.get('bf16_matmul_n', m['matmul_n'])}^3 bf16 matmul",
@@ -252,6 +274,10 @@ def markdown(data: dict, figures: list[tuple[str, str]]) -> str:
               "perf/models.py (useful FLOPs and bytes that must move at least once) by it; the floor is",
               "max(FLOPs / matmul ceiling, bytes / copy ceiling) under the ceilings above, and 'of roofline'",
               "is floor / ms. 'vs FLA' is flash-linear-attention's ms over this row's, same shape and run.",
+              "'in kernels' is the GPU's time inside the call's kernels (torch.profiler, per call) and its",
+              f"share of ms; below {100 * LAUNCH_BOUND:.0f}% the row is launch-bound: the GPU waited for the host's",
+              "launches, so the row times the host as much as the kernels (and moves with the host's speed",
+              "and load). Rows of runs before this column existed leave it blank.",
               "'verified' is the check that ran before timing: the last 256 tokens of one (batch row, head)",
               "slice against the float64 oracle, under the suite's tolerance rule (relative RMS shown with",
               "its budget); forward+backward rows verify the forward output only (gradients are judged",

@@ -30,7 +30,7 @@ from . import models
 from .ceilings import compute_class, datasheet, measure
 from .providers import PROVIDERS, Case, Unavailable, find, inputs, runner
 from .report import slug
-from .timing import CPU_BUDGET_S, median_ms, peak_mib
+from .timing import CPU_BUDGET_S, kernel_ms, median_ms, peak_mib
 from .verify import summary, verify
 
 PRESETS = ("quick", "full", "cpu", "smoke")
@@ -199,4 +199,8 @@ class Sweep:
             roofline_fraction=floor / ms,
             peak_mib=peak_mib(call, self.device),
         )
+        if self.device == "cuda":
+            # the GPU's time in kernels per call: well below ms, the call waits on the host's
+            # launches (a launch-bound row; report.LAUNCH_BOUND)
+            row["gpu_ms"] = sum(kernel_ms(call).values())
         return row, call

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+PROFILED_CALLS = 5  # calls under torch.profiler for kernel_ms, after one unprofiled call
 CPU_BUDGET_S = 1.0  # repeat a CPU call for about this long (at least CPU_MIN_CALLS calls)
 CPU_MIN_CALLS = 3
 
@@ -32,6 +33,24 @@ def median_ms(fn, device: str, budget_s: float = CPU_BUDGET_S) -> tuple[float, s
         if len(times) >= 50:
             break
     return 1e3 * statistics.median(times), f"perf_counter median of {len(times)}"
+
+
+def kernel_ms(fn, prefix: str = "") -> dict[str, float]:
+    """Milliseconds of GPU time per call of each CUDA kernel fn launches whose name starts with
+    prefix, from torch.profiler over PROFILED_CALLS calls (after one unprofiled call). Their
+    sum is the time the GPU spent in kernels; a do_bench median well above it is time the GPU
+    sat idle between launches, waiting for the host (a launch-bound call)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(PROFILED_CALLS):
+            fn()
+        torch.cuda.synchronize()
+    return {
+        e.key: e.self_device_time_total / PROFILED_CALLS / 1e3
+        for e in prof.key_averages()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.key.startswith(prefix)
+    }
 
 
 def peak_mib(fn, device: str) -> float | None:

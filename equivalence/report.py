@@ -72,24 +72,64 @@ def _example_start(lines: list[str]) -> int:
     return next((i for i, ln in enumerate(lines) if ln.startswith(starts)), len(lines))
 
 
-def falsifying_example(text: str) -> str:
-    """The lines of a Hypothesis failure that rebuild the failing case: the example up to its
-    closing parenthesis, and the @reproduce_failure blob."""
-    lines = _error_lines(text)
-    i = _example_start(lines)
+# A sub-exception's header in pytest's rendering of an exception group: "+-+---- 1 ----".
+_GROUP_PART = re.compile(r"^\s*\+[-+]*\s+\d+\s+-+\s*$")
+
+
+def _group_parts(text: str) -> list[list[str]]:
+    """The sub-exceptions of an exception group, each as its lines without the box drawing
+    (indentation inside a part kept). Hypothesis raises one when a test fails in more than
+    one distinct way ("Hypothesis found 2 distinct failures"), and pytest prints it with no
+    "E" lines: before this, such a failure reached the report with no example and no message
+    (18 of 49 failures of the H200 matrix row vllm-fused_recurrent_kda, fourteenth session)."""
+    parts: list[list[str]] = []
+    for ln in text.splitlines():
+        if _GROUP_PART.match(ln):
+            parts.append([])
+        elif parts:
+            body = ln.strip()
+            if body.startswith("+-"):  # the group's closing line
+                continue
+            parts[-1].append(body[2:] if body.startswith("| ") else body.lstrip("|"))
+    return parts
+
+
+def _example(lines: list[str]) -> str:
     keep = []
-    for ln in lines[i:]:
-        keep.append(ln)
-        if ln == ")":
+    for ln in lines[_example_start(lines) :]:
+        keep.append(ln.strip())
+        if ln.strip() == ")":
             break
-    keep += [ln for ln in lines if "reproduce_failure" in ln]
+    keep += [ln.strip() for ln in lines if "reproduce_failure" in ln]
     return " ".join(keep).replace("( ", "(").replace(" )", ")")
 
 
-def failure_message(text: str) -> str:
-    """The assertion message of a failure, without the traceback and the example."""
+def _message(lines: list[str]) -> str:
+    """The exception's own lines before the example: not the traceback's frames and source
+    lines (indented in an exception group's parts)."""
+    head = lines[: _example_start(lines)]
+    return "\n".join(ln for ln in head if ln and not ln[0].isspace() and not ln.startswith("Traceback"))
+
+
+def falsifying_example(text: str) -> str:
+    """The lines of a Hypothesis failure that rebuild the failing case: the example up to its
+    closing parenthesis, and the @reproduce_failure blob. A failure in several distinct ways
+    gives each way's example, numbered."""
     lines = _error_lines(text)
-    return "\n".join(ln for ln in lines[: _example_start(lines)] if ln)[:2000]
+    if lines:
+        return _example(lines)
+    parts = _group_parts(text)
+    return " ".join(f"[{i}] {_example(p)}" for i, p in enumerate(parts, 1) if _example(p))
+
+
+def failure_message(text: str) -> str:
+    """The assertion message of a failure, without the traceback and the example (of each
+    distinct failure, numbered, when there are several)."""
+    lines = _error_lines(text)
+    if lines:
+        return "\n".join(ln for ln in lines[: _example_start(lines)] if ln)[:2000]
+    parts = _group_parts(text)
+    return "\n".join(f"[{i}] {_message(p)}" for i, p in enumerate(parts, 1) if _message(p))[:2000]
 
 
 def environment(impl, profile: str | None) -> dict:

@@ -247,3 +247,43 @@ def test_workers_autotune_one_key_once(tmp_path, monkeypatch):
     assert events == ["tune x", "tune y", "read x"]
     assert clock.tunes == {"chunk_fwd": 2} and clock.tune_seconds >= 0.2
     assert Autotuner.check_disk_cache is check_disk_cache
+
+
+_TWO_WAYS = """
+from hypothesis import given, settings, strategies as st
+
+
+@settings(derandomize=True, max_examples=50, database=None)
+@given(st.integers(0, 100))
+def test_case(x):
+    if x > 50:
+        raise ValueError("refused")
+    assert x < 10, "too big"
+"""
+
+
+@pytest.mark.parametrize("ways", [1, 2])
+def test_failures_keep_example_and_message(tmp_path, ways):
+    """A Hypothesis failure reaches the report with its falsifying example and its message,
+    also when the test fails in two distinct ways (an exception group, which pytest prints
+    without "E" lines)."""
+    import subprocess
+    import sys
+
+    from kdaverify.equivalence.report import failure_message, falsifying_example
+
+    source = _TWO_WAYS if ways == 2 else _TWO_WAYS.replace('        raise ValueError("refused")', "        pass")
+    (tmp_path / "test_case.py").write_text(source)
+    (tmp_path / "conftest.py").write_text(
+        "def pytest_runtest_logreport(report):\n"
+        "    if report.when == 'call' and report.failed:\n"
+        "        open('longrepr.txt', 'w').write(report.longreprtext)\n"
+    )
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_case.py"],
+                   cwd=tmp_path, capture_output=True, check=False)  # fmt: skip
+    text = (tmp_path / "longrepr.txt").read_text()
+    example, message = falsifying_example(text), failure_message(text)
+    assert "test_case(x=10" in example and "too big" in message
+    if ways == 2:
+        assert "test_case(x=51" in example and "ValueError: refused" in message
+        assert example.startswith("[1] ") and "[2] " in example

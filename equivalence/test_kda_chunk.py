@@ -178,15 +178,6 @@ def _call(**changes):
             ),
         ),  # K > 256
         ("q", dict(q=torch.zeros(2, 5, 1, 3, dtype=torch.float64))),
-        (  # 2^17 value heads: the tiles' 32-bit offsets from their chunk's row (runtime.MAX_TILE_ROWS)
-            "v",
-            dict(
-                v=torch.zeros(2, 5, 2**17, 4),
-                g=torch.zeros(2, 5, 2**17, 3),
-                beta=torch.zeros(2, 5, 2**17),
-                initial_state=None,
-            ),
-        ),
         ("initial_state", dict(initial_state=torch.zeros(2, 2, 4, 3))),
         ("cu_seqlens", dict(cu_seqlens=torch.tensor([0, 2, 5]))),
         ("A_log", dict(use_gate_in_kernel=True, A_log=torch.zeros(3))),

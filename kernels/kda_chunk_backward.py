@@ -50,7 +50,6 @@ import triton
 import triton.language as tl
 
 from .kda_chunk_intra import (
-    at_row,
     chunk_decays,
     chunk_span,
     load_counts,
@@ -61,7 +60,6 @@ from .kda_chunk_intra import (
     mma_split,
     one_dim_grid,
     round_to,
-    rows_at,
     sequence_span,
     token_program,
 )
@@ -95,7 +93,7 @@ def chunk_dh_recurrence(
     i_n, i_hv, i_h, bos, eos, c0 = sequence_span(i_nh, chunk_first, cu_seqlens, T, NT, HV, H, IS_VARLEN)
     o_t = tl.arange(0, BT)
     cols_k = tl.arange(0, BK)
-    cols_v = (i_v * BV).to(tl.int32) + tl.arange(0, BV)  # 32-bit, as chunk_recurrence's
+    cols_v = i_v * BV + tl.arange(0, BV)
     m_kv = (cols_k[:, None] < K) & (cols_v[None, :] < V)
     s_off = cols_k[:, None] * V + cols_v[None, :]
     if HAS_DHT:
@@ -107,18 +105,15 @@ def chunk_dh_recurrence(
         i_t = nt - 1 - j
         t0 = bos + i_t * BT
         tl.store(dh + ((c0 + i_t) * HV + i_hv) * K * V + s_off, dS, mask=m_kv)
-        # tiles from the chunk's first row with 32-bit offsets (kda_chunk_intra.at_row)
-        n_in = tl.minimum(eos - t0, BT).to(tl.int32)  # the chunk's tokens
-        m = o_t < n_in
-        q_c = load_rows(at_row(q, t0, H, i_h, K), o_t, m, H, 0, cols_k, K)
-        k_c = load_rows(at_row(k, t0, H, i_h, K), o_t, m, H, 0, cols_k, K)
-        do_c = load_rows(at_row(do, t0, HV, i_hv, V), o_t, m, HV, 0, cols_v, V)
-        a_qk = _load_tril(at_row(Aqk, t0, HV, i_hv, BT), o_t, m, HV, 0, o_t, n_in, 0, BT, False)
-        m_c = _load_tril(at_row(M, t0, HV, i_hv, BT), o_t, m, HV, 0, o_t, n_in, 0, BT, False)
-        last = n_in - 1  # relative to t0, as G and Rs are
-        _, _, e_g, e_d, gam_c = chunk_decays(
-            at_row(G, t0, HV, i_hv, K), rows_at(Rs, t0, HV, i_hv, K, RESETS), o_t, m, last, HV, 0, cols_k, K, RESETS
-        )
+        rows = t0 + o_t
+        m = rows < eos
+        q_c = load_rows(q, rows, m, H, i_h, cols_k, K)
+        k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
+        do_c = load_rows(do, rows, m, HV, i_hv, cols_v, V)
+        a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
+        m_c = _load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
+        last = tl.minimum(t0 + BT, eos) - 1
+        _, _, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
         dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION) + mma(k_c * e_d, dS, DOT_DTYPE, PRECISION)
         dx = mma(tl.trans(m_c), dvp, DOT_DTYPE, PRECISION)
         dS = dS * gam_c[:, None]
@@ -155,28 +150,16 @@ def chunk_grads(
         gc = i_b.to(tl.int64) * NT + i_c
     o_t = tl.arange(0, BT)
     cols_k = tl.arange(0, BK)
-    h, dh = h + (gc * HV + i_hv) * K * V, dh + (gc * HV + i_hv) * K * V  # this chunk's states
-    # every per-token pointer advanced to this chunk's first row and this program's head
-    # (at_row: the 64-bit part, once), so the tiles' offsets below are 32-bit, from rows o_t
-    # of head 0: 5316 -> 3216 B of spill stores per thread at sm_90 (bf16, K = V = 128, resets)
-    q, k = at_row(q, t0, H, i_h, K), at_row(k, t0, H, i_h, K)
-    v, do, dv = at_row(v, t0, HV, i_hv, V), at_row(do, t0, HV, i_hv, V), at_row(dv, t0, HV, i_hv, V)
-    G, Rs = at_row(G, t0, HV, i_hv, K), rows_at(Rs, t0, HV, i_hv, K, RESETS)
-    dq, dk, dg = at_row(dq, t0, HV, i_hv, K), at_row(dk, t0, HV, i_hv, K), at_row(dg, t0, HV, i_hv, K)
-    Aqk, M, Minv = at_row(Aqk, t0, HV, i_hv, BT), at_row(M, t0, HV, i_hv, BT), at_row(Minv, t0, HV, i_hv, BT)
-    P, DL = at_row(P, t0, HV, i_hv, BT), at_row(DL, t0, HV, i_hv, BT)
-    beta, dbeta = at_row(beta, t0, HV, i_hv, 1), at_row(dbeta, t0, HV, i_hv, 1)
-    n_in = tl.minimum(eos - t0, BT).to(tl.int32)  # the chunk's tokens
-    rows = o_t
-    m = rows < n_in
+    rows = t0 + o_t
+    m = rows < eos
     m_k = m[:, None] & (cols_k[None, :] < K)
-    k_c = load_rows(k, rows, m, H, 0, cols_k, K)
-    b_c = tl.load(beta + rows * HV, mask=m, other=0.0).to(tl.float32)
-    a_qk = _load_tril(Aqk, rows, m, HV, 0, o_t, n_in, 0, BT, False)
-    m_c = _load_tril(M, rows, m, HV, 0, o_t, n_in, 0, BT, False)
-    m_inv = _load_tril(Minv, rows, m, HV, 0, o_t, n_in, 0, BT, False)
-    last = n_in - 1  # relative, as G and Rs are
-    _, _, e_g, e_d, _ = chunk_decays(G, Rs, rows, m, last, HV, 0, cols_k, K, RESETS)
+    k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
+    b_c = tl.load(beta + rows * HV + i_hv, mask=m, other=0.0).to(tl.float32)
+    a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
+    m_c = _load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
+    m_inv = _load_tril(Minv, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
+    last = tl.minimum(t0 + BT, eos) - 1
+    _, _, e_g, e_d, _ = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
     kg = k_c * e_g
     kd = k_c * e_d
 
@@ -187,19 +170,20 @@ def chunk_grads(
     dkd_s = tl.zeros([BT, BK], dtype=tl.float32)  # V' dSC^T
     dgc = tl.zeros([BK], dtype=tl.float32)  # rowsum(S0 * dSC)
     db = tl.zeros([BT], dtype=tl.float32)
+    s_base = (gc * HV + i_hv) * K * V
     for i_v in range(0, (V + BV - 1) // BV):
         cols_v = i_v * BV + tl.arange(0, BV)
         m_kv = (cols_k[:, None] < K) & (cols_v[None, :] < V)
-        s_off = cols_k[:, None] * V + cols_v[None, :]
+        s_off = s_base + cols_k[:, None] * V + cols_v[None, :]
         # RELOAD (fp32 dots at BK = 256, ChunkBlocks.fitting): each [BT, BK] and [BK, BV]
         # operand is loaded again just before its dot (L2 hits), so shared memory stages one
         # or two of them at a time instead of keeping Gam K, Kd, S0, dSC and their transposes
         # for the whole loop. The values, and so the results, are the same bit for bit.
         s0 = tl.load(h + s_off, mask=m_kv, other=0.0)
-        v_c = load_rows(v, rows, m, HV, 0, cols_v, V)
-        do_c = load_rows(do, rows, m, HV, 0, cols_v, V)
+        v_c = load_rows(v, rows, m, HV, i_hv, cols_v, V)
+        do_c = load_rows(do, rows, m, HV, i_hv, cols_v, V)
         if RELOAD:
-            x = v_c - mma(load_rows(k, rows, m, H, 0, cols_k, K) * e_g, s0, DOT_DTYPE, PRECISION)
+            x = v_c - mma(load_rows(k, rows, m, H, i_h, cols_k, K) * e_g, s0, DOT_DTYPE, PRECISION)
         else:
             x = v_c - mma(kg, s0, DOT_DTYPE, PRECISION)
         vp = mma_split(m_c, x, DOT_DTYPE, PRECISION)  # as the forward forms it
@@ -207,13 +191,13 @@ def chunk_grads(
         dgc += tl.sum(s0 * dsc, axis=1)
         dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION)
         if RELOAD:
-            dvp += mma(load_rows(k, rows, m, H, 0, cols_k, K) * e_d, dsc, DOT_DTYPE, PRECISION)
+            dvp += mma(load_rows(k, rows, m, H, i_h, cols_k, K) * e_d, dsc, DOT_DTYPE, PRECISION)
         else:
             dvp += mma(kd, dsc, DOT_DTYPE, PRECISION)
         dy = mma(tl.trans(m_inv), dvp, DOT_DTYPE, PRECISION)
         dx = b_c[:, None] * dy
         tl.store(
-            dv + (rows[:, None] * HV) * V + cols_v[None, :],
+            dv + (rows[:, None] * HV + i_hv) * V + cols_v[None, :],
             round_to(dx, dv.dtype.element_ty),
             mask=m[:, None] & (cols_v[None, :] < V),
         )
@@ -233,9 +217,9 @@ def chunk_grads(
     # Terms through S0, X and SC (no pairs): O = scale (Gam Q) S0, X = V - (Gam K) S0,
     # SC = Gam_C S0 + Kd^T V'.
     # q, k and the decays loaded again (L2 hits) instead of held through the loop: registers
-    k_c = load_rows(k, rows, m, H, 0, cols_k, K)
-    q_c = load_rows(q, rows, m, H, 0, cols_k, K)
-    _, _, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, 0, cols_k, K, RESETS)
+    k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
+    q_c = load_rows(q, rows, m, H, i_h, cols_k, K)
+    _, _, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
     dq_c = (scale * e_g) * dq_s
     dG = q_c * dq_c
     dk_c = e_g * dkg_s
@@ -249,12 +233,12 @@ def chunk_grads(
     p = tl.where(o_t[None, :] <= o_t[:, None], scale * d_aqk, 0.0)
     d_l = tl.where(o_t[None, :] < o_t[:, None], d_l, 0.0)
     dG = tl.where((rows == last)[:, None], dG + dG_last[None, :], dG)
-    out_k = (rows[:, None] * HV) * K + cols_k[None, :]
+    out_k = (rows[:, None] * HV + i_hv) * K + cols_k[None, :]
     tl.store(dq + out_k, dq_c, mask=m_k)
     tl.store(dk + out_k, dk_c, mask=m_k)
     tl.store(dg + out_k, dG, mask=m_k)  # before the cumulative sum: chunk_pair_grads finishes it
-    tl.store(dbeta + rows * HV, db, mask=m)
-    out_t = (rows[:, None] * HV) * BT + o_t[None, :]
+    tl.store(dbeta + rows * HV + i_hv, db, mask=m)
+    out_t = (rows[:, None] * HV + i_hv) * BT + o_t[None, :]
     tl.store(P + out_t, p, mask=m[:, None])
     tl.store(DL + out_t, d_l, mask=m[:, None])
 
@@ -291,17 +275,7 @@ def chunk_pair_grads(
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h = i_hv // (HV // H)
     _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
-    # every per-token pointer advanced to this chunk's first row and this program's heads
-    # (at_row: the 64-bit part, once); below, tokens count from the chunk's start and heads
-    # are 0, in 32 bits, so the tiles' offsets are 32-bit (kda_chunk_intra.at_row)
-    q, k = at_row(q, t0, H, i_h, K), at_row(k, t0, H, i_h, K)
-    G, Rs = at_row(G, t0, HV, i_hv, K), rows_at(Rs, t0, HV, i_hv, K, RESETS)
-    dq, dk, dg = at_row(dq, t0, HV, i_hv, K), at_row(dk, t0, HV, i_hv, K), at_row(dg, t0, HV, i_hv, K)
-    P, DL = at_row(P, t0, HV, i_hv, BT), at_row(DL, t0, HV, i_hv, BT)
-    beta, dbeta = at_row(beta, t0, HV, i_hv, 1), at_row(dbeta, t0, HV, i_hv, 1)
-    eos = tl.minimum(eos - t0, BT).to(tl.int32)
-    t0, i_h, i_hv = 0, 0, 0
-    a = t0 + I.to(tl.int32) * BC  # this sub-chunk's first token: the anchor of its rows' earlier pairs
+    a = t0 + I * BC  # this sub-chunk's first token: the anchor of its rows' earlier pairs
     if a < eos:
         o = tl.arange(0, BC)
         oc = tl.arange(0, BT)
@@ -456,15 +430,6 @@ def chunk_pair_grads_diag(
     again (L1/L2 hits), P and dL's diagonal blocks, and one more read and write of dq, dk,
     dG (fp32) than with the token loop inside chunk_pair_grads."""
     eos, t0, i_r, r, hb = token_program(cu_seqlens, chunks, T, NBH, HV, BT, BH, IS_VARLEN)
-    q, k = at_row(q, t0, H, 0, K), at_row(k, t0, H, 0, K)
-    G, Rs, beta = at_row(G, t0, HV, 0, K), rows_at(Rs, t0, HV, 0, K, RESETS), at_row(beta, t0, HV, 0, 1)
-    P, DL, dbeta = at_row(P, t0, HV, 0, BT), at_row(DL, t0, HV, 0, BT), at_row(dbeta, t0, HV, 0, 1)
-    dq, dk, dg = at_row(dq, t0, HV, 0, K), at_row(dk, t0, HV, 0, K), at_row(dg, t0, HV, 0, K)
-    # tokens from here on count from the chunk's first row and heads from 0, in 32 bits: every
-    # per-token pointer was advanced to that row (at_row, 64-bit, once)
-    eos = tl.minimum(eos - t0, BT).to(tl.int32)
-    t0, i_r, hb = 0, i_r.to(tl.int32), hb.to(tl.int32)
-    r = t0 + i_r
     if r < eos:
         hv = hb * BH + tl.arange(0, BH)  # the block's value heads
         m_h = hv < HV
@@ -532,11 +497,6 @@ def chunk_dg_cumsum(
     i_c, i_bh = one_dim_grid(NBH)
     i_b, i_hv = i_bh // HV, i_bh % HV
     _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
-    dg, Rs = at_row(dg, t0, HV, i_hv, K), rows_at(Rs, t0, HV, i_hv, K, RESETS)
-    # tokens from here on count from the chunk's first row and heads are 0, in 32 bits: every
-    # per-token pointer was advanced to that row and head (at_row, 64-bit, once)
-    eos = tl.minimum(eos - t0, BT).to(tl.int32)
-    t0, i_hv = 0, 0
     o_t = tl.arange(0, BT)
     rows = t0 + o_t
     m = rows < eos

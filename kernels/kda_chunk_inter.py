@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kda_chunk_intra import at_row, chunk_end_decay, mma, mma_split, one_dim_grid, round_to, sequence_span
+from .kda_chunk_intra import chunk_end_decay, load_rows, mma, mma_split, one_dim_grid, round_to, sequence_span
 
 
 # STORE_HT is a runtime flag: one binary with and without the final state (runtime.state_out)
@@ -47,43 +47,41 @@ def chunk_recurrence(
     i_n, i_hv, i_h, bos, eos, c0 = sequence_span(i_nh, chunk_first, cu_seqlens, T, NT, HV, H, IS_VARLEN)
     o_t = tl.arange(0, BT)
     cols_k = tl.arange(0, BK)
-    cols_v = (i_v * BV).to(tl.int32) + tl.arange(0, BV)  # 32-bit: the tiles' offsets below stay so
+    cols_v = i_v * BV + tl.arange(0, BV)
     m_kv = (cols_k[:, None] < K) & (cols_v[None, :] < V)
-    o_state = cols_k[:, None] * V + cols_v[None, :]
+    s_ptr = ((i_n * HV + i_hv) * K + cols_k[:, None]) * V + cols_v[None, :]
     if HAS_H0:
-        S = tl.load(h0 + (i_n * HV + i_hv) * K * V + o_state, mask=m_kv, other=0.0)
+        S = tl.load(h0 + s_ptr, mask=m_kv, other=0.0)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
     # the sequence's own chunk count as the trip count, and no branch in the body, so that
-    # Triton can software-pipeline the loads of chunk i_t + 1 under the dots of chunk i_t.
-    # Every [BT, *] tile is addressed from its chunk's first row (at_row, 64-bit, a scalar)
-    # with 32-bit offsets o_* (formed once): 2768 -> 444 B of spill stores per thread at sm_90.
-    o_ops = o_t[:, None] * (HV * K) + cols_k[None, :]
-    o_val = o_t[:, None] * (HV * V) + cols_v[None, :]
-    o_mat = o_t[:, None] * (HV * BT) + o_t[None, :]
+    # Triton can software-pipeline the loads of chunk i_t + 1 under the dots of chunk i_t
     for i_t in range(0, (eos - bos + BT - 1) // BT):
         t0 = bos + i_t * BT
-        m = o_t < tl.minimum(eos - t0, BT).to(tl.int32)
+        rows = t0 + o_t
+        m = rows < eos
         if STORE_H:
-            tl.store(h + ((c0 + i_t) * HV + i_hv) * K * V + o_state, S, mask=m_kv)
+            tl.store(h + ((c0 + i_t) * HV + i_hv) * K * V + cols_k[:, None] * V + cols_v[None, :], S, mask=m_kv)
+        ops = (rows[:, None] * HV + i_hv) * K + cols_k[None, :]
         m_ops = m[:, None] & (cols_k[None, :] < K)
-        m_val = m[:, None] & (cols_v[None, :] < V)
-        v_c = tl.load(at_row(v, t0, HV, i_hv, V) + o_val, mask=m_val, other=0.0).to(tl.float32)
-        tri = m[:, None] & m[None, :] & (o_t[None, :] <= o_t[:, None])
-        a_qk = tl.load(at_row(Aqk, t0, HV, i_hv, BT) + o_mat, mask=tri, other=0.0)
-        m_c = tl.load(at_row(M, t0, HV, i_hv, BT) + o_mat, mask=tri, other=0.0)
+        v_c = load_rows(v, rows, m, HV, i_hv, cols_v, V)
+        tri = m[:, None] & (t0 + o_t[None, :] < eos) & (o_t[None, :] <= o_t[:, None])
+        mat = (rows[:, None] * HV + i_hv) * BT + o_t[None, :]
+        a_qk = tl.load(Aqk + mat, mask=tri, other=0.0)
+        m_c = tl.load(M + mat, mask=tri, other=0.0)
         gam_c = chunk_end_decay(G, Rs, tl.minimum(t0 + BT, eos) - 1, HV, i_hv, cols_k, K, RESETS)
 
-        kg = tl.load(at_row(KG, t0, HV, i_hv, K) + o_ops, mask=m_ops, other=0.0)
+        kg = tl.load(KG + ops, mask=m_ops, other=0.0)
         x = v_c - mma(kg, S, DOT_DTYPE, PRECISION)
         vp = mma_split(m_c, x, DOT_DTYPE, PRECISION)  # x not rounded to DOT_DTYPE on its own
-        qg = tl.load(at_row(QG, t0, HV, i_hv, K) + o_ops, mask=m_ops, other=0.0)
+        qg = tl.load(QG + ops, mask=m_ops, other=0.0)
         out = mma(qg, S, DOT_DTYPE, PRECISION)
         out += mma(a_qk, vp, DOT_DTYPE, PRECISION)
-        tl.store(at_row(o, t0, HV, i_hv, V) + o_val, round_to(out, o.dtype.element_ty), mask=m_val)
+        o_ptr = o + (rows[:, None] * HV + i_hv) * V + cols_v[None, :]
+        tl.store(o_ptr, round_to(out, o.dtype.element_ty), mask=m[:, None] & (cols_v[None, :] < V))
 
         S = S * gam_c[:, None]
-        kd = tl.load(at_row(KD, t0, HV, i_hv, K) + o_ops, mask=m_ops, other=0.0)
+        kd = tl.load(KD + ops, mask=m_ops, other=0.0)
         S += mma(tl.trans(kd), vp, DOT_DTYPE, PRECISION)
     if STORE_HT != 0:
-        tl.store(ht + (i_n * HV + i_hv) * K * V + o_state, S, mask=m_kv)
+        tl.store(ht + s_ptr, S, mask=m_kv)

@@ -172,29 +172,6 @@ def load_beta(beta, rows, mask, HV: tl.constexpr, i_hv, SIGMOID: tl.constexpr, N
 
 
 @triton.jit
-def at_row(x, t0, heads: tl.constexpr, head, D: tl.constexpr):
-    """x advanced to row (t0, head) of a [tokens, heads, D] tensor: the 64-bit part of a
-    tile's addresses, one scalar per chunk. The tile's own offsets from it, (r * heads) * D +
-    c for r < BT, then fit 32 bits (BT * heads * D < 2^31: runtime.MAX_TILE_ROWS), where
-    offsets formed from absolute 64-bit rows were [BT, BK] int64 tensors. ptxas at sm_90
-    (bf16, K = V = 128, resets; the fourteenth session, kernels/NOTES.md), spill stores per
-    thread before -> after: chunk_recurrence 2768 -> 444 B, chunk_dh_recurrence 1716 -> 700,
-    chunk_grads 5316 -> 3216, chunk_pair_grads 584 -> 24, chunk_dg_cumsum 852 -> 320. Not
-    used where it cost registers: chunk_pairs (118 -> 145, no spills either way) and the
-    decode kernel (127 -> 157). Outputs bitwise equal under the interpreter; not yet timed."""
-    return x + (t0 * heads + head) * D
-
-
-@triton.jit
-def rows_at(x, t0, heads: tl.constexpr, head, D: tl.constexpr, USED: tl.constexpr):
-    """at_row of a tensor read only when USED (the reset counts Rs, None without resets)."""
-    if USED:
-        return at_row(x, t0, heads, head, D)
-    else:
-        return x
-
-
-@triton.jit
 def load_rows(x, rows, mask, heads, head, cols, D: tl.constexpr):
     """x[rows, head, cols] of a [tokens, heads, D] tensor as fp32 [len(rows), len(cols)], 0 outside."""
     ptr = x + (rows[:, None] * heads + head) * D + cols[None, :]
@@ -296,17 +273,8 @@ def chunk_gate_cumsum(
     i_c, i_kb = i_ck // NKB, i_ck % NKB
     i_b, i_hv = i_bh // HV, i_bh % HV
     _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
-    if HAS_DT_BIAS:
-        dt_bias = dt_bias + i_hv * K
-    if GATE != 0:
-        A_log = A_log + i_hv
-    g, G, Rs = at_row(g, t0, HV, i_hv, K), at_row(G, t0, HV, i_hv, K), rows_at(Rs, t0, HV, i_hv, K, GATE == 0)
-    # tokens from here on count from the chunk's first row and heads are 0, in 32 bits: every
-    # per-token pointer was advanced to that row and this program's head (at_row, 64-bit, once)
-    eos = tl.minimum(eos - t0, BT).to(tl.int32)
-    t0, i_hv = 0, 0
     rows = t0 + tl.arange(0, BT)
-    cols = (i_kb * BK).to(tl.int32) + tl.arange(0, BK)
+    cols = i_kb * BK + tl.arange(0, BK)
     m = rows < eos
     x = load_rows(g, rows, m, HV, i_hv, cols, K)
     if GATE != 0:
@@ -524,14 +492,6 @@ def chunk_diag(
     summed, blocks added in turn; q scaled before the product), so the tiles are bitwise those
     of the column loop under the interpreter (test_kda_chunk)."""
     eos, t0, i_r, r, hb = token_program(cu_seqlens, chunks, T, NBH, HV, BT, BH, IS_VARLEN)
-    q, k = at_row(q, t0, H, 0, K), at_row(k, t0, H, 0, K)
-    G, Rs, beta = at_row(G, t0, HV, 0, K), rows_at(Rs, t0, HV, 0, K, RESETS), at_row(beta, t0, HV, 0, 1)
-    Aqk, L = at_row(Aqk, t0, HV, 0, BT), at_row(L, t0, HV, 0, BT)
-    # tokens from here on count from the chunk's first row and heads from 0, in 32 bits: every
-    # per-token pointer was advanced to that row (at_row, 64-bit, once)
-    eos = tl.minimum(eos - t0, BT).to(tl.int32)
-    t0, i_r, hb = 0, i_r.to(tl.int32), hb.to(tl.int32)
-    r = t0 + i_r
     if r < eos:
         hv = hb * BH + tl.arange(0, BH)  # the block's value heads
         m_h = hv < HV
@@ -647,12 +607,6 @@ def chunk_solve(
     i_c, i_bh = one_dim_grid(NBH)
     i_b, i_hv = i_bh // HV, i_bh % HV
     _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
-    L, beta = at_row(L, t0, HV, i_hv, BT), at_row(beta, t0, HV, i_hv, 1)
-    M, Minv = at_row(M, t0, HV, i_hv, BT), rows_at(Minv, t0, HV, i_hv, BT, Minv is not None)
-    # tokens from here on count from the chunk's first row and heads are 0, in 32 bits: every
-    # per-token pointer was advanced to that row and this program's head (at_row, 64-bit, once)
-    eos = tl.minimum(eos - t0, BT).to(tl.int32)
-    t0, i_hv = 0, 0
     o16 = tl.arange(0, BC)
     # the diagonal blocks as one [NB, BC, BC] batch: 4 KiB of the chunk's 16 KiB of L
     r3 = tl.arange(0, NB)[:, None, None] * BC + o16[None, :, None]

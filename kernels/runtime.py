@@ -176,10 +176,6 @@ def launch_fitting(kernel, key: tuple, configs: list[dict], grid, args: tuple, *
 
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD = 256  # one K (or V) block per program: next_power_of_2(K) lanes of registers
-# The most token rows a kernel's tile spans (the chunk, BT = 64). Tiles are addressed from a
-# 64-bit base at their first row with 32-bit offsets (kda_chunk_intra.at_row), which holds
-# while MAX_TILE_ROWS * HV * MAX_HEAD < 2^31: up to 131071 value heads, checked in check_call.
-MAX_TILE_ROWS = 64
 STATE_LAYOUTS = ("kv", "vk")  # [.., K, V] (the convention) or [.., V, K] (some servers)
 
 
@@ -253,8 +249,6 @@ def check_call(
             raise ValueError(f"{name}: expected float32 or the dtype of q ({q.dtype}), got {x.dtype}")
     if K > MAX_HEAD or V > MAX_HEAD:
         raise ValueError(f"q: expected K <= {MAX_HEAD} and V <= {MAX_HEAD} (head sizes), got K = {K}, V = {V}")
-    if MAX_TILE_ROWS * HV * MAX_HEAD >= 2**31:
-        raise ValueError(f"v: expected at most {2**31 // (MAX_TILE_ROWS * MAX_HEAD) - 1} value heads, got HV = {HV}")
     device = q.device
     if device.type != "cuda" and not INTERPRET:
         raise ValueError(f"q: expected a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter), got {device}")

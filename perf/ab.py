@@ -61,6 +61,11 @@ def _call(t: dict, mode: str, fn=None):
     return step
 
 
+def _rounded(ms: dict) -> dict:
+    """Kernel times to 0.1 us, as the JSON lines print them."""
+    return {k: round(v, 4) for k, v in ms.items()}
+
+
 def _compare(out: dict, base: dict) -> dict:
     """Per output: 'bitwise', or its relative RMS distance from the baseline's (inf if not finite)."""
     diff = {}
@@ -100,7 +105,7 @@ def run(
                 ms, how = median_ms(call, device, **kw)
                 row = {"round": r, **cfg, "ms": round(ms, 4), "timed": how, "vs_baseline": _compare(out, baseline)}
                 if device == "cuda":
-                    row["kernels_ms"] = {k: round(v, 4) for k, v in kernel_ms(call, prefix="chunk_").items()}
+                    row["kernels_ms"] = _rounded(kernel_ms(call, prefix="chunk_"))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             if other is not None:
@@ -112,7 +117,7 @@ def run(
                 row = {"round": r, "provider": name, "ms": round(ms, 4), "timed": how,
                        "vs_baseline": _compare(out, baseline)}  # fmt: skip
                 if device == "cuda":
-                    row["kernels_ms"] = {k: round(v, 4) for k, v in kernel_ms(call).items()}
+                    row["kernels_ms"] = _rounded(kernel_ms(call))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     finally:

@@ -197,14 +197,23 @@ def merge(parts: list[dict]) -> dict:
     runs cut off by a time limit): its rows are the union of theirs, and it is finished when
     every (check, dtype) pair has a row. The parts must agree on the implementation, its
     declaration, the tolerance rule and the environment (all but the date), else ValueError.
-    A pair run twice keeps its worst outcome (failed, then passed, then not applicable)."""
+    A pair run twice keeps its worst outcome (failed, then passed, then not applicable).
+
+    Runs split by dtype (`--dtypes float32`, `--dtypes bfloat16`: one per GPU) differ in the
+    declaration's dtypes only: the merge declares their union, and a pair's row comes from
+    the parts that declared its dtype (another part's "not declared" row does not count)."""
     if not parts:
         raise ValueError("parts: expected at least one report")
     first = parts[0]
     same = ("implementation", "capabilities", "tolerance_rule")
+
+    def rest(caps):  # the declaration but its dtypes
+        return {k: v for k, v in caps.items() if k != "dtypes"}
+
     for i, part in enumerate(parts[1:], 1):
         for key in same:
-            if part[key] != first[key]:
+            a, b = (rest(part[key]), rest(first[key])) if key == "capabilities" else (part[key], first[key])
+            if a != b:
                 raise ValueError(f"parts[{i}]: {key} differs from parts[0]'s: {part[key]!r} vs {first[key]!r}")
         env = {k: v for k, v in part["environment"].items() if k != "date"}
         env0 = {k: v for k, v in first["environment"].items() if k != "date"}
@@ -212,10 +221,13 @@ def merge(parts: list[dict]) -> dict:
             diff = sorted(k for k in env.keys() | env0.keys() if env.get(k) != env0.get(k))
             raise ValueError(f"parts[{i}]: environment differs from parts[0]'s in {', '.join(diff)}")
     rank = {"failed": 0, "passed": 1, "not applicable": 2}
+    declared = {d: [p for p in parts if d in p["capabilities"].get("dtypes", ())] for _, d in expected()}
     rows = {}
     for part in parts:
         for r in part["checks"]:
             key = (r["check"], r["dtype"])
+            if declared.get(r["dtype"]) and part not in declared[r["dtype"]]:
+                continue  # "not declared" here; a part that declared the dtype says what it did
             if key not in rows or rank.get(r["outcome"], 0) < rank.get(rows[key]["outcome"], 0):
                 rows[key] = r
     checks = [rows[k] for k in sorted(rows)]
@@ -224,8 +236,11 @@ def merge(parts: list[dict]) -> dict:
         counts[r["outcome"]] += 1
     gaps = missing(checks)
     env = dict(first["environment"], date=", ".join(p["environment"].get("date", "?") for p in parts))
+    caps = first["capabilities"]
+    capabilities = dict(caps, dtypes=[d for d in declared if declared[d]]) if "dtypes" in caps else caps
     return dict(
         {k: first[k] for k in same},
+        capabilities=capabilities,
         environment=env,
         finished=not gaps,
         conforms=not gaps and counts["failed"] == 0 and counts["passed"] > 0,

@@ -69,7 +69,8 @@ def test_a_pair_run_twice_keeps_its_worst_outcome():
 
 @pytest.mark.parametrize(
     "changes,named",
-    [({"implementation": "pkg:other"}, "implementation"), ({"capabilities": {}}, "capabilities"),
+    [({"implementation": "pkg:other"}, "implementation"),
+     ({"capabilities": {"dtypes": ["float32"], "gva": True}}, "capabilities"),
      ({"environment": dict(ENV, date="d2", triton="3.5")}, "triton")],
 )  # fmt: skip
 def test_runs_of_different_things_do_not_merge(changes, named):
@@ -287,3 +288,28 @@ def test_failures_keep_example_and_message(tmp_path, ways):
     if ways == 2:
         assert "test_case(x=51" in example and "ValueError: refused" in message
         assert example.startswith("[1] ") and "[2] " in example
+
+
+def test_runs_split_by_dtype_merge_with_the_union_declared():
+    """One run per dtype (`--dtypes`): each part's rows of the other dtype read "not
+    declared"; the merge declares both and keeps the rows of the part that ran them, the
+    failure included."""
+    pairs = expected()
+    fp32, bf16 = ([p for p in pairs if p[1] == d] for d in ("float32", "bfloat16"))
+    rest = [p for p in pairs if p[1] not in ("float32", "bfloat16")]
+
+    def run(dtype, ran, other, outcome="passed"):
+        data = part(ran, "d", outcome=outcome)
+        data["capabilities"] = {"dtypes": [dtype], "gva": True}
+        data["checks"] += [{"check": c, "dtype": d, "outcome": "not applicable", "seconds": 0.0} for c, d in other]
+        return data
+
+    a = run("float32", fp32, bf16 + rest)
+    b = run("bfloat16", bf16[1:], fp32 + rest)
+    b["checks"].append({"check": bf16[0][0], "dtype": "bfloat16", "outcome": "failed", "seconds": 1.0})
+    data = merge([a, b])
+    assert data["capabilities"] == {"dtypes": ["float32", "bfloat16"], "gva": True}
+    assert data["finished"] and data["counts"] == {"passed": len(pairs) - len(rest) - 1, "failed": 1,
+                                                   "not applicable": len(rest)}  # fmt: skip
+    with pytest.raises(ValueError, match=r"parts\[1\]: capabilities"):
+        merge([a, dict(b, capabilities={"dtypes": ["bfloat16"], "gva": False})])

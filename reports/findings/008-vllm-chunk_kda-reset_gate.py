@@ -1,14 +1,11 @@
-"""Candidate (not a finding yet): vLLM 0.33.0's chunk_kda returns NaN for the whole chunk (the
-tokens before the reset as well as after it) and a NaN final state when a gate entry is
-g = -inf (a hard reset: exp(-inf) = 0 clears that channel of the state). vLLM's own
-fused_recurrent_kda gets the same input right, and chunk_kda is right when the -inf is
-replaced by -1000, whose exp is 0 in float32 too.
-
-Reproduced only under Triton's interpreter on a CPU so far. It becomes a finding once this
-script, run in a fresh process on a GPU, still fails; the interpreter proves the indexing and
-the arithmetic, not the compiled kernels. vLLM carries a copy of flash-linear-attention's
-chunk kernels, and finding 002 (flash-linear-attention's chunk_kda) is the same symptom; in
-vLLM's copy a second step produces the NaN as well (below).
+"""Finding 008: vLLM 0.33.0's chunk_kda returns NaN for the whole chunk (the tokens before the
+reset as well as after it) and a NaN final state when a gate entry is g = -inf (a hard reset:
+exp(-inf) = 0 clears that channel of the state). vLLM's own fused_recurrent_kda gets the same
+input right, and chunk_kda is right when the -inf is replaced by -1000, whose exp is 0 in
+float32 too. Reproduced on an NVIDIA H200 in a fresh process (2026-11-28); first reduced under
+Triton's interpreter on a CPU. vLLM carries a copy of flash-linear-attention's chunk kernels,
+and finding 002 (flash-linear-attention's chunk_kda) is the same symptom; in vLLM's copy a
+second step produces the NaN as well (below).
 
 Cause, in vllm/third_party/flash_linear_attention/ops/ (the wheel's files): chunk_kda_fwd
 (kda.py line 1324) first replaces g by its running sum inside each 64-token chunk (line 1332
@@ -47,7 +44,7 @@ Needs torch, NumPy and vLLM's files: an installed vllm (imported as a user impor
 vllm wheel or unpacked folder named by --vllm or KDAVERIFY_VLLM, of which only the kernel files
 are imported (no vLLM dependency beyond torch and Triton):
 
-    KDAVERIFY_VLLM=path/to/vllm-0.33.0-...whl python vllm-chunk_kda-reset_gate.py [--device cuda|cpu]
+    KDAVERIFY_VLLM=path/to/vllm-0.33.0-...whl python 008-vllm-chunk_kda-reset_gate.py [--device cuda|cpu]
 
 --device cpu runs the kernels under Triton's interpreter (TRITON_INTERPRET=1, set before Triton
 is imported) in float32 (under Triton 3.6's interpreter vLLM's chunked kernels do not run in

@@ -440,6 +440,41 @@ def test_pair_grads_token_parallel_head_blocks(monkeypatch):
     expect_gradients(Harness(DEFAULT, DTYPES["float32"]), "pair grads token-parallel, HV = 6 in blocks of 4", spec)
 
 
+def test_reset_split_changes_no_bit(monkeypatch):
+    """The kernels split by resets (ChunkBlocks.RESET_SPLIT: RESETS off over the chunks
+    without a reset, on over the rest) give the outputs and gradients of one launch with
+    RESETS on everywhere, bit for bit under the interpreter (off, the counts are zero and
+    every comparison of them is true), and pass the oracle compiled. A packed batch with GVA
+    whose middle chunk holds no reset in any head, its others some; the diagonal kernels'
+    head blocks of 4 hold heads with and without."""
+    from dataclasses import replace
+
+    from kdaverify.kernels import kda_chunk
+    from kdaverify.kernels.runtime import INTERPRET
+
+    spec = CaseSpec(T=140, K=8, V=8, H=1, G=4, h0=True, seqlens=(130, 10), gate="reset", seed=52)
+    arrays = spec.arrays()
+    g = arrays["g"]
+    g[:, 64:128] = np.where(np.isinf(g[:, 64:128]), -0.5, g[:, 64:128])  # chunk 1: no reset
+    g[:, 130:, 1:] = np.where(np.isinf(g[:, 130:, 1:]), -0.5, g[:, 130:, 1:])  # resets in head 0 only
+    assert np.isinf(g[:, :64]).any() and np.isinf(g[:, 128:130]).any() and np.isinf(g[:, 130:, 0]).any()
+    h = Harness(DEFAULT, torch.float32)
+    t = h.inputs(arrays)
+    do, dht = cotangents(spec, h.dtype, DEVICE, "o and final_state")
+    got = {}
+    for split in (0, 1):
+        monkeypatch.setattr(kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, RESET_SPLIT=split, GRADS_DIAG_COLS=0))
+        if INTERPRET:
+            got[split] = (DEFAULT.call(t, scale=spec.scale), autograd_grads(lambda x: DEFAULT.call(x), t, do, dht))
+        else:
+            h.expect_oracle(f"reset split {split}", t, spec.scale)
+    if INTERPRET:
+        for a, b, what in zip(got[0][0], got[1][0], ("o", "final_state"), strict=True):
+            assert torch.equal(a, b), f"{what}: the split launches differ from one launch"
+        for n, d in got[0][1].items():
+            assert torch.equal(d, got[1][1][n]), f"d{n}: the split launches differ from one launch"
+
+
 def test_bfloat16_backward_is_deterministic_and_typed():
     """The bf16 backward is deterministic, finite and returns each gradient in its input's dtype."""
     spec = GRAD_CASES[1]

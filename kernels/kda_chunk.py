@@ -2,7 +2,9 @@
 drop-in for flash-linear-attention's chunk_kda forward (calling convention: section 3).
 
 Five launches on a GPU (four under the interpreter, where chunk_pairs forms the diagonal
-tiles itself), no loop over chunks or heads on the host:
+tiles itself), no loop over chunks or heads on the host; where g is given (it may hold a
+reset, g = -inf), chunk_pairs and chunk_diag launch twice, over the chunks without a reset and
+over those with one (ChunkBlocks.RESET_SPLIT):
 
     chunk_gate_cumsum  (NC, K/32, B*HV) G [B*T, HV, K] fp32: in-chunk cumsum of g, summed in
                                         fp64 (the gate from z first, if asked)
@@ -160,6 +162,27 @@ class ChunkBlocks:
     # heads. The default since; GPU gradient conformance, memcheck and racecheck passed.
     GRADS_DIAG_HEADS: int = 4
     GRADS_DIAG_WARPS: int = 2
+    # The kernels that compare reset counts for every pair (chunk_pairs, chunk_diag,
+    # chunk_pair_grads, chunk_pair_grads_diag) run twice where g may hold a reset: RESETS off
+    # over the chunks without one, on over the rest (kda_chunk_intra.chunk_selected). 0: once,
+    # RESETS on everywhere. H200, B1 T16384 H32 K = V = 128 bf16, no reset in g (fifteenth
+    # session, perf.ab RESET_SPLIT=0,1, two rounds within 0.4%): forward 2.780 -> 2.703 ms
+    # (chunk_pairs 0.567 -> 0.525, chunk_diag 0.680 -> 0.645), fwd+bwd 14.28 -> 13.99 ms
+    # (chunk_pair_grads 3.40 -> 3.20, chunk_pair_grads_diag 1.113 -> 1.142); o and the
+    # gradients within 1.1e-4 relative of the single launch (another contraction order).
+    # Predicted from the gate computed in the kernel, where RESETS is off everywhere
+    # (chunk_pairs 0.447, chunk_diag 0.530): the split got a third to a half of that, the rest
+    # is the check of each chunk's counts and the second launch. GPU conformance, memcheck
+    # and racecheck passed with it (reports/conformance/ours_chunk_kda-H200).
+    RESET_SPLIT: int = 1
+
+    def reset_passes(self, resets: bool) -> tuple[tuple[int, bool], ...]:
+        """(ONLY, RESETS) of each launch of a kernel split by resets (chunk_selected's ONLY):
+        one launch without resets possible (a gate computed in the kernel is finite); with
+        them, two (RESET_SPLIT) or one with RESETS on."""
+        if not resets:
+            return ((0, False),)
+        return ((1, False), (2, True)) if self.RESET_SPLIT else ((0, True),)
 
     def bk(self, K: int) -> int:
         return max(16, next_power_of_2(K))  # tl.dot needs every tile dimension >= 16
@@ -403,19 +426,22 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     )  # fmt: skip
     L = torch.empty(B, T, HV, BT, dtype=torch.float32, device=device)  # fp32: the solve's input
     QG, KG, KD = (torch.empty(B, T, HV, K, dtype=matrices, device=device) for _ in range(3))
-    chunk_pairs[(plan.NC * plan.NBH * (BT // BC),)](
-        c.q, c.k, G, Rs, c.beta, Aqk, L, QG, KG, KD, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
-        H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BLOCKS.bk_intra(K), IS_VARLEN=plan.varlen, RESETS=Rs is not None,
-        DIAG_COLS=BLOCKS.DIAG_COLS, num_warps=BLOCKS.PAIRS_WARPS, **flags,
-    )  # fmt: skip
+    passes = BLOCKS.reset_passes(Rs is not None)
+    for only, resets in passes:
+        chunk_pairs[(plan.NC * plan.NBH * (BT // BC),)](
+            c.q, c.k, G, Rs, c.beta, Aqk, L, QG, KG, KD, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
+            H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BLOCKS.bk_intra(K), IS_VARLEN=plan.varlen, RESETS=resets,
+            DIAG_COLS=BLOCKS.DIAG_COLS, ONLY=only, KP=BK, num_warps=BLOCKS.PAIRS_WARPS, **flags,
+        )  # fmt: skip
     if BLOCKS.DIAG_COLS == 0:  # the diagonal tiles token-parallel (chunk_diag), not in chunk_pairs
         BH = min(BLOCKS.DIAG_HEADS, next_power_of_2(HV))
-        chunk_diag[(plan.NC * (plan.NBH // HV) * cdiv(HV, BH) * BT,)](
-            c.q, c.k, G, Rs, c.beta, Aqk, L, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
-            H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BLOCKS.bk_diag(K), BH=BH, IS_VARLEN=plan.varlen,
-            RESETS=Rs is not None, L2NORM=opts.l2norm, BETA_SIGMOID=opts.beta_sigmoid, NEG_EIGVAL=opts.neg_eigval,
-            num_warps=BLOCKS.DIAG_WARPS,
-        )  # fmt: skip
+        for only, resets in passes:
+            chunk_diag[(plan.NC * (plan.NBH // HV) * cdiv(HV, BH) * BT,)](
+                c.q, c.k, G, Rs, c.beta, Aqk, L, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
+                H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BLOCKS.bk_diag(K), BH=BH, IS_VARLEN=plan.varlen,
+                RESETS=resets, L2NORM=opts.l2norm, BETA_SIGMOID=opts.beta_sigmoid, NEG_EIGVAL=opts.neg_eigval,
+                ONLY=only, KP=BK, num_warps=BLOCKS.DIAG_WARPS,
+            )  # fmt: skip
     chunk_solve[grid](
         L, c.beta, M, Minv, c.cu_seqlens, plan.chunks, T, plan.NBH,
         HV=HV, BT=BT, BC=BC, IS_VARLEN=plan.varlen, BETA_SIGMOID=opts.beta_sigmoid, NEG_EIGVAL=opts.neg_eigval,
@@ -501,19 +527,22 @@ def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, R
         BC=BLOCKS.BC, **{**common, "BK": BKG, "num_warps": BLOCKS.warps(BKG)},
     )  # fmt: skip
     BKP = BLOCKS.bk_pair_grads(K, dot_dtype)
-    chunk_pair_grads[(plan.NC * plan.NBH * (BT // BLOCKS.BC),)](
-        q, k, G, Rs, beta, P, DL, dq, dk, dg, dbeta, c.cu_seqlens, plan.chunks, T, plan.NBH,
-        H=H, HV=HV, K=K, BT=BT, BC=BLOCKS.BC, BK=BKP, IS_VARLEN=plan.varlen,
-        RESETS=Rs is not None, DOT_DTYPE=dot_dtype, PRECISION=dot_precision, DIAG_COLS=BLOCKS.GRADS_DIAG_COLS,
-        num_warps=BLOCKS.PAIR_GRADS_WARPS,
-    )  # fmt: skip
+    passes = BLOCKS.reset_passes(Rs is not None)
+    for only, resets in passes:
+        chunk_pair_grads[(plan.NC * plan.NBH * (BT // BLOCKS.BC),)](
+            q, k, G, Rs, beta, P, DL, dq, dk, dg, dbeta, c.cu_seqlens, plan.chunks, T, plan.NBH,
+            H=H, HV=HV, K=K, BT=BT, BC=BLOCKS.BC, BK=BKP, IS_VARLEN=plan.varlen,
+            RESETS=resets, DOT_DTYPE=dot_dtype, PRECISION=dot_precision, DIAG_COLS=BLOCKS.GRADS_DIAG_COLS,
+            ONLY=only, KP=BK, num_warps=BLOCKS.PAIR_GRADS_WARPS,
+        )  # fmt: skip
     if BLOCKS.GRADS_DIAG_COLS == 0:  # the pairs inside each sub-chunk, token-parallel
         BH = min(BLOCKS.GRADS_DIAG_HEADS, next_power_of_2(HV))
-        chunk_pair_grads_diag[(plan.NC * (plan.NBH // HV) * cdiv(HV, BH) * BT,)](
-            q, k, G, Rs, beta, P, DL, dq, dk, dg, dbeta, c.cu_seqlens, plan.chunks, T, plan.NBH,
-            H=H, HV=HV, K=K, BT=BT, BC=BLOCKS.BC, BK=BKP, BH=BH, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
-            num_warps=BLOCKS.GRADS_DIAG_WARPS,
-        )  # fmt: skip
+        for only, resets in passes:
+            chunk_pair_grads_diag[(plan.NC * (plan.NBH // HV) * cdiv(HV, BH) * BT,)](
+                q, k, G, Rs, beta, P, DL, dq, dk, dg, dbeta, c.cu_seqlens, plan.chunks, T, plan.NBH,
+                H=H, HV=HV, K=K, BT=BT, BC=BLOCKS.BC, BK=BKP, BH=BH, IS_VARLEN=plan.varlen, RESETS=resets,
+                ONLY=only, KP=BK, num_warps=BLOCKS.GRADS_DIAG_WARPS,
+            )  # fmt: skip
     chunk_dg_cumsum[(plan.NC * plan.NBH,)](
         dg, Rs, c.cu_seqlens, plan.chunks, T, plan.NBH,
         HV=HV, K=K, BT=BT, BK=BKP, IS_VARLEN=plan.varlen, RESETS=Rs is not None,

@@ -51,6 +51,7 @@ import triton.language as tl
 
 from .kda_chunk_intra import (
     chunk_decays,
+    chunk_selected,
     chunk_span,
     load_counts,
     load_counts_row,
@@ -248,7 +249,7 @@ def chunk_pair_grads(
     q, k, G, Rs, beta, P, DL, dq, dk, dg, dbeta, cu_seqlens, chunks, T, NBH,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    DIAG_COLS: tl.constexpr,
+    DIAG_COLS: tl.constexpr, ONLY: tl.constexpr = 0, KP: tl.constexpr = 16,
 ):  # fmt: skip
     """The pair terms of the rows of one sub-chunk I (BC tokens) of one chunk of one value
     head, from chunk_grads' P and dL, added to its partial dq, dk, dG [B*T, HV, K] and dbeta
@@ -276,7 +277,8 @@ def chunk_pair_grads(
     i_h = i_hv // (HV // H)
     _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
     a = t0 + I * BC  # this sub-chunk's first token: the anchor of its rows' earlier pairs
-    if a < eos:
+    last = tl.minimum(t0 + BT, eos) - 1
+    if (a < eos) & chunk_selected(Rs, last, HV, i_hv + tl.arange(0, 1), K, KP, ONLY):  # ONLY: ChunkBlocks.reset_passes
         o = tl.arange(0, BC)
         oc = tl.arange(0, BT)
         rows = a + o
@@ -416,6 +418,7 @@ def chunk_pair_grads_diag(
     q, k, G, Rs, beta, P, DL, dq, dk, dg, dbeta, cu_seqlens, chunks, T, NBH,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     BH: tl.constexpr, IS_VARLEN: tl.constexpr, RESETS: tl.constexpr,
+    ONLY: tl.constexpr = 0, KP: tl.constexpr = 16,
 ):  # fmt: skip
     """The pair terms inside each sub-chunk, token-parallel (chunk_pair_grads with DIAG_COLS = 0
     leaves them out), as chunk_diag takes the forward's diagonal tiles: one program per
@@ -434,55 +437,57 @@ def chunk_pair_grads_diag(
         hv = hb * BH + tl.arange(0, BH)  # the block's value heads
         m_h = hv < HV
         h = hv // (HV // H)
-        rr, hq, hg = r + hv * 0, h[:, None], hv[:, None]  # load_rows' rows: r for every head
-        jr = i_r % BC  # r's place in its sub-chunk
-        a = r - jr  # the sub-chunk's first token
-        w_r = (r * HV + hv) * BT + (i_r - jr)  # P[r, a + j] at w_r + j
-        n_in = tl.minimum(eos - a, BC)  # the sub-chunk's tokens inside the sequence
-        b_r = tl.load(beta + r * HV + hv, mask=m_h, other=0.0).to(tl.float32)
-        p_diag = tl.load(P + w_r + jr, mask=m_h, other=0.0)  # P[r, r]
-        db = tl.load(dbeta + r * HV + hv, mask=m_h, other=0.0)
-        for i_k in range(0, (K + BK - 1) // BK):
-            cols = i_k * BK + tl.arange(0, BK)
-            m_k = m_h[:, None] & (cols[None, :] < K)
-            q_r = load_rows(q, rr, m_h, H, hq, cols, K)
-            k_r = load_rows(k, rr, m_h, H, hq, cols, K)
-            g_r = load_rows(G, rr, m_h, HV, hg, cols, K)
-            c_r = load_counts(Rs, rr, m_h, HV, hg, cols, K, RESETS)
-            row_pq = tl.zeros([BH, BK], dtype=tl.float32)  # rowpair(P, K) at r
-            row_pl = tl.zeros([BH, BK], dtype=tl.float32)  # rowpair(dL, K) at r
-            col = tl.zeros([BH, BK], dtype=tl.float32)  # colpair(P, Q) + colpair(beta dL, K) at r
-            for j in range(0, jr):  # earlier tokens of the sub-chunk: r's row terms
-                s_j = a + j + hv * 0
-                same = c_r == load_counts(Rs, s_j, m_h, HV, hg, cols, K, RESETS)  # no reset in (j, r]
-                ke = load_rows(k, s_j, m_h, H, hq, cols, K) * tl.exp(
-                    tl.where(same, g_r - load_rows(G, s_j, m_h, HV, hg, cols, K), float("-inf"))
-                )
-                row_pq += tl.load(P + w_r + j, mask=m_h, other=0.0)[:, None] * ke
-                row_pl += tl.load(DL + w_r + j, mask=m_h, other=0.0)[:, None] * ke
-            for j in range(jr + 1, n_in):  # later tokens: r as their column
-                s_j = a + j + hv * 0
-                same = c_r == load_counts(Rs, s_j, m_h, HV, hg, cols, K, RESETS)
-                w_j = (s_j * HV + hv) * BT + i_r  # P[a + j, r]
-                b_j = tl.load(beta + s_j * HV + hv, mask=m_h, other=0.0).to(tl.float32)
-                p_c = tl.load(P + w_j, mask=m_h, other=0.0)
-                lb_c = b_j * tl.load(DL + w_j, mask=m_h, other=0.0)
-                term = p_c[:, None] * load_rows(q, s_j, m_h, H, hq, cols, K)
-                term += lb_c[:, None] * load_rows(k, s_j, m_h, H, hq, cols, K)
-                col += term * tl.exp(tl.where(same, load_rows(G, s_j, m_h, HV, hg, cols, K) - g_r, float("-inf")))
-            out_k = (r * HV + hg) * K + cols[None, :]
-            dq_c = tl.load(dq + out_k, mask=m_k, other=0.0)  # chunk_grads' and chunk_pair_grads' parts
-            dk_c = tl.load(dk + out_k, mask=m_k, other=0.0)
-            dG = tl.load(dg + out_k, mask=m_k, other=0.0)
-            dq_c += row_pq + p_diag[:, None] * k_r  # P[r, r]: dq and dk only (chunk_pair_grads says why)
-            dG += q_r * row_pq
-            db += tl.sum(k_r * row_pl, axis=1)
-            dk_c += b_r[:, None] * row_pl + col + p_diag[:, None] * q_r
-            dG += (b_r[:, None] * k_r) * row_pl - k_r * col
-            tl.store(dq + out_k, dq_c, mask=m_k)
-            tl.store(dk + out_k, dk_c, mask=m_k)
-            tl.store(dg + out_k, dG, mask=m_k)
-        tl.store(dbeta + r * HV + hv, db, mask=m_h)
+        last = tl.minimum(t0 + BT, eos) - 1
+        if chunk_selected(Rs, last, HV, hv, K, KP, ONLY):  # ONLY: ChunkBlocks.reset_passes
+            rr, hq, hg = r + hv * 0, h[:, None], hv[:, None]  # load_rows' rows: r for every head
+            jr = i_r % BC  # r's place in its sub-chunk
+            a = r - jr  # the sub-chunk's first token
+            w_r = (r * HV + hv) * BT + (i_r - jr)  # P[r, a + j] at w_r + j
+            n_in = tl.minimum(eos - a, BC)  # the sub-chunk's tokens inside the sequence
+            b_r = tl.load(beta + r * HV + hv, mask=m_h, other=0.0).to(tl.float32)
+            p_diag = tl.load(P + w_r + jr, mask=m_h, other=0.0)  # P[r, r]
+            db = tl.load(dbeta + r * HV + hv, mask=m_h, other=0.0)
+            for i_k in range(0, (K + BK - 1) // BK):
+                cols = i_k * BK + tl.arange(0, BK)
+                m_k = m_h[:, None] & (cols[None, :] < K)
+                q_r = load_rows(q, rr, m_h, H, hq, cols, K)
+                k_r = load_rows(k, rr, m_h, H, hq, cols, K)
+                g_r = load_rows(G, rr, m_h, HV, hg, cols, K)
+                c_r = load_counts(Rs, rr, m_h, HV, hg, cols, K, RESETS)
+                row_pq = tl.zeros([BH, BK], dtype=tl.float32)  # rowpair(P, K) at r
+                row_pl = tl.zeros([BH, BK], dtype=tl.float32)  # rowpair(dL, K) at r
+                col = tl.zeros([BH, BK], dtype=tl.float32)  # colpair(P, Q) + colpair(beta dL, K) at r
+                for j in range(0, jr):  # earlier tokens of the sub-chunk: r's row terms
+                    s_j = a + j + hv * 0
+                    same = c_r == load_counts(Rs, s_j, m_h, HV, hg, cols, K, RESETS)  # no reset in (j, r]
+                    ke = load_rows(k, s_j, m_h, H, hq, cols, K) * tl.exp(
+                        tl.where(same, g_r - load_rows(G, s_j, m_h, HV, hg, cols, K), float("-inf"))
+                    )
+                    row_pq += tl.load(P + w_r + j, mask=m_h, other=0.0)[:, None] * ke
+                    row_pl += tl.load(DL + w_r + j, mask=m_h, other=0.0)[:, None] * ke
+                for j in range(jr + 1, n_in):  # later tokens: r as their column
+                    s_j = a + j + hv * 0
+                    same = c_r == load_counts(Rs, s_j, m_h, HV, hg, cols, K, RESETS)
+                    w_j = (s_j * HV + hv) * BT + i_r  # P[a + j, r]
+                    b_j = tl.load(beta + s_j * HV + hv, mask=m_h, other=0.0).to(tl.float32)
+                    p_c = tl.load(P + w_j, mask=m_h, other=0.0)
+                    lb_c = b_j * tl.load(DL + w_j, mask=m_h, other=0.0)
+                    term = p_c[:, None] * load_rows(q, s_j, m_h, H, hq, cols, K)
+                    term += lb_c[:, None] * load_rows(k, s_j, m_h, H, hq, cols, K)
+                    col += term * tl.exp(tl.where(same, load_rows(G, s_j, m_h, HV, hg, cols, K) - g_r, float("-inf")))
+                out_k = (r * HV + hg) * K + cols[None, :]
+                dq_c = tl.load(dq + out_k, mask=m_k, other=0.0)  # chunk_grads' and chunk_pair_grads' parts
+                dk_c = tl.load(dk + out_k, mask=m_k, other=0.0)
+                dG = tl.load(dg + out_k, mask=m_k, other=0.0)
+                dq_c += row_pq + p_diag[:, None] * k_r  # P[r, r]: dq and dk only (chunk_pair_grads says why)
+                dG += q_r * row_pq
+                db += tl.sum(k_r * row_pl, axis=1)
+                dk_c += b_r[:, None] * row_pl + col + p_diag[:, None] * q_r
+                dG += (b_r[:, None] * k_r) * row_pl - k_r * col
+                tl.store(dq + out_k, dq_c, mask=m_k)
+                tl.store(dk + out_k, dk_c, mask=m_k)
+                tl.store(dg + out_k, dG, mask=m_k)
+            tl.store(dbeta + r * HV + hv, db, mask=m_h)
 
 
 @triton.jit(do_not_specialize=["T", "NBH"])

@@ -7,7 +7,9 @@ command for memcheck and racecheck alike:
 Shapes chosen to reach the masks: ragged T (77: a last chunk of 13 tokens, not a multiple of
 the 16-token sub-chunk), head sizes that are not powers of two (K = 20, V = 48; K = 100,
 V = 70), GVA (H = 2, HV = 4), an initial state, a packed batch with a length-1 sequence and
-an empty one, and the decode pool with a padding index (-1) and state_layout "vk". chunk_kda
+an empty one, a reset (g = -inf) in the last chunk of one value head (the kernels split by
+resets then run both launches, ChunkBlocks.RESET_SPLIT), and the decode pool with a padding
+index (-1) and state_layout "vk". chunk_kda
 runs forward and backward (every gradient, dh0 included), bf16 and fp32. With PyTorch's
 caching allocator on, an out-of-bounds access that lands inside another cached block is not
 seen: run with PYTORCH_NO_CUDA_MEMORY_CACHING=1. Prints one line per case; the sanitizer's
@@ -56,6 +58,7 @@ def run(device: str = "cuda") -> None:
             N = 1 if cu is None else len(cu) - 1
             cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int64, device=device)
             q, k, v, g, beta, h0 = _inputs(T, H, HV, K, V, N, dtype, device, seed=T)
+            g[0, T - 7, HV - 1, :3] = float("-inf")  # a reset: the last chunk of the last head
             h0 = h0 if with_h0 else None
             leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
             h0_leaf = None if h0 is None else h0.detach().requires_grad_()

@@ -441,8 +441,9 @@ def test_pair_grads_token_parallel_head_blocks(monkeypatch):
 
 
 def test_reset_split_changes_no_bit(monkeypatch):
-    """The kernels split by resets (ChunkBlocks.RESET_SPLIT: RESETS off over the chunks
-    without a reset, on over the rest) give the outputs and gradients of one launch with
+    """The kernels split by resets (ChunkBlocks.RESET_SPLIT 1, and 2 with chunk_grads and
+    chunk_dg_cumsum: RESETS off over the chunks without a reset, on over the rest) give the
+    outputs and gradients of one launch with
     RESETS on everywhere, bit for bit under the interpreter (off, the counts are zero and
     every comparison of them is true), and pass the oracle compiled. A packed batch with GVA
     whose middle chunk holds no reset in any head, its others some; the diagonal kernels'
@@ -462,17 +463,17 @@ def test_reset_split_changes_no_bit(monkeypatch):
     t = h.inputs(arrays)
     do, dht = cotangents(spec, h.dtype, DEVICE, "o and final_state")
     got = {}
-    for split in (0, 1):
+    for split in (0, 1, 2):
         monkeypatch.setattr(kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, RESET_SPLIT=split, GRADS_DIAG_COLS=0))
         if INTERPRET:
             got[split] = (DEFAULT.call(t, scale=spec.scale), autograd_grads(lambda x: DEFAULT.call(x), t, do, dht))
         else:
             h.expect_oracle(f"reset split {split}", t, spec.scale)
-    if INTERPRET:
-        for a, b, what in zip(got[0][0], got[1][0], ("o", "final_state"), strict=True):
-            assert torch.equal(a, b), f"{what}: the split launches differ from one launch"
+    for split in got:
+        for a, b, what in zip(got[0][0], got[split][0], ("o", "final_state"), strict=True):
+            assert torch.equal(a, b), f"{what}: the launches split at level {split} differ from one launch"
         for n, d in got[0][1].items():
-            assert torch.equal(d, got[1][1][n]), f"d{n}: the split launches differ from one launch"
+            assert torch.equal(d, got[split][1][n]), f"d{n}: the launches split at level {split} differ from one launch"
 
 
 def test_bfloat16_backward_is_deterministic_and_typed():

@@ -174,15 +174,21 @@ class ChunkBlocks:
     # (chunk_pairs 0.447, chunk_diag 0.530): the split got a third to a half of that, the rest
     # is the check of each chunk's counts and the second launch. GPU conformance, memcheck
     # and racecheck passed with it (reports/conformance/ours_chunk_kda-H200).
+    # RESET_SPLIT = 2 splits chunk_grads and chunk_dg_cumsum as well (their RESETS reaches
+    # them through chunk_decays and the reset counts): an A/B candidate, not yet timed. ptxas
+    # (sm_90, bf16, K = V = 128) with RESETS on -> off: chunk_grads 8932 -> 8218 PTX
+    # instructions, 6088 -> 5556 B of spill stores (255 registers either way); chunk_dg_cumsum
+    # 1062 -> 732 instructions, 248 -> 168 registers. Predicted fwd+bwd 13.99 -> 13.7-13.9 ms.
     RESET_SPLIT: int = 1
 
-    def reset_passes(self, resets: bool) -> tuple[tuple[int, bool], ...]:
+    def reset_passes(self, resets: bool, level: int = 1) -> tuple[tuple[int, bool], ...]:
         """(ONLY, RESETS) of each launch of a kernel split by resets (chunk_selected's ONLY):
         one launch without resets possible (a gate computed in the kernel is finite); with
-        them, two (RESET_SPLIT) or one with RESETS on."""
+        them, two where RESET_SPLIT >= level (the kernel's level: 1 or 2, above), else one
+        with RESETS on."""
         if not resets:
             return ((0, False),)
-        return ((1, False), (2, True)) if self.RESET_SPLIT else ((0, True),)
+        return ((1, False), (2, True)) if self.RESET_SPLIT >= level else ((0, True),)
 
     def bk(self, K: int) -> int:
         return max(16, next_power_of_2(K))  # tl.dot needs every tile dimension >= 16
@@ -520,12 +526,15 @@ def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, R
     BKG = BLOCKS.bk_grads(K, dot_dtype)
     # the pair weights P and dL of each chunk, [B, T, HV, BT] fp32, from chunk_grads to chunk_pair_grads
     P, DL = (torch.empty(B, T, HV, BT, dtype=torch.float32, device=device) for _ in range(2))
-    launch_fitting(
-        chunk_grads, (*key, BKG), BLOCKS.fitting(BV, dot_dtype, reload=BKG >= 256), lambda cfg: (plan.NC * plan.NBH,),
-        (q, k, v, G, Rs, beta, Aqk, M, Minv, h, dh, do, dq, dk, dv, dg, dbeta, P, DL, c.cu_seqlens, plan.chunks,
-         c.scale, T, plan.NT, plan.NBH),
-        BC=BLOCKS.BC, **{**common, "BK": BKG, "num_warps": BLOCKS.warps(BKG)},
-    )  # fmt: skip
+    for only, resets in BLOCKS.reset_passes(Rs is not None, level=2):
+        launch_fitting(
+            chunk_grads, (*key, BKG, only), BLOCKS.fitting(BV, dot_dtype, reload=BKG >= 256),
+            lambda cfg: (plan.NC * plan.NBH,),
+            (q, k, v, G, Rs, beta, Aqk, M, Minv, h, dh, do, dq, dk, dv, dg, dbeta, P, DL, c.cu_seqlens, plan.chunks,
+             c.scale, T, plan.NT, plan.NBH),
+            BC=BLOCKS.BC, **{**common, "BK": BKG, "num_warps": BLOCKS.warps(BKG), "RESETS": resets},
+            ONLY=only, KP=BK,
+        )  # fmt: skip
     BKP = BLOCKS.bk_pair_grads(K, dot_dtype)
     passes = BLOCKS.reset_passes(Rs is not None)
     for only, resets in passes:
@@ -543,10 +552,11 @@ def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, R
                 H=H, HV=HV, K=K, BT=BT, BC=BLOCKS.BC, BK=BKP, BH=BH, IS_VARLEN=plan.varlen, RESETS=resets,
                 ONLY=only, KP=BK, num_warps=BLOCKS.GRADS_DIAG_WARPS,
             )  # fmt: skip
-    chunk_dg_cumsum[(plan.NC * plan.NBH,)](
-        dg, Rs, c.cu_seqlens, plan.chunks, T, plan.NBH,
-        HV=HV, K=K, BT=BT, BK=BKP, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
-    )  # fmt: skip
+    for only, resets in BLOCKS.reset_passes(Rs is not None, level=2):
+        chunk_dg_cumsum[(plan.NC * plan.NBH,)](
+            dg, Rs, c.cu_seqlens, plan.chunks, T, plan.NBH,
+            HV=HV, K=K, BT=BT, BK=BKP, IS_VARLEN=plan.varlen, RESETS=resets, ONLY=only, KP=BK,
+        )  # fmt: skip
     group = HV // H
     dq = dq.view(B, T, H, group, K).sum(3).to(q.dtype)
     dk = dk.view(B, T, H, group, K).sum(3).to(k.dtype)

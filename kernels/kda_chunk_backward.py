@@ -130,7 +130,7 @@ def chunk_grads(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    RELOAD: tl.constexpr = False,
+    RELOAD: tl.constexpr = False, ONLY: tl.constexpr = 0, KP: tl.constexpr = 16,
 ):  # fmt: skip
     """The gradient terms of one chunk of one value head that sum over V: dv [B*T, HV, V]
     (final), and the parts of dq, dk [B*T, HV, K], dG (before its cumulative sum; written to
@@ -145,103 +145,104 @@ def chunk_grads(
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h = i_hv // (HV // H)
     _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
-    if IS_VARLEN:
-        gc = i_c  # the chunk table lists every sequence's chunks in order
-    else:
-        gc = i_b.to(tl.int64) * NT + i_c
-    o_t = tl.arange(0, BT)
-    cols_k = tl.arange(0, BK)
-    rows = t0 + o_t
-    m = rows < eos
-    m_k = m[:, None] & (cols_k[None, :] < K)
-    k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
-    b_c = tl.load(beta + rows * HV + i_hv, mask=m, other=0.0).to(tl.float32)
-    a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
-    m_c = _load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
-    m_inv = _load_tril(Minv, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
     last = tl.minimum(t0 + BT, eos) - 1
-    _, _, e_g, e_d, _ = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
-    kg = k_c * e_g
-    kd = k_c * e_d
+    if chunk_selected(Rs, last, HV, i_hv + tl.arange(0, 1), K, KP, ONLY):  # ONLY: ChunkBlocks.reset_passes
+        if IS_VARLEN:
+            gc = i_c  # the chunk table lists every sequence's chunks in order
+        else:
+            gc = i_b.to(tl.int64) * NT + i_c
+        o_t = tl.arange(0, BT)
+        cols_k = tl.arange(0, BK)
+        rows = t0 + o_t
+        m = rows < eos
+        m_k = m[:, None] & (cols_k[None, :] < K)
+        k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
+        b_c = tl.load(beta + rows * HV + i_hv, mask=m, other=0.0).to(tl.float32)
+        a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
+        m_c = _load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
+        m_inv = _load_tril(Minv, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
+        _, _, e_g, e_d, _ = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
+        kg = k_c * e_g
+        kd = k_c * e_d
 
-    d_aqk = tl.zeros([BT, BT], dtype=tl.float32)  # dO V'^T
-    d_l = tl.zeros([BT, BT], dtype=tl.float32)  # -dY V'^T
-    dq_s = tl.zeros([BT, BK], dtype=tl.float32)  # dO S0^T
-    dkg_s = tl.zeros([BT, BK], dtype=tl.float32)  # -dX S0^T
-    dkd_s = tl.zeros([BT, BK], dtype=tl.float32)  # V' dSC^T
-    dgc = tl.zeros([BK], dtype=tl.float32)  # rowsum(S0 * dSC)
-    db = tl.zeros([BT], dtype=tl.float32)
-    s_base = (gc * HV + i_hv) * K * V
-    for i_v in range(0, (V + BV - 1) // BV):
-        cols_v = i_v * BV + tl.arange(0, BV)
-        m_kv = (cols_k[:, None] < K) & (cols_v[None, :] < V)
-        s_off = s_base + cols_k[:, None] * V + cols_v[None, :]
-        # RELOAD (fp32 dots at BK = 256, ChunkBlocks.fitting): each [BT, BK] and [BK, BV]
-        # operand is loaded again just before its dot (L2 hits), so shared memory stages one
-        # or two of them at a time instead of keeping Gam K, Kd, S0, dSC and their transposes
-        # for the whole loop. The values, and so the results, are the same bit for bit.
-        s0 = tl.load(h + s_off, mask=m_kv, other=0.0)
-        v_c = load_rows(v, rows, m, HV, i_hv, cols_v, V)
-        do_c = load_rows(do, rows, m, HV, i_hv, cols_v, V)
-        if RELOAD:
-            x = v_c - mma(load_rows(k, rows, m, H, i_h, cols_k, K) * e_g, s0, DOT_DTYPE, PRECISION)
-        else:
-            x = v_c - mma(kg, s0, DOT_DTYPE, PRECISION)
-        vp = mma_split(m_c, x, DOT_DTYPE, PRECISION)  # as the forward forms it
-        dsc = tl.load(dh + s_off, mask=m_kv, other=0.0)
-        dgc += tl.sum(s0 * dsc, axis=1)
-        dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION)
-        if RELOAD:
-            dvp += mma(load_rows(k, rows, m, H, i_h, cols_k, K) * e_d, dsc, DOT_DTYPE, PRECISION)
-        else:
-            dvp += mma(kd, dsc, DOT_DTYPE, PRECISION)
-        dy = mma(tl.trans(m_inv), dvp, DOT_DTYPE, PRECISION)
-        dx = b_c[:, None] * dy
-        tl.store(
-            dv + (rows[:, None] * HV + i_hv) * V + cols_v[None, :],
-            round_to(dx, dv.dtype.element_ty),
-            mask=m[:, None] & (cols_v[None, :] < V),
-        )
-        db += tl.sum(dy * x, axis=1)
-        vp_t = tl.trans(vp)
-        d_aqk += mma(do_c, vp_t, DOT_DTYPE, PRECISION)
-        d_l -= mma(dy, vp_t, DOT_DTYPE, PRECISION)
-        if RELOAD:
+        d_aqk = tl.zeros([BT, BT], dtype=tl.float32)  # dO V'^T
+        d_l = tl.zeros([BT, BT], dtype=tl.float32)  # -dY V'^T
+        dq_s = tl.zeros([BT, BK], dtype=tl.float32)  # dO S0^T
+        dkg_s = tl.zeros([BT, BK], dtype=tl.float32)  # -dX S0^T
+        dkd_s = tl.zeros([BT, BK], dtype=tl.float32)  # V' dSC^T
+        dgc = tl.zeros([BK], dtype=tl.float32)  # rowsum(S0 * dSC)
+        db = tl.zeros([BT], dtype=tl.float32)
+        s_base = (gc * HV + i_hv) * K * V
+        for i_v in range(0, (V + BV - 1) // BV):
+            cols_v = i_v * BV + tl.arange(0, BV)
+            m_kv = (cols_k[:, None] < K) & (cols_v[None, :] < V)
+            s_off = s_base + cols_k[:, None] * V + cols_v[None, :]
+            # RELOAD (fp32 dots at BK = 256, ChunkBlocks.fitting): each [BT, BK] and [BK, BV]
+            # operand is loaded again just before its dot (L2 hits), so shared memory stages one
+            # or two of them at a time instead of keeping Gam K, Kd, S0, dSC and their transposes
+            # for the whole loop. The values, and so the results, are the same bit for bit.
             s0 = tl.load(h + s_off, mask=m_kv, other=0.0)
-        s0_t = tl.trans(s0)
-        dq_s += mma(do_c, s0_t, DOT_DTYPE, PRECISION)
-        dkg_s -= mma(dx, s0_t, DOT_DTYPE, PRECISION)
-        if RELOAD:
+            v_c = load_rows(v, rows, m, HV, i_hv, cols_v, V)
+            do_c = load_rows(do, rows, m, HV, i_hv, cols_v, V)
+            if RELOAD:
+                x = v_c - mma(load_rows(k, rows, m, H, i_h, cols_k, K) * e_g, s0, DOT_DTYPE, PRECISION)
+            else:
+                x = v_c - mma(kg, s0, DOT_DTYPE, PRECISION)
+            vp = mma_split(m_c, x, DOT_DTYPE, PRECISION)  # as the forward forms it
             dsc = tl.load(dh + s_off, mask=m_kv, other=0.0)
-        dkd_s += mma(vp, tl.trans(dsc), DOT_DTYPE, PRECISION)
+            dgc += tl.sum(s0 * dsc, axis=1)
+            dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION)
+            if RELOAD:
+                dvp += mma(load_rows(k, rows, m, H, i_h, cols_k, K) * e_d, dsc, DOT_DTYPE, PRECISION)
+            else:
+                dvp += mma(kd, dsc, DOT_DTYPE, PRECISION)
+            dy = mma(tl.trans(m_inv), dvp, DOT_DTYPE, PRECISION)
+            dx = b_c[:, None] * dy
+            tl.store(
+                dv + (rows[:, None] * HV + i_hv) * V + cols_v[None, :],
+                round_to(dx, dv.dtype.element_ty),
+                mask=m[:, None] & (cols_v[None, :] < V),
+            )
+            db += tl.sum(dy * x, axis=1)
+            vp_t = tl.trans(vp)
+            d_aqk += mma(do_c, vp_t, DOT_DTYPE, PRECISION)
+            d_l -= mma(dy, vp_t, DOT_DTYPE, PRECISION)
+            if RELOAD:
+                s0 = tl.load(h + s_off, mask=m_kv, other=0.0)
+            s0_t = tl.trans(s0)
+            dq_s += mma(do_c, s0_t, DOT_DTYPE, PRECISION)
+            dkg_s -= mma(dx, s0_t, DOT_DTYPE, PRECISION)
+            if RELOAD:
+                dsc = tl.load(dh + s_off, mask=m_kv, other=0.0)
+            dkd_s += mma(vp, tl.trans(dsc), DOT_DTYPE, PRECISION)
 
-    # Terms through S0, X and SC (no pairs): O = scale (Gam Q) S0, X = V - (Gam K) S0,
-    # SC = Gam_C S0 + Kd^T V'.
-    # q, k and the decays loaded again (L2 hits) instead of held through the loop: registers
-    k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
-    q_c = load_rows(q, rows, m, H, i_h, cols_k, K)
-    _, _, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
-    dq_c = (scale * e_g) * dq_s
-    dG = q_c * dq_c
-    dk_c = e_g * dkg_s
-    dG += k_c * dk_c
-    dkd = e_d * dkd_s
-    dk_c += dkd
-    dG -= k_c * dkd
-    dG_last = tl.sum(k_c * dkd, axis=0) + gam_c * dgc  # d/dG_C, added to the last row
+        # Terms through S0, X and SC (no pairs): O = scale (Gam Q) S0, X = V - (Gam K) S0,
+        # SC = Gam_C S0 + Kd^T V'.
+        # q, k and the decays loaded again (L2 hits) instead of held through the loop: registers
+        k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
+        q_c = load_rows(q, rows, m, H, i_h, cols_k, K)
+        _, _, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
+        dq_c = (scale * e_g) * dq_s
+        dG = q_c * dq_c
+        dk_c = e_g * dkg_s
+        dG += k_c * dk_c
+        dkd = e_d * dkd_s
+        dk_c += dkd
+        dG -= k_c * dkd
+        dG_last = tl.sum(k_c * dkd, axis=0) + gam_c * dgc  # d/dG_C, added to the last row
 
-    # the pair weights, for chunk_pair_grads
-    p = tl.where(o_t[None, :] <= o_t[:, None], scale * d_aqk, 0.0)
-    d_l = tl.where(o_t[None, :] < o_t[:, None], d_l, 0.0)
-    dG = tl.where((rows == last)[:, None], dG + dG_last[None, :], dG)
-    out_k = (rows[:, None] * HV + i_hv) * K + cols_k[None, :]
-    tl.store(dq + out_k, dq_c, mask=m_k)
-    tl.store(dk + out_k, dk_c, mask=m_k)
-    tl.store(dg + out_k, dG, mask=m_k)  # before the cumulative sum: chunk_pair_grads finishes it
-    tl.store(dbeta + rows * HV + i_hv, db, mask=m)
-    out_t = (rows[:, None] * HV + i_hv) * BT + o_t[None, :]
-    tl.store(P + out_t, p, mask=m[:, None])
-    tl.store(DL + out_t, d_l, mask=m[:, None])
+        # the pair weights, for chunk_pair_grads
+        p = tl.where(o_t[None, :] <= o_t[:, None], scale * d_aqk, 0.0)
+        d_l = tl.where(o_t[None, :] < o_t[:, None], d_l, 0.0)
+        dG = tl.where((rows == last)[:, None], dG + dG_last[None, :], dG)
+        out_k = (rows[:, None] * HV + i_hv) * K + cols_k[None, :]
+        tl.store(dq + out_k, dq_c, mask=m_k)
+        tl.store(dk + out_k, dk_c, mask=m_k)
+        tl.store(dg + out_k, dG, mask=m_k)  # before the cumulative sum: chunk_pair_grads finishes it
+        tl.store(dbeta + rows * HV + i_hv, db, mask=m)
+        out_t = (rows[:, None] * HV + i_hv) * BT + o_t[None, :]
+        tl.store(P + out_t, p, mask=m[:, None])
+        tl.store(DL + out_t, d_l, mask=m[:, None])
 
 
 @triton.jit(do_not_specialize=["T", "NBH"])
@@ -494,7 +495,7 @@ def chunk_pair_grads_diag(
 def chunk_dg_cumsum(
     dg, Rs, cu_seqlens, chunks, T, NBH,
     HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    IS_VARLEN: tl.constexpr, RESETS: tl.constexpr,
+    IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, ONLY: tl.constexpr = 0, KP: tl.constexpr = 16,
 ):  # fmt: skip
     """dg [B*T, HV, K] fp32 in place: dg_r = the sum of dG_s over s >= r inside r's chunk (G is
     the in-chunk cumulative sum of g), restarted at each reset: a reset token's g (-inf)
@@ -502,24 +503,26 @@ def chunk_dg_cumsum(
     i_c, i_bh = one_dim_grid(NBH)
     i_b, i_hv = i_bh // HV, i_bh % HV
     _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
-    o_t = tl.arange(0, BT)
-    rows = t0 + o_t
-    m = rows < eos
-    for i_k in range(0, (K + BK - 1) // BK):
-        cols = i_k * BK + tl.arange(0, BK)
-        m_k = m[:, None] & (cols[None, :] < K)
-        out_k = (rows[:, None] * HV + i_hv) * K + cols[None, :]
-        dG = tl.load(dg + out_k, mask=m_k, other=0.0)
-        cnt_c = load_counts(Rs, rows, m, HV, i_hv, cols, K, RESETS)
-        if tl.max(tl.max(cnt_c, axis=1), axis=0) > 0:
-            dg_c = tl.zeros([BT, BK], dtype=tl.float32)
-            for s in range(0, BT):
-                at_s = (o_t == s)[:, None]
-                dG_s = tl.sum(tl.where(at_s, dG, 0.0), axis=0)
-                c_s = tl.sum(tl.where(at_s, cnt_c, 0), axis=0)
-                dg_c += tl.where((o_t <= s)[:, None] & (cnt_c == c_s[None, :]), dG_s[None, :], 0.0)
-            prev = load_counts(Rs, rows - 1, m & (o_t > 0), HV, i_hv, cols, K, RESETS)
-            dg_c = tl.where(cnt_c > prev, 0.0, dg_c)
-        else:
-            dg_c = dG - tl.cumsum(dG, axis=0) + tl.sum(dG, axis=0)[None, :]  # sum over s >= r
-        tl.store(dg + out_k, dg_c, mask=m_k)
+    last = tl.minimum(t0 + BT, eos) - 1
+    if chunk_selected(Rs, last, HV, i_hv + tl.arange(0, 1), K, KP, ONLY):  # ONLY: ChunkBlocks.reset_passes
+        o_t = tl.arange(0, BT)
+        rows = t0 + o_t
+        m = rows < eos
+        for i_k in range(0, (K + BK - 1) // BK):
+            cols = i_k * BK + tl.arange(0, BK)
+            m_k = m[:, None] & (cols[None, :] < K)
+            out_k = (rows[:, None] * HV + i_hv) * K + cols[None, :]
+            dG = tl.load(dg + out_k, mask=m_k, other=0.0)
+            cnt_c = load_counts(Rs, rows, m, HV, i_hv, cols, K, RESETS)
+            if tl.max(tl.max(cnt_c, axis=1), axis=0) > 0:
+                dg_c = tl.zeros([BT, BK], dtype=tl.float32)
+                for s in range(0, BT):
+                    at_s = (o_t == s)[:, None]
+                    dG_s = tl.sum(tl.where(at_s, dG, 0.0), axis=0)
+                    c_s = tl.sum(tl.where(at_s, cnt_c, 0), axis=0)
+                    dg_c += tl.where((o_t <= s)[:, None] & (cnt_c == c_s[None, :]), dG_s[None, :], 0.0)
+                prev = load_counts(Rs, rows - 1, m & (o_t > 0), HV, i_hv, cols, K, RESETS)
+                dg_c = tl.where(cnt_c > prev, 0.0, dg_c)
+            else:
+                dg_c = dG - tl.cumsum(dG, axis=0) + tl.sum(dG, axis=0)[None, :]  # sum over s >= r
+            tl.store(dg + out_k, dg_c, mask=m_k)

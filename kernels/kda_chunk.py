@@ -176,9 +176,9 @@ class ChunkBlocks:
     # and racecheck passed with it (reports/conformance/ours_chunk_kda-H200).
     # RESET_SPLIT = 2 splits chunk_grads and chunk_dg_cumsum as well (their RESETS reaches
     # them through chunk_decays and the reset counts): an A/B candidate, not yet timed. ptxas
-    # (sm_90, bf16, K = V = 128) with RESETS on -> off: chunk_grads 8932 -> 8218 PTX
-    # instructions, 6088 -> 5556 B of spill stores (255 registers either way); chunk_dg_cumsum
-    # 1062 -> 732 instructions, 248 -> 168 registers. Predicted fwd+bwd 13.99 -> 13.7-13.9 ms.
+    # (sm_90, bf16, K = V = 128, kernels/sm90_fit.py), one launch with RESETS on -> the split's
+    # launch with RESETS off: chunk_grads 5288 -> 4580 B of spill stores (255 registers
+    # either way), chunk_dg_cumsum 248 -> 181 registers. Predicted fwd+bwd 13.99 -> 13.7-13.9.
     RESET_SPLIT: int = 1
 
     def reset_passes(self, resets: bool, level: int = 1) -> tuple[tuple[int, bool], ...]:

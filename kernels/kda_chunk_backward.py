@@ -144,9 +144,9 @@ def chunk_grads(
     i_c, i_bh = one_dim_grid(NBH)
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h = i_hv // (HV // H)
-    _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
-    last = tl.minimum(t0 + BT, eos) - 1
-    if chunk_selected(Rs, last, HV, i_hv + tl.arange(0, 1), K, KP, ONLY):  # ONLY: ChunkBlocks.reset_passes
+    _n, _bos, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)  # `_` is rebound below
+    # ONLY: ChunkBlocks.reset_passes (the chunk's last token is `last` below)
+    if chunk_selected(Rs, tl.minimum(t0 + BT, eos) - 1, HV, i_hv + tl.arange(0, 1), K, KP, ONLY):
         if IS_VARLEN:
             gc = i_c  # the chunk table lists every sequence's chunks in order
         else:
@@ -161,6 +161,7 @@ def chunk_grads(
         a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
         m_c = _load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
         m_inv = _load_tril(Minv, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
+        last = tl.minimum(t0 + BT, eos) - 1
         _, _, e_g, e_d, _ = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
         kg = k_c * e_g
         kd = k_c * e_d

@@ -226,7 +226,7 @@ def chunk_selected(Rs, last, HV: tl.constexpr, hv, K: tl.constexpr, KP: tl.const
     (ChunkBlocks.reset_passes): RESETS off over the chunks without a reset, on over the rest.
     Measured: forward 2.78 -> 2.70 ms, fwd+bwd 14.28 -> 13.99 ms (ChunkBlocks.RESET_SPLIT)."""
     if ONLY == 0:
-        return last >= 0
+        return True  # a constexpr: the caller's `if` is resolved at compile time, no branch
     else:
         cols = tl.arange(0, KP)
         n = tl.load(Rs + (last * HV + hv[:, None]) * K + cols[None, :], mask=(hv < HV)[:, None] & (cols < K)[None, :],

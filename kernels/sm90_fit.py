@@ -56,8 +56,11 @@ def compile_sm90(fn, dtype: str, consts: dict, num_warps: int, num_stages: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    params = list(inspect.signature(fn.fn).parameters)
-    consts = {n: v for n, v in consts.items() if n in params}
+    sig = inspect.signature(fn.fn).parameters
+    params = list(sig)
+    # constexprs with a default (ONLY, KP, RELOAD, ...) take it, as a launch that omits them does
+    defaults = {n: p.default for n, p in sig.items() if p.default is not inspect.Parameter.empty}
+    consts = {**defaults, **{n: v for n, v in consts.items() if n in params}}
     constexprs = {(params.index(n),): v for n, v in consts.items()}
     src = ASTSource(fn=fn, signature=_signature(fn, dtype, consts), constexprs=constexprs)
     options = dict(num_warps=num_warps, num_stages=num_stages)

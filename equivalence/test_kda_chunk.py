@@ -443,11 +443,10 @@ def test_pair_grads_token_parallel_head_blocks(monkeypatch):
 def test_reset_split_changes_no_bit(monkeypatch):
     """The kernels split by resets (ChunkBlocks.RESET_SPLIT 1, and 2 with chunk_grads and
     chunk_dg_cumsum: RESETS off over the chunks without a reset, on over the rest) give the
-    outputs and gradients of one launch with
-    RESETS on everywhere, bit for bit under the interpreter (off, the counts are zero and
-    every comparison of them is true), and pass the oracle compiled. A packed batch with GVA
-    whose middle chunk holds no reset in any head, its others some; the diagonal kernels'
-    head blocks of 4 hold heads with and without."""
+    outputs and gradients of one launch with RESETS on everywhere, bit for bit under the
+    interpreter (off, the counts are zero and every comparison of them is true), and pass the
+    oracle compiled. A packed batch with GVA whose middle chunk holds no reset in any head,
+    its others some; the diagonal kernels' head blocks of 4 hold heads with and without."""
     from dataclasses import replace
 
     from kdaverify.kernels import kda_chunk

@@ -441,12 +441,15 @@ def test_pair_grads_token_parallel_head_blocks(monkeypatch):
 
 
 def test_reset_split_changes_no_bit(monkeypatch):
-    """The kernels split by resets (ChunkBlocks.RESET_SPLIT 1, and 2 with chunk_grads and
-    chunk_dg_cumsum: RESETS off over the chunks without a reset, on over the rest) give the
-    outputs and gradients of one launch with RESETS on everywhere, bit for bit under the
-    interpreter (off, the counts are zero and every comparison of them is true), and pass the
-    oracle compiled. A packed batch with GVA whose middle chunk holds no reset in any head,
-    its others some; the diagonal kernels' head blocks of 4 hold heads with and without."""
+    """The kernels split by resets (ChunkBlocks.RESET_SPLIT 1, and 2 with chunk_dg_cumsum:
+    RESETS off over the chunks without a reset, on over the rest, whose programs take all of
+    a chunk's sub-chunks or tokens in turn: ChunkBlocks.span) give the outputs and gradients
+    of one launch with RESETS on everywhere, bit for bit under the interpreter (off, the
+    counts are zero and every comparison of them is true), and pass the oracle compiled. A
+    packed batch with GVA whose middle chunk holds no reset in any head, its others some, the
+    last chunk of the first sequence 2 tokens (a span's later sub-chunks past its end); the
+    diagonal kernels (token-parallel here on the CPU too) have head blocks of 4 that hold
+    heads with and without."""
     from dataclasses import replace
 
     from kdaverify.kernels import kda_chunk
@@ -463,7 +466,9 @@ def test_reset_split_changes_no_bit(monkeypatch):
     do, dht = cotangents(spec, h.dtype, DEVICE, "o and final_state")
     got = {}
     for split in (0, 1, 2):
-        monkeypatch.setattr(kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, RESET_SPLIT=split, GRADS_DIAG_COLS=0))
+        monkeypatch.setattr(
+            kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, RESET_SPLIT=split, DIAG_COLS=0, GRADS_DIAG_COLS=0)
+        )
         if INTERPRET:
             got[split] = (DEFAULT.call(t, scale=spec.scale), autograd_grads(lambda x: DEFAULT.call(x), t, do, dht))
         else:

@@ -4,7 +4,8 @@ drop-in for flash-linear-attention's chunk_kda forward (calling convention: sect
 Five launches on a GPU (four under the interpreter, where chunk_pairs forms the diagonal
 tiles itself), no loop over chunks or heads on the host; where g is given (it may hold a
 reset, g = -inf), chunk_pairs and chunk_diag launch twice, over the chunks without a reset and
-over those with one (ChunkBlocks.RESET_SPLIT):
+over those with one, one program per chunk taking its units in turn (ChunkBlocks.RESET_SPLIT,
+ChunkBlocks.span):
 
     chunk_gate_cumsum  (NC, K/32, B*HV) G [B*T, HV, K] fp32: in-chunk cumsum of g, summed in
                                         fp64 (the gate from z first, if asked)
@@ -174,12 +175,26 @@ class ChunkBlocks:
     # (chunk_pairs 0.447, chunk_diag 0.530): the split got a third to a half of that, the rest
     # is the check of each chunk's counts and the second launch. GPU conformance, memcheck
     # and racecheck passed with it (reports/conformance/ours_chunk_kda-H200).
-    # RESET_SPLIT = 2 splits chunk_grads and chunk_dg_cumsum as well (their RESETS reaches
-    # them through chunk_decays and the reset counts): an A/B candidate, not yet timed. ptxas
-    # (sm_90, bf16, K = V = 128, kernels/sm90_fit.py), one launch with RESETS on -> the split's
-    # launch with RESETS off: chunk_grads 5288 -> 4580 B of spill stores (255 registers
-    # either way), chunk_dg_cumsum 248 -> 181 registers. Predicted fwd+bwd 13.99 -> 13.7-13.9.
-    RESET_SPLIT: int = 1
+    # RESET_SPLIT = 2 splits chunk_dg_cumsum as well. Measured (sixteenth session, same card
+    # and shape, perf.ab RESET_SPLIT=1,2 --mode fwdbwd, two rounds within 0.3%) with chunk_grads
+    # split too: fwd+bwd 13.82 -> 14.10 ms, chunk_grads 3.32 -> 3.65 (its RESETS-off compile is
+    # slower, though ptxas gives it fewer spills: 5288 -> 4580 B of stores), chunk_dg_cumsum
+    # 0.220 -> 0.190. So chunk_grads runs once, with RESETS on, and only chunk_dg_cumsum is
+    # split at level 2.
+    RESET_SPLIT: int = 2
+    # chunk_dh_recurrence's warps and value columns per program; 0: warps(K) and BV, as the
+    # other sequential kernels. It took 2.23 ms of the 13.6 ms fwd+bwd at B1 T16384 H32
+    # K = V = 128 bf16 (fla's dhu kernel 0.42), one program per (sequence, head, BV columns):
+    # 64 programs for the H200's 132 SMs at BV = 64. ptxas (sm_90, bf16, K = 128), spill
+    # stores: BV 64 on 8 warps 1516 B, on 4 warps 5396; BV 32 on 8 warps 1180, on 4 warps
+    # 4520 (255 registers in all). Measured (sixteenth session, H200, perf.ab DH_BV=0,32
+    # DH_WARPS=0,4 --mode fwdbwd, two rounds within 0.4%): chunk_dh_recurrence 2.227 ms (BV
+    # 64, 8 warps), 7.088 (64, 4), **1.840 (32, 8)**, 4.162 (32, 4); fwd+bwd 13.58 -> 13.24 ms,
+    # every gradient bitwise equal (BV only partitions the columns of V). So BV 32 on warps(K).
+    # The forward's recurrence miscompiled at BV 32 with bf16 dots on 4 warps (class
+    # docstring); this kernel passed the GPU gradient conformance at BV 32 (24 of 24 checks).
+    DH_WARPS: int = 0
+    DH_BV: int = 32
 
     def reset_passes(self, resets: bool, level: int = 1) -> tuple[tuple[int, bool], ...]:
         """(ONLY, RESETS) of each launch of a kernel split by resets (chunk_selected's ONLY):
@@ -189,6 +204,27 @@ class ChunkBlocks:
         if not resets:
             return ((0, False),)
         return ((1, False), (2, True)) if self.RESET_SPLIT >= level else ((0, True),)
+
+    # RESET_SPAN = 1: the pass over the chunks holding a reset runs one program per chunk (and
+    # value head, or block of them) that takes the chunk's units in turn (span, below); 0: one
+    # program per unit, as the pass without resets.
+    RESET_SPAN: int = 1
+
+    def span(self, only: int, units: int) -> int:
+        """Units per program (the kernels' SPAN) of a launch whose programs each take one unit
+        of a chunk (chunk_pairs, chunk_pair_grads: a sub-chunk, `units` = BT // BC of them;
+        chunk_diag, chunk_pair_grads_diag: a token, `units` = BT): with RESET_SPAN all of a
+        chunk's units for the pass over the chunks holding a reset (ONLY 2), else one. Most
+        chunks hold none, so most of that pass's programs read one chunk's counts and exit,
+        and their number is what the pass costs: one program per unit, at the occupancy of
+        the RESETS-on compile, took 0.052 ms (chunk_pairs) and 0.085 ms (chunk_diag) with no
+        reset anywhere (sixteenth session, H200, B1 T16384 H32 K = V = 128 bf16,
+        torch.profiler per launch), the largest part of what the split left of the
+        gate-in-kernel speed (the RESETS-off launches themselves 0.468 and 0.559 ms against
+        0.448 and 0.530 with the gate in the kernel). A chunk with a reset then runs its units
+        in turn in one program: with a reset in every chunk there are still NC * B * HV (or
+        NC * B * cdiv(HV, BH)) programs, about as many as the GPU holds at once at T = 16384."""
+        return units if only == 2 and self.RESET_SPAN else 1
 
     def bk(self, K: int) -> int:
         return max(16, next_power_of_2(K))  # tl.dot needs every tile dimension >= 16
@@ -434,19 +470,21 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     QG, KG, KD = (torch.empty(B, T, HV, K, dtype=matrices, device=device) for _ in range(3))
     passes = BLOCKS.reset_passes(Rs is not None)
     for only, resets in passes:
-        chunk_pairs[(plan.NC * plan.NBH * (BT // BC),)](
+        span = BLOCKS.span(only, BT // BC)
+        chunk_pairs[(plan.NC * plan.NBH * (BT // BC) // span,)](
             c.q, c.k, G, Rs, c.beta, Aqk, L, QG, KG, KD, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
             H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BLOCKS.bk_intra(K), IS_VARLEN=plan.varlen, RESETS=resets,
-            DIAG_COLS=BLOCKS.DIAG_COLS, ONLY=only, KP=BK, num_warps=BLOCKS.PAIRS_WARPS, **flags,
+            DIAG_COLS=BLOCKS.DIAG_COLS, ONLY=only, KP=BK, SPAN=span, num_warps=BLOCKS.PAIRS_WARPS, **flags,
         )  # fmt: skip
     if BLOCKS.DIAG_COLS == 0:  # the diagonal tiles token-parallel (chunk_diag), not in chunk_pairs
         BH = min(BLOCKS.DIAG_HEADS, next_power_of_2(HV))
         for only, resets in passes:
-            chunk_diag[(plan.NC * (plan.NBH // HV) * cdiv(HV, BH) * BT,)](
+            span = BLOCKS.span(only, BT)
+            chunk_diag[(plan.NC * (plan.NBH // HV) * cdiv(HV, BH) * BT // span,)](
                 c.q, c.k, G, Rs, c.beta, Aqk, L, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
                 H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BLOCKS.bk_diag(K), BH=BH, IS_VARLEN=plan.varlen,
                 RESETS=resets, L2NORM=opts.l2norm, BETA_SIGMOID=opts.beta_sigmoid, NEG_EIGVAL=opts.neg_eigval,
-                ONLY=only, KP=BK, num_warps=BLOCKS.DIAG_WARPS,
+                ONLY=only, KP=BK, SPAN=span, num_warps=BLOCKS.DIAG_WARPS,
             )  # fmt: skip
     chunk_solve[grid](
         L, c.beta, M, Minv, c.cu_seqlens, plan.chunks, T, plan.NBH,
@@ -518,39 +556,40 @@ def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, R
     common = dict(H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
                   DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=BLOCKS.warps(K))  # fmt: skip
     key = (q.device.index, BK, BV, str(dot_dtype), dot_precision)
+    BVD, dh_warps = BLOCKS.DH_BV or BV, BLOCKS.DH_WARPS or BLOCKS.warps(K)
     launch_fitting(
-        chunk_dh_recurrence, key, BLOCKS.fitting(BV, dot_dtype), lambda cfg: (cdiv(V, cfg["BV"]) * N * HV,),
+        chunk_dh_recurrence, (*key, BVD, dh_warps), BLOCKS.fitting(BVD, dot_dtype),
+        lambda cfg: (cdiv(V, cfg["BV"]) * N * HV,),
         (q, k, G, Rs, Aqk, M, do, dht, dh, dh0, c.cu_seqlens, plan.chunk_first, c.scale, T, plan.NT),
-        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **common,
+        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **{**common, "num_warps": dh_warps},
     )  # fmt: skip
     BKG = BLOCKS.bk_grads(K, dot_dtype)
     # the pair weights P and dL of each chunk, [B, T, HV, BT] fp32, from chunk_grads to chunk_pair_grads
     P, DL = (torch.empty(B, T, HV, BT, dtype=torch.float32, device=device) for _ in range(2))
-    for only, resets in BLOCKS.reset_passes(Rs is not None, level=2):
-        launch_fitting(
-            chunk_grads, (*key, BKG, only), BLOCKS.fitting(BV, dot_dtype, reload=BKG >= 256),
-            lambda cfg: (plan.NC * plan.NBH,),
-            (q, k, v, G, Rs, beta, Aqk, M, Minv, h, dh, do, dq, dk, dv, dg, dbeta, P, DL, c.cu_seqlens, plan.chunks,
-             c.scale, T, plan.NT, plan.NBH),
-            BC=BLOCKS.BC, **{**common, "BK": BKG, "num_warps": BLOCKS.warps(BKG), "RESETS": resets},
-            ONLY=only, KP=BK,
-        )  # fmt: skip
+    launch_fitting(
+        chunk_grads, (*key, BKG), BLOCKS.fitting(BV, dot_dtype, reload=BKG >= 256), lambda cfg: (plan.NC * plan.NBH,),
+        (q, k, v, G, Rs, beta, Aqk, M, Minv, h, dh, do, dq, dk, dv, dg, dbeta, P, DL, c.cu_seqlens, plan.chunks,
+         c.scale, T, plan.NT, plan.NBH),
+        BC=BLOCKS.BC, **{**common, "BK": BKG, "num_warps": BLOCKS.warps(BKG)},
+    )  # fmt: skip
     BKP = BLOCKS.bk_pair_grads(K, dot_dtype)
     passes = BLOCKS.reset_passes(Rs is not None)
     for only, resets in passes:
-        chunk_pair_grads[(plan.NC * plan.NBH * (BT // BLOCKS.BC),)](
+        span = BLOCKS.span(only, BT // BLOCKS.BC)
+        chunk_pair_grads[(plan.NC * plan.NBH * (BT // BLOCKS.BC) // span,)](
             q, k, G, Rs, beta, P, DL, dq, dk, dg, dbeta, c.cu_seqlens, plan.chunks, T, plan.NBH,
             H=H, HV=HV, K=K, BT=BT, BC=BLOCKS.BC, BK=BKP, IS_VARLEN=plan.varlen,
             RESETS=resets, DOT_DTYPE=dot_dtype, PRECISION=dot_precision, DIAG_COLS=BLOCKS.GRADS_DIAG_COLS,
-            ONLY=only, KP=BK, num_warps=BLOCKS.PAIR_GRADS_WARPS,
+            ONLY=only, KP=BK, SPAN=span, num_warps=BLOCKS.PAIR_GRADS_WARPS,
         )  # fmt: skip
     if BLOCKS.GRADS_DIAG_COLS == 0:  # the pairs inside each sub-chunk, token-parallel
         BH = min(BLOCKS.GRADS_DIAG_HEADS, next_power_of_2(HV))
         for only, resets in passes:
-            chunk_pair_grads_diag[(plan.NC * (plan.NBH // HV) * cdiv(HV, BH) * BT,)](
+            span = BLOCKS.span(only, BT)
+            chunk_pair_grads_diag[(plan.NC * (plan.NBH // HV) * cdiv(HV, BH) * BT // span,)](
                 q, k, G, Rs, beta, P, DL, dq, dk, dg, dbeta, c.cu_seqlens, plan.chunks, T, plan.NBH,
                 H=H, HV=HV, K=K, BT=BT, BC=BLOCKS.BC, BK=BKP, BH=BH, IS_VARLEN=plan.varlen, RESETS=resets,
-                ONLY=only, KP=BK, num_warps=BLOCKS.GRADS_DIAG_WARPS,
+                ONLY=only, KP=BK, SPAN=span, num_warps=BLOCKS.GRADS_DIAG_WARPS,
             )  # fmt: skip
     for only, resets in BLOCKS.reset_passes(Rs is not None, level=2):
         chunk_dg_cumsum[(plan.NC * plan.NBH,)](

@@ -62,6 +62,7 @@ from .kda_chunk_intra import (
     one_dim_grid,
     round_to,
     sequence_span,
+    span_has,
     token_program,
 )
 
@@ -130,7 +131,7 @@ def chunk_grads(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    RELOAD: tl.constexpr = False, ONLY: tl.constexpr = 0, KP: tl.constexpr = 16,
+    RELOAD: tl.constexpr = False,
 ):  # fmt: skip
     """The gradient terms of one chunk of one value head that sum over V: dv [B*T, HV, V]
     (final), and the parts of dq, dk [B*T, HV, K], dG (before its cumulative sum; written to
@@ -144,106 +145,104 @@ def chunk_grads(
     i_c, i_bh = one_dim_grid(NBH)
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h = i_hv // (HV // H)
-    _n, _bos, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)  # `_` is rebound below
-    # ONLY: ChunkBlocks.reset_passes (the chunk's last token is `last` below)
-    if chunk_selected(Rs, tl.minimum(t0 + BT, eos) - 1, HV, i_hv + tl.arange(0, 1), K, KP, ONLY):
-        if IS_VARLEN:
-            gc = i_c  # the chunk table lists every sequence's chunks in order
+    _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
+    if IS_VARLEN:
+        gc = i_c  # the chunk table lists every sequence's chunks in order
+    else:
+        gc = i_b.to(tl.int64) * NT + i_c
+    o_t = tl.arange(0, BT)
+    cols_k = tl.arange(0, BK)
+    rows = t0 + o_t
+    m = rows < eos
+    m_k = m[:, None] & (cols_k[None, :] < K)
+    k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
+    b_c = tl.load(beta + rows * HV + i_hv, mask=m, other=0.0).to(tl.float32)
+    a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
+    m_c = _load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
+    m_inv = _load_tril(Minv, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
+    last = tl.minimum(t0 + BT, eos) - 1
+    _, _, e_g, e_d, _ = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
+    kg = k_c * e_g
+    kd = k_c * e_d
+
+    d_aqk = tl.zeros([BT, BT], dtype=tl.float32)  # dO V'^T
+    d_l = tl.zeros([BT, BT], dtype=tl.float32)  # -dY V'^T
+    dq_s = tl.zeros([BT, BK], dtype=tl.float32)  # dO S0^T
+    dkg_s = tl.zeros([BT, BK], dtype=tl.float32)  # -dX S0^T
+    dkd_s = tl.zeros([BT, BK], dtype=tl.float32)  # V' dSC^T
+    dgc = tl.zeros([BK], dtype=tl.float32)  # rowsum(S0 * dSC)
+    db = tl.zeros([BT], dtype=tl.float32)
+    s_base = (gc * HV + i_hv) * K * V
+    for i_v in range(0, (V + BV - 1) // BV):
+        cols_v = i_v * BV + tl.arange(0, BV)
+        m_kv = (cols_k[:, None] < K) & (cols_v[None, :] < V)
+        s_off = s_base + cols_k[:, None] * V + cols_v[None, :]
+        # RELOAD (fp32 dots at BK = 256, ChunkBlocks.fitting): each [BT, BK] and [BK, BV]
+        # operand is loaded again just before its dot (L2 hits), so shared memory stages one
+        # or two of them at a time instead of keeping Gam K, Kd, S0, dSC and their transposes
+        # for the whole loop. The values, and so the results, are the same bit for bit.
+        s0 = tl.load(h + s_off, mask=m_kv, other=0.0)
+        v_c = load_rows(v, rows, m, HV, i_hv, cols_v, V)
+        do_c = load_rows(do, rows, m, HV, i_hv, cols_v, V)
+        if RELOAD:
+            x = v_c - mma(load_rows(k, rows, m, H, i_h, cols_k, K) * e_g, s0, DOT_DTYPE, PRECISION)
         else:
-            gc = i_b.to(tl.int64) * NT + i_c
-        o_t = tl.arange(0, BT)
-        cols_k = tl.arange(0, BK)
-        rows = t0 + o_t
-        m = rows < eos
-        m_k = m[:, None] & (cols_k[None, :] < K)
-        k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
-        b_c = tl.load(beta + rows * HV + i_hv, mask=m, other=0.0).to(tl.float32)
-        a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
-        m_c = _load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
-        m_inv = _load_tril(Minv, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
-        last = tl.minimum(t0 + BT, eos) - 1
-        _, _, e_g, e_d, _ = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
-        kg = k_c * e_g
-        kd = k_c * e_d
-
-        d_aqk = tl.zeros([BT, BT], dtype=tl.float32)  # dO V'^T
-        d_l = tl.zeros([BT, BT], dtype=tl.float32)  # -dY V'^T
-        dq_s = tl.zeros([BT, BK], dtype=tl.float32)  # dO S0^T
-        dkg_s = tl.zeros([BT, BK], dtype=tl.float32)  # -dX S0^T
-        dkd_s = tl.zeros([BT, BK], dtype=tl.float32)  # V' dSC^T
-        dgc = tl.zeros([BK], dtype=tl.float32)  # rowsum(S0 * dSC)
-        db = tl.zeros([BT], dtype=tl.float32)
-        s_base = (gc * HV + i_hv) * K * V
-        for i_v in range(0, (V + BV - 1) // BV):
-            cols_v = i_v * BV + tl.arange(0, BV)
-            m_kv = (cols_k[:, None] < K) & (cols_v[None, :] < V)
-            s_off = s_base + cols_k[:, None] * V + cols_v[None, :]
-            # RELOAD (fp32 dots at BK = 256, ChunkBlocks.fitting): each [BT, BK] and [BK, BV]
-            # operand is loaded again just before its dot (L2 hits), so shared memory stages one
-            # or two of them at a time instead of keeping Gam K, Kd, S0, dSC and their transposes
-            # for the whole loop. The values, and so the results, are the same bit for bit.
+            x = v_c - mma(kg, s0, DOT_DTYPE, PRECISION)
+        vp = mma_split(m_c, x, DOT_DTYPE, PRECISION)  # as the forward forms it
+        dsc = tl.load(dh + s_off, mask=m_kv, other=0.0)
+        dgc += tl.sum(s0 * dsc, axis=1)
+        dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION)
+        if RELOAD:
+            dvp += mma(load_rows(k, rows, m, H, i_h, cols_k, K) * e_d, dsc, DOT_DTYPE, PRECISION)
+        else:
+            dvp += mma(kd, dsc, DOT_DTYPE, PRECISION)
+        dy = mma(tl.trans(m_inv), dvp, DOT_DTYPE, PRECISION)
+        dx = b_c[:, None] * dy
+        tl.store(
+            dv + (rows[:, None] * HV + i_hv) * V + cols_v[None, :],
+            round_to(dx, dv.dtype.element_ty),
+            mask=m[:, None] & (cols_v[None, :] < V),
+        )
+        db += tl.sum(dy * x, axis=1)
+        vp_t = tl.trans(vp)
+        d_aqk += mma(do_c, vp_t, DOT_DTYPE, PRECISION)
+        d_l -= mma(dy, vp_t, DOT_DTYPE, PRECISION)
+        if RELOAD:
             s0 = tl.load(h + s_off, mask=m_kv, other=0.0)
-            v_c = load_rows(v, rows, m, HV, i_hv, cols_v, V)
-            do_c = load_rows(do, rows, m, HV, i_hv, cols_v, V)
-            if RELOAD:
-                x = v_c - mma(load_rows(k, rows, m, H, i_h, cols_k, K) * e_g, s0, DOT_DTYPE, PRECISION)
-            else:
-                x = v_c - mma(kg, s0, DOT_DTYPE, PRECISION)
-            vp = mma_split(m_c, x, DOT_DTYPE, PRECISION)  # as the forward forms it
+        s0_t = tl.trans(s0)
+        dq_s += mma(do_c, s0_t, DOT_DTYPE, PRECISION)
+        dkg_s -= mma(dx, s0_t, DOT_DTYPE, PRECISION)
+        if RELOAD:
             dsc = tl.load(dh + s_off, mask=m_kv, other=0.0)
-            dgc += tl.sum(s0 * dsc, axis=1)
-            dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION)
-            if RELOAD:
-                dvp += mma(load_rows(k, rows, m, H, i_h, cols_k, K) * e_d, dsc, DOT_DTYPE, PRECISION)
-            else:
-                dvp += mma(kd, dsc, DOT_DTYPE, PRECISION)
-            dy = mma(tl.trans(m_inv), dvp, DOT_DTYPE, PRECISION)
-            dx = b_c[:, None] * dy
-            tl.store(
-                dv + (rows[:, None] * HV + i_hv) * V + cols_v[None, :],
-                round_to(dx, dv.dtype.element_ty),
-                mask=m[:, None] & (cols_v[None, :] < V),
-            )
-            db += tl.sum(dy * x, axis=1)
-            vp_t = tl.trans(vp)
-            d_aqk += mma(do_c, vp_t, DOT_DTYPE, PRECISION)
-            d_l -= mma(dy, vp_t, DOT_DTYPE, PRECISION)
-            if RELOAD:
-                s0 = tl.load(h + s_off, mask=m_kv, other=0.0)
-            s0_t = tl.trans(s0)
-            dq_s += mma(do_c, s0_t, DOT_DTYPE, PRECISION)
-            dkg_s -= mma(dx, s0_t, DOT_DTYPE, PRECISION)
-            if RELOAD:
-                dsc = tl.load(dh + s_off, mask=m_kv, other=0.0)
-            dkd_s += mma(vp, tl.trans(dsc), DOT_DTYPE, PRECISION)
+        dkd_s += mma(vp, tl.trans(dsc), DOT_DTYPE, PRECISION)
 
-        # Terms through S0, X and SC (no pairs): O = scale (Gam Q) S0, X = V - (Gam K) S0,
-        # SC = Gam_C S0 + Kd^T V'.
-        # q, k and the decays loaded again (L2 hits) instead of held through the loop: registers
-        k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
-        q_c = load_rows(q, rows, m, H, i_h, cols_k, K)
-        _, _, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
-        dq_c = (scale * e_g) * dq_s
-        dG = q_c * dq_c
-        dk_c = e_g * dkg_s
-        dG += k_c * dk_c
-        dkd = e_d * dkd_s
-        dk_c += dkd
-        dG -= k_c * dkd
-        dG_last = tl.sum(k_c * dkd, axis=0) + gam_c * dgc  # d/dG_C, added to the last row
+    # Terms through S0, X and SC (no pairs): O = scale (Gam Q) S0, X = V - (Gam K) S0,
+    # SC = Gam_C S0 + Kd^T V'.
+    # q, k and the decays loaded again (L2 hits) instead of held through the loop: registers
+    k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
+    q_c = load_rows(q, rows, m, H, i_h, cols_k, K)
+    _, _, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
+    dq_c = (scale * e_g) * dq_s
+    dG = q_c * dq_c
+    dk_c = e_g * dkg_s
+    dG += k_c * dk_c
+    dkd = e_d * dkd_s
+    dk_c += dkd
+    dG -= k_c * dkd
+    dG_last = tl.sum(k_c * dkd, axis=0) + gam_c * dgc  # d/dG_C, added to the last row
 
-        # the pair weights, for chunk_pair_grads
-        p = tl.where(o_t[None, :] <= o_t[:, None], scale * d_aqk, 0.0)
-        d_l = tl.where(o_t[None, :] < o_t[:, None], d_l, 0.0)
-        dG = tl.where((rows == last)[:, None], dG + dG_last[None, :], dG)
-        out_k = (rows[:, None] * HV + i_hv) * K + cols_k[None, :]
-        tl.store(dq + out_k, dq_c, mask=m_k)
-        tl.store(dk + out_k, dk_c, mask=m_k)
-        tl.store(dg + out_k, dG, mask=m_k)  # before the cumulative sum: chunk_pair_grads finishes it
-        tl.store(dbeta + rows * HV + i_hv, db, mask=m)
-        out_t = (rows[:, None] * HV + i_hv) * BT + o_t[None, :]
-        tl.store(P + out_t, p, mask=m[:, None])
-        tl.store(DL + out_t, d_l, mask=m[:, None])
+    # the pair weights, for chunk_pair_grads
+    p = tl.where(o_t[None, :] <= o_t[:, None], scale * d_aqk, 0.0)
+    d_l = tl.where(o_t[None, :] < o_t[:, None], d_l, 0.0)
+    dG = tl.where((rows == last)[:, None], dG + dG_last[None, :], dG)
+    out_k = (rows[:, None] * HV + i_hv) * K + cols_k[None, :]
+    tl.store(dq + out_k, dq_c, mask=m_k)
+    tl.store(dk + out_k, dk_c, mask=m_k)
+    tl.store(dg + out_k, dG, mask=m_k)  # before the cumulative sum: chunk_pair_grads finishes it
+    tl.store(dbeta + rows * HV + i_hv, db, mask=m)
+    out_t = (rows[:, None] * HV + i_hv) * BT + o_t[None, :]
+    tl.store(P + out_t, p, mask=m[:, None])
+    tl.store(DL + out_t, d_l, mask=m[:, None])
 
 
 @triton.jit(do_not_specialize=["T", "NBH"])
@@ -251,7 +250,7 @@ def chunk_pair_grads(
     q, k, G, Rs, beta, P, DL, dq, dk, dg, dbeta, cu_seqlens, chunks, T, NBH,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    DIAG_COLS: tl.constexpr, ONLY: tl.constexpr = 0, KP: tl.constexpr = 16,
+    DIAG_COLS: tl.constexpr, ONLY: tl.constexpr = 0, KP: tl.constexpr = 16, SPAN: tl.constexpr = 1,
 ):  # fmt: skip
     """The pair terms of the rows of one sub-chunk I (BC tokens) of one chunk of one value
     head, from chunk_grads' P and dL, added to its partial dq, dk, dG [B*T, HV, K] and dbeta
@@ -273,146 +272,157 @@ def chunk_pair_grads(
     weights of which one [BC, I BC] block was non-zero: 12.9 ms at B1 T16K H32 K = V = 128
     bf16 on an H100 (kernels/NOTES.md)."""
     NB: tl.constexpr = BT // BC
-    i_c, rest = one_dim_grid(NBH * NB)
-    i_bh, I = rest // NB, rest % NB
+    i_c, rest = one_dim_grid(NBH * (NB // SPAN))  # SPAN sub-chunks per program (ChunkBlocks.span)
+    i_bh, I0 = rest // (NB // SPAN), (rest % (NB // SPAN)) * SPAN
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h = i_hv // (HV // H)
     _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
-    a = t0 + I * BC  # this sub-chunk's first token: the anchor of its rows' earlier pairs
     last = tl.minimum(t0 + BT, eos) - 1
-    if (a < eos) & chunk_selected(Rs, last, HV, i_hv + tl.arange(0, 1), K, KP, ONLY):  # ONLY: ChunkBlocks.reset_passes
-        o = tl.arange(0, BC)
-        oc = tl.arange(0, BT)
-        rows = a + o
-        m = rows < eos
-        chunk = t0 + oc
-        b_r = tl.load(beta + rows * HV + i_hv, mask=m, other=0.0).to(tl.float32)
-        # The weights, [BC, BT] rows of I and [BT, BC] columns of I, loaded once here
-        # (fp32, 4 KiB each): P and dL of row r hold its pairs (r, i) with i <= r.
-        w_rows = (rows[:, None] * HV + i_hv) * BT + oc[None, :]
-        earlier = m[:, None] & (oc < I * BC)[None, :]  # columns in sub-chunks before I
-        p_b = tl.load(P + w_rows, mask=earlier, other=0.0)
-        l_b = tl.load(DL + w_rows, mask=earlier, other=0.0)
-        w_cols = (chunk[:, None] * HV + i_hv) * BT + I * BC + o[None, :]
-        later = ((oc >= (I + 1) * BC) & (chunk < eos))[:, None] & m[None, :]  # rows in sub-chunks after I
-        p_t = tl.trans(tl.load(P + w_cols, mask=later, other=0.0))  # [BC, BT]: P[r, i] at [i, r]
-        b_n = tl.load(beta + chunk * HV + i_hv, mask=chunk < eos, other=0.0).to(tl.float32)
-        lb_t = tl.trans(tl.where(later, b_n[:, None] * tl.load(DL + w_cols, mask=later, other=0.0), 0.0))
-        # P[r, r] (0 with DIAG_COLS = 0: chunk_pair_grads_diag adds its terms)
-        p_diag = tl.load(P + (rows * HV + i_hv) * BT + I * BC + o, mask=m & (DIAG_COLS > 0), other=0.0)
-        db = tl.load(dbeta + rows * HV + i_hv, mask=m, other=0.0)  # chunk_grads' part
-        a2 = a + BC  # the anchor of the later rows' pairs with I's columns
-        for i_k in range(0, (K + BK - 1) // BK):
-            cols = i_k * BK + tl.arange(0, BK)
-            m_k = m[:, None] & (cols[None, :] < K)
-            q_r = load_rows(q, rows, m, H, i_h, cols, K)
-            k_r = load_rows(k, rows, m, H, i_h, cols, K)
-            g_r = load_rows(G, rows, m, HV, i_hv, cols, K)
-            cnt_r = load_counts(Rs, rows, m, HV, i_hv, cols, K, RESETS)
-            row_pq = tl.zeros([BC, BK], dtype=tl.float32)  # rowpair(P, K): dQ, and Q * it into dG
-            row_pl = tl.zeros([BC, BK], dtype=tl.float32)  # rowpair(dL, K)
-            col = tl.zeros([BC, BK], dtype=tl.float32)  # colpair(P, Q) + colpair(beta dL, K)
+    if (t0 + I0 * BC < eos) & chunk_selected(
+        Rs, last, HV, i_hv + tl.arange(0, 1), K, KP, ONLY
+    ):  # ONLY: ChunkBlocks.reset_passes
+        for s in range(SPAN):
+            I = I0 + s
+            a = t0 + I * BC  # this sub-chunk's first token: the anchor of its rows' earlier pairs
+            if span_has(a, eos, SPAN):
+                o = tl.arange(0, BC)
+                oc = tl.arange(0, BT)
+                rows = a + o
+                m = rows < eos
+                chunk = t0 + oc
+                b_r = tl.load(beta + rows * HV + i_hv, mask=m, other=0.0).to(tl.float32)
+                # The weights, [BC, BT] rows of I and [BT, BC] columns of I, loaded once here
+                # (fp32, 4 KiB each): P and dL of row r hold its pairs (r, i) with i <= r.
+                w_rows = (rows[:, None] * HV + i_hv) * BT + oc[None, :]
+                earlier = m[:, None] & (oc < I * BC)[None, :]  # columns in sub-chunks before I
+                p_b = tl.load(P + w_rows, mask=earlier, other=0.0)
+                l_b = tl.load(DL + w_rows, mask=earlier, other=0.0)
+                w_cols = (chunk[:, None] * HV + i_hv) * BT + I * BC + o[None, :]
+                later = ((oc >= (I + 1) * BC) & (chunk < eos))[:, None] & m[None, :]  # rows in sub-chunks after I
+                p_t = tl.trans(tl.load(P + w_cols, mask=later, other=0.0))  # [BC, BT]: P[r, i] at [i, r]
+                b_n = tl.load(beta + chunk * HV + i_hv, mask=chunk < eos, other=0.0).to(tl.float32)
+                lb_t = tl.trans(tl.where(later, b_n[:, None] * tl.load(DL + w_cols, mask=later, other=0.0), 0.0))
+                # P[r, r] (0 with DIAG_COLS = 0: chunk_pair_grads_diag adds its terms)
+                p_diag = tl.load(P + (rows * HV + i_hv) * BT + I * BC + o, mask=m & (DIAG_COLS > 0), other=0.0)
+                db = tl.load(dbeta + rows * HV + i_hv, mask=m, other=0.0)  # chunk_grads' part
+                a2 = a + BC  # the anchor of the later rows' pairs with I's columns
+                for i_k in range(0, (K + BK - 1) // BK):
+                    cols = i_k * BK + tl.arange(0, BK)
+                    m_k = m[:, None] & (cols[None, :] < K)
+                    q_r = load_rows(q, rows, m, H, i_h, cols, K)
+                    k_r = load_rows(k, rows, m, H, i_h, cols, K)
+                    g_r = load_rows(G, rows, m, HV, i_hv, cols, K)
+                    cnt_r = load_counts(Rs, rows, m, HV, i_hv, cols, K, RESETS)
+                    row_pq = tl.zeros([BC, BK], dtype=tl.float32)  # rowpair(P, K): dQ, and Q * it into dG
+                    row_pl = tl.zeros([BC, BK], dtype=tl.float32)  # rowpair(dL, K)
+                    col = tl.zeros([BC, BK], dtype=tl.float32)  # colpair(P, Q) + colpair(beta dL, K)
 
-            # pairs inside I: step j takes token src = a + j, as column of the later rows
-            # (rowpair: P[r, src] K_src exp(G_r - G_src), src < r) and as row of the earlier
-            # columns (colpair: (P[src, i] Q_src + beta_src dL[src, i] K_src) exp(G_src - G_i),
-            # src > i); a pair across a reset has ratio 0 (the counts differ)
-            if DIAG_COLS == 1:  # (DIAG_COLS = 0: none here, chunk_pair_grads_diag adds them)
-                for j in range(BC):
-                    src = a + j
-                    ok = src < eos
-                    m_j = ok & (cols < K)
-                    k_j = tl.load(k + (src * H + i_h) * K + cols, mask=m_j, other=0.0).to(tl.float32)
-                    q_j = tl.load(q + (src * H + i_h) * K + cols, mask=m_j, other=0.0).to(tl.float32)
-                    g_j = tl.load(G + (src * HV + i_hv) * K + cols, mask=m_j, other=0.0)
-                    same = cnt_r == load_counts_row(Rs, src, ok, HV, i_hv, cols, K, RESETS)[None, :]
-                    at_j = (rows * HV + i_hv) * BT + I * BC + j  # P[r, src] for each row r of I
-                    p_r = tl.load(P + at_j, mask=m, other=0.0)
-                    l_r = tl.load(DL + at_j, mask=m, other=0.0)
-                    ke = k_j[None, :] * tl.exp(
-                        tl.where((m & (o > j))[:, None] & same, g_r - g_j[None, :], float("-inf"))
-                    )
-                    row_pq += p_r[:, None] * ke
-                    row_pl += l_r[:, None] * ke
-                    from_j = (src * HV + i_hv) * BT + I * BC + o  # P[src, i] for each column i of I
-                    p_c = tl.load(P + from_j, mask=ok, other=0.0)
-                    b_j = tl.load(beta + src * HV + i_hv, mask=ok, other=0.0).to(tl.float32)
-                    lb_c = b_j * tl.load(DL + from_j, mask=ok, other=0.0)
-                    after = (ok & m & (o < j))[:, None] & same
-                    col += (p_c[:, None] * q_j[None, :] + lb_c[:, None] * k_j[None, :]) * tl.exp(
-                        tl.where(after, g_j[None, :] - g_r, float("-inf"))
-                    )
-            elif DIAG_COLS > 1:  # DIAG_COLS tokens src = a + jc per step: [BC, DC, BK] terms summed over jc
-                for s in range(BC // DIAG_COLS):
-                    jc = s * DIAG_COLS + tl.arange(0, DIAG_COLS)
-                    src = a + jc
-                    ok = src < eos
-                    k_c = load_rows(k, src, ok, H, i_h, cols, K)
-                    q_c = load_rows(q, src, ok, H, i_h, cols, K)
-                    g_c = load_rows(G, src, ok, HV, i_hv, cols, K)
-                    same = cnt_r[:, None, :] == load_counts(Rs, src, ok, HV, i_hv, cols, K, RESETS)[None, :, :]
-                    at_c = (rows[:, None] * HV + i_hv) * BT + I * BC + jc[None, :]  # P[r, src] [BC, DC]
-                    p_r = tl.load(P + at_c, mask=m[:, None], other=0.0)
-                    l_r = tl.load(DL + at_c, mask=m[:, None], other=0.0)
-                    before = (m[:, None] & (o[:, None] > jc[None, :]))[:, :, None] & same
-                    ke = k_c[None, :, :] * tl.exp(tl.where(before, g_r[:, None, :] - g_c[None, :, :], float("-inf")))
-                    row_pq += tl.sum(p_r[:, :, None] * ke, axis=1)
-                    row_pl += tl.sum(l_r[:, :, None] * ke, axis=1)
-                    from_c = (src[None, :] * HV + i_hv) * BT + I * BC + o[:, None]  # P[src, i] at [i, j]
-                    p_c = tl.load(P + from_c, mask=ok[None, :], other=0.0)
-                    b_c = tl.load(beta + src * HV + i_hv, mask=ok, other=0.0).to(tl.float32)
-                    lb_c = b_c[None, :] * tl.load(DL + from_c, mask=ok[None, :], other=0.0)
-                    after = (ok[None, :] & m[:, None] & (o[:, None] < jc[None, :]))[:, :, None] & same
-                    term = p_c[:, :, None] * q_c[None, :, :] + lb_c[:, :, None] * k_c[None, :, :]
-                    col += tl.sum(
-                        term * tl.exp(tl.where(after, g_c[None, :, :] - g_r[:, None, :], float("-inf"))), axis=1
-                    )
+                    # pairs inside I: step j takes token src = a + j, as column of the later rows
+                    # (rowpair: P[r, src] K_src exp(G_r - G_src), src < r) and as row of the earlier
+                    # columns (colpair: (P[src, i] Q_src + beta_src dL[src, i] K_src) exp(G_src - G_i),
+                    # src > i); a pair across a reset has ratio 0 (the counts differ)
+                    if DIAG_COLS == 1:  # (DIAG_COLS = 0: none here, chunk_pair_grads_diag adds them)
+                        for j in range(BC):
+                            src = a + j
+                            ok = src < eos
+                            m_j = ok & (cols < K)
+                            k_j = tl.load(k + (src * H + i_h) * K + cols, mask=m_j, other=0.0).to(tl.float32)
+                            q_j = tl.load(q + (src * H + i_h) * K + cols, mask=m_j, other=0.0).to(tl.float32)
+                            g_j = tl.load(G + (src * HV + i_hv) * K + cols, mask=m_j, other=0.0)
+                            same = cnt_r == load_counts_row(Rs, src, ok, HV, i_hv, cols, K, RESETS)[None, :]
+                            at_j = (rows * HV + i_hv) * BT + I * BC + j  # P[r, src] for each row r of I
+                            p_r = tl.load(P + at_j, mask=m, other=0.0)
+                            l_r = tl.load(DL + at_j, mask=m, other=0.0)
+                            ke = k_j[None, :] * tl.exp(
+                                tl.where((m & (o > j))[:, None] & same, g_r - g_j[None, :], float("-inf"))
+                            )
+                            row_pq += p_r[:, None] * ke
+                            row_pl += l_r[:, None] * ke
+                            from_j = (src * HV + i_hv) * BT + I * BC + o  # P[src, i] for each column i of I
+                            p_c = tl.load(P + from_j, mask=ok, other=0.0)
+                            b_j = tl.load(beta + src * HV + i_hv, mask=ok, other=0.0).to(tl.float32)
+                            lb_c = b_j * tl.load(DL + from_j, mask=ok, other=0.0)
+                            after = (ok & m & (o < j))[:, None] & same
+                            col += (p_c[:, None] * q_j[None, :] + lb_c[:, None] * k_j[None, :]) * tl.exp(
+                                tl.where(after, g_j[None, :] - g_r, float("-inf"))
+                            )
+                    elif DIAG_COLS > 1:  # DIAG_COLS tokens src = a + jc per step: [BC, DC, BK] terms summed over jc
+                        for s in range(BC // DIAG_COLS):
+                            jc = s * DIAG_COLS + tl.arange(0, DIAG_COLS)
+                            src = a + jc
+                            ok = src < eos
+                            k_c = load_rows(k, src, ok, H, i_h, cols, K)
+                            q_c = load_rows(q, src, ok, H, i_h, cols, K)
+                            g_c = load_rows(G, src, ok, HV, i_hv, cols, K)
+                            same = cnt_r[:, None, :] == load_counts(Rs, src, ok, HV, i_hv, cols, K, RESETS)[None, :, :]
+                            at_c = (rows[:, None] * HV + i_hv) * BT + I * BC + jc[None, :]  # P[r, src] [BC, DC]
+                            p_r = tl.load(P + at_c, mask=m[:, None], other=0.0)
+                            l_r = tl.load(DL + at_c, mask=m[:, None], other=0.0)
+                            before = (m[:, None] & (o[:, None] > jc[None, :]))[:, :, None] & same
+                            ke = k_c[None, :, :] * tl.exp(
+                                tl.where(before, g_r[:, None, :] - g_c[None, :, :], float("-inf"))
+                            )
+                            row_pq += tl.sum(p_r[:, :, None] * ke, axis=1)
+                            row_pl += tl.sum(l_r[:, :, None] * ke, axis=1)
+                            from_c = (src[None, :] * HV + i_hv) * BT + I * BC + o[:, None]  # P[src, i] at [i, j]
+                            p_c = tl.load(P + from_c, mask=ok[None, :], other=0.0)
+                            b_c = tl.load(beta + src * HV + i_hv, mask=ok, other=0.0).to(tl.float32)
+                            lb_c = b_c[None, :] * tl.load(DL + from_c, mask=ok[None, :], other=0.0)
+                            after = (ok[None, :] & m[:, None] & (o[:, None] < jc[None, :]))[:, :, None] & same
+                            term = p_c[:, :, None] * q_c[None, :, :] + lb_c[:, :, None] * k_c[None, :, :]
+                            col += tl.sum(
+                                term * tl.exp(tl.where(after, g_c[None, :, :] - g_r[:, None, :], float("-inf"))), axis=1
+                            )
 
-            # rows of I, columns before a (anchor a; a reset between i and r lies in (i, a] or
-            # (a, r]: one factor is 0). Each product is three 16-bit dots (mma_hilo; the pair
-            # terms' dG contributions cancel in dg: one bf16 dot each was too coarse for it).
-            if I > 0:
-                g_a = tl.load(G + (a * HV + i_hv) * K + cols, mask=cols < K, other=0.0)
-                cnt_a = load_counts_row(Rs, a, a < eos, HV, i_hv, cols, K, RESETS)
-                m_p = oc < I * BC
-                g_p = load_rows(G, chunk, m_p, HV, i_hv, cols, K)
-                same_p = load_counts(Rs, chunk, m_p, HV, i_hv, cols, K, RESETS) == cnt_a[None, :]
-                kp = load_rows(k, chunk, m_p, H, i_h, cols, K) * tl.exp(
-                    tl.where(m_p[:, None] & same_p, g_a[None, :] - g_p, float("-inf"))
-                )
-                e_r = tl.exp(tl.where(m[:, None] & (cnt_r == cnt_a[None, :]), g_r - g_a[None, :], float("-inf")))
-                row_pq += e_r * mma_hilo(p_b, kp, DOT_DTYPE, PRECISION)
-                row_pl += e_r * mma_hilo(l_b, kp, DOT_DTYPE, PRECISION)
+                    # rows of I, columns before a (anchor a; a reset between i and r lies in (i, a] or
+                    # (a, r]: one factor is 0). Each product is three 16-bit dots (mma_hilo; the pair
+                    # terms' dG contributions cancel in dg: one bf16 dot each was too coarse for it).
+                    if I > 0:
+                        g_a = tl.load(G + (a * HV + i_hv) * K + cols, mask=cols < K, other=0.0)
+                        cnt_a = load_counts_row(Rs, a, a < eos, HV, i_hv, cols, K, RESETS)
+                        m_p = oc < I * BC
+                        g_p = load_rows(G, chunk, m_p, HV, i_hv, cols, K)
+                        same_p = load_counts(Rs, chunk, m_p, HV, i_hv, cols, K, RESETS) == cnt_a[None, :]
+                        kp = load_rows(k, chunk, m_p, H, i_h, cols, K) * tl.exp(
+                            tl.where(m_p[:, None] & same_p, g_a[None, :] - g_p, float("-inf"))
+                        )
+                        e_r = tl.exp(
+                            tl.where(m[:, None] & (cnt_r == cnt_a[None, :]), g_r - g_a[None, :], float("-inf"))
+                        )
+                        row_pq += e_r * mma_hilo(p_b, kp, DOT_DTYPE, PRECISION)
+                        row_pl += e_r * mma_hilo(l_b, kp, DOT_DTYPE, PRECISION)
 
-            # columns of I, rows after I (anchor a2, the next sub-chunk's first token)
-            if (I + 1 < NB) & (a2 < eos):
-                g_a2 = tl.load(G + (a2 * HV + i_hv) * K + cols, mask=cols < K, other=0.0)
-                cnt_a2 = load_counts_row(Rs, a2, a2 < eos, HV, i_hv, cols, K, RESETS)
-                m_n = (oc >= (I + 1) * BC) & (chunk < eos)
-                g_n = load_rows(G, chunk, m_n, HV, i_hv, cols, K)
-                same_n = load_counts(Rs, chunk, m_n, HV, i_hv, cols, K, RESETS) == cnt_a2[None, :]
-                e_n = tl.exp(tl.where(m_n[:, None] & same_n, g_n - g_a2[None, :], float("-inf")))
-                c_b = mma_hilo(p_t, load_rows(q, chunk, m_n, H, i_h, cols, K) * e_n, DOT_DTYPE, PRECISION)
-                c_b += mma_hilo(lb_t, load_rows(k, chunk, m_n, H, i_h, cols, K) * e_n, DOT_DTYPE, PRECISION)
-                e_i = tl.exp(tl.where(m[:, None] & (cnt_r == cnt_a2[None, :]), g_a2[None, :] - g_r, float("-inf")))
-                col += e_i * c_b
+                    # columns of I, rows after I (anchor a2, the next sub-chunk's first token)
+                    if (I + 1 < NB) & (a2 < eos):
+                        g_a2 = tl.load(G + (a2 * HV + i_hv) * K + cols, mask=cols < K, other=0.0)
+                        cnt_a2 = load_counts_row(Rs, a2, a2 < eos, HV, i_hv, cols, K, RESETS)
+                        m_n = (oc >= (I + 1) * BC) & (chunk < eos)
+                        g_n = load_rows(G, chunk, m_n, HV, i_hv, cols, K)
+                        same_n = load_counts(Rs, chunk, m_n, HV, i_hv, cols, K, RESETS) == cnt_a2[None, :]
+                        e_n = tl.exp(tl.where(m_n[:, None] & same_n, g_n - g_a2[None, :], float("-inf")))
+                        c_b = mma_hilo(p_t, load_rows(q, chunk, m_n, H, i_h, cols, K) * e_n, DOT_DTYPE, PRECISION)
+                        c_b += mma_hilo(lb_t, load_rows(k, chunk, m_n, H, i_h, cols, K) * e_n, DOT_DTYPE, PRECISION)
+                        e_i = tl.exp(
+                            tl.where(m[:, None] & (cnt_r == cnt_a2[None, :]), g_a2[None, :] - g_r, float("-inf"))
+                        )
+                        col += e_i * c_b
 
-            out_k = (rows[:, None] * HV + i_hv) * K + cols[None, :]
-            dq_c = tl.load(dq + out_k, mask=m_k, other=0.0)  # chunk_grads' parts
-            dk_c = tl.load(dk + out_k, mask=m_k, other=0.0)
-            dG = tl.load(dg + out_k, mask=m_k, other=0.0)
-            # the diagonal pairs of Aqk (r = i, ratio exactly 1) feed dq and dk only: their dG
-            # terms q_r P_rr k_r and -k_r P_rr q_r cancel exactly in the algebra but not after
-            # two roundings, and a residual where the true dg is 0 is an infinite relative error
-            dq_c += row_pq + p_diag[:, None] * k_r
-            dG += q_r * row_pq
-            db += tl.sum(k_r * row_pl, axis=1)  # a sum over K: across the blocks
-            dk_c += b_r[:, None] * row_pl + col + p_diag[:, None] * q_r
-            dG += (b_r[:, None] * k_r) * row_pl - k_r * col
-            tl.store(dq + out_k, dq_c, mask=m_k)
-            tl.store(dk + out_k, dk_c, mask=m_k)
-            tl.store(dg + out_k, dG, mask=m_k)
-        tl.store(dbeta + rows * HV + i_hv, db, mask=m)
+                    out_k = (rows[:, None] * HV + i_hv) * K + cols[None, :]
+                    dq_c = tl.load(dq + out_k, mask=m_k, other=0.0)  # chunk_grads' parts
+                    dk_c = tl.load(dk + out_k, mask=m_k, other=0.0)
+                    dG = tl.load(dg + out_k, mask=m_k, other=0.0)
+                    # the diagonal pairs of Aqk (r = i, ratio exactly 1) feed dq and dk only: their dG
+                    # terms q_r P_rr k_r and -k_r P_rr q_r cancel exactly in the algebra but not after
+                    # two roundings, and a residual where the true dg is 0 is an infinite relative error
+                    dq_c += row_pq + p_diag[:, None] * k_r
+                    dG += q_r * row_pq
+                    db += tl.sum(k_r * row_pl, axis=1)  # a sum over K: across the blocks
+                    dk_c += b_r[:, None] * row_pl + col + p_diag[:, None] * q_r
+                    dG += (b_r[:, None] * k_r) * row_pl - k_r * col
+                    tl.store(dq + out_k, dq_c, mask=m_k)
+                    tl.store(dk + out_k, dk_c, mask=m_k)
+                    tl.store(dg + out_k, dG, mask=m_k)
+                tl.store(dbeta + rows * HV + i_hv, db, mask=m)
 
 
 @triton.jit(do_not_specialize=["T", "NBH"])
@@ -420,7 +430,7 @@ def chunk_pair_grads_diag(
     q, k, G, Rs, beta, P, DL, dq, dk, dg, dbeta, cu_seqlens, chunks, T, NBH,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     BH: tl.constexpr, IS_VARLEN: tl.constexpr, RESETS: tl.constexpr,
-    ONLY: tl.constexpr = 0, KP: tl.constexpr = 16,
+    ONLY: tl.constexpr = 0, KP: tl.constexpr = 16, SPAN: tl.constexpr = 1,
 ):  # fmt: skip
     """The pair terms inside each sub-chunk, token-parallel (chunk_pair_grads with DIAG_COLS = 0
     leaves them out), as chunk_diag takes the forward's diagonal tiles: one program per
@@ -434,62 +444,68 @@ def chunk_pair_grads_diag(
     sub-chunk (BT times fewer, longer programs). Memory: q, k, G of the sub-chunk's rows
     again (L1/L2 hits), P and dL's diagonal blocks, and one more read and write of dq, dk,
     dG (fp32) than with the token loop inside chunk_pair_grads."""
-    eos, t0, i_r, r, hb = token_program(cu_seqlens, chunks, T, NBH, HV, BT, BH, IS_VARLEN)
-    if r < eos:
+    eos, t0, i_r0, r0, hb = token_program(cu_seqlens, chunks, T, NBH, HV, BT, BH, IS_VARLEN, SPAN)
+    if r0 < eos:
         hv = hb * BH + tl.arange(0, BH)  # the block's value heads
         m_h = hv < HV
         h = hv // (HV // H)
         last = tl.minimum(t0 + BT, eos) - 1
         if chunk_selected(Rs, last, HV, hv, K, KP, ONLY):  # ONLY: ChunkBlocks.reset_passes
-            rr, hq, hg = r + hv * 0, h[:, None], hv[:, None]  # load_rows' rows: r for every head
-            jr = i_r % BC  # r's place in its sub-chunk
-            a = r - jr  # the sub-chunk's first token
-            w_r = (r * HV + hv) * BT + (i_r - jr)  # P[r, a + j] at w_r + j
-            n_in = tl.minimum(eos - a, BC)  # the sub-chunk's tokens inside the sequence
-            b_r = tl.load(beta + r * HV + hv, mask=m_h, other=0.0).to(tl.float32)
-            p_diag = tl.load(P + w_r + jr, mask=m_h, other=0.0)  # P[r, r]
-            db = tl.load(dbeta + r * HV + hv, mask=m_h, other=0.0)
-            for i_k in range(0, (K + BK - 1) // BK):
-                cols = i_k * BK + tl.arange(0, BK)
-                m_k = m_h[:, None] & (cols[None, :] < K)
-                q_r = load_rows(q, rr, m_h, H, hq, cols, K)
-                k_r = load_rows(k, rr, m_h, H, hq, cols, K)
-                g_r = load_rows(G, rr, m_h, HV, hg, cols, K)
-                c_r = load_counts(Rs, rr, m_h, HV, hg, cols, K, RESETS)
-                row_pq = tl.zeros([BH, BK], dtype=tl.float32)  # rowpair(P, K) at r
-                row_pl = tl.zeros([BH, BK], dtype=tl.float32)  # rowpair(dL, K) at r
-                col = tl.zeros([BH, BK], dtype=tl.float32)  # colpair(P, Q) + colpair(beta dL, K) at r
-                for j in range(0, jr):  # earlier tokens of the sub-chunk: r's row terms
-                    s_j = a + j + hv * 0
-                    same = c_r == load_counts(Rs, s_j, m_h, HV, hg, cols, K, RESETS)  # no reset in (j, r]
-                    ke = load_rows(k, s_j, m_h, H, hq, cols, K) * tl.exp(
-                        tl.where(same, g_r - load_rows(G, s_j, m_h, HV, hg, cols, K), float("-inf"))
-                    )
-                    row_pq += tl.load(P + w_r + j, mask=m_h, other=0.0)[:, None] * ke
-                    row_pl += tl.load(DL + w_r + j, mask=m_h, other=0.0)[:, None] * ke
-                for j in range(jr + 1, n_in):  # later tokens: r as their column
-                    s_j = a + j + hv * 0
-                    same = c_r == load_counts(Rs, s_j, m_h, HV, hg, cols, K, RESETS)
-                    w_j = (s_j * HV + hv) * BT + i_r  # P[a + j, r]
-                    b_j = tl.load(beta + s_j * HV + hv, mask=m_h, other=0.0).to(tl.float32)
-                    p_c = tl.load(P + w_j, mask=m_h, other=0.0)
-                    lb_c = b_j * tl.load(DL + w_j, mask=m_h, other=0.0)
-                    term = p_c[:, None] * load_rows(q, s_j, m_h, H, hq, cols, K)
-                    term += lb_c[:, None] * load_rows(k, s_j, m_h, H, hq, cols, K)
-                    col += term * tl.exp(tl.where(same, load_rows(G, s_j, m_h, HV, hg, cols, K) - g_r, float("-inf")))
-                out_k = (r * HV + hg) * K + cols[None, :]
-                dq_c = tl.load(dq + out_k, mask=m_k, other=0.0)  # chunk_grads' and chunk_pair_grads' parts
-                dk_c = tl.load(dk + out_k, mask=m_k, other=0.0)
-                dG = tl.load(dg + out_k, mask=m_k, other=0.0)
-                dq_c += row_pq + p_diag[:, None] * k_r  # P[r, r]: dq and dk only (chunk_pair_grads says why)
-                dG += q_r * row_pq
-                db += tl.sum(k_r * row_pl, axis=1)
-                dk_c += b_r[:, None] * row_pl + col + p_diag[:, None] * q_r
-                dG += (b_r[:, None] * k_r) * row_pl - k_r * col
-                tl.store(dq + out_k, dq_c, mask=m_k)
-                tl.store(dk + out_k, dk_c, mask=m_k)
-                tl.store(dg + out_k, dG, mask=m_k)
-            tl.store(dbeta + r * HV + hv, db, mask=m_h)
+            for s in range(SPAN):  # the span's tokens (ChunkBlocks.span)
+                i_r = i_r0 + s
+                r = r0 + s
+                if span_has(r, eos, SPAN):
+                    rr, hq, hg = r + hv * 0, h[:, None], hv[:, None]  # load_rows' rows: r for every head
+                    jr = i_r % BC  # r's place in its sub-chunk
+                    a = r - jr  # the sub-chunk's first token
+                    w_r = (r * HV + hv) * BT + (i_r - jr)  # P[r, a + j] at w_r + j
+                    n_in = tl.minimum(eos - a, BC)  # the sub-chunk's tokens inside the sequence
+                    b_r = tl.load(beta + r * HV + hv, mask=m_h, other=0.0).to(tl.float32)
+                    p_diag = tl.load(P + w_r + jr, mask=m_h, other=0.0)  # P[r, r]
+                    db = tl.load(dbeta + r * HV + hv, mask=m_h, other=0.0)
+                    for i_k in range(0, (K + BK - 1) // BK):
+                        cols = i_k * BK + tl.arange(0, BK)
+                        m_k = m_h[:, None] & (cols[None, :] < K)
+                        q_r = load_rows(q, rr, m_h, H, hq, cols, K)
+                        k_r = load_rows(k, rr, m_h, H, hq, cols, K)
+                        g_r = load_rows(G, rr, m_h, HV, hg, cols, K)
+                        c_r = load_counts(Rs, rr, m_h, HV, hg, cols, K, RESETS)
+                        row_pq = tl.zeros([BH, BK], dtype=tl.float32)  # rowpair(P, K) at r
+                        row_pl = tl.zeros([BH, BK], dtype=tl.float32)  # rowpair(dL, K) at r
+                        col = tl.zeros([BH, BK], dtype=tl.float32)  # colpair(P, Q) + colpair(beta dL, K) at r
+                        for j in range(0, jr):  # earlier tokens of the sub-chunk: r's row terms
+                            s_j = a + j + hv * 0
+                            same = c_r == load_counts(Rs, s_j, m_h, HV, hg, cols, K, RESETS)  # no reset in (j, r]
+                            ke = load_rows(k, s_j, m_h, H, hq, cols, K) * tl.exp(
+                                tl.where(same, g_r - load_rows(G, s_j, m_h, HV, hg, cols, K), float("-inf"))
+                            )
+                            row_pq += tl.load(P + w_r + j, mask=m_h, other=0.0)[:, None] * ke
+                            row_pl += tl.load(DL + w_r + j, mask=m_h, other=0.0)[:, None] * ke
+                        for j in range(jr + 1, n_in):  # later tokens: r as their column
+                            s_j = a + j + hv * 0
+                            same = c_r == load_counts(Rs, s_j, m_h, HV, hg, cols, K, RESETS)
+                            w_j = (s_j * HV + hv) * BT + i_r  # P[a + j, r]
+                            b_j = tl.load(beta + s_j * HV + hv, mask=m_h, other=0.0).to(tl.float32)
+                            p_c = tl.load(P + w_j, mask=m_h, other=0.0)
+                            lb_c = b_j * tl.load(DL + w_j, mask=m_h, other=0.0)
+                            term = p_c[:, None] * load_rows(q, s_j, m_h, H, hq, cols, K)
+                            term += lb_c[:, None] * load_rows(k, s_j, m_h, H, hq, cols, K)
+                            col += term * tl.exp(
+                                tl.where(same, load_rows(G, s_j, m_h, HV, hg, cols, K) - g_r, float("-inf"))
+                            )
+                        out_k = (r * HV + hg) * K + cols[None, :]
+                        dq_c = tl.load(dq + out_k, mask=m_k, other=0.0)  # chunk_grads' and chunk_pair_grads' parts
+                        dk_c = tl.load(dk + out_k, mask=m_k, other=0.0)
+                        dG = tl.load(dg + out_k, mask=m_k, other=0.0)
+                        dq_c += row_pq + p_diag[:, None] * k_r  # P[r, r]: dq and dk only (chunk_pair_grads says why)
+                        dG += q_r * row_pq
+                        db += tl.sum(k_r * row_pl, axis=1)
+                        dk_c += b_r[:, None] * row_pl + col + p_diag[:, None] * q_r
+                        dG += (b_r[:, None] * k_r) * row_pl - k_r * col
+                        tl.store(dq + out_k, dq_c, mask=m_k)
+                        tl.store(dk + out_k, dk_c, mask=m_k)
+                        tl.store(dg + out_k, dG, mask=m_k)
+                    tl.store(dbeta + r * HV + hv, db, mask=m_h)
 
 
 @triton.jit(do_not_specialize=["T", "NBH"])

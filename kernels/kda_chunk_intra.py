@@ -143,17 +143,19 @@ def chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT: tl.constexpr, IS_VARLEN: tl.
 
 @triton.jit
 def token_program(
-    cu_seqlens, chunks, T, NBH, HV: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, IS_VARLEN: tl.constexpr
-):
+    cu_seqlens, chunks, T, NBH, HV: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, IS_VARLEN: tl.constexpr,
+    SPAN: tl.constexpr = 1,
+):  # fmt: skip
     """This program's place in a token-parallel launch (chunk_diag, chunk_pair_grads_diag): one
-    program per (chunk, block of BH value heads of one batch row, token of the chunk), a grid
-    of NC * B * cdiv(HV, BH) * BT. Returns (eos, t0: the chunk's first token, i_r: the token's
-    place in the chunk, r = t0 + i_r, hb: the block of value heads); the program has work
-    only where r < eos. (Its heads are formed by the caller inside that branch: returned from
-    here they cost chunk_diag 162 -> 199 registers at sm_90.)"""
+    program per (chunk, block of BH value heads of one batch row, SPAN tokens of the chunk), a
+    grid of NC * B * cdiv(HV, BH) * BT / SPAN. Returns (eos, t0: the chunk's first token, i_r:
+    the place in the chunk of the span's first token, r = t0 + i_r, hb: the block of value
+    heads); the program has work only where r < eos. (Its heads are formed by the caller
+    inside that branch: returned from here they cost chunk_diag 162 -> 199 registers at sm_90.)"""
     NHB: tl.constexpr = (HV + BH - 1) // BH
-    i_c, rest = one_dim_grid((NBH // HV) * NHB * BT)
-    i_bhb, i_r = rest // BT, rest % BT
+    NS: tl.constexpr = BT // SPAN
+    i_c, rest = one_dim_grid((NBH // HV) * NHB * NS)
+    i_bhb, i_r = rest // NS, (rest % NS) * SPAN
     i_b, hb = i_bhb // NHB, i_bhb % NHB
     _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
     return eos, t0, i_r, t0 + i_r, hb
@@ -233,6 +235,17 @@ def chunk_selected(Rs, last, HV: tl.constexpr, hv, K: tl.constexpr, KP: tl.const
                     other=0)  # fmt: skip
         has = tl.max(tl.max(n.to(tl.int32), axis=1), axis=0) > 0
         return has == (ONLY == 2)
+
+
+@triton.jit
+def span_has(x, end, SPAN: tl.constexpr):
+    """Whether unit x (a sub-chunk's first token, or a token) of a program's span lies before
+    end: x < end, or a constexpr True for a span of one unit, whose program checked it already
+    (so an unsplit launch compiles to its code without spans)."""
+    if SPAN == 1:
+        return True
+    else:
+        return x < end
 
 
 @triton.jit
@@ -349,7 +362,7 @@ def chunk_pairs(
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, DIAG_COLS: tl.constexpr,
-    ONLY: tl.constexpr = 0, KP: tl.constexpr = 16,
+    ONLY: tl.constexpr = 0, KP: tl.constexpr = 16, SPAN: tl.constexpr = 1,
 ):  # fmt: skip
     """The rows of one sub-chunk I (BC tokens) of one chunk of one value head: Aqk [BC, BT]
     (diagonal included; in the Aqk buffer's dtype) and L = StrictTril(Diag(beta) ...) [BC, BT]
@@ -374,126 +387,139 @@ def chunk_pairs(
     Earlier columns (sub-chunks J < I): one dot around the anchor a = the first row of
     sub-chunk I, exp(G_r - G_a) exp(G_a - G_i), both <= 0."""
     NB: tl.constexpr = BT // BC
-    i_c, rest = one_dim_grid(NBH * NB)
-    i_bh, I = rest // NB, rest % NB
+    i_c, rest = one_dim_grid(NBH * (NB // SPAN))  # SPAN sub-chunks per program (ChunkBlocks.span)
+    i_bh, I0 = rest // (NB // SPAN), (rest % (NB // SPAN)) * SPAN
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h = i_hv // (HV // H)
     _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
-    a = t0 + I * BC  # the anchor: this sub-chunk's first token
     last = tl.minimum(t0 + BT, eos) - 1
-    if (a < eos) & chunk_selected(Rs, last, HV, i_hv + tl.arange(0, 1), K, KP, ONLY):  # ONLY: ChunkBlocks.reset_passes
-        o = tl.arange(0, BC)
-        oc = tl.arange(0, BT)
-        rows = a + o
-        m = rows < eos
-        prev = t0 + oc  # the chunk's tokens; those before the anchor are the earlier columns
-        m_prev = oc < I * BC
-        b_r = load_beta(beta, rows, m, HV, i_hv, BETA_SIGMOID, NEG_EIGVAL)
-        if L2NORM:  # row norms over all of K first (each block below sees BK columns)
-            q_ss = tl.zeros([BC], dtype=tl.float32)
-            k_ss = tl.zeros([BC], dtype=tl.float32)
-            p_ss = tl.zeros([BT], dtype=tl.float32)
-            for i_k in range(0, (K + BK - 1) // BK):
-                cols = i_k * BK + tl.arange(0, BK)
-                x = load_rows(q, rows, m, H, i_h, cols, K)
-                q_ss += tl.sum(x * x, axis=1)
-                x = load_rows(k, rows, m, H, i_h, cols, K)
-                k_ss += tl.sum(x * x, axis=1)
-                x = load_rows(k, prev, m_prev, H, i_h, cols, K)
-                p_ss += tl.sum(x * x, axis=1)
-            q_norm = tl.sqrt(q_ss + L2NORM_EPS)  # x / sqrt(sum x^2 + eps), as reference/gates.l2norm
-            k_norm = tl.sqrt(k_ss + L2NORM_EPS)
-            p_norm = tl.sqrt(p_ss + L2NORM_EPS)
-        else:  # not read (load_qk_rows takes them only with L2NORM)
-            q_norm = tl.full([BC], 1.0, tl.float32)
-            k_norm = tl.full([BC], 1.0, tl.float32)
+    if (t0 + I0 * BC < eos) & chunk_selected(
+        Rs, last, HV, i_hv + tl.arange(0, 1), K, KP, ONLY
+    ):  # ONLY: ChunkBlocks.reset_passes
+        for s in range(SPAN):
+            I = I0 + s
+            a = t0 + I * BC  # the anchor: this sub-chunk's first token
+            if span_has(a, eos, SPAN):
+                o = tl.arange(0, BC)
+                oc = tl.arange(0, BT)
+                rows = a + o
+                m = rows < eos
+                prev = t0 + oc  # the chunk's tokens; those before the anchor are the earlier columns
+                m_prev = oc < I * BC
+                b_r = load_beta(beta, rows, m, HV, i_hv, BETA_SIGMOID, NEG_EIGVAL)
+                if L2NORM:  # row norms over all of K first (each block below sees BK columns)
+                    q_ss = tl.zeros([BC], dtype=tl.float32)
+                    k_ss = tl.zeros([BC], dtype=tl.float32)
+                    p_ss = tl.zeros([BT], dtype=tl.float32)
+                    for i_k in range(0, (K + BK - 1) // BK):
+                        cols = i_k * BK + tl.arange(0, BK)
+                        x = load_rows(q, rows, m, H, i_h, cols, K)
+                        q_ss += tl.sum(x * x, axis=1)
+                        x = load_rows(k, rows, m, H, i_h, cols, K)
+                        k_ss += tl.sum(x * x, axis=1)
+                        x = load_rows(k, prev, m_prev, H, i_h, cols, K)
+                        p_ss += tl.sum(x * x, axis=1)
+                    q_norm = tl.sqrt(q_ss + L2NORM_EPS)  # x / sqrt(sum x^2 + eps), as reference/gates.l2norm
+                    k_norm = tl.sqrt(k_ss + L2NORM_EPS)
+                    p_norm = tl.sqrt(p_ss + L2NORM_EPS)
+                else:  # not read (load_qk_rows takes them only with L2NORM)
+                    q_norm = tl.full([BC], 1.0, tl.float32)
+                    k_norm = tl.full([BC], 1.0, tl.float32)
 
-        a_qk = tl.zeros([BC, BT], dtype=tl.float32)
-        a_kk = tl.zeros([BC, BT], dtype=tl.float32)
-        for i_k in range(0, (K + BK - 1) // BK):
-            cols = i_k * BK + tl.arange(0, BK)
-            q_r, k_r = load_qk_rows(q, k, rows, m, H, i_h, cols, K, L2NORM, q_norm, k_norm)
-            g_r = load_rows(G, rows, m, HV, i_hv, cols, K)
-            cnt_r = load_counts(Rs, rows, m, HV, i_hv, cols, K, RESETS)  # a pair spans a reset: ratio 0
-            e_g, e_d = row_decays(G, Rs, g_r, cnt_r, m, last, HV, i_hv, cols, K, RESETS)
-            ops = (rows[:, None] * HV + i_hv) * K + cols[None, :]
-            m_ops = m[:, None] & (cols[None, :] < K)
-            tl.store(QG + ops, round_to(q_r * (scale * e_g), QG.dtype.element_ty), mask=m_ops)
-            tl.store(KG + ops, round_to(k_r * e_g, KG.dtype.element_ty), mask=m_ops)
-            tl.store(KD + ops, round_to(k_r * e_d, KD.dtype.element_ty), mask=m_ops)
-            q_r = q_r * scale
-
-            if DIAG_COLS == 1:  # the diagonal tile, one column j (token a + j) per step
-                for j in range(BC):
-                    src = a + j
-                    ok = src < eos
-                    k_j = tl.load(k + (src * H + i_h) * K + cols, mask=ok & (cols < K), other=0.0).to(tl.float32)
-                    if L2NORM:  # token a + j is row j of this sub-chunk
-                        norm_j = tl.sum(tl.where(o == j, k_norm, 0.0), axis=0)
-                        k_j = round_to(k_j / norm_j, k.dtype.element_ty).to(tl.float32)
-                    g_j = tl.load(G + (src * HV + i_hv) * K + cols, mask=ok & (cols < K), other=0.0)
-                    same = cnt_r == load_counts_row(Rs, src, ok, HV, i_hv, cols, K, RESETS)[None, :]
-                    use = (m & (o >= j))[:, None] & same  # i <= r, inside the sequence
-                    k_j = k_j[None, :] * tl.exp(tl.where(use, g_r - g_j[None, :], float("-inf")))
-                    at_j = (oc == I * BC + j)[None, :]
-                    a_qk += tl.where(at_j, tl.sum(q_r * k_j, axis=1)[:, None], 0.0)
-                    a_kk += tl.where(at_j & (o > j)[:, None], tl.sum(k_r * k_j, axis=1)[:, None], 0.0)
-
-            # the earlier sub-chunks, around the anchor (a reset between i and r lies in
-            # (i, a] or in (a, r]: one of the two factors is 0)
-            if I > 0:
-                g_a = tl.load(G + (a * HV + i_hv) * K + cols, mask=cols < K, other=0.0)
-                cnt_a = load_counts_row(Rs, a, a < eos, HV, i_hv, cols, K, RESETS)
-                k_p = load_rows(k, prev, m_prev, H, i_h, cols, K)
-                if L2NORM:
-                    k_p = round_to(k_p / p_norm[:, None], k.dtype.element_ty).to(tl.float32)
-                g_p = load_rows(G, prev, m_prev, HV, i_hv, cols, K)
-                same_p = load_counts(Rs, prev, m_prev, HV, i_hv, cols, K, RESETS) == cnt_a[None, :]
-                e_r = tl.exp(tl.where(m[:, None] & (cnt_r == cnt_a[None, :]), g_r - g_a[None, :], float("-inf")))
-                e_p = tl.exp(tl.where(m_prev[:, None] & same_p, g_a[None, :] - g_p, float("-inf")))
-                k_p = tl.trans(k_p * e_p)
-                a_qk += mma(q_r * e_r, k_p, DOT_DTYPE, PRECISION)
-                a_kk += mma(k_r * e_r, k_p, DOT_DTYPE, PRECISION)
-
-        out = (rows[:, None] * HV + i_hv) * BT + oc[None, :]
-        if DIAG_COLS == 1:
-            tl.store(Aqk + out, round_to(a_qk, Aqk.dtype.element_ty), mask=m[:, None])
-            tl.store(L + out, a_kk * b_r[:, None], mask=m[:, None])
-        else:  # every column but the diagonal tile's here (disjoint stores: no element written twice)
-            off_diag = m[:, None] & ((oc < I * BC) | (oc >= I * BC + BC))[None, :]
-            tl.store(Aqk + out, round_to(a_qk, Aqk.dtype.element_ty), mask=off_diag)
-            tl.store(L + out, a_kk * b_r[:, None], mask=off_diag)
-        if DIAG_COLS > 1:
-            # the diagonal tile, DIAG_COLS columns jc (tokens a + jc) per step, summed over the
-            # K blocks in the loop's order; rows and columns read again (L1/L2 hits)
-            for s in range(BC // DIAG_COLS):
-                jc = s * DIAG_COLS + tl.arange(0, DIAG_COLS)
-                src = a + jc
-                ok = src < eos
-                d_qk = tl.zeros([BC, DIAG_COLS], dtype=tl.float32)
-                d_kk = tl.zeros([BC, DIAG_COLS], dtype=tl.float32)
+                a_qk = tl.zeros([BC, BT], dtype=tl.float32)
+                a_kk = tl.zeros([BC, BT], dtype=tl.float32)
                 for i_k in range(0, (K + BK - 1) // BK):
                     cols = i_k * BK + tl.arange(0, BK)
                     q_r, k_r = load_qk_rows(q, k, rows, m, H, i_h, cols, K, L2NORM, q_norm, k_norm)
-                    k_c = load_rows(k, src, ok, H, i_h, cols, K)
-                    if L2NORM:  # column jc is row jc of this sub-chunk: its norm is k_norm[jc]
-                        norm_c = tl.sum(tl.where(o[None, :] == jc[:, None], k_norm[None, :], 0.0), axis=1)
-                        k_c = round_to(k_c / norm_c[:, None], k.dtype.element_ty).to(tl.float32)
-                    q_r = q_r * scale
                     g_r = load_rows(G, rows, m, HV, i_hv, cols, K)
-                    g_c = load_rows(G, src, ok, HV, i_hv, cols, K)
-                    same = (
-                        load_counts(Rs, rows, m, HV, i_hv, cols, K, RESETS)[:, None, :]
-                        == load_counts(Rs, src, ok, HV, i_hv, cols, K, RESETS)[None, :, :]
-                    )
-                    use = (m[:, None] & (o[:, None] >= jc[None, :]))[:, :, None] & same  # j <= r, in the sequence
-                    k_d = k_c[None, :, :] * tl.exp(tl.where(use, g_r[:, None, :] - g_c[None, :, :], float("-inf")))
-                    d_qk += tl.sum(q_r[:, None, :] * k_d, axis=2)
-                    d_kk += tl.sum(k_r[:, None, :] * k_d, axis=2)
-                out_d = (rows[:, None] * HV + i_hv) * BT + I * BC + jc[None, :]
-                tl.store(Aqk + out_d, round_to(d_qk, Aqk.dtype.element_ty), mask=m[:, None])
-                d_kk = tl.where(o[:, None] > jc[None, :], d_kk, 0.0)  # L is strictly lower triangular
-                tl.store(L + out_d, d_kk * b_r[:, None], mask=m[:, None])
+                    cnt_r = load_counts(Rs, rows, m, HV, i_hv, cols, K, RESETS)  # a pair spans a reset: ratio 0
+                    e_g, e_d = row_decays(G, Rs, g_r, cnt_r, m, last, HV, i_hv, cols, K, RESETS)
+                    ops = (rows[:, None] * HV + i_hv) * K + cols[None, :]
+                    m_ops = m[:, None] & (cols[None, :] < K)
+                    tl.store(QG + ops, round_to(q_r * (scale * e_g), QG.dtype.element_ty), mask=m_ops)
+                    tl.store(KG + ops, round_to(k_r * e_g, KG.dtype.element_ty), mask=m_ops)
+                    tl.store(KD + ops, round_to(k_r * e_d, KD.dtype.element_ty), mask=m_ops)
+                    q_r = q_r * scale
+
+                    if DIAG_COLS == 1:  # the diagonal tile, one column j (token a + j) per step
+                        for j in range(BC):
+                            src = a + j
+                            ok = src < eos
+                            k_j = tl.load(k + (src * H + i_h) * K + cols, mask=ok & (cols < K), other=0.0).to(
+                                tl.float32
+                            )
+                            if L2NORM:  # token a + j is row j of this sub-chunk
+                                norm_j = tl.sum(tl.where(o == j, k_norm, 0.0), axis=0)
+                                k_j = round_to(k_j / norm_j, k.dtype.element_ty).to(tl.float32)
+                            g_j = tl.load(G + (src * HV + i_hv) * K + cols, mask=ok & (cols < K), other=0.0)
+                            same = cnt_r == load_counts_row(Rs, src, ok, HV, i_hv, cols, K, RESETS)[None, :]
+                            use = (m & (o >= j))[:, None] & same  # i <= r, inside the sequence
+                            k_j = k_j[None, :] * tl.exp(tl.where(use, g_r - g_j[None, :], float("-inf")))
+                            at_j = (oc == I * BC + j)[None, :]
+                            a_qk += tl.where(at_j, tl.sum(q_r * k_j, axis=1)[:, None], 0.0)
+                            a_kk += tl.where(at_j & (o > j)[:, None], tl.sum(k_r * k_j, axis=1)[:, None], 0.0)
+
+                    # the earlier sub-chunks, around the anchor (a reset between i and r lies in
+                    # (i, a] or in (a, r]: one of the two factors is 0)
+                    if I > 0:
+                        g_a = tl.load(G + (a * HV + i_hv) * K + cols, mask=cols < K, other=0.0)
+                        cnt_a = load_counts_row(Rs, a, a < eos, HV, i_hv, cols, K, RESETS)
+                        k_p = load_rows(k, prev, m_prev, H, i_h, cols, K)
+                        if L2NORM:
+                            k_p = round_to(k_p / p_norm[:, None], k.dtype.element_ty).to(tl.float32)
+                        g_p = load_rows(G, prev, m_prev, HV, i_hv, cols, K)
+                        same_p = load_counts(Rs, prev, m_prev, HV, i_hv, cols, K, RESETS) == cnt_a[None, :]
+                        e_r = tl.exp(
+                            tl.where(m[:, None] & (cnt_r == cnt_a[None, :]), g_r - g_a[None, :], float("-inf"))
+                        )
+                        e_p = tl.exp(tl.where(m_prev[:, None] & same_p, g_a[None, :] - g_p, float("-inf")))
+                        k_p = tl.trans(k_p * e_p)
+                        a_qk += mma(q_r * e_r, k_p, DOT_DTYPE, PRECISION)
+                        a_kk += mma(k_r * e_r, k_p, DOT_DTYPE, PRECISION)
+
+                out = (rows[:, None] * HV + i_hv) * BT + oc[None, :]
+                if DIAG_COLS == 1:
+                    tl.store(Aqk + out, round_to(a_qk, Aqk.dtype.element_ty), mask=m[:, None])
+                    tl.store(L + out, a_kk * b_r[:, None], mask=m[:, None])
+                else:  # every column but the diagonal tile's here (disjoint stores: no element written twice)
+                    off_diag = m[:, None] & ((oc < I * BC) | (oc >= I * BC + BC))[None, :]
+                    tl.store(Aqk + out, round_to(a_qk, Aqk.dtype.element_ty), mask=off_diag)
+                    tl.store(L + out, a_kk * b_r[:, None], mask=off_diag)
+                if DIAG_COLS > 1:
+                    # the diagonal tile, DIAG_COLS columns jc (tokens a + jc) per step, summed over the
+                    # K blocks in the loop's order; rows and columns read again (L1/L2 hits)
+                    for s in range(BC // DIAG_COLS):
+                        jc = s * DIAG_COLS + tl.arange(0, DIAG_COLS)
+                        src = a + jc
+                        ok = src < eos
+                        d_qk = tl.zeros([BC, DIAG_COLS], dtype=tl.float32)
+                        d_kk = tl.zeros([BC, DIAG_COLS], dtype=tl.float32)
+                        for i_k in range(0, (K + BK - 1) // BK):
+                            cols = i_k * BK + tl.arange(0, BK)
+                            q_r, k_r = load_qk_rows(q, k, rows, m, H, i_h, cols, K, L2NORM, q_norm, k_norm)
+                            k_c = load_rows(k, src, ok, H, i_h, cols, K)
+                            if L2NORM:  # column jc is row jc of this sub-chunk: its norm is k_norm[jc]
+                                norm_c = tl.sum(tl.where(o[None, :] == jc[:, None], k_norm[None, :], 0.0), axis=1)
+                                k_c = round_to(k_c / norm_c[:, None], k.dtype.element_ty).to(tl.float32)
+                            q_r = q_r * scale
+                            g_r = load_rows(G, rows, m, HV, i_hv, cols, K)
+                            g_c = load_rows(G, src, ok, HV, i_hv, cols, K)
+                            same = (
+                                load_counts(Rs, rows, m, HV, i_hv, cols, K, RESETS)[:, None, :]
+                                == load_counts(Rs, src, ok, HV, i_hv, cols, K, RESETS)[None, :, :]
+                            )
+                            use = (m[:, None] & (o[:, None] >= jc[None, :]))[
+                                :, :, None
+                            ] & same  # j <= r, in the sequence
+                            k_d = k_c[None, :, :] * tl.exp(
+                                tl.where(use, g_r[:, None, :] - g_c[None, :, :], float("-inf"))
+                            )
+                            d_qk += tl.sum(q_r[:, None, :] * k_d, axis=2)
+                            d_kk += tl.sum(k_r[:, None, :] * k_d, axis=2)
+                        out_d = (rows[:, None] * HV + i_hv) * BT + I * BC + jc[None, :]
+                        tl.store(Aqk + out_d, round_to(d_qk, Aqk.dtype.element_ty), mask=m[:, None])
+                        d_kk = tl.where(o[:, None] > jc[None, :], d_kk, 0.0)  # L is strictly lower triangular
+                        tl.store(L + out_d, d_kk * b_r[:, None], mask=m[:, None])
 
 
 @triton.jit(do_not_specialize=["T", "NBH"])  # lengths: one compile for any T (NOTES.md, "Lengths not specialized")
@@ -502,7 +528,7 @@ def chunk_diag(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     BH: tl.constexpr, IS_VARLEN: tl.constexpr, RESETS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
-    ONLY: tl.constexpr = 0, KP: tl.constexpr = 16,
+    ONLY: tl.constexpr = 0, KP: tl.constexpr = 16, SPAN: tl.constexpr = 1,
 ):  # fmt: skip
     """The diagonal tiles of Aqk and L, token-parallel (chunk_pairs with DIAG_COLS = 0 leaves
     them out): one program per (chunk, block of BH value heads of one batch row, token r of
@@ -517,67 +543,71 @@ def chunk_diag(
     The products and sums are chunk_pairs' own, in its order (K in blocks of BK, each block
     summed, blocks added in turn; q scaled before the product), so the tiles are bitwise those
     of the column loop under the interpreter (test_kda_chunk)."""
-    eos, t0, i_r, r, hb = token_program(cu_seqlens, chunks, T, NBH, HV, BT, BH, IS_VARLEN)
-    if r < eos:
+    eos, t0, i_r0, r0, hb = token_program(cu_seqlens, chunks, T, NBH, HV, BT, BH, IS_VARLEN, SPAN)
+    if r0 < eos:
         hv = hb * BH + tl.arange(0, BH)  # the block's value heads
         m_h = hv < HV
         h = hv // (HV // H)
         last = tl.minimum(t0 + BT, eos) - 1
         if chunk_selected(Rs, last, HV, hv, K, KP, ONLY):  # ONLY: ChunkBlocks.reset_passes
-            # one token r for a block of heads: load_rows' rows are r repeated, its head a column
-            rr, hq, hg = r + hv * 0, h[:, None], hv[:, None]
-            a = t0 + (i_r // BC) * BC  # the sub-chunk's first token
-            oj = tl.arange(0, BC)
-            b_r = load_beta(beta, r + hv * 0, m_h, HV, hv, BETA_SIGMOID, NEG_EIGVAL)
-            if L2NORM:  # row r's norms over all of K (chunk_pairs' first pass)
-                q_ss = tl.zeros([BH], dtype=tl.float32)
-                k_ss = tl.zeros([BH], dtype=tl.float32)
-                for i_k in range(0, (K + BK - 1) // BK):
-                    cols = i_k * BK + tl.arange(0, BK)
-                    x = load_rows(q, rr, m_h, H, hq, cols, K)
-                    q_ss += tl.sum(x * x, axis=1)
-                    x = load_rows(k, rr, m_h, H, hq, cols, K)
-                    k_ss += tl.sum(x * x, axis=1)
-                q_norm = tl.sqrt(q_ss + L2NORM_EPS)
-                k_norm = tl.sqrt(k_ss + L2NORM_EPS)
-            d_qk = tl.zeros([BH, BC], dtype=tl.float32)
-            d_kk = tl.zeros([BH, BC], dtype=tl.float32)
-            # row r's q, k, G and counts loaded once per block of K, not once per column j;
-            # each column's sum over K is still block 0 + block 1 + ..., so bitwise the same
-            if L2NORM:  # the columns' norms first: column j's over all of K
-                n_j = tl.zeros([BH, BC], dtype=tl.float32)
-                for j in range(0, i_r % BC + 1):
-                    j_ss = tl.zeros([BH], dtype=tl.float32)
+            for s in range(SPAN):  # the span's tokens (ChunkBlocks.span)
+                i_r = i_r0 + s
+                r = r0 + s
+                if span_has(r, eos, SPAN):
+                    # one token r for a block of heads: load_rows' rows are r repeated, its head a column
+                    rr, hq, hg = r + hv * 0, h[:, None], hv[:, None]
+                    a = t0 + (i_r // BC) * BC  # the sub-chunk's first token
+                    oj = tl.arange(0, BC)
+                    b_r = load_beta(beta, r + hv * 0, m_h, HV, hv, BETA_SIGMOID, NEG_EIGVAL)
+                    if L2NORM:  # row r's norms over all of K (chunk_pairs' first pass)
+                        q_ss = tl.zeros([BH], dtype=tl.float32)
+                        k_ss = tl.zeros([BH], dtype=tl.float32)
+                        for i_k in range(0, (K + BK - 1) // BK):
+                            cols = i_k * BK + tl.arange(0, BK)
+                            x = load_rows(q, rr, m_h, H, hq, cols, K)
+                            q_ss += tl.sum(x * x, axis=1)
+                            x = load_rows(k, rr, m_h, H, hq, cols, K)
+                            k_ss += tl.sum(x * x, axis=1)
+                        q_norm = tl.sqrt(q_ss + L2NORM_EPS)
+                        k_norm = tl.sqrt(k_ss + L2NORM_EPS)
+                    d_qk = tl.zeros([BH, BC], dtype=tl.float32)
+                    d_kk = tl.zeros([BH, BC], dtype=tl.float32)
+                    # row r's q, k, G and counts loaded once per block of K, not once per column j;
+                    # each column's sum over K is still block 0 + block 1 + ..., so bitwise the same
+                    if L2NORM:  # the columns' norms first: column j's over all of K
+                        n_j = tl.zeros([BH, BC], dtype=tl.float32)
+                        for j in range(0, i_r % BC + 1):
+                            j_ss = tl.zeros([BH], dtype=tl.float32)
+                            for i_k in range(0, (K + BK - 1) // BK):
+                                cols = i_k * BK + tl.arange(0, BK)
+                                x = load_rows(k, a + j + hv * 0, m_h, H, hq, cols, K)
+                                j_ss += tl.sum(x * x, axis=1)
+                            n_j += tl.where((oj == j)[None, :], tl.sqrt(j_ss + L2NORM_EPS)[:, None], 0.0)
                     for i_k in range(0, (K + BK - 1) // BK):
                         cols = i_k * BK + tl.arange(0, BK)
-                        x = load_rows(k, a + j + hv * 0, m_h, H, hq, cols, K)
-                        j_ss += tl.sum(x * x, axis=1)
-                    n_j += tl.where((oj == j)[None, :], tl.sqrt(j_ss + L2NORM_EPS)[:, None], 0.0)
-            for i_k in range(0, (K + BK - 1) // BK):
-                cols = i_k * BK + tl.arange(0, BK)
-                q_r = load_rows(q, rr, m_h, H, hq, cols, K)
-                k_r = load_rows(k, rr, m_h, H, hq, cols, K)
-                if L2NORM:
-                    q_r = round_to(q_r / q_norm[:, None], q.dtype.element_ty).to(tl.float32)
-                    k_r = round_to(k_r / k_norm[:, None], k.dtype.element_ty).to(tl.float32)
-                q_r = q_r * scale
-                g_r = load_rows(G, rr, m_h, HV, hg, cols, K)
-                c_r = load_counts(Rs, rr, m_h, HV, hg, cols, K, RESETS)
-                for j in range(0, i_r % BC + 1):
-                    src = a + j
-                    at_j = (oj == j)[None, :]
-                    k_j = load_rows(k, src + hv * 0, m_h, H, hq, cols, K)
-                    if L2NORM:
-                        norm_j = tl.sum(tl.where(at_j, n_j, 0.0), axis=1)
-                        k_j = round_to(k_j / norm_j[:, None], k.dtype.element_ty).to(tl.float32)
-                    g_j = load_rows(G, src + hv * 0, m_h, HV, hg, cols, K)
-                    same = c_r == load_counts(Rs, src + hv * 0, m_h, HV, hg, cols, K, RESETS)
-                    k_j = k_j * tl.exp(tl.where(same, g_r - g_j, float("-inf")))
-                    d_qk += tl.where(at_j, tl.sum(q_r * k_j, axis=1)[:, None], 0.0)
-                    d_kk += tl.where(at_j & (j < i_r % BC), tl.sum(k_r * k_j, axis=1)[:, None], 0.0)
-            out = (r * HV + hv[:, None]) * BT + (a - t0) + oj[None, :]
-            tl.store(Aqk + out, round_to(d_qk, Aqk.dtype.element_ty), mask=m_h[:, None])
-            tl.store(L + out, d_kk * b_r[:, None], mask=m_h[:, None])
+                        q_r = load_rows(q, rr, m_h, H, hq, cols, K)
+                        k_r = load_rows(k, rr, m_h, H, hq, cols, K)
+                        if L2NORM:
+                            q_r = round_to(q_r / q_norm[:, None], q.dtype.element_ty).to(tl.float32)
+                            k_r = round_to(k_r / k_norm[:, None], k.dtype.element_ty).to(tl.float32)
+                        q_r = q_r * scale
+                        g_r = load_rows(G, rr, m_h, HV, hg, cols, K)
+                        c_r = load_counts(Rs, rr, m_h, HV, hg, cols, K, RESETS)
+                        for j in range(0, i_r % BC + 1):
+                            src = a + j
+                            at_j = (oj == j)[None, :]
+                            k_j = load_rows(k, src + hv * 0, m_h, H, hq, cols, K)
+                            if L2NORM:
+                                norm_j = tl.sum(tl.where(at_j, n_j, 0.0), axis=1)
+                                k_j = round_to(k_j / norm_j[:, None], k.dtype.element_ty).to(tl.float32)
+                            g_j = load_rows(G, src + hv * 0, m_h, HV, hg, cols, K)
+                            same = c_r == load_counts(Rs, src + hv * 0, m_h, HV, hg, cols, K, RESETS)
+                            k_j = k_j * tl.exp(tl.where(same, g_r - g_j, float("-inf")))
+                            d_qk += tl.where(at_j, tl.sum(q_r * k_j, axis=1)[:, None], 0.0)
+                            d_kk += tl.where(at_j & (j < i_r % BC), tl.sum(k_r * k_j, axis=1)[:, None], 0.0)
+                    out = (r * HV + hv[:, None]) * BT + (a - t0) + oj[None, :]
+                    tl.store(Aqk + out, round_to(d_qk, Aqk.dtype.element_ty), mask=m_h[:, None])
+                    tl.store(L + out, d_kk * b_r[:, None], mask=m_h[:, None])
 
 
 @triton.jit

@@ -119,8 +119,11 @@ def first_fit(kernel: str, dtype: str, K: int, V: int, usage: bool = False) -> d
     if kernel == "pair_grads":  # one config, no fallback (kda_chunk.chunk_kda_backward)
         configs, warps = [{}], BLOCKS.PAIR_GRADS_WARPS
     else:
-        configs = BLOCKS.fitting(BLOCKS.bv(K, V), dot, reload=kernel == "grads" and BK >= 256)
+        BV = BLOCKS.bv(K, V)
         warps = BLOCKS.recurrence_warps(K) if kernel == "recurrence" else BLOCKS.warps(BK)
+        if kernel == "dh_recurrence":  # its own block choices (kda_chunk.chunk_kda_backward)
+            BV, warps = BLOCKS.DH_BV or BV, BLOCKS.DH_WARPS or BLOCKS.warps(K)
+        configs = BLOCKS.fitting(BV, dot, reload=kernel == "grads" and BK >= 256)
     for config in configs:
         meta = {n: v for n, v in config.items() if n != "num_stages"}
         compiled = compile_sm90(fn, dtype, {**consts, **meta}, warps, config.get("num_stages", 3))

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from kdaverify.equivalence.cases import CaseSpec
 from kdaverify.equivalence.gradients import (
+    GRAD_INPUTS,
     autograd_grads,
     cotangents,
     expect_gradients,
@@ -478,6 +479,41 @@ def test_reset_split_changes_no_bit(monkeypatch):
             assert torch.equal(a, b), f"{what}: the launches split at level {split} differ from one launch"
         for n, d in got[0][1].items():
             assert torch.equal(d, got[split][1][n]), f"d{n}: the launches split at level {split} differ from one launch"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dh_ops_change_no_bit(monkeypatch, dtype):
+    """chunk_dh_recurrence reading the forward's QG, KG, KD (ChunkBlocks.DH_OPS) gives every
+    gradient of the form that builds them from q, k, G and the reset counts, bit for bit under
+    the interpreter (the same products, rounded as mma rounds them), and the oracle's compiled.
+    GVA (their rows are per value head, q and k's per query head), a packed batch whose
+    second sequence ends inside a chunk (rows past it unwritten in QG), resets, an initial
+    state; and a second backward through the same graph (retain_graph), which finds them
+    freed by the first and forms them again."""
+    from dataclasses import replace
+
+    from kdaverify.kernels import kda_chunk
+    from kdaverify.kernels.runtime import INTERPRET
+
+    spec = CaseSpec(T=90, K=20, V=12, H=1, G=3, h0=True, seqlens=(70, 20), gate="reset", seed=53)
+    h = Harness(DEFAULT, DTYPES[dtype])
+    t = h.inputs(spec.arrays())
+    do, dht = cotangents(spec, h.dtype, DEVICE, "o and final_state")
+    got = {}
+    for ops in (0, 1):
+        monkeypatch.setattr(kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, DH_OPS=ops))
+        if not INTERPRET:
+            h.expect_oracle(f"DH_OPS {ops}", t, spec.scale)
+            continue
+        leaves = {n: t[n].detach().clone().requires_grad_() for n in GRAD_INPUTS if t[n] is not None}
+        o, ht = DEFAULT.call({**t, **leaves}, scale=spec.scale)
+        first = torch.autograd.grad([o, ht], list(leaves.values()), [do, dht], retain_graph=True)
+        again = torch.autograd.grad([o, ht], list(leaves.values()), [do, dht])
+        got[ops] = dict(zip(leaves, first, strict=True))
+        for n, a, b in zip(leaves, first, again, strict=True):
+            assert torch.equal(a, b), f"d{n}: the second backward (operands formed again) differs from the first"
+    for n, d in got.get(0, {}).items():
+        assert torch.equal(d, got[1][n]), f"d{n}: DH_OPS 1 differs from DH_OPS 0"
 
 
 def test_bfloat16_backward_is_deterministic_and_typed():

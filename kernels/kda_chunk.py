@@ -195,6 +195,15 @@ class ChunkBlocks:
     # docstring); this kernel passed the GPU gradient conformance at BV 32 (24 of 24 checks).
     DH_WARPS: int = 0
     DH_BV: int = 32
+    # DH_OPS = 1: the forward keeps QG, KG, KD (3 B*T*HV*K in the dot dtype: 384 MiB at
+    # B1 T16384 H32 K = 128 bf16) for chunk_dh_recurrence, which then reads its operands
+    # instead of forming them from q, k, G and the reset counts (2 BT * BK exps and their
+    # loads per chunk, in both of its programs per head at DH_BV 32). The same values bit
+    # for bit (the same products, rounded as mma rounds them). Freed after that launch, so
+    # the peak grows by 384 - 256 MiB (P and dL, allocated after it) at most. An A/B
+    # candidate (sixteenth session, CPU only): predicted chunk_dh_recurrence 1.84 -> 1.3-1.6
+    # ms, fwd+bwd -0.25 to -0.55 ms, peak +0 to +128 MiB at that shape.
+    DH_OPS: int = 0
 
     def reset_passes(self, resets: bool, level: int = 1) -> tuple[tuple[int, bool], ...]:
         """(ONLY, RESETS) of each launch of a kernel split by resets (chunk_selected's ONLY):
@@ -425,9 +434,11 @@ class _Plan:
 
 def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     """The three forward launches. Returns (o, final state or None, saved): saved is None
-    unless keep, then (plan, G, Rs, Aqk, M, Minv, h) for the backward (Minv = (I + L)^{-1}
+    unless keep, then (plan, G, Rs, Aqk, M, Minv, h, ops) for the backward (Minv = (I + L)^{-1}
     without beta, for dbeta and dL), h [NC, HV, K, V] fp32 the
-    state entering every chunk (the only per-chunk state history, and only when training)."""
+    state entering every chunk (the only per-chunk state history, and only when training),
+    ops the list [QG, KG, KD] of the recurrence's operands where ChunkBlocks.DH_OPS keeps them
+    for chunk_dh_recurrence (else None; the backward empties the list once it has read them)."""
     B, T, H, HV, K, V, N = c.B, c.T, c.H, c.HV, c.K, c.V, c.N
     BT, BC = BLOCKS.BT, BLOCKS.BC
     BK, BV = BLOCKS.bk(K), BLOCKS.bv(K, V)
@@ -439,7 +450,7 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     if T == 0 or plan.NC == 0:  # nothing to compute: every sequence is empty
         if ht is not None:
             ht.copy_(c.initial_state) if c.initial_state is not None else ht.zero_()
-        return o, ht, (plan, None, None, None, None, None, None) if keep else None
+        return o, ht, (plan, None, None, None, None, None, None, None) if keep else None
     gate = opts.gate
     G = torch.empty(B, T, HV, K, dtype=torch.float32, device=device)
     dot_dtype, matrices, dot_precision = opts.dots(c.q.dtype)
@@ -503,7 +514,8 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
         HAS_H0=c.initial_state is not None, STORE_H=keep,
         DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=BLOCKS.recurrence_warps(K),
     )  # fmt: skip
-    return o, ht, (plan, G, Rs, Aqk, M, Minv, h) if keep else None
+    ops = [QG, KG, KD] if keep and BLOCKS.DH_OPS else None
+    return o, ht, (plan, G, Rs, Aqk, M, Minv, h, ops) if keep else None
 
 
 class ChunkKDAFunction(torch.autograd.Function):
@@ -516,8 +528,9 @@ class ChunkKDAFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, g, beta, initial_state, call, precision, output_final_state):
         c = replace(call, q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state)
         opts = _Options(precision=precision)
-        o, ht, (plan, G, Rs, Aqk, M, Minv, h) = _forward(c, opts, output_final_state, keep=True)
+        o, ht, (plan, G, Rs, Aqk, M, Minv, h, ops) = _forward(c, opts, output_final_state, keep=True)
         ctx.save_for_backward(q, k, v, beta, G, Rs, Aqk, M, Minv, h)
+        ctx.ops = ops  # not saved tensors: the backward frees them after chunk_dh_recurrence
         ctx.call, ctx.opts, ctx.plan = c, opts, plan
         ctx.dtypes = (g.dtype, beta.dtype)
         return o, ht
@@ -526,16 +539,23 @@ class ChunkKDAFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, beta, G, Rs, Aqk, M, Minv, h = ctx.saved_tensors
         c, opts, plan = ctx.call, ctx.opts, ctx.plan
-        dq, dk, dv, dg, dbeta, dh0 = chunk_kda_backward(c, opts, plan, q, k, v, beta, G, Rs, Aqk, M, Minv, h, do, dht)
+        ops, ctx.ops = ctx.ops, None  # a second backward (retain_graph) forms them again
+        dq, dk, dv, dg, dbeta, dh0 = chunk_kda_backward(
+            c, opts, plan, q, k, v, beta, G, Rs, Aqk, M, Minv, h, do, dht, ops=ops
+        )
         dg = dg.to(ctx.dtypes[0])
         dbeta = dbeta.to(ctx.dtypes[1])
         return dq, dk, dv, dg, dbeta, dh0, None, None, None
 
 
-def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, Rs, Aqk, M, Minv, h, do, dht):
+def chunk_kda_backward(
+    c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, Rs, Aqk, M, Minv, h, do, dht, ops=None
+):  # fmt: skip
     """(dq, dk, dv, dg, dbeta, dh0) of the loss <o, do> + <final_state, dht> (either cotangent
     may be None), from what _forward(keep=True) saved. dq, dk are summed over the value
-    heads of each group (GVA); dh0 is None without an initial state."""
+    heads of each group (GVA); dh0 is None without an initial state. ops: the forward's
+    [QG, KG, KD] (ChunkBlocks.DH_OPS) or None; emptied here once chunk_dh_recurrence has
+    been launched, so their memory is free for the launches after it."""
     B, T, H, HV, K, V, N = c.B, c.T, c.H, c.HV, c.K, c.V, c.N
     device = q.device
     dq = torch.zeros(B, T, HV, K, dtype=torch.float32, device=device)
@@ -557,12 +577,16 @@ def chunk_kda_backward(c: Call, opts: _Options, plan: _Plan, q, k, v, beta, G, R
                   DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=BLOCKS.warps(K))  # fmt: skip
     key = (q.device.index, BK, BV, str(dot_dtype), dot_precision)
     BVD, dh_warps = BLOCKS.DH_BV or BV, BLOCKS.DH_WARPS or BLOCKS.warps(K)
+    QG, KG, KD = ops or (q, q, q)  # without ops, never read (OPS off)
     launch_fitting(
-        chunk_dh_recurrence, (*key, BVD, dh_warps), BLOCKS.fitting(BVD, dot_dtype),
+        chunk_dh_recurrence, (*key, BVD, dh_warps, bool(ops)), BLOCKS.fitting(BVD, dot_dtype),
         lambda cfg: (cdiv(V, cfg["BV"]) * N * HV,),
-        (q, k, G, Rs, Aqk, M, do, dht, dh, dh0, c.cu_seqlens, plan.chunk_first, c.scale, T, plan.NT),
-        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **{**common, "num_warps": dh_warps},
+        (q, k, G, Rs, QG, KG, KD, Aqk, M, do, dht, dh, dh0, c.cu_seqlens, plan.chunk_first, c.scale, T, plan.NT),
+        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, OPS=bool(ops), **{**common, "num_warps": dh_warps},
     )  # fmt: skip
+    del QG, KG, KD
+    if ops:
+        ops.clear()
     BKG = BLOCKS.bk_grads(K, dot_dtype)
     # the pair weights P and dL of each chunk, [B, T, HV, BT] fp32, from chunk_grads to chunk_pair_grads
     P, DL = (torch.empty(B, T, HV, BT, dtype=torch.float32, device=device) for _ in range(2))

@@ -51,6 +51,7 @@ import triton.language as tl
 
 from .kda_chunk_intra import (
     chunk_decays,
+    chunk_end_decay,
     chunk_selected,
     chunk_span,
     load_counts,
@@ -81,16 +82,22 @@ def _load_tril(x, rows, m, HV: tl.constexpr, i_hv, o_t, eos, t0, BT: tl.constexp
 
 @triton.jit(do_not_specialize=["T", "NT"])
 def chunk_dh_recurrence(
-    q, k, G, Rs, Aqk, M, do, dht, dh, dh0, cu_seqlens, chunk_first, scale, T, NT,
+    q, k, G, Rs, QG, KG, KD, Aqk, M, do, dht, dh, dh0, cu_seqlens, chunk_first, scale, T, NT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, OPS: tl.constexpr = False,
 ):  # fmt: skip
     """dh [NC, HV, K, V] fp32 for value columns [i_v*BV, (i_v+1)*BV): row c holds dSC of chunk
     c (the loss's gradient with respect to the state leaving it), from dht [N, HV, K, V] (or
     zero) backwards over the chunks; dh0 [N, HV, K, V] = the gradient of the initial state.
-    Traffic per chunk: q, k, G, dO tiles and two [BT, BT] matrices in, one [K, BV] tile out."""
+    Traffic per chunk: q, k, G, dO tiles and two [BT, BT] matrices in, one [K, BV] tile out.
+
+    OPS (ChunkBlocks.DH_OPS): the operands Gam Q (scaled), Gam K and Kd are read from the
+    forward's QG, KG, KD [B*T, HV, K] (chunk_pairs forms them with the same products, rounded
+    to the dot dtype as mma rounds them here: the same values bit for bit) instead of being
+    formed from q, k, G and the reset counts with 2 BT * BK exps per chunk; G and Rs then give
+    only the chunk's end decay."""
     i_nh, i_v = one_dim_grid((V + BV - 1) // BV)
     i_n, i_hv, i_h, bos, eos, c0 = sequence_span(i_nh, chunk_first, cu_seqlens, T, NT, HV, H, IS_VARLEN)
     o_t = tl.arange(0, BT)
@@ -109,18 +116,31 @@ def chunk_dh_recurrence(
         tl.store(dh + ((c0 + i_t) * HV + i_hv) * K * V + s_off, dS, mask=m_kv)
         rows = t0 + o_t
         m = rows < eos
-        q_c = load_rows(q, rows, m, H, i_h, cols_k, K)
-        k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
+        if OPS:
+            qg = load_rows(QG, rows, m, HV, i_hv, cols_k, K)
+            kg = load_rows(KG, rows, m, HV, i_hv, cols_k, K)
+            kd = load_rows(KD, rows, m, HV, i_hv, cols_k, K)
+        else:
+            q_c = load_rows(q, rows, m, H, i_h, cols_k, K)
+            k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
         do_c = load_rows(do, rows, m, HV, i_hv, cols_v, V)
         a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
         m_c = _load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
         last = tl.minimum(t0 + BT, eos) - 1
-        _, _, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
-        dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION) + mma(k_c * e_d, dS, DOT_DTYPE, PRECISION)
+        if OPS:
+            gam_c = chunk_end_decay(G, Rs, last, HV, i_hv, cols_k, K, RESETS)
+        else:
+            _, _, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
+            kd = k_c * e_d
+        dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION) + mma(kd, dS, DOT_DTYPE, PRECISION)
         dx = mma(tl.trans(m_c), dvp, DOT_DTYPE, PRECISION)
         dS = dS * gam_c[:, None]
-        dS += mma(tl.trans(q_c * (scale * e_g)), do_c, DOT_DTYPE, PRECISION)
-        dS -= mma(tl.trans(k_c * e_g), dx, DOT_DTYPE, PRECISION)
+        if not OPS:
+            qg = q_c * (scale * e_g)
+        dS += mma(tl.trans(qg), do_c, DOT_DTYPE, PRECISION)
+        if not OPS:
+            kg = k_c * e_g
+        dS -= mma(tl.trans(kg), dx, DOT_DTYPE, PRECISION)
     if STORE_DH0:
         tl.store(dh0 + (i_n * HV + i_hv) * K * V + s_off, dS, mask=m_kv)
 

@@ -10,7 +10,9 @@ configurations are the product of the lists, and the first value of each list ma
 baseline. Per configuration and round: one call (it compiles) whose outputs (o; with fwdbwd
 also every gradient) are compared with the baseline's, bitwise and by relative RMS; the
 median time of the call (perf.timing.median_ms: triton.testing.do_bench on a GPU); on a GPU,
-torch.profiler's time per chunk_* kernel over five calls. Inputs are the perf sweep's
+torch.profiler's time per chunk_* kernel over five calls and `call_mib`, the memory the call
+allocates at its peak beyond what was live before it (perf.timing.peak_mib less the inputs
+and the outputs kept for comparison, so that configurations compare). Inputs are the perf sweep's
 (perf.providers.inputs: DESIGN.md section 7). One line per configuration and round is printed
 and, with --out, written as a JSON line. Name the card with every figure, and compare only
 figures of one run.
@@ -27,7 +29,7 @@ import sys
 import torch
 
 from .providers import Case, inputs
-from .timing import kernel_ms, median_ms
+from .timing import kernel_ms, median_ms, peak_mib
 
 
 def _assignment(text: str) -> tuple[str, list[int]]:
@@ -59,6 +61,13 @@ def _call(t: dict, mode: str, fn=None):
         return {"o": o.detach(), **{f"d{n}": x.grad for n, x in leaves.items()}}
 
     return step
+
+
+def _call_mib(call, device: str) -> float:
+    """MiB the call allocates at its peak beyond what was live before it (a GPU only)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated() / 2**20
+    return round(peak_mib(call, device) - before, 1)
 
 
 def _rounded(ms: dict) -> dict:
@@ -106,6 +115,7 @@ def run(
                 row = {"round": r, **cfg, "ms": round(ms, 4), "timed": how, "vs_baseline": _compare(out, baseline)}
                 if device == "cuda":
                     row["kernels_ms"] = _rounded(kernel_ms(call, prefix="chunk_"))
+                    row["call_mib"] = _call_mib(call, device)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             if other is not None:
@@ -118,6 +128,7 @@ def run(
                        "vs_baseline": _compare(out, baseline)}  # fmt: skip
                 if device == "cuda":
                     row["kernels_ms"] = _rounded(kernel_ms(call))
+                    row["call_mib"] = _call_mib(call, device)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     finally:

@@ -96,3 +96,22 @@ class CaseSpec:
         h0 = rng.standard_normal((self.N, HV, K, V)) * self.input_scale if self.h0 else None
         cu = None if self.seqlens is None else np.concatenate([[0], np.cumsum(self.seqlens)]).astype(np.int64)
         return dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=h0, cu_seqlens=cu)
+
+    def dplr_arrays(self) -> dict:
+        """The float64 inputs of a general DPLR call (reference.dplr): q, k, v, gk = g and
+        initial_state, cu_seqlens from arrays(), with a and b drawn apart from k (not KDA's
+        tied pair): a = 0.5 unit(x) exp(g), b = -0.5 u unit(y), u ~ U(0, 1) per token. So
+        |b| |a| <= 1/4 and the transition Diag(exp(gk)) + b a^T stays within 1.25 in norm:
+        histories neither explode nor hide a comparison in huge values."""
+        arrays = self.arrays()
+        rng = np.random.default_rng(self.seed + 5)
+        g = arrays.pop("g")
+        arrays.pop("beta")
+        shape = g.shape
+
+        def unit(x):
+            return x / np.sqrt((x * x).sum(-1, keepdims=True) + 1e-6)
+
+        a = 0.5 * unit(rng.standard_normal(shape)) * np.exp(g)
+        b = -0.5 * rng.uniform(size=shape[:3] + (1,)) * unit(rng.standard_normal(shape))
+        return dict(arrays, a=a, b=b, gk=g)

@@ -148,7 +148,8 @@ def test_chunkwise_hard_reset(chunk_size, spec):
     """g = -inf (a hard reset, inside the contract) gives finite results in every tier, equal
     to the gold: at a reset the state restarts from the token's own write."""
     a = spec.arrays()
-    assert np.isneginf(a["g"]).any() or spec.T * spec.HV * spec.K < 20, "the reset regime drew no -inf"
+    if not np.isneginf(a["g"]).any():  # the regime draws -inf with p = 0.1: small cases can miss it
+        a["g"][0, spec.T // 2, 0, 0] = -np.inf
     args, kw = kda_args(as_torch(a), spec)
     want = gold(spec, a)
     assert np.all(np.isfinite(want[0])) and np.all(np.isfinite(want[1]))
@@ -207,19 +208,8 @@ def test_dplr_torch_equals_numpy(family, data):
     """dplr_recurrent (float64) equals dplr_recurrent_np with a and b not tied to k."""
     spec = data.draw(CASE_FAMILIES[family](CAPS), label="spec")
     a = spec.arrays()
-    rng = np.random.default_rng(spec.seed + 5)
-    shape = a["g"].shape
-
-    def unit(x):
-        return x / np.sqrt((x * x).sum(-1, keepdims=True) + 1e-6)
-
-    # |b| |a| <= 1/4: the transition Diag(exp(gk)) + b a^T stays within 1.25 in norm, so
-    # histories neither explode nor hide the comparison in huge values.
-    dplr = dict(
-        q=a["q"], k=a["k"], v=a["v"], gk=a["g"],
-        a=0.5 * unit(rng.standard_normal(shape)) * np.exp(a["g"]),
-        b=-0.5 * rng.uniform(size=shape[:3] + (1,)) * unit(rng.standard_normal(shape)),
-    )  # fmt: skip
+    d = spec.dplr_arrays()
+    dplr = {n: d[n] for n in ("q", "k", "v", "a", "b", "gk")}
     t = as_torch(a)
     want = dplr_recurrent_np(**dplr, **kda_args(a, spec)[1])
     got = dplr_recurrent(**as_torch(dplr), **kda_args(t, spec)[1])

@@ -72,6 +72,28 @@ def config_for(K: int, V: int, NHV: int = 1) -> RecurrentConfig:
 _ADD = tl.standard._sum_combine
 
 
+@triton.jit
+def recurrent_program(cu_seqlens, T, H, HV, V: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """This program's place in a token-by-token launch, grid (N * HV * cdiv(V, BV),): (its
+    block of V columns i_v, sequence i_n, value head i_hv, query/key head i_h, the sequence's
+    first token bos and end eos). One grid axis, because CUDA caps the others at 65535 and a
+    decode batch times HV passes that. Sequence n spans tokens [cu_seqlens[n],
+    cu_seqlens[n+1]) (or [n T, (n+1) T))."""
+    pid = tl.program_id(0).to(tl.int64)
+    i_v = pid % ((V + BV - 1) // BV)
+    i_nh = pid // ((V + BV - 1) // BV)
+    i_n = i_nh // HV
+    i_hv = i_nh % HV
+    i_h = i_hv // (HV // H)
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    return i_v, i_n, i_hv, i_h, bos, eos
+
+
 # STORE_HT and INPLACE are runtime flags (runtime.state_out says why): as constexpr they gave
 # o differing in the last bit without a final state (197 of 1064 fp32 outputs on the H100).
 @triton.jit(do_not_specialize=["T", "STORE_HT", "INPLACE"])
@@ -90,18 +112,7 @@ def _fused_recurrent_kda_kernel(
     itself with INPLACE. Sequence n spans tokens [cu_seqlens[n], cu_seqlens[n+1]) (or
     [n T, (n+1) T)) and reads state slot state_indices[n] (or n); slot -1 is padding: no
     state is read, o rows are zero, and only the non-INPLACE ht row (zero) is written."""
-    pid = tl.program_id(0).to(tl.int64)
-    i_v = pid % ((V + BV - 1) // BV)
-    i_nh = pid // ((V + BV - 1) // BV)
-    i_n = i_nh // HV
-    i_hv = i_nh % HV
-    i_h = i_hv // (HV // H)
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        eos = bos + T
+    i_v, i_n, i_hv, i_h, bos, eos = recurrent_program(cu_seqlens, T, H, HV, V, BV, IS_VARLEN)
     if USE_INDICES:
         slot = tl.load(state_indices + i_n).to(tl.int64)
     else:

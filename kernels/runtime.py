@@ -233,7 +233,37 @@ def check_call(
         inplace_state: the kernel writes into initial_state, so it must be given and
             contiguous (a copy would take the writes), and no two sequences may share a slot.
     """
-    for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
+    B, T, H, HV, K, V = check_inputs(q, k, v, {"g": (g, "K"), "beta": (beta, None)})
+    N, cu_seqlens, offsets = check_offsets(cu_seqlens, B, T, q.device)
+    if state_layout not in STATE_LAYOUTS:
+        raise ValueError(f"state_layout: expected one of {STATE_LAYOUTS}, got {state_layout!r}")
+    if state_indices is not None:
+        state_indices = _check_state_indices(state_indices, N, initial_state, q.device, inplace_state)
+    if inplace_state and initial_state is None:
+        raise ValueError("initial_state: expected a state to update in place (inplace_final_state=True), got None")
+    if initial_state is not None:
+        rows = "P" if state_indices is not None else "N"
+        lead = int(initial_state.shape[0]) if state_indices is not None and initial_state.dim() == 4 else N
+        dims = (lead, HV, K, V) if state_layout == "kv" else (lead, HV, V, K)
+        names = f"[{rows}, HV, K, V]" if state_layout == "kv" else f"[{rows}, HV, V, K]"
+        checked = check_state(initial_state, dims, names, q.device, lead >= 1)
+        if inplace_state and not initial_state.is_contiguous():
+            raise ValueError("initial_state: expected a contiguous tensor to update in place, got a strided view")
+        initial_state = checked
+    return Call(
+        B, T, H, HV, K, V, N, check_scale(scale, K),
+        q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
+        initial_state, cu_seqlens, state_indices, offsets,
+    )  # fmt: skip
+
+
+def check_inputs(q, k, v, per_head: dict) -> tuple[int, int, int, int, int, int]:
+    """(B, T, H, HV, K, V) of q, k [B, T, H, K] and v [B, T, HV, V] of one dtype in
+    INPUT_DTYPES, K, V <= 256, on a CUDA device (or the CPU under the interpreter), and of the
+    value heads' other inputs `per_head` {name: (tensor, "K" for [B, T, HV, K] or None for
+    [B, T, HV])}, each in q's dtype or float32 on q's device. ValueError naming the first
+    argument that is not so."""
+    for name, x in (("q", q), ("k", k), ("v", v), *((n, x) for n, (x, _) in per_head.items())):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     B, T, H, HV, K, V = check_qkv(q, k, v)
@@ -242,7 +272,8 @@ def check_call(
     for name, x in (("k", k), ("v", v)):
         if x.dtype != q.dtype:
             raise ValueError(f"{name}: expected the dtype of q ({q.dtype}), got {x.dtype}")
-    for name, x, shape in (("g", g, (B, T, HV, K)), ("beta", beta, (B, T, HV))):
+    for name, (x, last) in per_head.items():
+        shape = (B, T, HV, K) if last == "K" else (B, T, HV)
         if tuple(x.shape) != shape:
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(x.shape)}")
         if x.dtype not in (q.dtype, torch.float32):
@@ -252,54 +283,43 @@ def check_call(
     device = q.device
     if device.type != "cuda" and not INTERPRET:
         raise ValueError(f"q: expected a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter), got {device}")
-    for name, x in (("k", k), ("v", v), ("g", g), ("beta", beta)):
+    for name, x in (("k", k), ("v", v), *((n, x) for n, (x, _) in per_head.items())):
         _device_ok(x, name, device)
-    N = B
-    if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(
-                f"cu_seqlens: expected an int32 or int64 tensor, got {getattr(cu_seqlens, 'dtype', cu_seqlens)}"
-            )
-        _device_ok(cu_seqlens, "cu_seqlens", device)
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(
-                f"cu_seqlens: expected a 1-D tensor [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}"
-            )
-        if B != 1:
-            raise ValueError(f"cu_seqlens: a packed batch requires B == 1, got B = {B}")
-        offsets = cu_seqlens.tolist()  # one host sync: offsets that would index out of bounds never reach a kernel
-        if offsets[0] != 0 or offsets[-1] != T or any(b < a for a, b in zip(offsets, offsets[1:], strict=False)):
-            raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to T = {T}, got {offsets}")
-        N = len(offsets) - 1
-        cu_seqlens = cu_seqlens.to(torch.int64).contiguous()
-        offsets = tuple(offsets)
-    else:
-        offsets = None
-    if state_layout not in STATE_LAYOUTS:
-        raise ValueError(f"state_layout: expected one of {STATE_LAYOUTS}, got {state_layout!r}")
-    if state_indices is not None:
-        state_indices = _check_state_indices(state_indices, N, initial_state, device, inplace_state)
-    if inplace_state and initial_state is None:
-        raise ValueError("initial_state: expected a state to update in place (inplace_final_state=True), got None")
-    if initial_state is not None:
-        rows = "P" if state_indices is not None else "N"
-        lead = int(initial_state.shape[0]) if state_indices is not None and initial_state.dim() == 4 else N
-        dims = (lead, HV, K, V) if state_layout == "kv" else (lead, HV, V, K)
-        names = f"[{rows}, HV, K, V]" if state_layout == "kv" else f"[{rows}, HV, V, K]"
-        if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != dims or lead < 1:
-            got = tuple(getattr(initial_state, "shape", ()))
-            raise ValueError(f"initial_state: expected shape {names} = {dims}, got {got}")
-        if initial_state.dtype != torch.float32:
-            raise ValueError(f"initial_state: expected float32, got {initial_state.dtype}")
-        _device_ok(initial_state, "initial_state", device)
-        if inplace_state and not initial_state.is_contiguous():
-            raise ValueError("initial_state: expected a contiguous tensor to update in place, got a strided view")
-        initial_state = initial_state.contiguous()
-    return Call(
-        B, T, H, HV, K, V, N, check_scale(scale, K),
-        q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
-        initial_state, cu_seqlens, state_indices, offsets,
-    )  # fmt: skip
+    return B, T, H, HV, K, V
+
+
+def check_offsets(cu_seqlens, B: int, T: int, device: torch.device):
+    """(N, cu_seqlens as contiguous int64 or None, the offsets on the host or None): cu_seqlens
+    int32/int64 [N+1] on the device (B == 1), non-decreasing from 0 to T, read once on the
+    host so that offsets that would index out of bounds never reach a kernel."""
+    if cu_seqlens is None:
+        return B, None, None
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"cu_seqlens: expected an int32 or int64 tensor, got {getattr(cu_seqlens, 'dtype', cu_seqlens)}"
+        )
+    _device_ok(cu_seqlens, "cu_seqlens", device)
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens: expected a 1-D tensor [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
+    if B != 1:
+        raise ValueError(f"cu_seqlens: a packed batch requires B == 1, got B = {B}")
+    offsets = cu_seqlens.tolist()  # one host sync
+    if offsets[0] != 0 or offsets[-1] != T or any(b < a for a, b in zip(offsets, offsets[1:], strict=False)):
+        raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to T = {T}, got {offsets}")
+    return len(offsets) - 1, cu_seqlens.to(torch.int64).contiguous(), tuple(offsets)
+
+
+def check_state(initial_state, dims: tuple, names: str, device: torch.device, ok: bool = True) -> torch.Tensor:
+    """initial_state of shape dims (written `names` in the error), float32, on the device
+    (and ok: a further condition on its shape), returned contiguous."""
+    if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != dims or not ok:
+        raise ValueError(
+            f"initial_state: expected shape {names} = {dims}, got {tuple(getattr(initial_state, 'shape', ()))}"
+        )
+    if initial_state.dtype != torch.float32:
+        raise ValueError(f"initial_state: expected float32, got {initial_state.dtype}")
+    _device_ok(initial_state, "initial_state", device)
+    return initial_state.contiguous()
 
 
 def _check_state_indices(idx, N: int, pool, device: torch.device, inplace: bool) -> torch.Tensor:

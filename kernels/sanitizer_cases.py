@@ -9,7 +9,7 @@ the 16-token sub-chunk), head sizes that are not powers of two (K = 20, V = 48; 
 V = 70), GVA (H = 2, HV = 4), an initial state, a packed batch with a length-1 sequence and
 an empty one, a reset (g = -inf) in the last chunk of one value head (the kernels split by
 resets then run both launches, ChunkBlocks.RESET_SPLIT), and the decode pool with a padding
-index (-1) and state_layout "vk". chunk_kda
+index (-1) and state_layout "vk", and the DPLR kernel at the same shapes. chunk_kda
 runs forward and backward (every gradient, dh0 included), bf16 and fp32. With PyTorch's
 caching allocator on, an out-of-bounds access that lands inside another cached block is not
 seen: run with PYTORCH_NO_CUDA_MEMORY_CACHING=1. Prints one line per case; the sanitizer's
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from .dplr_fused_recurrent import fused_recurrent_dplr_delta_rule
 from .kda_chunk import chunk_kda
 from .kda_fused_recurrent import fused_recurrent_kda
 
@@ -77,6 +78,13 @@ def run(device: str = "cuda") -> None:
                 fused_recurrent_kda(*rows, initial_state=pool, **decode)
             _sync(device)
             print(f"fused_recurrent_kda + decode pool {dtype} T={T} K={K} V={V}", flush=True)
+            with torch.no_grad():  # the DPLR kernel: a and b from k's shape, gk = g
+                a = torch.randn(1, T, HV, K, device=device).to(dtype) * 0.1
+                b = torch.randn(1, T, HV, K, device=device).to(dtype) * 0.1
+                fused_recurrent_dplr_delta_rule(q, k, v, a, b, g.nan_to_num(neginf=-30.0), initial_state=h0,
+                                                output_final_state=True, cu_seqlens=cu_t)  # fmt: skip
+            _sync(device)
+            print(f"fused_recurrent_dplr_delta_rule {dtype} T={T} K={K} V={V}", flush=True)
 
 
 def main(argv: list[str]) -> None:

@@ -137,6 +137,8 @@ def _sdpa():
 PROVIDERS = [
     Provider("ours", "chunk_kda", ("fwd", "fwdbwd"), _ours("chunk_kda"), precision="tf32", triton=True),
     Provider("ours", "recurrent_kda", ("decode",), _ours("fused_recurrent_kda"), triton=True),
+    Provider("ours", "chunk_dplr", ("fwd",), _ours("fused_recurrent_dplr_delta_rule"), triton=True,
+             note="fused_recurrent_dplr_delta_rule: token by token, full fp32 products (no chunked DPLR kernel yet)"),
     Provider("fla", "chunk_kda", ("fwd", "fwdbwd"), _adapter("fla_chunk_kda"), precision="tf32", triton=True,
              devices=("cuda",)),
     Provider("fla", "recurrent_kda", ("decode",), _adapter("fla_fused_recurrent_kda"), triton=True,

@@ -201,9 +201,14 @@ class ChunkBlocks:
     # loads per chunk, in both of its programs per head at DH_BV 32). The same values bit
     # for bit (the same products, rounded as mma rounds them). Freed after that launch, so
     # the peak grows by 384 - 256 MiB (P and dL, allocated after it) at most. An A/B
-    # candidate (sixteenth session, CPU only): predicted chunk_dh_recurrence 1.84 -> 1.3-1.6
-    # ms, fwd+bwd -0.25 to -0.55 ms, peak +0 to +128 MiB at that shape.
+    # candidate (sixteenth session, CPU only; ptxas at BV 32 on 8 warps: spill stores 1180 ->
+    # 280 B, shared memory 95 -> 28 KiB): predicted chunk_dh_recurrence 1.84 -> 1.0-1.4 ms,
+    # fwd+bwd -0.4 to -0.8 ms, peak +0 to +128 MiB at that shape.
     DH_OPS: int = 0
+    # RESET_SPAN = 1: the pass over the chunks holding a reset runs one program per chunk (and
+    # value head, or block of them) that takes the chunk's units in turn (span, below); 0: one
+    # program per unit, as the pass without resets.
+    RESET_SPAN: int = 1
 
     def reset_passes(self, resets: bool, level: int = 1) -> tuple[tuple[int, bool], ...]:
         """(ONLY, RESETS) of each launch of a kernel split by resets (chunk_selected's ONLY):
@@ -213,11 +218,6 @@ class ChunkBlocks:
         if not resets:
             return ((0, False),)
         return ((1, False), (2, True)) if self.RESET_SPLIT >= level else ((0, True),)
-
-    # RESET_SPAN = 1: the pass over the chunks holding a reset runs one program per chunk (and
-    # value head, or block of them) that takes the chunk's units in turn (span, below); 0: one
-    # program per unit, as the pass without resets.
-    RESET_SPAN: int = 1
 
     def span(self, only: int, units: int) -> int:
         """Units per program (the kernels' SPAN) of a launch whose programs each take one unit

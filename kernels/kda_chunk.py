@@ -199,12 +199,21 @@ class ChunkBlocks:
     # B1 T16384 H32 K = 128 bf16) for chunk_dh_recurrence, which then reads its operands
     # instead of forming them from q, k, G and the reset counts (2 BT * BK exps and their
     # loads per chunk, in both of its programs per head at DH_BV 32). The same values bit
-    # for bit (the same products, rounded as mma rounds them). Freed after that launch, so
-    # the peak grows by 384 - 256 MiB (P and dL, allocated after it) at most. An A/B
-    # candidate (sixteenth session, CPU only; ptxas at BV 32 on 8 warps: spill stores 1180 ->
-    # 280 B, shared memory 95 -> 28 KiB): predicted chunk_dh_recurrence 1.84 -> 1.0-1.4 ms,
-    # fwd+bwd -0.4 to -0.8 ms, peak +0 to +128 MiB at that shape.
-    DH_OPS: int = 0
+    # for bit (the same products, rounded as mma rounds them). Freed after that launch.
+    # ptxas (sm_90, BV 32, 8 warps), spill stores: bf16 K = 128 1188 -> 120 B, shared 95 ->
+    # 28 KiB. Predicted chunk_dh_recurrence 1.84 -> 1.0-1.4 ms. Measured (seventeenth
+    # session, H200, perf.ab DH_OPS=0,1 --mode fwdbwd, two rounds within 0.1%): 1.847 ->
+    # **1.460 ms**, fwd+bwd 13.20 -> 12.82 ms, o and every gradient bitwise equal, peak
+    # memory of the call unchanged (2689 MiB: P and dL, allocated after it, reuse it).
+    # Only with 16-bit dot operands (dh_ops): fp32 operands double the stored bytes and their
+    # tiles do not fit, at K = 256 not even unpipelined (271360 B of shared memory against
+    # the H100's 232448; the GPU conformance run found it), so tf32 dots form them in place.
+    DH_OPS: int = 1
+    # DH_CHAIN (chunk_dh_recurrence's CHAIN): 0, three dependent dots per chunk from one dS to
+    # the next; 1 or 2, M^T Kd formed off that chain (an A/B candidate of the seventeenth
+    # session, CPU only: the kernel runs 128 programs, one per SM, each a serial chain, so the
+    # chain's depth rather than its dot count should set the time; predicted 1.46 -> 1.0-1.2 ms).
+    DH_CHAIN: int = 0
     # RESET_SPAN = 1: the pass over the chunks holding a reset runs one program per chunk (and
     # value head, or block of them) that takes the chunk's units in turn (span, below); 0: one
     # program per unit, as the pass without resets.
@@ -279,6 +288,11 @@ class ChunkBlocks:
 
     def bv(self, K: int, V: int) -> int:
         return self.BV
+
+    def dh_ops(self, dot_dtype) -> bool:
+        """Whether the forward keeps QG, KG, KD for chunk_dh_recurrence (DH_OPS): only with
+        16-bit dot operands (the field's comment)."""
+        return bool(self.DH_OPS) and dot_dtype != tl.float32
 
     def fitting(self, BV: int, dot_dtype, reload: bool = False) -> list[dict]:
         """Launch configs to try in order where shared memory may not suffice (runtime.
@@ -514,7 +528,7 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
         HAS_H0=c.initial_state is not None, STORE_H=keep,
         DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=BLOCKS.recurrence_warps(K),
     )  # fmt: skip
-    ops = [QG, KG, KD] if keep and BLOCKS.DH_OPS else None
+    ops = [QG, KG, KD] if keep and BLOCKS.dh_ops(dot_dtype) else None
     return o, ht, (plan, G, Rs, Aqk, M, Minv, h, ops) if keep else None
 
 
@@ -579,10 +593,11 @@ def chunk_kda_backward(
     BVD, dh_warps = BLOCKS.DH_BV or BV, BLOCKS.DH_WARPS or BLOCKS.warps(K)
     QG, KG, KD = ops or (q, q, q)  # without ops, never read (OPS off)
     launch_fitting(
-        chunk_dh_recurrence, (*key, BVD, dh_warps, bool(ops)), BLOCKS.fitting(BVD, dot_dtype),
+        chunk_dh_recurrence, (*key, BVD, dh_warps, bool(ops), BLOCKS.DH_CHAIN), BLOCKS.fitting(BVD, dot_dtype),
         lambda cfg: (cdiv(V, cfg["BV"]) * N * HV,),
         (q, k, G, Rs, QG, KG, KD, Aqk, M, do, dht, dh, dh0, c.cu_seqlens, plan.chunk_first, c.scale, T, plan.NT),
-        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, OPS=bool(ops), **{**common, "num_warps": dh_warps},
+        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, OPS=bool(ops), CHAIN=BLOCKS.DH_CHAIN,
+        **{**common, "num_warps": dh_warps},
     )  # fmt: skip
     del QG, KG, KD
     if ops:

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 from kdaverify.equivalence.capabilities import Capabilities
 from kdaverify.reference.gates import L2NORM_EPS, check_gate_args
 
+from .kda_chunk_intra import INTERPRET
 from .runtime import cdiv, check_call, next_power_of_2, state_out
 
 
@@ -55,7 +57,13 @@ def config_for(K: int, V: int, NHV: int = 1) -> RecurrentConfig:
     one warp streams the state fastest (103.5 us = 86% of copy at N = 64, 389 us = 92% at
     N = 256; the former default BV = 32 on 4 warps: 61% and 64%); with few (N = 1, 128
     programs) BV = 32 on 8 warps is fastest (11.1 us against 48.8 us or more on one warp).
-    Small tiles (K, V < 128) keep the register-sized rule below."""
+    Small tiles (K, V < 128) keep the register-sized rule below.
+
+    Rerun on an H200 (seventeenth session, copy ceiling 4.25 TB/s, kernel time by
+    torch.profiler): BV = 16 on one warp is still the fastest, 77-79% of copy at N = 64 and
+    81-83% at N = 256; BV 32 on one warp within 1%, BV 8 on one warp 66% and 68%, two warps or
+    more 64% or less. Loading and storing the state with L2's evict-first policy was 1-4%
+    slower in every configuration (not taken)."""
     BK = next_power_of_2(K)
     if BK >= 128:
         BV = min(next_power_of_2(V), 32)
@@ -70,6 +78,28 @@ def config_for(K: int, V: int, NHV: int = 1) -> RecurrentConfig:
 # interpreter, tl.sum is a nested jit call that re-patches triton.language each time
 # (milliseconds, most of a token's time), while tl.reduce with it runs as one numpy sum.
 _ADD = tl.standard._sum_combine
+
+
+@triton.jit
+def col_sum(x, y):
+    """sum over axis 0 of x * y, [BK, BV] x [BK, 1] -> [1, BV]: the sums over K of the
+    recurrences' token step (S^T k, a^T S, S^T q).
+
+    Each product is rounded before it is summed (mul_rn, which the compiler may not contract
+    into an fma). Where one thread holds a single row of a column (one warp, BK <= 32), the
+    sum's first step across lanes was compiled as fma(x_i, y_i, p_j) with p_j the other lane's
+    rounded product, so lanes i and j ended with sums differing in the last bit; every lane
+    then stored its copy of the [1, BV] row to the same shared-memory word, and
+    compute-sanitizer's racecheck reported the write-write conflict (6980 hazards in the DPLR
+    kernel on one warp at K = 20, BV = 8; seventeenth session, H200): which lane's bits reached
+    o was left to the hardware. With rounded products every lane adds the same numbers in
+    mirrored order, and gets the same bits. Under the interpreter (NumPy, no contraction, no
+    lanes) a plain product."""
+    if INTERPRET:
+        p = x * y
+    else:
+        p = libdevice.mul_rn(x, tl.broadcast_to(y, x.shape))
+    return tl.reduce(p, 0, _ADD, keep_dims=True)
 
 
 @triton.jit
@@ -156,8 +186,8 @@ def _fused_recurrent_kda_kernel(
         b_v = tl.load(p_v, mask=m_v, other=0.0).to(tl.float32)  # [1, BV]
         b_beta = tl.load(p_beta, mask=live, other=0.0).to(tl.float32)
         if L2NORM:  # x / sqrt(sum x^2 + eps), in fp32 (reference.gates.l2norm)
-            b_q = b_q / tl.sqrt(tl.reduce(b_q * b_q, 0, _ADD, keep_dims=True) + EPS)
-            b_k = b_k / tl.sqrt(tl.reduce(b_k * b_k, 0, _ADD, keep_dims=True) + EPS)
+            b_q = b_q / tl.sqrt(col_sum(b_q, b_q) + EPS)
+            b_k = b_k / tl.sqrt(col_sum(b_k, b_k) + EPS)
         if BETA_SIGMOID:  # beta = sigmoid(b), or 2 sigmoid(b) (reference.gates.beta_activation)
             b_beta = BETA_SCALE / (1.0 + tl.exp(-b_beta))
         if GATE:  # g from the raw projection z (reference.gates.kda_gate)
@@ -173,9 +203,9 @@ def _fused_recurrent_kda_kernel(
         # interpreter, ex2.approx on the GPU) is up to 2 ulp off and doubled the state's error
         # over 63 beta = 0 tokens against the fp32 recurrence.
         b_h *= tl.exp(b_g.to(tl.float64)).to(tl.float32)
-        b_u = b_beta * (b_v - tl.reduce(b_h * b_k, 0, _ADD, keep_dims=True))  # beta_t (v_t - S'^T k_t), [1, BV]
+        b_u = b_beta * (b_v - col_sum(b_h, b_k))  # beta_t (v_t - S'^T k_t), [1, BV]
         b_h += b_k * b_u
-        b_o = tl.reduce(b_h * (b_q * scale), 0, _ADD, keep_dims=True)  # S_t^T (scale q_t), [1, BV]
+        b_o = col_sum(b_h, b_q * scale)  # S_t^T (scale q_t), [1, BV]
         tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=in_v)
         p_q += s_qk
         p_k += s_qk

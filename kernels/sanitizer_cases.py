@@ -9,7 +9,8 @@ the 16-token sub-chunk), head sizes that are not powers of two (K = 20, V = 48; 
 V = 70), GVA (H = 2, HV = 4), an initial state, a packed batch with a length-1 sequence and
 an empty one, a reset (g = -inf) in the last chunk of one value head (the kernels split by
 resets then run both launches, ChunkBlocks.RESET_SPLIT), and the decode pool with a padding
-index (-1) and state_layout "vk", and the DPLR kernel at the same shapes. chunk_kda
+index (-1) and state_layout "vk", and the DPLR kernel at the same shapes; then decode
+batches that launch one warp per program (130 rows at K = V = 128; V = 8). chunk_kda
 runs forward and backward (every gradient, dh0 included), bf16 and fp32. With PyTorch's
 caching allocator on, an out-of-bounds access that lands inside another cached block is not
 seen: run with PYTORCH_NO_CUDA_MEMORY_CACHING=1. Prints one line per case; the sanitizer's
@@ -85,6 +86,15 @@ def run(device: str = "cuda") -> None:
                                                 output_final_state=True, cu_seqlens=cu_t)  # fmt: skip
             _sync(device)
             print(f"fused_recurrent_dplr_delta_rule {dtype} T={T} K={K} V={V}", flush=True)
+        # one-warp launches (config_for at a wide decode batch, and at V <= 8), whose sums over K
+        # every lane holds a copy of (kda_fused_recurrent.col_sum): racecheck's case
+        for N, HV, K, V in ((130, 4, 128, 128), (6, 2, 20, 8)):
+            with torch.no_grad():
+                qd, kd, vd, gd, bd, h0 = _inputs(N, HV, HV, K, V, N, dtype, device, seed=N)
+                rows = [x.reshape(N, 1, *x.shape[2:]) for x in (qd, kd, vd, gd, bd)]
+                fused_recurrent_kda(*rows, initial_state=h0, output_final_state=True)
+            _sync(device)
+            print(f"fused_recurrent_kda decode {dtype} N={N} HV={HV} K={K} V={V}", flush=True)
 
 
 def main(argv: list[str]) -> None:

@@ -59,6 +59,26 @@ def test_oracle_half(case, dtype):
     h.expect_oracle(case, h.inputs(spec.arrays()), spec.scale)
 
 
+@pytest.mark.parametrize("case", ["T17-K16-V3-masked", "T17-K64-V64-varlen"])
+def test_prefetch_change_no_bit(monkeypatch, case):
+    """RecurrentConfig.prefetch (each token's rows loaded one step ahead) leaves o and the
+    final state bitwise unchanged under the interpreter (the same values and arithmetic), and
+    holds to the oracle compiled; a packed batch whose short sequence ends the loop early."""
+    from dataclasses import replace
+
+    from kdaverify.kernels import kda_fused_recurrent as fr
+
+    spec = CASES[case]
+    h = harness()
+    t = h.inputs(spec.arrays())
+    plain = h.impl.call(t, spec.scale)
+    default = fr.config_for
+    monkeypatch.setattr(fr, "config_for", lambda *a: replace(default(*a), prefetch=True))
+    h.expect_oracle(f"{case} prefetch", t, spec.scale)
+    if INTERPRET:
+        h.expect_equal("prefetch vs in-step loads", h.impl.call(t, spec.scale), plain)
+
+
 @pytest.mark.parametrize(
     "spec",
     [

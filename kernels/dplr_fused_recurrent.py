@@ -33,20 +33,15 @@ import triton
 import triton.language as tl
 from kdaverify.reference.conventions import check_scale
 
-from .kda_fused_recurrent import RecurrentConfig, col_sum, recurrent_program
+from .kda_fused_recurrent import RecurrentConfig, col_sum, load_f32, recurrent_program
 from .runtime import cdiv, check_inputs, check_offsets, check_state, next_power_of_2, state_out
 
 
 @triton.jit
 def _dplr_token(p_q, p_k, p_a, p_b, p_gk, p_v, m_k, m_v):
     """One token's q, k, a, b, gk columns [BK, 1] and v row [1, BV], in fp32."""
-    b_q = tl.load(p_q, mask=m_k, other=0.0).to(tl.float32)
-    b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)
-    b_a = tl.load(p_a, mask=m_k, other=0.0).to(tl.float32)
-    b_b = tl.load(p_b, mask=m_k, other=0.0).to(tl.float32)
-    b_gk = tl.load(p_gk, mask=m_k, other=0.0).to(tl.float32)
-    b_v = tl.load(p_v, mask=m_v, other=0.0).to(tl.float32)
-    return b_q, b_k, b_a, b_b, b_gk, b_v
+    return (load_f32(p_q, m_k), load_f32(p_k, m_k), load_f32(p_a, m_k), load_f32(p_b, m_k), load_f32(p_gk, m_k),
+            load_f32(p_v, m_v))  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["T", "STORE_HT"])

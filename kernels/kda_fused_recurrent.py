@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 from kdaverify.equivalence.capabilities import Capabilities
 from kdaverify.reference.gates import L2NORM_EPS, check_gate_args
+from triton.language.extra import libdevice
 
 from .kda_chunk_intra import INTERPRET
 from .runtime import cdiv, check_call, next_power_of_2, state_out
@@ -42,6 +42,10 @@ class RecurrentConfig:
 
     BV: int
     num_warps: int
+    # Load each token's rows one step ahead (the kernel's PREFETCH). The DPLR kernel always
+    # does (2.1x at T = 4096 on an H200, dplr_fused_recurrent); here an A/B candidate for
+    # calls of many tokens, off until timed (a decode's one token gains nothing from it).
+    prefetch: bool = False
 
 
 # Programs in flight above which narrow one-warp tiles win: about 4 per SM of an H100 (132).
@@ -124,6 +128,18 @@ def recurrent_program(cu_seqlens, T, H, HV, V: tl.constexpr, BV: tl.constexpr, I
     return i_v, i_n, i_hv, i_h, bos, eos
 
 
+@triton.jit
+def load_f32(p, m):
+    """tl.load(p) where m, 0 elsewhere, in fp32."""
+    return tl.load(p, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _kda_token(p_q, p_k, p_g, p_v, p_beta, m_k, m_v, live):
+    """One token's q, k, g columns [BK, 1], v row [1, BV] and beta, in fp32 (masked lanes 0)."""
+    return load_f32(p_q, m_k), load_f32(p_k, m_k), load_f32(p_g, m_k), load_f32(p_v, m_v), load_f32(p_beta, live)
+
+
 # STORE_HT and INPLACE are runtime flags (runtime.state_out says why): as constexpr they gave
 # o differing in the last bit without a final state (197 of 1064 fp32 outputs on the H100).
 @triton.jit(do_not_specialize=["T", "STORE_HT", "INPLACE"])
@@ -134,7 +150,7 @@ def _fused_recurrent_kda_kernel(
     USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
     USE_INDICES: tl.constexpr, STATE_VK: tl.constexpr, L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr,
     BETA_SCALE: tl.constexpr, GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr, SAFE_GATE: tl.constexpr,
-    EPS: tl.constexpr,
+    EPS: tl.constexpr, PREFETCH: tl.constexpr = False,
 ):  # fmt: skip
     """Grid (N * HV * cdiv(V, BV),): one axis, because CUDA caps the others at 65535 and a
     decode batch times HV passes that. q, k [B*T, H, K]; v, o [B*T, HV, V]; g [B*T, HV, K];
@@ -179,12 +195,18 @@ def _fused_recurrent_kda_kernel(
     p_o = o + (bos * HV + i_hv) * V + o_v
     p_beta = beta + bos * HV + i_hv
     t = bos
+    if PREFETCH:  # RecurrentConfig.prefetch: each token's rows loaded one step ahead
+        ahead = live & (t < eos)
+        n_q, n_k, n_g, n_v, n_beta = _kda_token(p_q, p_k, p_g, p_v, p_beta, m_k & ahead, m_v & ahead, ahead)
     while t < eos:  # a while loop: the interpreter cannot take tensor bounds in range()
-        b_q = tl.load(p_q, mask=m_k, other=0.0).to(tl.float32)  # [BK, 1]
-        b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)  # [BK, 1]
-        b_g = tl.load(p_g, mask=m_k, other=0.0).to(tl.float32)  # [BK, 1]
-        b_v = tl.load(p_v, mask=m_v, other=0.0).to(tl.float32)  # [1, BV]
-        b_beta = tl.load(p_beta, mask=live, other=0.0).to(tl.float32)
+        if PREFETCH:
+            b_q, b_k, b_g, b_v, b_beta = n_q, n_k, n_g, n_v, n_beta
+            ahead = live & (t + 1 < eos)
+            n_q, n_k, n_g, n_v, n_beta = _kda_token(
+                p_q + s_qk, p_k + s_qk, p_g + s_g, p_v + s_v, p_beta + HV, m_k & ahead, m_v & ahead, ahead
+            )  # fmt: skip
+        else:
+            b_q, b_k, b_g, b_v, b_beta = _kda_token(p_q, p_k, p_g, p_v, p_beta, m_k, m_v, live)
         if L2NORM:  # x / sqrt(sum x^2 + eps), in fp32 (reference.gates.l2norm)
             b_q = b_q / tl.sqrt(col_sum(b_q, b_q) + EPS)
             b_k = b_k / tl.sqrt(col_sum(b_k, b_k) + EPS)
@@ -309,7 +331,7 @@ def fused_recurrent_kda(
         STATE_VK=state_layout == "vk", L2NORM=bool(use_qk_l2norm_in_kernel),
         BETA_SIGMOID=bool(use_beta_sigmoid_in_kernel), BETA_SCALE=2.0 if allow_neg_eigval else 1.0,
         GATE=bool(use_gate_in_kernel), HAS_DT_BIAS=bias32 is not None, SAFE_GATE=lower_bound is not None,
-        EPS=L2NORM_EPS, num_warps=cfg.num_warps,
+        EPS=L2NORM_EPS, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps,
     )  # fmt: skip
     return o, ht
 

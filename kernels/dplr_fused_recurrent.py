@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from kdaverify.reference.conventions import check_scale
 
-from .kda_fused_recurrent import RecurrentConfig, col_sum, load_f32, recurrent_program
+from .kda_fused_recurrent import col_sum, load_f32, recurrent_program, token_loop_config
 from .runtime import cdiv, check_inputs, check_offsets, check_state, next_power_of_2, state_out
 
 
@@ -101,25 +101,6 @@ def _fused_recurrent_dplr_kernel(
         t += 1
     if STORE_HT != 0:
         tl.store(ht + (i_n * HV + i_hv) * K * V + o_h, b_h, mask=m_k & m_v)
-
-
-def token_loop_config(K: int, V: int, NHV: int) -> RecurrentConfig:
-    """Launch configuration for a walk over many tokens (NHV: sequences times value heads).
-    One warp per program: the two sums over K per token then stay inside a warp (shuffles, no
-    barrier), and a step's latency, not bandwidth, sets the time. BV = 8 columns per program
-    while that gives at most 1024 programs, else 16 (BV 8 on one warp at BK = 256 too: a
-    16-wide tile there is 128 registers a thread). Measured (seventeenth session, H200, bf16
-    K = V = 128, T = 4096, rows loaded a token ahead), ms:
-
-    | BV x warps | 32 x 8 | 32 x 4 | 16 x 4 | 16 x 2 | 16 x 1 | 8 x 1 | 8 x 2 |
-    |---|---|---|---|---|---|---|---|
-    | B1 (NHV 32) | 6.20 | 8.15 | 5.38 | 4.43 | 4.34 | **3.02** | 4.31 |
-    | B8 (NHV 256) | 33.8 | 37.9 | 38.2 | 24.2 | **12.7** | 15.3 | 30.4 |
-
-    The decode kernel's config_for (one token, bandwidth-bound) gave 32 x 8 and 16 x 1."""
-    BK = next_power_of_2(K)
-    narrow = BK >= 256 or NHV * cdiv(V, 8) <= 1024
-    return RecurrentConfig(BV=min(next_power_of_2(V), 8 if narrow else 16), num_warps=1)
 
 
 def fused_recurrent_dplr_delta_rule(

@@ -78,6 +78,26 @@ def config_for(K: int, V: int, NHV: int = 1) -> RecurrentConfig:
     return RecurrentConfig(BV=BV, num_warps=4 if BK * BV >= 4096 else (2 if BK * BV >= 1024 else 1))
 
 
+def token_loop_config(K: int, V: int, NHV: int) -> RecurrentConfig:
+    """Launch configuration for a walk over many tokens (NHV: sequences times value heads).
+    One warp per program: the two sums over K per token then stay inside a warp (shuffles, no
+    barrier), and a step's latency, not bandwidth, sets the time. BV = 8 columns per program
+    while that gives at most 1024 programs, else 16 (BV 8 on one warp at BK = 256 too: a
+    16-wide tile there is 128 registers a thread). Measured on the DPLR kernel, which loads
+    each token's rows a step ahead (dplr_fused_recurrent; seventeenth session, H200, bf16
+    K = V = 128, T = 4096), ms:
+
+    | BV x warps | 32 x 8 | 32 x 4 | 16 x 4 | 16 x 2 | 16 x 1 | 8 x 1 | 8 x 2 |
+    |---|---|---|---|---|---|---|---|
+    | B1 (NHV 32) | 6.20 | 8.15 | 5.38 | 4.43 | 4.34 | **3.02** | 4.31 |
+    | B8 (NHV 256) | 33.8 | 37.9 | 38.2 | 24.2 | **12.7** | 15.3 | 30.4 |
+
+    The decode kernel's config_for (one token, bandwidth-bound) gave 32 x 8 and 16 x 1."""
+    BK = next_power_of_2(K)
+    narrow = BK >= 256 or NHV * cdiv(V, 8) <= 1024
+    return RecurrentConfig(BV=min(next_power_of_2(V), 8 if narrow else 16), num_warps=1)
+
+
 # tl.sum compiles to tl.reduce with this combine function. Called directly: under the
 # interpreter, tl.sum is a nested jit call that re-patches triton.language each time
 # (milliseconds, most of a token's time), while tl.reduce with it runs as one numpy sum.
@@ -86,8 +106,8 @@ _ADD = tl.standard._sum_combine
 
 @triton.jit
 def col_sum(x, y):
-    """sum over axis 0 of x * y, [BK, BV] x [BK, 1] -> [1, BV]: the sums over K of the
-    recurrences' token step (S^T k, a^T S, S^T q).
+    """sum over axis 0 of x * y, x [BK, N] and y [BK, 1] -> [1, N]: the sums over K of the
+    recurrences' token step (S^T k, a^T S, S^T q) and of the in-kernel L2 norm.
 
     Each product is rounded before it is summed (mul_rn, which the compiler may not contract
     into an fma). Where one thread holds a single row of a column (one warp, BK <= 32), the

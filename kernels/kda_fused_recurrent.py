@@ -155,9 +155,11 @@ def load_f32(p, m):
 
 
 @triton.jit
-def _kda_token(p_q, p_k, p_g, p_v, p_beta, m_k, m_v, live):
-    """One token's q, k, g columns [BK, 1], v row [1, BV] and beta, in fp32 (masked lanes 0)."""
-    return load_f32(p_q, m_k), load_f32(p_k, m_k), load_f32(p_g, m_k), load_f32(p_v, m_v), load_f32(p_beta, live)
+def _kda_token(q, k, g, v, beta, r_qk, r_v, o_k, o_v, K: tl.constexpr, V: tl.constexpr, m_k, m_v, live):
+    """One token's q, k, g columns [BK, 1], v row [1, BV] and beta, in fp32 (masked lanes 0):
+    q and k from row r_qk, the rest from row r_v."""
+    return (load_f32(q + r_qk * K + o_k, m_k), load_f32(k + r_qk * K + o_k, m_k), load_f32(g + r_v * K + o_k, m_k),
+            load_f32(v + r_v * V + o_v, m_v), load_f32(beta + r_v, live))  # fmt: skip
 
 
 # STORE_HT and INPLACE are runtime flags (runtime.state_out says why): as constexpr they gave
@@ -207,26 +209,26 @@ def _fused_recurrent_kda_kernel(
         if HAS_DT_BIAS:
             b_bias = tl.load(dt_bias + i_hv * K + o_k, mask=in_k, other=0.0).to(tl.float32)
 
-    s_qk, s_g, s_v = H * K, HV * K, HV * V  # token strides, out of the loop
-    p_q = q + (bos * H + i_h) * K + o_k
-    p_k = k + (bos * H + i_h) * K + o_k
-    p_g = g + (bos * HV + i_hv) * K + o_k
-    p_v = v + (bos * HV + i_hv) * V + o_v
-    p_o = o + (bos * HV + i_hv) * V + o_v
-    p_beta = beta + bos * HV + i_hv
+    # Rows of token t: q, k row t * H + i_h (K lanes), g, v, o, beta row t * HV + i_hv. Only
+    # these scalars cross iterations; each token's pointer tensors are formed from them where
+    # they are used. Carried across the loop, the [BK, 1] and [1, BV] pointer tensors held
+    # 64-bit addresses for every row a thread owns (ptxas, sm_90, bf16, K = V = 128, BV 16
+    # on one warp: 145 registers, so 13 programs per SM; see RecurrentConfig).
+    r_qk = bos * H + i_h
+    r_v = bos * HV + i_hv
     t = bos
     if PREFETCH:  # RecurrentConfig.prefetch: each token's rows loaded one step ahead
         ahead = live & (t < eos)
-        n_q, n_k, n_g, n_v, n_beta = _kda_token(p_q, p_k, p_g, p_v, p_beta, m_k & ahead, m_v & ahead, ahead)
+        n_q, n_k, n_g, n_v, n_beta = _kda_token(q, k, g, v, beta, r_qk, r_v, o_k, o_v, K, V,
+                                                m_k & ahead, m_v & ahead, ahead)  # fmt: skip
     while t < eos:  # a while loop: the interpreter cannot take tensor bounds in range()
         if PREFETCH:
             b_q, b_k, b_g, b_v, b_beta = n_q, n_k, n_g, n_v, n_beta
             ahead = live & (t + 1 < eos)
-            n_q, n_k, n_g, n_v, n_beta = _kda_token(
-                p_q + s_qk, p_k + s_qk, p_g + s_g, p_v + s_v, p_beta + HV, m_k & ahead, m_v & ahead, ahead
-            )  # fmt: skip
+            n_q, n_k, n_g, n_v, n_beta = _kda_token(q, k, g, v, beta, r_qk + H, r_v + HV, o_k, o_v, K, V,
+                                                    m_k & ahead, m_v & ahead, ahead)  # fmt: skip
         else:
-            b_q, b_k, b_g, b_v, b_beta = _kda_token(p_q, p_k, p_g, p_v, p_beta, m_k, m_v, live)
+            b_q, b_k, b_g, b_v, b_beta = _kda_token(q, k, g, v, beta, r_qk, r_v, o_k, o_v, K, V, m_k, m_v, live)
         if L2NORM:  # x / sqrt(sum x^2 + eps), in fp32 (reference.gates.l2norm)
             b_q = b_q / tl.sqrt(col_sum(b_q, b_q) + EPS)
             b_k = b_k / tl.sqrt(col_sum(b_k, b_k) + EPS)
@@ -248,13 +250,9 @@ def _fused_recurrent_kda_kernel(
         b_u = b_beta * (b_v - col_sum(b_h, b_k))  # beta_t (v_t - S'^T k_t), [1, BV]
         b_h += b_k * b_u
         b_o = col_sum(b_h, b_q * scale)  # S_t^T (scale q_t), [1, BV]
-        tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=in_v)
-        p_q += s_qk
-        p_k += s_qk
-        p_g += s_g
-        p_v += s_v
-        p_o += s_v
-        p_beta += HV
+        tl.store(o + r_v * V + o_v, b_o.to(o.dtype.element_ty), mask=in_v)
+        r_qk += H
+        r_v += HV
         t += 1
     if STORE_HT != 0:
         if INPLACE != 0:

@@ -61,9 +61,11 @@ def test_oracle_half(case, dtype):
 
 @pytest.mark.parametrize("case", ["T17-K16-V3-masked", "T17-K64-V64-varlen"])
 def test_prefetch_change_no_bit(monkeypatch, case):
-    """RecurrentConfig.prefetch (each token's rows loaded one step ahead) leaves o and the
-    final state bitwise unchanged under the interpreter (the same values and arithmetic), and
-    holds to the oracle compiled; a packed batch whose short sequence ends the loop early."""
+    """RecurrentConfig.prefetch (each token's rows loaded one step ahead) flipped from what
+    launch_config chose leaves o and the final state bitwise unchanged under the interpreter
+    (the same values and arithmetic), and holds to the oracle compiled; a packed batch whose
+    short sequence ends the loop early (config_for's launch), and 17 tokens of one sequence
+    (token_loop_config's)."""
     from dataclasses import replace
 
     from kdaverify.kernels import kda_fused_recurrent as fr
@@ -72,8 +74,9 @@ def test_prefetch_change_no_bit(monkeypatch, case):
     h = harness()
     t = h.inputs(spec.arrays())
     plain = h.impl.call(t, spec.scale)
-    default = fr.config_for
-    monkeypatch.setattr(fr, "config_for", lambda *a: replace(default(*a), prefetch=True))
+    default = fr.launch_config
+    flipped = lambda *a: replace(default(*a), prefetch=not default(*a).prefetch)  # noqa: E731
+    monkeypatch.setattr(fr, "launch_config", flipped)
     h.expect_oracle(f"{case} prefetch", t, spec.scale)
     if INTERPRET:
         h.expect_equal("prefetch vs in-step loads", h.impl.call(t, spec.scale), plain)
@@ -327,3 +330,15 @@ def test_good_call_runs():
     """The call the bad-input cases start from is itself accepted."""
     o, S = fused_recurrent_kda(**good_call())
     assert o.shape == (B_, T_, HV_, V_) and S.shape == (B_, HV_, K_, V_)
+
+
+def test_launch_config_dispatch():
+    """Decode-like calls take config_for's launch, walks over many tokens token_loop_config's,
+    with prefetch only while the grid is small (launch_config's measurements)."""
+    from kdaverify.kernels import kda_fused_recurrent as fr
+
+    assert fr.launch_config(128, 128, 64 * 32, 1) == fr.config_for(128, 128, 64 * 32)
+    walk = fr.launch_config(128, 128, 32, fr.TOKEN_LOOP_FROM)
+    assert (walk.BV, walk.num_warps, walk.prefetch) == (8, 1, True)
+    wide = fr.launch_config(128, 128, 256, 4096)
+    assert (wide.BV, wide.num_warps, wide.prefetch) == (16, 1, False)

@@ -16,7 +16,7 @@ store, and all offsets are int64.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -42,9 +42,8 @@ class RecurrentConfig:
 
     BV: int
     num_warps: int
-    # Load each token's rows one step ahead (the kernel's PREFETCH). The DPLR kernel always
-    # does (2.1x at T = 4096 on an H200, dplr_fused_recurrent); here an A/B candidate for
-    # calls of many tokens, off until timed (a decode's one token gains nothing from it).
+    # Load each token's rows one step ahead (the kernel's PREFETCH): see launch_config. The
+    # DPLR kernel always does (2.1x at T = 4096 on an H200, dplr_fused_recurrent).
     prefetch: bool = False
 
 
@@ -99,6 +98,32 @@ def token_loop_config(K: int, V: int, NHV: int) -> RecurrentConfig:
     BK = next_power_of_2(K)
     narrow = BK >= 256 or NHV * cdiv(V, 8) <= 1024
     return RecurrentConfig(BV=min(next_power_of_2(V), 8 if narrow else 16), num_warps=1)
+
+
+# Tokens per sequence (on average over the call) from which a call is a walk over tokens,
+# whose time a step's latency sets, rather than one read and write of the state (a decode,
+# set by bandwidth). Provisional (eighteenth session): between the decode (1 token, where
+# config_for's wide tiles win at small N) and the measured T = 4096; the crossover is timed
+# with perf/bench_fused_recurrent.py --tokens.
+TOKEN_LOOP_FROM = 16
+
+
+def launch_config(K: int, V: int, NHV: int, tokens_per_sequence: float) -> RecurrentConfig:
+    """The KDA kernel's launch: config_for for decode-like calls (fewer than TOKEN_LOOP_FROM
+    tokens per sequence), else token_loop_config, loading each token's rows a step ahead when
+    the grid is small (at most 1024 programs of BV 8: one wave, latency-bound). Measured on an
+    H200 (eighteenth session, bf16, K = V = 128, T = 4096, ms, two rounds within 0.5%):
+
+    | call | config_for | + prefetch | token_loop_config | + prefetch |
+    |---|---|---|---|---|
+    | B1 (NHV 32) | 10.05 (BV 32 x 8 warps) | 5.77 | 4.72 (BV 8 x 1) | **3.54** |
+    | B8 (NHV 256) | 11.28 (BV 16 x 1) | 12.40 | **11.28** (BV 16 x 1) | 12.40 |
+
+    At B8 the extra rows in flight cost residency (2048 programs, more than one wave)."""
+    if tokens_per_sequence < TOKEN_LOOP_FROM:
+        return config_for(K, V, NHV)
+    cfg = token_loop_config(K, V, NHV)
+    return replace(cfg, prefetch=NHV * cdiv(V, 8) <= 1024)
 
 
 # tl.sum compiles to tl.reduce with this combine function. Called directly: under the
@@ -331,7 +356,7 @@ def fused_recurrent_kda(
     A32, bias32 = _gate_params(use_gate_in_kernel, A_log, dt_bias, lower_bound, c.HV, c.K, c.q.device)
     if not isinstance(allow_neg_eigval, bool):
         raise ValueError(f"allow_neg_eigval: expected a bool, got {allow_neg_eigval!r}")
-    cfg = config_for(c.K, c.V, c.N * c.HV)
+    cfg = launch_config(c.K, c.V, c.N * c.HV, c.B * c.T / max(c.N, 1))
     o = torch.empty_like(c.v)
     shape = (c.N, c.HV, c.K, c.V) if state_layout == "kv" else (c.N, c.HV, c.V, c.K)
     if inplace_final_state:

@@ -5,10 +5,13 @@ importable. Standalone, about a minute of GPU time:
 
     python -m kdaverify.perf.bench_fused_recurrent
     python -m kdaverify.perf.bench_fused_recurrent --configs   # every (BV, warps) of decode
+    python -m kdaverify.perf.bench_fused_recurrent --tokens    # decode vs token-loop launch by T
 
 `--configs` times the decode kernel at each N under every launch configuration (BV in 16 to
 128, 1 to 8 warps, in place of `config_for`'s choice), each output compared with the default
 configuration's: the sweep `config_for` was chosen from on an H100, to rerun on another card.
+`--tokens` times calls of T tokens per sequence (N = 1, 8 and 64) under both of launch_config's
+choices, config_for's and the token loop's, for the crossover TOKEN_LOOP_FROM.
 
 Accuracy verdicts use the suite's tolerance rule (equivalence.relations.Harness). Decode
 traffic is the state read once and written once (2 * N * 32 * 128 * 128 * 4 bytes) plus the
@@ -181,6 +184,48 @@ def sweep_configs(bvs=(16, 32, 64, 128), warps=(1, 2, 4, 8)) -> None:
             fr.config_for = default
 
 
+def sweep_tokens(ns=(1, 8, 64), ts=(1, 2, 4, 8, 16, 32, 64, 256)) -> None:
+    """Calls of T tokens per sequence from a state, under config_for's launch and under the
+    token loop's (token_loop_config, prefetch as launch_config sets it), median ms of each."""
+    from kdaverify.kernels import kda_fused_recurrent as fr
+    from triton.testing import do_bench
+
+    default = fr.launch_config
+    launches = {
+        "config_for": lambda K_, V_, NHV, _: fr.config_for(K_, V_, NHV),
+        "token loop": lambda K_, V_, NHV, _: default(K_, V_, NHV, fr.TOKEN_LOOP_FROM),
+    }
+    print(f"\ncalls of T tokens per sequence, bf16, fp32 state [N, {HV}, {K}, {V}]")
+    print(f"TOKEN_LOOP_FROM = {fr.TOKEN_LOOP_FROM}")
+    print("| N | T | config_for | token loop | token loop's launch | max diff |")
+    print("|---|---|---|---|---|---|")
+    try:
+        for N in ns:
+            for T in ts:
+                ms, outs = {}, {}
+                run = _tokens_call(N, T)
+                for name, launch in launches.items():
+                    fr.launch_config = launch
+                    outs[name] = run()
+                    ms[name] = do_bench(run, warmup=10, rep=100)
+                a, b = outs.values()
+                diff = max(float((a[0].float() - b[0].float()).abs().max()), float((a[1] - b[1]).abs().max()))
+                cfg = default(K, V, N * HV, fr.TOKEN_LOOP_FROM)
+                print(f"| {N} | {T} | {ms['config_for']:.4f} ms | {ms['token loop']:.4f} ms | {cfg} | {diff:.1e} |",
+                      flush=True)  # fmt: skip
+    finally:
+        fr.launch_config = default
+
+
+def _tokens_call(N: int, T: int):
+    """A call of N sequences of T tokens (the decode token repeated) from a random state."""
+    from kdaverify.kernels import fused_recurrent_kda
+
+    q, k, v, g, beta = (x.expand(N, T, *x.shape[2:]).contiguous() for x in _decode_inputs(N, torch.bfloat16))
+    h0 = torch.randn(N, HV, K, V, device="cuda")
+    return functools.partial(fused_recurrent_kda, q, k, v, g, beta, initial_state=h0, output_final_state=True)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not torch.cuda.is_available():
@@ -192,8 +237,11 @@ def main(argv=None) -> int:
     if argv == ["--configs"]:
         sweep_configs()
         return 0
+    if argv == ["--tokens"]:
+        sweep_tokens()
+        return 0
     if argv:
-        print(f"unknown arguments {argv}: expected none or --configs")
+        print(f"unknown arguments {argv}: expected none, --configs or --tokens")
         return 2
     print("accuracy against the float64 oracle (suite tolerance rule):")
     ok = check_oracle()

@@ -1,0 +1,66 @@
+"""Candidate (not a finding yet): flash-linear-attention 0.6.0's chunk_kda, bf16 inputs, fails
+the suite's oracle_long_history check on its bias alone, at one example (B1 T1024 H16 G4
+K = V = 100, mild gate, input scale 0.01, seed 0): bias -2.55e-4 against a budget of 2.43e-4 (the
+rms and max errors are well inside theirs). Seen in two runs on an H200 (2026-11-28, and again
+in a fresh process on 2026-11-29).
+
+The bias <o - oracle, oracle> / |oracle|^2 of a correct kernel is noise of standard deviation
+about rel_rms / sqrt(n_eff) (equivalence/tolerance.py). This script measures it over many
+seeds at the example's shape and at K = V = 128, for flash-linear-attention, ours
+(kdaverify.kernels.chunk_kda) and the suite's same-precision references, and prints each
+one's mean bias with its standard error and its mean in units of its own noise. A kernel
+whose mean bias is many standard errors from zero rounds systematically (a finding, or an
+intended precision choice); one whose mean is near zero drew a 4-sigma example (then the
+candidate is closed). Run on a GPU with fla-core 0.6.0 importable:
+
+    python fla_chunk_kda-long_history_bias_bf16.py [seeds]     # default 16
+"""
+
+import sys
+from dataclasses import replace
+
+import numpy as np
+import torch
+from kdaverify.equivalence.cases import CaseSpec
+from kdaverify.equivalence.implementation import load_implementation
+from kdaverify.equivalence.relations import Harness
+from kdaverify.equivalence.tolerance import errors
+
+SPEC = CaseSpec(B=1, T=1024, H=16, G=4, K=100, V=100, gate="mild", shared_gate=False, beta_max=1.0,
+                input_scale=0.01, scale=None, h0=False, seqlens=None, seed=0, zero_beta=False)  # fmt: skip
+
+
+def main(seeds: int = 16) -> int:
+    impls = {
+        "fla": load_implementation("kdaverify.equivalence.adapters:fla_chunk_kda", device="cuda"),
+        "ours": load_implementation("kdaverify.kernels:chunk_kda", device="cuda"),
+    }
+    print(f"{torch.cuda.get_device_name()}; {SPEC}")
+    for KV in (100, 128):
+        rows = {n: [] for n in (*impls, "reference (chunkwise, 64)")}
+        noise = {n: [] for n in rows}
+        print(f"\nK = V = {KV}: seed, then bias (and rel RMS) of each")
+        for seed in range(seeds):
+            spec = replace(SPEC, K=KV, V=KV, seed=seed)
+            h = Harness(impls["fla"], torch.bfloat16)
+            t = h.inputs(spec.arrays())
+            oracle = h.oracle(t)[0]
+            errs = {n: errors(i.call(t)[0], oracle) for n, i in impls.items()}
+            refs = [errors(f(t)[0], oracle) for f in h.references(None, t)]
+            errs["reference (chunkwise, 64)"] = refs[0]  # one, not the worst: a signed sample
+            for n, e in errs.items():
+                rows[n].append(e.bias)
+                noise[n].append(e.rel_rms / np.sqrt(e.n_eff))
+            cells = (f"{n.split()[0]} {e.bias:+.2e} ({e.rel_rms:.2e})" for n, e in errs.items())
+            print(f"  {seed:3d} " + "  ".join(cells))
+        print(f"K = V = {KV}, {seeds} seeds: mean bias +- standard error; mean in units of rel_rms / sqrt(n_eff)")
+        for n, b in rows.items():
+            b = np.array(b)
+            z = b / np.array(noise[n])
+            print(f"  {n:28s} {b.mean():+.3e} +- {b.std(ddof=1) / np.sqrt(len(b)):.1e}   z mean {z.mean():+.2f}, "
+                  f"z std {z.std(ddof=1):.2f}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(*(int(a) for a in sys.argv[1:])))

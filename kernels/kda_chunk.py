@@ -209,11 +209,6 @@ class ChunkBlocks:
     # tiles do not fit, at K = 256 not even unpipelined (271360 B of shared memory against
     # the H100's 232448; the GPU conformance run found it), so tf32 dots form them in place.
     DH_OPS: int = 1
-    # DH_CHAIN (chunk_dh_recurrence's CHAIN): 0, three dependent dots per chunk from one dS to
-    # the next; 1 or 2, M^T Kd formed off that chain (an A/B candidate of the seventeenth
-    # session, CPU only: the kernel runs 128 programs, one per SM, each a serial chain, so the
-    # chain's depth rather than its dot count should set the time; predicted 1.46 -> 1.0-1.2 ms).
-    DH_CHAIN: int = 0
     # RESET_SPAN = 1: the pass over the chunks holding a reset runs one program per chunk (and
     # value head, or block of them) that takes the chunk's units in turn (span, below); 0: one
     # program per unit, as the pass without resets.
@@ -593,10 +588,10 @@ def chunk_kda_backward(
     BVD, dh_warps = BLOCKS.DH_BV or BV, BLOCKS.DH_WARPS or BLOCKS.warps(K)
     QG, KG, KD = ops or (q, q, q)  # without ops, never read (OPS off)
     launch_fitting(
-        chunk_dh_recurrence, (*key, BVD, dh_warps, bool(ops), BLOCKS.DH_CHAIN), BLOCKS.fitting(BVD, dot_dtype),
+        chunk_dh_recurrence, (*key, BVD, dh_warps, bool(ops)), BLOCKS.fitting(BVD, dot_dtype),
         lambda cfg: (cdiv(V, cfg["BV"]) * N * HV,),
         (q, k, G, Rs, QG, KG, KD, Aqk, M, do, dht, dh, dh0, c.cu_seqlens, plan.chunk_first, c.scale, T, plan.NT),
-        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, OPS=bool(ops), CHAIN=BLOCKS.DH_CHAIN,
+        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, OPS=bool(ops),
         **{**common, "num_warps": dh_warps},
     )  # fmt: skip
     del QG, KG, KD

@@ -86,7 +86,7 @@ def chunk_dh_recurrence(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, OPS: tl.constexpr = False, CHAIN: tl.constexpr = 0,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, OPS: tl.constexpr = False,
 ):  # fmt: skip
     """dh [NC, HV, K, V] fp32 for value columns [i_v*BV, (i_v+1)*BV): row c holds dSC of chunk
     c (the loss's gradient with respect to the state leaving it), from dht [N, HV, K, V] (or
@@ -97,11 +97,7 @@ def chunk_dh_recurrence(
     forward's QG, KG, KD [B*T, HV, K] (chunk_pairs forms them with the same products, rounded
     to the dot dtype as mma rounds them here: the same values bit for bit) instead of being
     formed from q, k, G and the reset counts with 2 BT * BK exps per chunk; G and Rs then give
-    only the chunk's end decay.
-
-    CHAIN (ChunkBlocks.DH_CHAIN): 0, dx = M^T (Aqk^T dO + Kd dS), three dependent dots per
-    chunk from dS to the next; 1, M^T Kd formed off that chain and rounded once to the dot
-    dtype; 2, the same in two 16-bit halves."""
+    only the chunk's end decay."""
     i_nh, i_v = one_dim_grid((V + BV - 1) // BV)
     i_n, i_hv, i_h, bos, eos, c0 = sequence_span(i_nh, chunk_first, cu_seqlens, T, NT, HV, H, IS_VARLEN)
     o_t = tl.arange(0, BT)
@@ -136,19 +132,8 @@ def chunk_dh_recurrence(
         else:
             _, _, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
             kd = k_c * e_d
-        if CHAIN == 0:
-            dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION) + mma(kd, dS, DOT_DTYPE, PRECISION)
-            dx = mma(tl.trans(m_c), dvp, DOT_DTYPE, PRECISION)
-        else:
-            # dx = M^T (Aqk^T dO) + (M^T Kd) dS: M^T Kd and the first term do not depend on dS,
-            # so the chain from one chunk's dS to the next is two dots deep, not three
-            w2 = mma(tl.trans(m_c), kd, DOT_DTYPE, PRECISION)
-            dx = mma(tl.trans(m_c), mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION), DOT_DTYPE, PRECISION)
-            if CHAIN == 1 or DOT_DTYPE == tl.float32:  # M^T Kd rounded once, as dvp was
-                dx += mma(w2, dS, DOT_DTYPE, PRECISION)
-            else:  # M^T Kd in two 16-bit halves (two independent dots, still two deep)
-                w2_hi = round_to(w2, DOT_DTYPE).to(tl.float32)
-                dx += mma(w2_hi, dS, DOT_DTYPE, PRECISION) + mma(w2 - w2_hi, dS, DOT_DTYPE, PRECISION)
+        dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION) + mma(kd, dS, DOT_DTYPE, PRECISION)
+        dx = mma(tl.trans(m_c), dvp, DOT_DTYPE, PRECISION)
         dS = dS * gam_c[:, None]
         if not OPS:
             qg = q_c * (scale * e_g)

@@ -124,7 +124,6 @@ def first_fit(kernel: str, dtype: str, K: int, V: int, usage: bool = False) -> d
         if kernel == "dh_recurrence":  # its own block choices (kda_chunk.chunk_kda_backward)
             BV, warps = BLOCKS.DH_BV or BV, BLOCKS.DH_WARPS or BLOCKS.warps(K)
             consts["OPS"] = BLOCKS.dh_ops(dot)
-            consts["CHAIN"] = BLOCKS.DH_CHAIN
         configs = BLOCKS.fitting(BV, dot, reload=kernel == "grads" and BK >= 256)
     for config in configs:
         meta = {n: v for n, v in config.items() if n != "num_stages"}

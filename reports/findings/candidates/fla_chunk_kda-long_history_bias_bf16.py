@@ -11,9 +11,21 @@ seeds at the example's shape and at K = V = 128, for flash-linear-attention, our
 one's mean bias with its standard error and its mean in units of its own noise. A kernel
 whose mean bias is many standard errors from zero rounds systematically (a finding, or an
 intended precision choice); one whose mean is near zero drew a 4-sigma example (then the
-candidate is closed). Run on a GPU with fla-core 0.6.0 importable:
+candidate is closed). Run on a GPU with fla-core 0.6.0 importable (import the tuning cache
+first, `kdaverify tuning import reports/tuning/<card>.tar.gz`: cold, fla autotunes every
+kernel and one seed takes over a minute):
 
-    python fla_chunk_kda-long_history_bias_bf16.py [seeds]     # default 16
+    python fla_chunk_kda-long_history_bias_bf16.py [seeds [K ...]]   # default 16 seeds, K = V = 100 and 128
+
+Measured on an H200 (2026-11-29, 16 seeds, K = V = 100): fla -2.571e-4 +- 1.1e-6 (15 of its
+own noise units, every seed between -2.49e-4 and -2.66e-4), ours -1.22e-5 +- 1.5e-6, the
+chunkwise reference -1.15e-5 +- 1.6e-6. The suspected cause, for the next run to test with
+TRITON_F32_DEFAULT=ieee set: fla forms the off-diagonal sub-chunk blocks of Aqk and Akk
+(fla/ops/kda/chunk_intra.py, the off-diagonal loop) and merges the triangular inverse
+(solve_tril, tf32 on purpose) with float32 operands in tl.dot at tf32, which Triton feeds to the
+tensor cores truncated, not rounded: a one-signed error. On the CPU, our chunkwise reference on
+the same bf16 inputs with every product's operands truncated to tf32 gives a bias of -1.05e-3,
+rounded to tf32 -3e-6, in full fp32 -3e-6.
 """
 
 import sys
@@ -30,13 +42,13 @@ SPEC = CaseSpec(B=1, T=1024, H=16, G=4, K=100, V=100, gate="mild", shared_gate=F
                 input_scale=0.01, scale=None, h0=False, seqlens=None, seed=0, zero_beta=False)  # fmt: skip
 
 
-def main(seeds: int = 16) -> int:
+def main(seeds: int = 16, *sizes: int) -> int:
     impls = {
         "fla": load_implementation("kdaverify.equivalence.adapters:fla_chunk_kda", device="cuda"),
         "ours": load_implementation("kdaverify.kernels:chunk_kda", device="cuda"),
     }
     print(f"{torch.cuda.get_device_name()}; {SPEC}")
-    for KV in (100, 128):
+    for KV in sizes or (100, 128):
         rows = {n: [] for n in (*impls, "reference (chunkwise, 64)")}
         noise = {n: [] for n in rows}
         print(f"\nK = V = {KV}: seed, then bias (and rel RMS) of each")

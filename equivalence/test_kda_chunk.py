@@ -481,11 +481,13 @@ def test_reset_split_changes_no_bit(monkeypatch):
             assert torch.equal(d, got[split][1][n]), f"d{n}: the launches split at level {split} differ from one launch"
 
 
-def test_dh_ops_change_no_bit(monkeypatch, dtype="bfloat16"):
+@pytest.mark.parametrize("field, dtype", [("DH_OPS", "bfloat16"), ("DH_STORED", "bfloat16"), ("DH_STORED", "float32")])
+def test_dh_operand_forms_change_no_bit(monkeypatch, field, dtype):
     """chunk_dh_recurrence reading the forward's QG, KG, KD (ChunkBlocks.DH_OPS; kept only with
-    16-bit dot operands, so bf16 inputs here: float32 forms them in place either way) gives every
-    gradient of the form that builds them from q, k, G and the reset counts, bit for bit under
-    the interpreter (the same products, rounded as mma rounds them), and the oracle's compiled.
+    16-bit dot operands, so bf16 inputs here: float32 forms them in place either way), and
+    loading the tiles that only feed its dots as stored (DH_STORED), each gives every
+    gradient of the other form, bit for bit under the interpreter (the same products and
+    operands, rounded as mma rounds them), and the oracle's compiled.
     GVA (their rows are per value head, q and k's per query head), a packed batch whose
     second sequence ends inside a chunk (rows past it unwritten in QG), resets, an initial
     state; and a second backward through the same graph (retain_graph), which finds them
@@ -501,9 +503,9 @@ def test_dh_ops_change_no_bit(monkeypatch, dtype="bfloat16"):
     do, dht = cotangents(spec, h.dtype, DEVICE, "o and final_state")
     got = {}
     for ops in (0, 1):
-        monkeypatch.setattr(kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, DH_OPS=ops))
+        monkeypatch.setattr(kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, **{field: ops}))
         if not INTERPRET:
-            h.expect_oracle(f"DH_OPS {ops}", t, spec.scale)
+            h.expect_oracle(f"{field} {ops}", t, spec.scale)
             continue
         leaves = {n: t[n].detach().clone().requires_grad_() for n in GRAD_INPUTS if t[n] is not None}
         o, ht = DEFAULT.call({**t, **leaves}, scale=spec.scale)
@@ -513,7 +515,7 @@ def test_dh_ops_change_no_bit(monkeypatch, dtype="bfloat16"):
         for n, a, b in zip(leaves, first, again, strict=True):
             assert torch.equal(a, b), f"d{n}: the second backward (operands formed again) differs from the first"
     for n, d in got.get(0, {}).items():
-        assert torch.equal(d, got[1][n]), f"d{n}: DH_OPS 1 differs from DH_OPS 0"
+        assert torch.equal(d, got[1][n]), f"d{n}: {field} 1 differs from {field} 0"
 
 
 def test_bfloat16_backward_is_deterministic_and_typed():
@@ -612,3 +614,14 @@ def test_bfloat16_conversions_round_to_nearest():
     y = torch.empty_like(xt)
     _bf16_round_trip[(1,)](xt, y, N=1024)
     torch.testing.assert_close(y, xt.to(torch.bfloat16).float(), rtol=0, atol=0, equal_nan=True)
+
+
+def test_two_stages_sits_between_default_and_unpipelined():
+    """ChunkBlocks.TWO_STAGES puts a 2-stage config between Triton's default pipelining and
+    none, at the same BV (the shared-memory fallbacks of launch_fitting, in order)."""
+    import triton.language as tl
+    from kdaverify.kernels.kda_chunk import ChunkBlocks
+
+    assert [c.get("num_stages") for c in ChunkBlocks(TWO_STAGES=0).fitting(64, tl.bfloat16)] == [None, 1]
+    configs = ChunkBlocks(TWO_STAGES=1).fitting(64, tl.bfloat16)
+    assert [(c["BV"], c.get("num_stages")) for c in configs] == [(64, None), (64, 2), (64, 1)]

@@ -209,6 +209,19 @@ class ChunkBlocks:
     # tiles do not fit, at K = 256 not even unpipelined (271360 B of shared memory against
     # the H100's 232448; the GPU conformance run found it), so tf32 dots form them in place.
     DH_OPS: int = 1
+    # DH_STORED = 1 (chunk_dh_recurrence's STORED): the tiles that only feed its dots (dO, Aqk,
+    # M and DH_OPS's Gam Q, Gam K, Kd) loaded as stored, not widened to fp32 and narrowed again
+    # by mma. An A/B candidate (eighteenth session, CPU only). sm_90 (bf16, K = V = 128, BV 32,
+    # 8 warps): with 0, 255 registers a thread and 120 B of spill stores, and every load is a
+    # register load, which Triton's pipeliner cannot issue a chunk ahead (it pipelines loads
+    # that feed a dot); see NOTES for 1's figures.
+    DH_STORED: int = 0
+    # TWO_STAGES = 1: where Triton's default pipelining (3 stages) does not fit, try 2 stages
+    # before none (fitting). An A/B candidate (eighteenth session, CPU only): sm90_fit with
+    # aligned pointers, as a GPU launch compiles them, gives chunk_grads at bf16 K = V = 128
+    # 245760 B of shared memory at 3 stages (over the H100's 232448, so the GPU has run it
+    # unpipelined, 81920 B), 163840 B at 2 (spill stores 1396 -> 1124 B a thread).
+    TWO_STAGES: int = 0
     # RESET_SPAN = 1: the pass over the chunks holding a reset runs one program per chunk (and
     # value head, or block of them) that takes the chunk's units in turn (span, below); 0: one
     # program per unit, as the pass without resets.
@@ -307,7 +320,7 @@ class ChunkBlocks:
         three that cannot fit would each cost a compile first."""
         if reload and dot_dtype == tl.float32:
             return [dict(BV=32, num_stages=1, RELOAD=True)]
-        configs = [dict(BV=BV), dict(BV=BV, num_stages=1)]
+        configs = [dict(BV=BV), *([dict(BV=BV, num_stages=2)] if self.TWO_STAGES else []), dict(BV=BV, num_stages=1)]
         if dot_dtype == tl.float32 and BV > 32:
             configs.append(dict(BV=32, num_stages=1))
         return configs
@@ -588,10 +601,10 @@ def chunk_kda_backward(
     BVD, dh_warps = BLOCKS.DH_BV or BV, BLOCKS.DH_WARPS or BLOCKS.warps(K)
     QG, KG, KD = ops or (q, q, q)  # without ops, never read (OPS off)
     launch_fitting(
-        chunk_dh_recurrence, (*key, BVD, dh_warps, bool(ops)), BLOCKS.fitting(BVD, dot_dtype),
+        chunk_dh_recurrence, (*key, BVD, dh_warps, bool(ops), BLOCKS.DH_STORED), BLOCKS.fitting(BVD, dot_dtype),
         lambda cfg: (cdiv(V, cfg["BV"]) * N * HV,),
         (q, k, G, Rs, QG, KG, KD, Aqk, M, do, dht, dh, dh0, c.cu_seqlens, plan.chunk_first, c.scale, T, plan.NT),
-        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, OPS=bool(ops),
+        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, OPS=bool(ops), STORED=bool(BLOCKS.DH_STORED),
         **{**common, "num_warps": dh_warps},
     )  # fmt: skip
     del QG, KG, KD

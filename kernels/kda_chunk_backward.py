@@ -57,6 +57,7 @@ from .kda_chunk_intra import (
     load_counts,
     load_counts_row,
     load_rows,
+    load_rows_stored,
     mma,
     mma_hilo,
     mma_split,
@@ -69,15 +70,29 @@ from .kda_chunk_intra import (
 
 
 @triton.jit
-def _load_tril(x, rows, m, HV: tl.constexpr, i_hv, o_t, eos, t0, BT: tl.constexpr, STRICT: tl.constexpr):
-    """The chunk's [BT, BT] matrix (Aqk or Minv rows, see kda_chunk_intra) in fp32: the lower
-    triangle (diagonal included unless STRICT) of the rows and columns inside the sequence."""
+def _load_tril(
+    x, rows, m, HV: tl.constexpr, i_hv, o_t, eos, t0, BT: tl.constexpr, STRICT: tl.constexpr, F32: tl.constexpr = True
+):
+    """The chunk's [BT, BT] matrix (Aqk or Minv rows, see kda_chunk_intra) in fp32 (or, F32
+    False, as stored: kda_chunk_intra.load_rows_stored says when): the lower triangle
+    (diagonal included unless STRICT) of the rows and columns inside the sequence."""
     keep = m[:, None] & (t0 + o_t[None, :] < eos)
     if STRICT:
         keep = keep & (o_t[None, :] < o_t[:, None])
     else:
         keep = keep & (o_t[None, :] <= o_t[:, None])
-    return tl.load(x + (rows[:, None] * HV + i_hv) * BT + o_t[None, :], mask=keep, other=0.0).to(tl.float32)
+    tile = tl.load(x + (rows[:, None] * HV + i_hv) * BT + o_t[None, :], mask=keep, other=0.0)
+    return tile.to(tl.float32) if F32 else tile
+
+
+@triton.jit
+def _dot_rows(x, rows, m, heads, head, cols, D: tl.constexpr, STORED: tl.constexpr):
+    """A [rows, cols] tile that only feeds mma: as stored with STORED (load_rows_stored), else
+    in fp32 (load_rows); the dot's operand is the same bit for bit either way."""
+    if STORED:
+        return load_rows_stored(x, rows, m, heads, head, cols, D)
+    else:
+        return load_rows(x, rows, m, heads, head, cols, D)
 
 
 @triton.jit(do_not_specialize=["T", "NT"])
@@ -86,7 +101,7 @@ def chunk_dh_recurrence(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, OPS: tl.constexpr = False,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, OPS: tl.constexpr = False, STORED: tl.constexpr = False,
 ):  # fmt: skip
     """dh [NC, HV, K, V] fp32 for value columns [i_v*BV, (i_v+1)*BV): row c holds dSC of chunk
     c (the loss's gradient with respect to the state leaving it), from dht [N, HV, K, V] (or
@@ -97,7 +112,10 @@ def chunk_dh_recurrence(
     forward's QG, KG, KD [B*T, HV, K] (chunk_pairs forms them with the same products, rounded
     to the dot dtype as mma rounds them here: the same values bit for bit) instead of being
     formed from q, k, G and the reset counts with 2 BT * BK exps per chunk; G and Rs then give
-    only the chunk's end decay."""
+    only the chunk's end decay.
+
+    STORED (ChunkBlocks.DH_STORED): dO, Aqk, M and OPS's tiles are loaded in their stored
+    dtype, not widened to fp32 (_dot_rows; the same dot operands, bit for bit)."""
     i_nh, i_v = one_dim_grid((V + BV - 1) // BV)
     i_n, i_hv, i_h, bos, eos, c0 = sequence_span(i_nh, chunk_first, cu_seqlens, T, NT, HV, H, IS_VARLEN)
     o_t = tl.arange(0, BT)
@@ -117,15 +135,15 @@ def chunk_dh_recurrence(
         rows = t0 + o_t
         m = rows < eos
         if OPS:
-            qg = load_rows(QG, rows, m, HV, i_hv, cols_k, K)
-            kg = load_rows(KG, rows, m, HV, i_hv, cols_k, K)
-            kd = load_rows(KD, rows, m, HV, i_hv, cols_k, K)
+            qg = _dot_rows(QG, rows, m, HV, i_hv, cols_k, K, STORED)
+            kg = _dot_rows(KG, rows, m, HV, i_hv, cols_k, K, STORED)
+            kd = _dot_rows(KD, rows, m, HV, i_hv, cols_k, K, STORED)
         else:
             q_c = load_rows(q, rows, m, H, i_h, cols_k, K)
             k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
-        do_c = load_rows(do, rows, m, HV, i_hv, cols_v, V)
-        a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
-        m_c = _load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
+        do_c = _dot_rows(do, rows, m, HV, i_hv, cols_v, V, STORED)
+        a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False, not STORED)
+        m_c = _load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, False, not STORED)
         last = tl.minimum(t0 + BT, eos) - 1
         if OPS:
             gam_c = chunk_end_decay(G, Rs, last, HV, i_hv, cols_k, K, RESETS)

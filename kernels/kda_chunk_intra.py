@@ -176,8 +176,17 @@ def load_beta(beta, rows, mask, HV: tl.constexpr, i_hv, SIGMOID: tl.constexpr, N
 @triton.jit
 def load_rows(x, rows, mask, heads, head, cols, D: tl.constexpr):
     """x[rows, head, cols] of a [tokens, heads, D] tensor as fp32 [len(rows), len(cols)], 0 outside."""
+    return load_rows_stored(x, rows, mask, heads, head, cols, D).to(tl.float32)
+
+
+@triton.jit
+def load_rows_stored(x, rows, mask, heads, head, cols, D: tl.constexpr):
+    """load_rows in x's own dtype: for a tile that only feeds mma (whose rounding to the dot
+    dtype then gives the same operand bit for bit). Kept 16-bit, such a load can go straight
+    to shared memory for the tensor cores, and Triton's pipeliner can issue it a chunk ahead;
+    widened to fp32 it is held in registers (twice the bytes) and converted back."""
     ptr = x + (rows[:, None] * heads + head) * D + cols[None, :]
-    return tl.load(ptr, mask=mask[:, None] & (cols[None, :] < D), other=0.0).to(tl.float32)
+    return tl.load(ptr, mask=mask[:, None] & (cols[None, :] < D), other=0.0)
 
 
 @triton.jit

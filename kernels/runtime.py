@@ -156,7 +156,8 @@ def launch_fitting(kernel, key: tuple, configs: list[dict], grid, args: tuple, *
     config always runs."""
     from triton.runtime.errors import OutOfResources
 
-    full = (getattr(kernel, "__name__", str(kernel)), *key)
+    # the list itself is part of the key: an index into one list means nothing in another
+    full = (getattr(kernel, "__name__", str(kernel)), *key, tuple(tuple(sorted(c.items())) for c in configs))
     start = _FITTING.get(full, 0)
     for i in range(start, len(configs)):
         config = configs[i]

@@ -62,7 +62,12 @@ def compile_sm90(fn, dtype: str, consts: dict, num_warps: int, num_stages: int):
     defaults = {n: p.default for n, p in sig.items() if p.default is not inspect.Parameter.empty}
     consts = {**defaults, **{n: v for n, v in consts.items() if n in params}}
     constexprs = {(params.index(n),): v for n, v in consts.items()}
-    src = ASTSource(fn=fn, signature=_signature(fn, dtype, consts), constexprs=constexprs)
+    signature = _signature(fn, dtype, consts)
+    # Every pointer 16-byte aligned, as a launch on fresh torch tensors specializes it (Triton's
+    # "D" attribute): without it the compiler may not vectorize or pipeline a load, and the
+    # registers and shared memory reported would not be the GPU's.
+    attrs = {(params.index(n),): [["tt.divisibility", 16]] for n, t in signature.items() if t.startswith("*")}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     options = dict(num_warps=num_warps, num_stages=num_stages)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
@@ -124,6 +129,7 @@ def first_fit(kernel: str, dtype: str, K: int, V: int, usage: bool = False) -> d
         if kernel == "dh_recurrence":  # its own block choices (kda_chunk.chunk_kda_backward)
             BV, warps = BLOCKS.DH_BV or BV, BLOCKS.DH_WARPS or BLOCKS.warps(K)
             consts["OPS"] = BLOCKS.dh_ops(dot)
+            consts["STORED"] = bool(BLOCKS.DH_STORED)
         configs = BLOCKS.fitting(BV, dot, reload=kernel == "grads" and BK >= 256)
     for config in configs:
         meta = {n: v for n, v in config.items() if n != "num_stages"}

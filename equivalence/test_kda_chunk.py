@@ -625,3 +625,33 @@ def test_two_stages_sits_between_default_and_unpipelined():
     assert [c.get("num_stages") for c in ChunkBlocks(TWO_STAGES=0).fitting(64, tl.bfloat16)] == [None, 1]
     configs = ChunkBlocks(TWO_STAGES=1).fitting(64, tl.bfloat16)
     assert [(c["BV"], c.get("num_stages")) for c in configs] == [(64, None), (64, 2), (64, 1)]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        # GVA, a packed batch whose second sequence ends inside a chunk, resets, an initial state
+        CaseSpec(T=90, K=20, V=12, H=1, G=3, h0=True, seqlens=(70, 20), gate="reset", seed=53),
+        CaseSpec(B=2, T=150, K=64, V=80, H=2, G=1, h0=True, gate="logsigmoid", beta_max=2.0, seed=7),
+    ],
+)
+def test_dh_split_gradients_hold_to_the_oracle(monkeypatch, spec):
+    """ChunkBlocks.DH_SPLIT (the dh chain's dS-free parts formed for all chunks first,
+    chunk_dh_operands) rounds differently from the default, so it is held to the float64
+    oracle's gradients under the tolerance rule (bf16: the split applies to 16-bit dot
+    operands only), and must differ from the default somewhere: a flag that changed nothing
+    would pass the first part vacuously."""
+    from dataclasses import replace
+
+    from kdaverify.kernels import kda_chunk
+
+    h = Harness(DEFAULT, DTYPES["bfloat16"])
+    t = h.inputs(spec.arrays())
+    do, dht = cotangents(spec, h.dtype, DEVICE, "o and final_state")
+    got = {}
+    for split in (0, 1):
+        monkeypatch.setattr(kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, DH_SPLIT=split))
+        got[split] = autograd_grads(lambda x: DEFAULT.call(x, scale=spec.scale), t, do, dht)
+        if split:
+            expect_gradients(h, "DH_SPLIT 1", spec)
+    assert any(not torch.equal(got[0][n], got[1][n]) for n in got[0]), "DH_SPLIT 1 gave the default's gradients"

@@ -36,6 +36,7 @@ from kdaverify.reference.gates import beta_activation, kda_gate, l2norm
 
 from .kda_chunk_backward import (
     chunk_dg_cumsum,
+    chunk_dh_operands,
     chunk_dh_recurrence,
     chunk_grads,
     chunk_pair_grads,
@@ -216,6 +217,15 @@ class ChunkBlocks:
     # register load, which Triton's pipeliner cannot issue a chunk ahead (it pipelines loads
     # that feed a dot); see NOTES for 1's figures.
     DH_STORED: int = 0
+    # DH_SPLIT = 1 (with DH_OPS' operands): the parts of the dh chain's dX that do not depend
+    # on dS formed for all chunks at once before it (kda_chunk_backward.chunk_dh_operands:
+    # W2 = M^T Kd over KD, DVL = M^T Aqk^T dO fp32 [B, T, HV, V]), so chunk_dh_recurrence
+    # runs three dots a chunk, two of them dependent, as fla's dhu. Not bitwise: W2 is rounded
+    # once to the dot dtype and Aqk^T dO on its own (the removed DH_CHAIN = 1's arithmetic,
+    # whose bf16 gradient checks passed with equal or smaller shares of budget; it was
+    # slower because it did the extra dots inside the sequential loop). An A/B candidate
+    # (eighteenth session, CPU only); DVL adds 4 B * B T HV V for the recurrence's duration.
+    DH_SPLIT: int = 0
     # TWO_STAGES = 1: where Triton's default pipelining (3 stages) does not fit, try 2 stages
     # before none (fitting). An A/B candidate (eighteenth session, CPU only): sm90_fit with
     # aligned pointers, as a GPU launch compiles them, gives chunk_grads at bf16 K = V = 128
@@ -600,14 +610,22 @@ def chunk_kda_backward(
     key = (q.device.index, BK, BV, str(dot_dtype), dot_precision)
     BVD, dh_warps = BLOCKS.DH_BV or BV, BLOCKS.DH_WARPS or BLOCKS.warps(K)
     QG, KG, KD = ops or (q, q, q)  # without ops, never read (OPS off)
+    split = bool(ops) and bool(BLOCKS.DH_SPLIT)
+    DVL = torch.empty(B, T, HV, V, dtype=torch.float32, device=device) if split else do  # else never read
+    if split:  # W2 over KD and DVL, every chunk at once (chunk_dh_operands)
+        chunk_dh_operands[(plan.NC * plan.NBH,)](
+            KD, Aqk, M, do, DVL, c.cu_seqlens, plan.chunks, T, plan.NBH,
+            HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=plan.varlen, DOT_DTYPE=dot_dtype,
+            PRECISION=dot_precision, num_warps=BLOCKS.warps(K),
+        )  # fmt: skip
     launch_fitting(
-        chunk_dh_recurrence, (*key, BVD, dh_warps, bool(ops), BLOCKS.DH_STORED), BLOCKS.fitting(BVD, dot_dtype),
+        chunk_dh_recurrence, (*key, BVD, dh_warps, bool(ops), BLOCKS.DH_STORED, split), BLOCKS.fitting(BVD, dot_dtype),
         lambda cfg: (cdiv(V, cfg["BV"]) * N * HV,),
-        (q, k, G, Rs, QG, KG, KD, Aqk, M, do, dht, dh, dh0, c.cu_seqlens, plan.chunk_first, c.scale, T, plan.NT),
+        (q, k, G, Rs, QG, KG, KD, Aqk, M, do, DVL, dht, dh, dh0, c.cu_seqlens, plan.chunk_first, c.scale, T, plan.NT),
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, OPS=bool(ops), STORED=bool(BLOCKS.DH_STORED),
-        **{**common, "num_warps": dh_warps},
+        SPLIT=split, **{**common, "num_warps": dh_warps},
     )  # fmt: skip
-    del QG, KG, KD
+    del QG, KG, KD, DVL
     if ops:
         ops.clear()
     BKG = BLOCKS.bk_grads(K, dot_dtype)

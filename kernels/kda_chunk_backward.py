@@ -95,13 +95,48 @@ def _dot_rows(x, rows, m, heads, head, cols, D: tl.constexpr, STORED: tl.constex
         return load_rows(x, rows, m, heads, head, cols, D)
 
 
+@triton.jit(do_not_specialize=["T", "NBH"])
+def chunk_dh_operands(
+    KD, Aqk, M, do, DVL, cu_seqlens, chunks, T, NBH,
+    HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The parts of chunk_dh_recurrence's dX = M^T (Aqk^T dO + Kd dS) that do not depend on
+    the state gradient dS (ChunkBlocks.DH_SPLIT), one program per (chunk, value head), all
+    chunks at once: W2 = M^T Kd [BT, K], rounded to KD's dtype and written over KD's rows of
+    the chunk (read whole before; KD has no other reader after the recurrence), and DVL =
+    M^T (Aqk^T dO) [B*T, HV, V] fp32. The sequential recurrence is then dX = DVL + W2 dS: one
+    dot from dS to dX instead of two, and three dots a chunk instead of five, as
+    flash-linear-attention's dhu does with the forward's w and its dAv kernel. Traffic per
+    program: KD's tile in and out, Aqk and M [BT, BT] in, dO in and DVL out [BT, V]."""
+    i_c, i_bh = one_dim_grid(NBH)
+    i_b, i_hv = i_bh // HV, i_bh % HV
+    _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
+    o_t = tl.arange(0, BT)
+    rows = t0 + o_t
+    m = rows < eos
+    m_t = tl.trans(_load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, False, False))
+    a_t = tl.trans(_load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False, False))
+    cols_k = tl.arange(0, BK)
+    w2 = mma(m_t, load_rows_stored(KD, rows, m, HV, i_hv, cols_k, K), DOT_DTYPE, PRECISION)
+    out_k = KD + (rows[:, None] * HV + i_hv) * K + cols_k[None, :]
+    tl.store(out_k, round_to(w2, KD.dtype.element_ty), mask=m[:, None] & (cols_k[None, :] < K))
+    for i_v in range(0, (V + BV - 1) // BV):
+        cols_v = i_v * BV + tl.arange(0, BV)
+        do_c = load_rows_stored(do, rows, m, HV, i_hv, cols_v, V)
+        dvl = mma(m_t, mma(a_t, do_c, DOT_DTYPE, PRECISION), DOT_DTYPE, PRECISION)
+        out_v = DVL + (rows[:, None] * HV + i_hv) * V + cols_v[None, :]
+        tl.store(out_v, dvl, mask=m[:, None] & (cols_v[None, :] < V))
+
+
 @triton.jit(do_not_specialize=["T", "NT"])
 def chunk_dh_recurrence(
-    q, k, G, Rs, QG, KG, KD, Aqk, M, do, dht, dh, dh0, cu_seqlens, chunk_first, scale, T, NT,
+    q, k, G, Rs, QG, KG, KD, Aqk, M, do, DVL, dht, dh, dh0, cu_seqlens, chunk_first, scale, T, NT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, OPS: tl.constexpr = False, STORED: tl.constexpr = False,
+    SPLIT: tl.constexpr = False,
 ):  # fmt: skip
     """dh [NC, HV, K, V] fp32 for value columns [i_v*BV, (i_v+1)*BV): row c holds dSC of chunk
     c (the loss's gradient with respect to the state leaving it), from dht [N, HV, K, V] (or
@@ -115,7 +150,10 @@ def chunk_dh_recurrence(
     only the chunk's end decay.
 
     STORED (ChunkBlocks.DH_STORED): dO, Aqk, M and OPS's tiles are loaded in their stored
-    dtype, not widened to fp32 (_dot_rows; the same dot operands, bit for bit)."""
+    dtype, not widened to fp32 (_dot_rows; the same dot operands, bit for bit).
+
+    SPLIT (ChunkBlocks.DH_SPLIT, with OPS): KD holds W2 = M^T Kd and DVL the fp32 M^T Aqk^T dO
+    (chunk_dh_operands), so dX = DVL + W2 dS and Aqk, M are not read here."""
     i_nh, i_v = one_dim_grid((V + BV - 1) // BV)
     i_n, i_hv, i_h, bos, eos, c0 = sequence_span(i_nh, chunk_first, cu_seqlens, T, NT, HV, H, IS_VARLEN)
     o_t = tl.arange(0, BT)
@@ -142,16 +180,19 @@ def chunk_dh_recurrence(
             q_c = load_rows(q, rows, m, H, i_h, cols_k, K)
             k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
         do_c = _dot_rows(do, rows, m, HV, i_hv, cols_v, V, STORED)
-        a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False, not STORED)
-        m_c = _load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, False, not STORED)
         last = tl.minimum(t0 + BT, eos) - 1
         if OPS:
             gam_c = chunk_end_decay(G, Rs, last, HV, i_hv, cols_k, K, RESETS)
         else:
             _, _, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
             kd = k_c * e_d
-        dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION) + mma(kd, dS, DOT_DTYPE, PRECISION)
-        dx = mma(tl.trans(m_c), dvp, DOT_DTYPE, PRECISION)
+        if SPLIT:  # kd is W2 = M^T Kd here (chunk_dh_operands)
+            dx = load_rows(DVL, rows, m, HV, i_hv, cols_v, V) + mma(kd, dS, DOT_DTYPE, PRECISION)
+        else:
+            a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False, not STORED)
+            m_c = _load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, False, not STORED)
+            dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION) + mma(kd, dS, DOT_DTYPE, PRECISION)
+            dx = mma(tl.trans(m_c), dvp, DOT_DTYPE, PRECISION)
         dS = dS * gam_c[:, None]
         if not OPS:
             qg = q_c * (scale * e_g)

@@ -30,7 +30,7 @@ _POINTERS = {
     "Aqk": "mat", "M": "mat", "Minv": "mat", "QG": "mat", "KG": "mat", "KD": "mat",
     "G": "fp32", "L": "fp32", "beta": "fp32", "h0": "fp32", "ht": "fp32", "h": "fp32", "dh": "fp32", "dh0": "fp32",
     "dht": "fp32", "dq": "fp32", "dk": "fp32", "dg": "fp32", "dbeta": "fp32", "P": "fp32", "DL": "fp32",
-    "Rs": "i8", "cu_seqlens": "i32", "chunk_first": "i32", "chunks": "i32",
+    "DVL": "fp32", "Rs": "i8", "cu_seqlens": "i32", "chunk_first": "i32", "chunks": "i32",
 }  # fmt: skip
 
 
@@ -130,6 +130,7 @@ def first_fit(kernel: str, dtype: str, K: int, V: int, usage: bool = False) -> d
             BV, warps = BLOCKS.DH_BV or BV, BLOCKS.DH_WARPS or BLOCKS.warps(K)
             consts["OPS"] = BLOCKS.dh_ops(dot)
             consts["STORED"] = bool(BLOCKS.DH_STORED)
+            consts["SPLIT"] = bool(BLOCKS.DH_SPLIT) and consts["OPS"]
         configs = BLOCKS.fitting(BV, dot, reload=kernel == "grads" and BK >= 256)
     for config in configs:
         meta = {n: v for n, v in config.items() if n != "num_stages"}

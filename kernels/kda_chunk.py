@@ -226,6 +226,11 @@ class ChunkBlocks:
     # slower because it did the extra dots inside the sequential loop). An A/B candidate
     # (eighteenth session, CPU only); DVL adds 4 B * B T HV V for the recurrence's duration.
     DH_SPLIT: int = 0
+    # GRADS_WARPS (0: warps(BK), 8 at K >= 128): chunk_grads' warps. An A/B candidate
+    # (eighteenth session, CPU only): aligned sm_90 compile at bf16 K = V = 128, BV 64, one
+    # stage: 8 warps 255 registers with 1396 B of spill stores a thread, 16 warps 128 registers
+    # (the cap at 512 threads) with 1152 B; 4 warps 5034 B. One program per SM either way.
+    GRADS_WARPS: int = 0
     # TWO_STAGES = 1: where Triton's default pipelining (3 stages) does not fit, try 2 stages
     # before none (fitting). An A/B candidate (eighteenth session, CPU only): sm90_fit with
     # aligned pointers, as a GPU launch compiles them, gives chunk_grads at bf16 K = V = 128
@@ -632,10 +637,11 @@ def chunk_kda_backward(
     # the pair weights P and dL of each chunk, [B, T, HV, BT] fp32, from chunk_grads to chunk_pair_grads
     P, DL = (torch.empty(B, T, HV, BT, dtype=torch.float32, device=device) for _ in range(2))
     launch_fitting(
-        chunk_grads, (*key, BKG), BLOCKS.fitting(BV, dot_dtype, reload=BKG >= 256), lambda cfg: (plan.NC * plan.NBH,),
+        chunk_grads, (*key, BKG, BLOCKS.GRADS_WARPS), BLOCKS.fitting(BV, dot_dtype, reload=BKG >= 256),
+        lambda cfg: (plan.NC * plan.NBH,),
         (q, k, v, G, Rs, beta, Aqk, M, Minv, h, dh, do, dq, dk, dv, dg, dbeta, P, DL, c.cu_seqlens, plan.chunks,
          c.scale, T, plan.NT, plan.NBH),
-        BC=BLOCKS.BC, **{**common, "BK": BKG, "num_warps": BLOCKS.warps(BKG)},
+        BC=BLOCKS.BC, **{**common, "BK": BKG, "num_warps": BLOCKS.GRADS_WARPS or BLOCKS.warps(BKG)},
     )  # fmt: skip
     BKP = BLOCKS.bk_pair_grads(K, dot_dtype)
     passes = BLOCKS.reset_passes(Rs is not None)

@@ -213,9 +213,9 @@ class ChunkBlocks:
     # DH_STORED = 1 (chunk_dh_recurrence's STORED): the tiles that only feed its dots (dO, Aqk,
     # M and DH_OPS's Gam Q, Gam K, Kd) loaded as stored, not widened to fp32 and narrowed again
     # by mma. An A/B candidate (eighteenth session, CPU only). sm_90 (bf16, K = V = 128, BV 32,
-    # 8 warps): with 0, 255 registers a thread and 120 B of spill stores, and every load is a
-    # register load, which Triton's pipeliner cannot issue a chunk ahead (it pipelines loads
-    # that feed a dot); see NOTES for 1's figures.
+    # 8 warps, pointers aligned as on the GPU): 226 registers a thread with 0, 172 with 1, and
+    # with 1 every tile is an async copy issued a chunk ahead (Triton's pipeliner takes loads
+    # that feed a dot, not ones widened first); kernels/NOTES.md has the rest.
     DH_STORED: int = 0
     # DH_SPLIT = 1 (with DH_OPS' operands): the parts of the dh chain's dX that do not depend
     # on dS formed for all chunks at once before it (kda_chunk_backward.chunk_dh_operands:

@@ -481,31 +481,31 @@ def test_reset_split_changes_no_bit(monkeypatch):
             assert torch.equal(d, got[split][1][n]), f"d{n}: the launches split at level {split} differ from one launch"
 
 
-@pytest.mark.parametrize("field, dtype", [("DH_OPS", "bfloat16"), ("DH_STORED", "bfloat16"), ("DH_STORED", "float32")])
-def test_dh_operand_forms_change_no_bit(monkeypatch, field, dtype):
+@pytest.mark.parametrize("split", [0, 1])
+def test_dh_operand_forms_change_no_bit(monkeypatch, split):
     """chunk_dh_recurrence reading the forward's QG, KG, KD (ChunkBlocks.DH_OPS; kept only with
-    16-bit dot operands, so bf16 inputs here: float32 forms them in place either way), and
-    loading the tiles that only feed its dots as stored (DH_STORED), each gives every
-    gradient of the other form, bit for bit under the interpreter (the same products and
-    operands, rounded as mma rounds them), and the oracle's compiled.
-    GVA (their rows are per value head, q and k's per query head), a packed batch whose
-    second sequence ends inside a chunk (rows past it unwritten in QG), resets, an initial
-    state; and a second backward through the same graph (retain_graph), which finds them
-    freed by the first and forms them again."""
+    16-bit dot operands, so bf16 inputs here) gives every gradient of the form that makes
+    them in place, bit for bit under the interpreter (the same products and operands,
+    rounded as mma rounds them), and the oracle's compiled; with DH_SPLIT and without
+    (chunk_dh_operands then forms Kd itself or reads KD). GVA (their rows are per value
+    head, q and k's per query head), a packed batch whose second sequence ends inside a chunk
+    (rows past it unwritten in QG), resets, an initial state; and a second backward through
+    the same graph (retain_graph), which finds them freed by the first and forms them again:
+    it must give the first one's gradients."""
     from dataclasses import replace
 
     from kdaverify.kernels import kda_chunk
     from kdaverify.kernels.runtime import INTERPRET
 
     spec = CaseSpec(T=90, K=20, V=12, H=1, G=3, h0=True, seqlens=(70, 20), gate="reset", seed=53)
-    h = Harness(DEFAULT, DTYPES[dtype])
+    h = Harness(DEFAULT, DTYPES["bfloat16"])
     t = h.inputs(spec.arrays())
     do, dht = cotangents(spec, h.dtype, DEVICE, "o and final_state")
     got = {}
     for ops in (0, 1):
-        monkeypatch.setattr(kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, **{field: ops}))
+        monkeypatch.setattr(kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, DH_SPLIT=split, DH_OPS=ops))
         if not INTERPRET:
-            h.expect_oracle(f"{field} {ops}", t, spec.scale)
+            h.expect_oracle(f"DH_SPLIT {split} DH_OPS {ops}", t, spec.scale)
             continue
         leaves = {n: t[n].detach().clone().requires_grad_() for n in GRAD_INPUTS if t[n] is not None}
         o, ht = DEFAULT.call({**t, **leaves}, scale=spec.scale)
@@ -515,7 +515,7 @@ def test_dh_operand_forms_change_no_bit(monkeypatch, field, dtype):
         for n, a, b in zip(leaves, first, again, strict=True):
             assert torch.equal(a, b), f"d{n}: the second backward (operands formed again) differs from the first"
     for n, d in got.get(0, {}).items():
-        assert torch.equal(d, got[1][n]), f"d{n}: {field} 1 differs from {field} 0"
+        assert torch.equal(d, got[1][n]), f"d{n}: DH_OPS 1 differs from DH_OPS 0 (DH_SPLIT {split})"
 
 
 def test_bfloat16_backward_is_deterministic_and_typed():

@@ -210,33 +210,35 @@ class ChunkBlocks:
     # tiles do not fit, at K = 256 not even unpipelined (271360 B of shared memory against
     # the H100's 232448; the GPU conformance run found it), so tf32 dots form them in place.
     DH_OPS: int = 1
-    # DH_STORED = 1 (chunk_dh_recurrence's STORED): the tiles that only feed its dots (dO, Aqk,
-    # M and DH_OPS's Gam Q, Gam K, Kd) loaded as stored, not widened to fp32 and narrowed again
-    # by mma. An A/B candidate (eighteenth session, CPU only). sm_90 (bf16, K = V = 128, BV 32,
-    # 8 warps, pointers aligned as on the GPU): 226 registers a thread with 0, 172 with 1, and
-    # with 1 every tile is an async copy issued a chunk ahead (Triton's pipeliner takes loads
-    # that feed a dot, not ones widened first); kernels/NOTES.md has the rest.
-    DH_STORED: int = 0
-    # DH_SPLIT = 1 (with DH_OPS' operands): the parts of the dh chain's dX that do not depend
-    # on dS formed for all chunks at once before it (kda_chunk_backward.chunk_dh_operands:
-    # W2 = M^T Kd over KD, DVL = M^T Aqk^T dO fp32 [B, T, HV, V]), so chunk_dh_recurrence
-    # runs three dots a chunk, two of them dependent, as fla's dhu. Not bitwise: W2 is rounded
-    # once to the dot dtype and Aqk^T dO on its own (the removed DH_CHAIN = 1's arithmetic,
-    # whose bf16 gradient checks passed with equal or smaller shares of budget; it was
-    # slower because it did the extra dots inside the sequential loop). An A/B candidate
-    # (eighteenth session, CPU only); DVL adds 4 B * B T HV V for the recurrence's duration.
-    DH_SPLIT: int = 0
-    # GRADS_WARPS (0: warps(BK), 8 at K >= 128): chunk_grads' warps. An A/B candidate
-    # (eighteenth session, CPU only): aligned sm_90 compile at bf16 K = V = 128, BV 64, one
-    # stage: 8 warps 255 registers with 1396 B of spill stores a thread, 16 warps 128 registers
-    # (the cap at 512 threads) with 1152 B; 4 warps 5034 B. One program per SM either way.
-    GRADS_WARPS: int = 0
+    # DH_SPLIT = 1 (16-bit dot operands): the parts of the dh chain's dX that do not depend on
+    # dS formed for all chunks at once before it (kda_chunk_backward.chunk_dh_operands:
+    # W2 = M^T Kd, DVL = M^T Aqk^T dO fp32 [B, T, HV, V]), so chunk_dh_recurrence runs three
+    # dots a chunk, two of them dependent, as fla's dhu; and the loop loads its dot-only tiles
+    # as stored, so they are async copies issued a chunk ahead. Not bitwise with 0: W2 is
+    # rounded once to the dot dtype and Aqk^T dO on its own
+    # (test_dh_split_gradients_hold_to_the_oracle holds it to the float64 oracle). Measured
+    # (nineteenth session, H200, B1 T16384 H32 K = V = 128 bf16, perf.ab --mode fwdbwd, two
+    # rounds within 0.1%): the split alone (tiles widened as before) chunk_dh_recurrence
+    # 1.528 -> 1.149 ms plus 0.261 for chunk_dh_operands, fwd+bwd 12.91 -> 12.82 ms (dk, dv,
+    # dg, dbeta within 2.0e-3 relative RMS of the unsplit ones: bf16 rounding); with the
+    # stored loads **0.875 + 0.263 ms, fwd+bwd 12.17 -> 11.89 ms** (every output bitwise
+    # equal to the split alone). Predicted (CPU) 0.5-0.8 + 0.2: the loop's time was its
+    # loads, not its dots. The call's peak memory is unchanged (2689 MiB: DVL is freed
+    # before P and dL, the later peak). The stored loads without the split (DH_STORED,
+    # removed) faulted: kda_chunk_backward.chunk_dh_recurrence's docstring.
+    DH_SPLIT: int = 1
     # TWO_STAGES = 1: where Triton's default pipelining (3 stages) does not fit, try 2 stages
-    # before none (fitting). An A/B candidate (eighteenth session, CPU only): sm90_fit with
-    # aligned pointers, as a GPU launch compiles them, gives chunk_grads at bf16 K = V = 128
-    # 245760 B of shared memory at 3 stages (over the H100's 232448, so the GPU has run it
-    # unpipelined, 81920 B), 163840 B at 2 (spill stores 1396 -> 1124 B a thread).
-    TWO_STAGES: int = 0
+    # before none (fitting). sm90_fit with aligned pointers, as a GPU launch compiles them:
+    # chunk_grads at bf16 K = V = 128 needs 245760 B of shared memory at 3 stages (over the
+    # H100's and H200's 232448, so the GPU ran it unpipelined, 81920 B), 163840 B at 2. Also
+    # moved to 2 stages: chunk_recurrence fp32 K = 64 and chunk_dh_recurrence fp32 K = 64 and
+    # 128 (not timed). Predicted chunk_grads 3.39 -> 2.9-3.2 ms. Measured (nineteenth session,
+    # H200, B1 T16384 H32 K = V = 128 bf16, perf.ab TWO_STAGES=0,1 --mode fwdbwd, two rounds
+    # within 0.2%): chunk_grads **3.39 -> 2.74 ms**, fwd+bwd 12.89 -> 12.28 ms, o and every
+    # gradient bitwise equal. In the same A/B, chunk_grads on 16 warps (128 registers a
+    # thread, 1152 B of spill stores against 8 warps' 1396 B) took 5.44 ms (5.22 at 2
+    # stages): more warps did not hide the spills, and that field was removed.
+    TWO_STAGES: int = 1
     # RESET_SPAN = 1: the pass over the chunks holding a reset runs one program per chunk (and
     # value head, or block of them) that takes the chunk's units in turn (span, below); 0: one
     # program per unit, as the pass without resets.
@@ -319,8 +321,8 @@ class ChunkBlocks:
 
     def fitting(self, BV: int, dot_dtype, reload: bool = False) -> list[dict]:
         """Launch configs to try in order where shared memory may not suffice (runtime.
-        launch_fitting): Triton's default pipelining, then none (num_stages=1: one copy of
-        each loaded tile). With bf16 dots never a smaller BV (they miscompile: the class
+        launch_fitting): Triton's default pipelining, then (TWO_STAGES) 2 stages, then none
+        (num_stages=1: one copy of each loaded tile). With bf16 dots never a smaller BV (they miscompile: the class
         docstring). With fp32 dots the backward at K = V = 128 needs 272 KiB even
         unpipelined (H100 limit 227 KiB), so BV = 32 follows: fp32 dots at BV = 32 were
         right wherever probed (forward at BK = 16 to 256, backward at BK <= 64); the
@@ -615,33 +617,37 @@ def chunk_kda_backward(
     key = (q.device.index, BK, BV, str(dot_dtype), dot_precision)
     BVD, dh_warps = BLOCKS.DH_BV or BV, BLOCKS.DH_WARPS or BLOCKS.warps(K)
     QG, KG, KD = ops or (q, q, q)  # without ops, never read (OPS off)
-    split = bool(ops) and bool(BLOCKS.DH_SPLIT)
+    # DH_SPLIT with 16-bit dot operands: W2 and DVL for every chunk first (chunk_dh_operands).
+    # W2 goes over the forward's KD where there is one (no other reader after this), else into
+    # a buffer of its own: a second backward through the graph finds the operands freed.
+    split = bool(BLOCKS.DH_SPLIT) and dot_dtype != tl.float32
+    W2 = KD if not split or ops else torch.empty(B, T, HV, K, dtype=Aqk.dtype, device=device)
     DVL = torch.empty(B, T, HV, V, dtype=torch.float32, device=device) if split else do  # else never read
-    if split:  # W2 over KD and DVL, every chunk at once (chunk_dh_operands)
+    if split:
         chunk_dh_operands[(plan.NC * plan.NBH,)](
-            KD, Aqk, M, do, DVL, c.cu_seqlens, plan.chunks, T, plan.NBH,
-            HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=plan.varlen, DOT_DTYPE=dot_dtype,
-            PRECISION=dot_precision, num_warps=BLOCKS.warps(K),
+            k, G, Rs, KD, Aqk, M, do, W2, DVL, c.cu_seqlens, plan.chunks, T, plan.NBH,
+            H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
+            OPS=bool(ops), DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=BLOCKS.warps(K),
         )  # fmt: skip
     launch_fitting(
-        chunk_dh_recurrence, (*key, BVD, dh_warps, bool(ops), BLOCKS.DH_STORED, split), BLOCKS.fitting(BVD, dot_dtype),
+        chunk_dh_recurrence, (*key, BVD, dh_warps, bool(ops), split), BLOCKS.fitting(BVD, dot_dtype),
         lambda cfg: (cdiv(V, cfg["BV"]) * N * HV,),
-        (q, k, G, Rs, QG, KG, KD, Aqk, M, do, DVL, dht, dh, dh0, c.cu_seqlens, plan.chunk_first, c.scale, T, plan.NT),
-        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, OPS=bool(ops), STORED=bool(BLOCKS.DH_STORED),
-        SPLIT=split, **{**common, "num_warps": dh_warps},
+        (q, k, G, Rs, QG, KG, W2, Aqk, M, do, DVL, dht, dh, dh0, c.cu_seqlens, plan.chunk_first, c.scale, T, plan.NT),
+        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, OPS=bool(ops), SPLIT=split,
+        **{**common, "num_warps": dh_warps},
     )  # fmt: skip
-    del QG, KG, KD, DVL
+    del QG, KG, KD, W2, DVL
     if ops:
         ops.clear()
     BKG = BLOCKS.bk_grads(K, dot_dtype)
     # the pair weights P and dL of each chunk, [B, T, HV, BT] fp32, from chunk_grads to chunk_pair_grads
     P, DL = (torch.empty(B, T, HV, BT, dtype=torch.float32, device=device) for _ in range(2))
     launch_fitting(
-        chunk_grads, (*key, BKG, BLOCKS.GRADS_WARPS), BLOCKS.fitting(BV, dot_dtype, reload=BKG >= 256),
+        chunk_grads, (*key, BKG), BLOCKS.fitting(BV, dot_dtype, reload=BKG >= 256),
         lambda cfg: (plan.NC * plan.NBH,),
         (q, k, v, G, Rs, beta, Aqk, M, Minv, h, dh, do, dq, dk, dv, dg, dbeta, P, DL, c.cu_seqlens, plan.chunks,
          c.scale, T, plan.NT, plan.NBH),
-        BC=BLOCKS.BC, **{**common, "BK": BKG, "num_warps": BLOCKS.GRADS_WARPS or BLOCKS.warps(BKG)},
+        BC=BLOCKS.BC, **{**common, "BK": BKG, "num_warps": BLOCKS.warps(BKG)},
     )  # fmt: skip
     BKP = BLOCKS.bk_pair_grads(K, dot_dtype)
     passes = BLOCKS.reset_passes(Rs is not None)

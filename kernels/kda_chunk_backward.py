@@ -97,18 +97,22 @@ def _dot_rows(x, rows, m, heads, head, cols, D: tl.constexpr, STORED: tl.constex
 
 @triton.jit(do_not_specialize=["T", "NBH"])
 def chunk_dh_operands(
-    KD, Aqk, M, do, DVL, cu_seqlens, chunks, T, NBH,
-    HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    k, G, Rs, KD, Aqk, M, do, W2, DVL, cu_seqlens, chunks, T, NBH,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, OPS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """The parts of chunk_dh_recurrence's dX = M^T (Aqk^T dO + Kd dS) that do not depend on
     the state gradient dS (ChunkBlocks.DH_SPLIT), one program per (chunk, value head), all
-    chunks at once: W2 = M^T Kd [BT, K], rounded to KD's dtype and written over KD's rows of
-    the chunk (read whole before; KD has no other reader after the recurrence), and DVL =
-    M^T (Aqk^T dO) [B*T, HV, V] fp32. The sequential recurrence is then dX = DVL + W2 dS: one
-    dot from dS to dX instead of two, and three dots a chunk instead of five, as
-    flash-linear-attention's dhu does with the forward's w and its dAv kernel. Traffic per
-    program: KD's tile in and out, Aqk and M [BT, BT] in, dO in and DVL out [BT, V]."""
+    chunks at once: W2 = M^T Kd [B*T, HV, K] in the dot dtype, and DVL = M^T (Aqk^T dO)
+    [B*T, HV, V] fp32. The sequential recurrence is then dX = DVL + W2 dS: one dot from dS
+    to dX instead of two, and three dots a chunk instead of five, as flash-linear-attention's
+    dhu does with the forward's w and its dAv kernel. Kd is the forward's KD (OPS; W2 may
+    then be KD itself: each program reads its rows whole before it writes them) or formed
+    here from k, G and the reset counts as chunk_dh_recurrence forms it without OPS (the
+    same values bit for bit), so a second backward through the graph, which finds the
+    forward's operands freed, gives the first one's gradients. Traffic per program: Kd's
+    tile in (or k's and G's) and W2's out, Aqk and M [BT, BT] in, dO in and DVL out [BT, V]."""
     i_c, i_bh = one_dim_grid(NBH)
     i_b, i_hv = i_bh // HV, i_bh % HV
     _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
@@ -118,9 +122,15 @@ def chunk_dh_operands(
     m_t = tl.trans(_load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, False, False))
     a_t = tl.trans(_load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False, False))
     cols_k = tl.arange(0, BK)
-    w2 = mma(m_t, load_rows_stored(KD, rows, m, HV, i_hv, cols_k, K), DOT_DTYPE, PRECISION)
-    out_k = KD + (rows[:, None] * HV + i_hv) * K + cols_k[None, :]
-    tl.store(out_k, round_to(w2, KD.dtype.element_ty), mask=m[:, None] & (cols_k[None, :] < K))
+    if OPS:
+        kd = load_rows_stored(KD, rows, m, HV, i_hv, cols_k, K)
+    else:
+        last = tl.minimum(t0 + BT, eos) - 1
+        _, _, _, e_d, _ = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
+        kd = load_rows(k, rows, m, H, i_hv // (HV // H), cols_k, K) * e_d
+    w2 = mma(m_t, kd, DOT_DTYPE, PRECISION)
+    out_k = W2 + (rows[:, None] * HV + i_hv) * K + cols_k[None, :]
+    tl.store(out_k, round_to(w2, W2.dtype.element_ty), mask=m[:, None] & (cols_k[None, :] < K))
     for i_v in range(0, (V + BV - 1) // BV):
         cols_v = i_v * BV + tl.arange(0, BV)
         do_c = load_rows_stored(do, rows, m, HV, i_hv, cols_v, V)
@@ -131,29 +141,31 @@ def chunk_dh_operands(
 
 @triton.jit(do_not_specialize=["T", "NT"])
 def chunk_dh_recurrence(
-    q, k, G, Rs, QG, KG, KD, Aqk, M, do, DVL, dht, dh, dh0, cu_seqlens, chunk_first, scale, T, NT,
+    q, k, G, Rs, QG, KG, W2, Aqk, M, do, DVL, dht, dh, dh0, cu_seqlens, chunk_first, scale, T, NT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, OPS: tl.constexpr = False, STORED: tl.constexpr = False,
-    SPLIT: tl.constexpr = False,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, OPS: tl.constexpr = False, SPLIT: tl.constexpr = False,
 ):  # fmt: skip
     """dh [NC, HV, K, V] fp32 for value columns [i_v*BV, (i_v+1)*BV): row c holds dSC of chunk
     c (the loss's gradient with respect to the state leaving it), from dht [N, HV, K, V] (or
     zero) backwards over the chunks; dh0 [N, HV, K, V] = the gradient of the initial state.
     Traffic per chunk: q, k, G, dO tiles and two [BT, BT] matrices in, one [K, BV] tile out.
 
-    OPS (ChunkBlocks.DH_OPS): the operands Gam Q (scaled), Gam K and Kd are read from the
-    forward's QG, KG, KD [B*T, HV, K] (chunk_pairs forms them with the same products, rounded
-    to the dot dtype as mma rounds them here: the same values bit for bit) instead of being
+    OPS (ChunkBlocks.DH_OPS): the operands Gam Q (scaled) and Gam K are read from the
+    forward's QG, KG [B*T, HV, K] (chunk_pairs forms them with the same products, rounded to
+    the dot dtype as mma rounds them here: the same values bit for bit) instead of being
     formed from q, k, G and the reset counts with 2 BT * BK exps per chunk; G and Rs then give
-    only the chunk's end decay.
+    only the chunk's end decay. Without SPLIT, Kd likewise from the forward's KD (passed as W2).
 
-    STORED (ChunkBlocks.DH_STORED): dO, Aqk, M and OPS's tiles are loaded in their stored
-    dtype, not widened to fp32 (_dot_rows; the same dot operands, bit for bit).
-
-    SPLIT (ChunkBlocks.DH_SPLIT, with OPS): KD holds W2 = M^T Kd and DVL the fp32 M^T Aqk^T dO
-    (chunk_dh_operands), so dX = DVL + W2 dS and Aqk, M are not read here."""
+    SPLIT (ChunkBlocks.DH_SPLIT, 16-bit dot operands): W2 = M^T Kd and DVL = M^T Aqk^T dO fp32
+    come from chunk_dh_operands, so dX = DVL + W2 dS and Aqk, M are not read here; and every
+    tile that only feeds a dot (W2, dO, and OPS's Gam Q, Gam K) is loaded as stored, not
+    widened to fp32 for mma to narrow again (_dot_rows: the same operands bit for bit), so
+    Triton's pipeliner issues it a chunk ahead as an async copy. Those stored loads without
+    SPLIT (the removed DH_STORED) faulted on an H200: compute-sanitizer reported shared
+    addresses out of range at a dot of this loop (Triton 3.6, sm_90, 3 stages; the
+    transposed Aqk and M tiles are what only that variant had). kernels/NOTES.md."""
     i_nh, i_v = one_dim_grid((V + BV - 1) // BV)
     i_n, i_hv, i_h, bos, eos, c0 = sequence_span(i_nh, chunk_first, cu_seqlens, T, NT, HV, H, IS_VARLEN)
     o_t = tl.arange(0, BT)
@@ -173,24 +185,27 @@ def chunk_dh_recurrence(
         rows = t0 + o_t
         m = rows < eos
         if OPS:
-            qg = _dot_rows(QG, rows, m, HV, i_hv, cols_k, K, STORED)
-            kg = _dot_rows(KG, rows, m, HV, i_hv, cols_k, K, STORED)
-            kd = _dot_rows(KD, rows, m, HV, i_hv, cols_k, K, STORED)
+            qg = _dot_rows(QG, rows, m, HV, i_hv, cols_k, K, SPLIT)
+            kg = _dot_rows(KG, rows, m, HV, i_hv, cols_k, K, SPLIT)
         else:
             q_c = load_rows(q, rows, m, H, i_h, cols_k, K)
             k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
-        do_c = _dot_rows(do, rows, m, HV, i_hv, cols_v, V, STORED)
+        do_c = _dot_rows(do, rows, m, HV, i_hv, cols_v, V, SPLIT)
         last = tl.minimum(t0 + BT, eos) - 1
         if OPS:
             gam_c = chunk_end_decay(G, Rs, last, HV, i_hv, cols_k, K, RESETS)
         else:
             _, _, e_g, e_d, gam_c = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
-            kd = k_c * e_d
-        if SPLIT:  # kd is W2 = M^T Kd here (chunk_dh_operands)
-            dx = load_rows(DVL, rows, m, HV, i_hv, cols_v, V) + mma(kd, dS, DOT_DTYPE, PRECISION)
+        if SPLIT:
+            w2 = _dot_rows(W2, rows, m, HV, i_hv, cols_k, K, True)
+            dx = load_rows(DVL, rows, m, HV, i_hv, cols_v, V) + mma(w2, dS, DOT_DTYPE, PRECISION)
         else:
-            a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False, not STORED)
-            m_c = _load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, False, not STORED)
+            if OPS:
+                kd = load_rows(W2, rows, m, HV, i_hv, cols_k, K)  # the forward's KD
+            else:
+                kd = k_c * e_d
+            a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
+            m_c = _load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
             dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION) + mma(kd, dS, DOT_DTYPE, PRECISION)
             dx = mma(tl.trans(m_c), dvp, DOT_DTYPE, PRECISION)
         dS = dS * gam_c[:, None]

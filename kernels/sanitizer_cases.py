@@ -11,7 +11,8 @@ an empty one, a reset (g = -inf) in the last chunk of one value head (the kernel
 resets then run both launches, ChunkBlocks.RESET_SPLIT), and the decode pool with a padding
 index (-1) and state_layout "vk", and the DPLR kernel at the same shapes; then decode
 batches that launch one warp per program (130 rows at K = V = 128; V = 8). chunk_kda
-runs forward and backward (every gradient, dh0 included), bf16 and fp32. With PyTorch's
+runs forward and backward (every gradient, dh0 included) and a second backward through the
+same graph (the path without the forward's kept operands), bf16 and fp32. With PyTorch's
 caching allocator on, an out-of-bounds access that lands inside another cached block is not
 seen: run with PYTORCH_NO_CUDA_MEMORY_CACHING=1. Prints one line per case; the sanitizer's
 exit code is the verdict. Block choices not yet the default are checked by naming them after
@@ -65,7 +66,9 @@ def run(device: str = "cuda") -> None:
             leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
             h0_leaf = None if h0 is None else h0.detach().requires_grad_()
             o, ht = chunk_kda(*leaves, initial_state=h0_leaf, output_final_state=True, cu_seqlens=cu_t)
-            (o.float().square().sum() + ht.square().sum()).backward()
+            loss = o.float().square().sum() + ht.square().sum()
+            loss.backward(retain_graph=True)
+            loss.backward()  # the second finds the forward's kept operands freed (ChunkBlocks.DH_OPS)
             _sync(device)
             print(f"chunk_kda fwd+bwd {dtype} T={T} H={H} HV={HV} K={K} V={V} cu={cu}", flush=True)
             with torch.no_grad():

@@ -27,7 +27,7 @@ H100_SHARED_BYTES = 232448
 # dv, do); "mat": the dtype of the Aqk, M, Minv buffers (that of the dot operands).
 _POINTERS = {
     "q": "in", "k": "in", "v": "in", "o": "in", "do": "in", "dv": "in",
-    "Aqk": "mat", "M": "mat", "Minv": "mat", "QG": "mat", "KG": "mat", "KD": "mat",
+    "Aqk": "mat", "M": "mat", "Minv": "mat", "QG": "mat", "KG": "mat", "KD": "mat", "W2": "mat",
     "G": "fp32", "L": "fp32", "beta": "fp32", "h0": "fp32", "ht": "fp32", "h": "fp32", "dh": "fp32", "dh0": "fp32",
     "dht": "fp32", "dq": "fp32", "dk": "fp32", "dg": "fp32", "dbeta": "fp32", "P": "fp32", "DL": "fp32",
     "DVL": "fp32", "Rs": "i8", "cu_seqlens": "i32", "chunk_first": "i32", "chunks": "i32",
@@ -126,13 +126,10 @@ def first_fit(kernel: str, dtype: str, K: int, V: int, usage: bool = False) -> d
     else:
         BV = BLOCKS.bv(K, V)
         warps = BLOCKS.recurrence_warps(K) if kernel == "recurrence" else BLOCKS.warps(BK)
-        if kernel == "grads":
-            warps = BLOCKS.GRADS_WARPS or warps
         if kernel == "dh_recurrence":  # its own block choices (kda_chunk.chunk_kda_backward)
             BV, warps = BLOCKS.DH_BV or BV, BLOCKS.DH_WARPS or BLOCKS.warps(K)
             consts["OPS"] = BLOCKS.dh_ops(dot)
-            consts["STORED"] = bool(BLOCKS.DH_STORED)
-            consts["SPLIT"] = bool(BLOCKS.DH_SPLIT) and consts["OPS"]
+            consts["SPLIT"] = bool(BLOCKS.DH_SPLIT) and dot != tl.float32
         configs = BLOCKS.fitting(BV, dot, reload=kernel == "grads" and BK >= 256)
     for config in configs:
         meta = {n: v for n, v in config.items() if n != "num_stages"}

@@ -1,8 +1,10 @@
-"""Candidate (not a finding yet): flash-linear-attention 0.6.0's chunk_kda, bf16 inputs, fails
-the suite's oracle_long_history check on its bias alone, at one example (B1 T1024 H16 G4
-K = V = 100, mild gate, input scale 0.01, seed 0): bias -2.55e-4 against a budget of 2.43e-4 (the
-rms and max errors are well inside theirs). Seen in two runs on an H200 (2026-11-28, and again
-in a fresh process on 2026-11-29).
+"""The kdaverify-based measurement behind finding 011 (../011-fla_chunk_kda-long_history_bias.md,
+whose standalone script, ../011-fla_chunk_kda-long_history_bias.py, needs only torch, fla and
+NumPy): flash-linear-attention 0.6.0's chunk_kda, bf16 inputs, fails the suite's
+oracle_long_history check on its bias alone, at one example (B1 T1024 H16 G4 K = V = 100, mild
+gate, input scale 0.01, seed 0): bias -2.55e-4 against a budget of 2.43e-4 (the rms and max
+errors are well inside theirs). Seen in two suite runs on an H200 (the second in a fresh
+process), then confirmed by the finding's script.
 
 The bias <o - oracle, oracle> / |oracle|^2 of a correct kernel is noise of standard deviation
 about rel_rms / sqrt(n_eff) (equivalence/tolerance.py). This script measures it over many
@@ -17,15 +19,16 @@ kernel and one seed takes over a minute):
 
     python fla_chunk_kda-long_history_bias_bf16.py [seeds [K ...]]   # default 16 seeds, K = V = 100 and 128
 
-Measured on an H200 (2026-11-29, 16 seeds, K = V = 100): fla -2.571e-4 +- 1.1e-6 (15 of its
-own noise units, every seed between -2.49e-4 and -2.66e-4), ours -1.22e-5 +- 1.5e-6, the
-chunkwise reference -1.15e-5 +- 1.6e-6. The suspected cause, for the next run to test with
-TRITON_F32_DEFAULT=ieee set: fla forms the off-diagonal sub-chunk blocks of Aqk and Akk
-(fla/ops/kda/chunk_intra.py, the off-diagonal loop) and merges the triangular inverse
-(solve_tril, tf32 on purpose) with float32 operands in tl.dot at tf32, which Triton feeds to the
-tensor cores truncated, not rounded: a one-signed error. On the CPU, our chunkwise reference on
-the same bf16 inputs with every product's operands truncated to tf32 gives a bias of -1.05e-3,
-rounded to tf32 -3e-6, in full fp32 -3e-6.
+Measured on an H200 (2026-11-29, 16 seeds, K = V = 100): fla -2.571e-4 +- 1.1e-6 (15 of its own
+noise units, every seed between -2.49e-4 and -2.66e-4), ours -1.22e-5 +- 1.5e-6, the chunkwise
+reference -1.15e-5 +- 1.6e-6. The cause of most of it, as finding 011 gives it: fla forms the
+off-diagonal sub-chunk blocks of Aqk and Akk (fla/ops/kda/chunk_intra.py, the off-diagonal loop)
+with float32 operands in tl.dot at Triton's default tf32, which Triton feeds to the tensor cores
+truncated, not rounded: a one-signed error. With TRITON_F32_DEFAULT=ieee (the finding's script,
+--f32-default ieee) the bias falls from -2.58e-4 to -4.9e-5 on the H200. On the CPU, our
+chunkwise reference on the same bf16 inputs with every product's operands truncated to tf32
+gives a bias of -1.05e-3, rounded to tf32 -3e-6, in full fp32 -3e-6. The K = V = 128 contrast
+this script also runs has not completed on a GPU (it timed out, then was dropped).
 """
 
 import sys

@@ -655,3 +655,30 @@ def test_dh_split_gradients_hold_to_the_oracle(monkeypatch, spec):
         if split:
             expect_gradients(h, "DH_SPLIT 1", spec)
     assert any(not torch.equal(got[0][n], got[1][n]) for n in got[0]), "DH_SPLIT 1 gave the default's gradients"
+
+
+def test_sanitizer_cases_arguments(monkeypatch):
+    """kernels.sanitizer_cases takes the device, `sweep` and block choices in any order, and
+    refuses anything else by name (its GPU runs are a compute-sanitizer command line)."""
+    from kdaverify.kernels import kda_chunk, sanitizer_cases
+
+    calls = []
+    monkeypatch.setattr(sanitizer_cases, "run", lambda device: calls.append(("cases", device)))
+    monkeypatch.setattr(sanitizer_cases, "run_sweep_shape", lambda device: calls.append(("sweep", device)))
+    monkeypatch.setattr(kda_chunk, "BLOCKS", kda_chunk.BLOCKS)  # restored after the test
+    sanitizer_cases.main(["DH_SPLIT=0", "sweep", "cpu"])
+    assert calls == [("sweep", "cpu")] and kda_chunk.BLOCKS.DH_SPLIT == 0
+    sanitizer_cases.main([])
+    assert calls[-1] == ("cases", "cuda")
+    with pytest.raises(SystemExit, match="cuda, cpu, sweep"):
+        sanitizer_cases.main(["bogus"])
+    with pytest.raises(SystemExit, match="expected one value"):
+        sanitizer_cases.main(["DH_SPLIT=0,1"])
+
+
+def test_sanitizer_sweep_shape_runs_small():
+    """sanitizer_cases.run_sweep_shape's call (no state in or out, one sequence, fwd+bwd) runs
+    at a small size here, so the GPU's memcheck command cannot fail on the script itself."""
+    from kdaverify.kernels import sanitizer_cases
+
+    sanitizer_cases.run_sweep_shape(DEVICE, T=70, H=2, K=20)

@@ -19,6 +19,9 @@ exit code is the verdict. Block choices not yet the default are checked by namin
 the device, as perf.ab takes them (one value each):
 
     compute-sanitizer --tool memcheck python -m kdaverify.kernels.sanitizer_cases cuda GRADS_DIAG_COLS=0
+
+`sweep` runs instead one forward + backward at the perf sweep's shape (run_sweep_shape), the
+compile variants the cases above do not build: run it too before a block choice is taken.
 """
 
 from __future__ import annotations
@@ -100,25 +103,51 @@ def run(device: str = "cuda") -> None:
             print(f"fused_recurrent_kda decode {dtype} N={N} HV={HV} K={K} V={V}", flush=True)
 
 
+def run_sweep_shape(device: str = "cuda", T: int = 16384, H: int = 32, K: int = 128) -> None:
+    """One chunk_kda forward + backward at the perf sweep's B1 T16384 H32 K = V = 128 bf16
+    (perf.ab's case: no initial state, no final state, a finite gate, one sequence): the
+    compile variants the small cases above never build (no dht, no dh0, RESETS off, not
+    varlen). A candidate block choice that faulted there ran clean on the small cases
+    (kernels/NOTES.md, nineteenth session: DH_STORED). About 3 GB of device memory. T, H, K
+    smaller only for a smoke test under the interpreter."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    B = 1
+    q, k, v = (torch.randn(B, T, H, K, generator=gen).to(device, torch.bfloat16) for _ in range(3))
+    k = k / k.float().norm(dim=-1, keepdim=True).to(k.dtype)
+    g = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, generator=gen)) / 16).to(device, torch.bfloat16)
+    beta = torch.rand(B, T, H, generator=gen).to(device, torch.bfloat16)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
+    o, _ = chunk_kda(*leaves)
+    o.backward(torch.randn(o.shape, generator=gen).to(device, o.dtype))
+    _sync(device)
+    print(f"chunk_kda fwd+bwd bf16 B={B} T={T} H={H} K=V={K} (the perf sweep's shape)", flush=True)
+
+
 def main(argv: list[str]) -> None:
+    """Arguments, in any order: the device (cuda, default, or cpu), `sweep` (only the perf
+    sweep's shape, run_sweep_shape), and block choices NAME=v (ChunkBlocks fields)."""
     from dataclasses import replace
 
     from . import kda_chunk
 
-    device = argv[0] if argv and "=" not in argv[0] else "cuda"
-    choices = {}
-    for text in argv[1 if argv and "=" not in argv[0] else 0 :]:
-        try:
-            name, values = kda_chunk.blocks_assignment(text)
-        except ValueError as e:
-            raise SystemExit(f"sanitizer_cases: {e}") from None
-        if len(values) != 1:
-            raise SystemExit(f"sanitizer_cases: {name}: expected one value, got {values}")
-        choices[name] = values[0]
+    device, sweep, choices = "cuda", False, {}
+    for text in argv:
+        if text in ("cuda", "cpu"):
+            device = text
+        elif text == "sweep":
+            sweep = True
+        else:
+            try:
+                name, values = kda_chunk.blocks_assignment(text)
+            except ValueError as e:
+                raise SystemExit(f"sanitizer_cases: {e}; or cuda, cpu, sweep") from None
+            if len(values) != 1:
+                raise SystemExit(f"sanitizer_cases: {name}: expected one value, got {values}")
+            choices[name] = values[0]
     kda_chunk.BLOCKS = replace(kda_chunk.BLOCKS, **choices)
     if choices:
         print(f"block choices: {choices}", flush=True)
-    run(device)
+    run_sweep_shape(device) if sweep else run(device)
 
 
 if __name__ == "__main__":

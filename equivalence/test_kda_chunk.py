@@ -353,7 +353,8 @@ def test_diagonal_tile_forms_agree_bitwise(spec, dtype, l2, monkeypatch):
     """chunk_pairs' diagonal tile in column steps (DIAG_COLS = 1, the GPU's form), in steps of
     4 and 16 columns (16: the interpreter's form) and token-parallel in chunk_diag (DIAG_COLS =
     0, one and four value heads a program), and the gate cumsum over all of K or in blocks of
-    16 columns (CUMSUM_BK) give the same o and final state, bit for bit under the interpreter: the interpreter's runs
+    16 columns (CUMSUM_BK), or row by row (CUMSUM_ROWS: 16 columns, and 128, past K) give the
+    same o and final state, bit for bit under the interpreter: the interpreter's runs
     of the suite check the GPU's forms through this test. Compiled, the diagonal forms differ
     by rounding (about 4e-5 relative in bf16 on an H200: the compiler contracts products and
     sums in other orders), so there each form is held to the oracle instead."""
@@ -373,6 +374,8 @@ def test_diagonal_tile_forms_agree_bitwise(spec, dtype, l2, monkeypatch):
         "token, 4 heads": dict(DIAG_COLS=0, DIAG_HEADS=4),
         "token, 1 head": dict(DIAG_COLS=0, DIAG_HEADS=1),
         "1, cumsum in 16 columns": dict(DIAG_COLS=1, CUMSUM_BK=16),
+        "1, cumsum by rows of 16 columns": dict(DIAG_COLS=1, CUMSUM_ROWS=16),
+        "1, cumsum by rows of 128 columns": dict(DIAG_COLS=1, CUMSUM_ROWS=128),
     }
     got = {}
     # one K step for both diagonal forms (chunk_pairs' BK_INTRA, chunk_diag's DIAG_BK): the sums
@@ -682,3 +685,29 @@ def test_sanitizer_sweep_shape_runs_small():
     from kdaverify.kernels import sanitizer_cases
 
     sanitizer_cases.run_sweep_shape(DEVICE, T=70, H=2, K=20)
+
+
+@pytest.mark.parametrize("gate", ["mild", "safe"])
+def test_cumsum_rows_gate_in_kernel(gate, monkeypatch):
+    """The gate cumsum row by row (ChunkBlocks.CUMSUM_ROWS, an A/B candidate) with the gate
+    computed in the kernel, both forms (safe: lower_bound sigmoid): o and the final state
+    bitwise those of the tile scan under the interpreter, and the oracle's."""
+    from dataclasses import replace
+
+    from kdaverify.equivalence.relations import gate_inputs
+    from kdaverify.kernels import kda_chunk
+    from kdaverify.kernels.runtime import INTERPRET
+
+    h = Harness(DEFAULT, torch.float32)
+    spec = CaseSpec(T=70, K=20, V=16, G=2, h0=True, seqlens=(50, 20), gate=gate, seed=61)
+    t, A_log, dt_bias, lower_bound = gate_inputs(h, spec)
+    dev = h.impl.device
+    extra = dict(use_gate_in_kernel=True, A_log=A_log.to(dev), dt_bias=dt_bias.to(dev), lower_bound=lower_bound)
+    got = {}
+    for rows in (0, 32):
+        monkeypatch.setattr(kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, CUMSUM_ROWS=rows))
+        got[rows] = DEFAULT.call(t, scale=spec.scale, **extra)
+    gate_in_kernel(h, spec)  # CUMSUM_ROWS 32 against the oracle
+    if INTERPRET:
+        for a, b, what in zip(got[0], got[32], ("o", "final_state"), strict=True):
+            assert torch.equal(a, b), f"{what}: the cumsum by rows differs from the tile scan"

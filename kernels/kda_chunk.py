@@ -110,6 +110,14 @@ class ChunkBlocks:
     # of K in one program: fewer programs, fewer interpreted operations.
     CUMSUM_BK: int = 0 if INTERPRET else 32
     CUMSUM_WARPS: int = 4
+    # CUMSUM_ROWS = BK (0: off): chunk_gate_cumsum walks the chunk's rows in turn on one warp,
+    # BK columns a program, a running fp64 sum per column (kda_chunk_intra.chunk_gate_cumsum's
+    # ROWS), instead of scanning the [BT, 32] tile on 4 warps, whose sm_90 code holds 379
+    # shuffles and 20 barriers for 2048 elements. An A/B candidate (nineteenth session, CPU
+    # only): predicted gate cumsum 0.217 -> 0.12-0.16 ms at B1 T16384 H32 K = 128 (fla's
+    # 0.107 ms moves about the same bytes), in the forward and in fwd+bwd alike. G bitwise
+    # equal under the interpreter (test_kda_chunk); on a GPU within the fp64 sum's last bits.
+    CUMSUM_ROWS: int = 0
     # chunk_pair_grads (one program per sub-chunk): ptxas at sm_90 (kernels/sm90_fit.py
     # --usage), K = 128: spill stores 172 B (bf16) and 12 B (fp32) on 8 warps, 784 and 652 B
     # on 4, 640 and 608 B on 2
@@ -502,7 +510,8 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     # hold them; one computed from z is finite
     Rs = torch.empty(B, T, HV, K, dtype=torch.int8, device=device) if gate is None else None
     grid = (plan.NC * plan.NBH,)  # one axis: see kda_chunk_intra.one_dim_grid
-    BKC = BLOCKS.bk_cumsum(K)
+    rows = bool(BLOCKS.CUMSUM_ROWS)
+    BKC = min(BLOCKS.bk(K), BLOCKS.CUMSUM_ROWS) if rows else BLOCKS.bk_cumsum(K)
     NKB = cdiv(K, BKC)
     chunk_gate_cumsum[(plan.NC * NKB * plan.NBH,)](
         c.g, G, Rs,
@@ -510,7 +519,8 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
         0.0 if gate is None or gate.lower_bound is None else gate.lower_bound,
         c.cu_seqlens, plan.chunks, T, plan.NBH,
         HV=HV, K=K, BT=BT, BK=BKC, NKB=NKB, IS_VARLEN=plan.varlen, GATE=gate_kind,
-        HAS_DT_BIAS=gate is not None and gate.dt_bias is not None, num_warps=BLOCKS.CUMSUM_WARPS,
+        HAS_DT_BIAS=gate is not None and gate.dt_bias is not None, ROWS=rows,
+        num_warps=1 if rows else BLOCKS.CUMSUM_WARPS,
     )  # fmt: skip
     flags = dict(
         L2NORM=opts.l2norm, BETA_SIGMOID=opts.beta_sigmoid, NEG_EIGVAL=opts.neg_eigval,

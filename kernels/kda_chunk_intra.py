@@ -300,21 +300,57 @@ def row_decays(G, Rs, g_c, cnt_c, m, last, HV: tl.constexpr, i_hv, cols, K: tl.c
     return e_g, e_d
 
 
-@triton.jit(do_not_specialize=["T", "NBH"])  # lengths: one compile for any T (NOTES.md, "Lengths not specialized")
-def chunk_gate_cumsum(
+@triton.jit
+def _gate_values(x, cols, i_hv, A_log, dt_bias, lower_bound, K: tl.constexpr, GATE: tl.constexpr,
+                 HAS_DT_BIAS: tl.constexpr):  # fmt: skip
+    """The gate from its raw input x ([rows, len(cols)] or [len(cols)], fp32) for GATE 1
+    (-exp(A_log) softplus(x + dt_bias)) or 2 (lower_bound sigmoid(exp(A_log) (x + dt_bias)))."""
+    if HAS_DT_BIAS:
+        x += tl.load(dt_bias + i_hv * K + cols, mask=cols < K, other=0.0)
+    a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
+    if GATE == 1:
+        # softplus(x) = max(x, 0) + log(1 + exp(-|x|)), with no overflow for large |x|
+        return -a * (tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x))))
+    else:
+        return lower_bound * tl.sigmoid(a * x)
+
+
+@triton.jit
+def _gate_cumsum_rows(
     g, G, Rs, A_log, dt_bias, lower_bound, cu_seqlens, chunks, T, NBH,
     HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
     IS_VARLEN: tl.constexpr, GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
 ):  # fmt: skip
-    """G [B*T, HV, K] fp32 = the in-chunk inclusive cumulative sum of g, BK of the K columns per
-    program (NKB programs per chunk and value head). GATE: 0 = g as given;
-    1 = g = -exp(A_log) softplus(z + dt_bias); 2 = g = lower_bound sigmoid(exp(A_log) (z + dt_bias)).
+    """chunk_gate_cumsum with ROWS: one row of BK columns at a time (its docstring)."""
+    i_ck, i_bh = one_dim_grid(NBH)
+    i_c, i_kb = i_ck // NKB, i_ck % NKB
+    i_b, i_hv = i_bh // HV, i_bh % HV
+    _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
+    cols = i_kb * BK + tl.arange(0, BK)
+    mc = cols < K
+    acc = tl.zeros([BK], dtype=tl.float64)
+    cnt = tl.zeros([BK], dtype=tl.int32)
+    for r in range(0, tl.minimum(eos - t0, BT)):
+        ptr = ((t0 + r) * HV + i_hv) * K + cols
+        x = tl.load(g + ptr, mask=mc, other=0.0).to(tl.float32)
+        if GATE != 0:
+            acc += tl.where(mc, _gate_values(x, cols, i_hv, A_log, dt_bias, lower_bound, K, GATE, HAS_DT_BIAS),
+                            0.0).to(tl.float64)  # fmt: skip
+        else:
+            reset = mc & (x == float("-inf"))
+            cnt += reset.to(tl.int32)
+            tl.store(Rs + ptr, cnt.to(tl.int8), mask=mc)
+            acc = tl.where(reset, 0.0, acc + tl.where(reset, 0.0, x).to(tl.float64))
+        tl.store(G + ptr, acc.to(tl.float32), mask=mc)
 
-    g = -inf is a hard reset (the state is wiped; DESIGN.md's contract includes it). With g
-    as given (GATE 0) Rs [B*T, HV, K] int8 counts the resets in [chunk start, r], and the sum
-    restarts after each one (G = 0 at the reset itself), so that a ratio Gam_r / Gam_i is
-    exp(G_r - G_i) between tokens of one segment and 0 across a reset (chunk_decays): no
-    -inf - -inf. Without a reset in the chunk this is the plain cumulative sum, bit for bit."""
+
+@triton.jit
+def _gate_cumsum_tile(
+    g, G, Rs, A_log, dt_bias, lower_bound, cu_seqlens, chunks, T, NBH,
+    HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
+    IS_VARLEN: tl.constexpr, GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+):  # fmt: skip
+    """chunk_gate_cumsum without ROWS: the [BT, BK] tile at once, a scan over its rows."""
     i_ck, i_bh = one_dim_grid(NBH)
     i_c, i_kb = i_ck // NKB, i_ck % NKB
     i_b, i_hv = i_bh // HV, i_bh % HV
@@ -324,15 +360,8 @@ def chunk_gate_cumsum(
     m = rows < eos
     x = load_rows(g, rows, m, HV, i_hv, cols, K)
     if GATE != 0:
-        if HAS_DT_BIAS:
-            x += tl.load(dt_bias + i_hv * K + cols, mask=cols < K, other=0.0)[None, :]
-        a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
-        if GATE == 1:
-            # softplus(x) = max(x, 0) + log(1 + exp(-|x|)), with no overflow for large |x|
-            x = -a * (tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x))))
-        else:
-            x = lower_bound * tl.sigmoid(a * x)
-        x = tl.where(m[:, None] & (cols[None, :] < K), x, 0.0)
+        x = tl.where(m[:, None] & (cols[None, :] < K), _gate_values(x, cols, i_hv, A_log, dt_bias, lower_bound, K,
+                                                                    GATE, HAS_DT_BIAS), 0.0)  # fmt: skip
     keep = m[:, None] & (cols[None, :] < K)
     ptr = (rows[:, None] * HV + i_hv) * K + cols[None, :]
     if GATE == 0:
@@ -362,6 +391,36 @@ def chunk_gate_cumsum(
     # 2, logsigmoid gates, h0), whose references sum the gates with torch.cumsum (float64
     # accumulation on the CPU, one rounding); with this sum it is at 0.18x.
     tl.store(G + ptr, Gc.to(tl.float32), mask=keep)
+
+
+@triton.jit(do_not_specialize=["T", "NBH"])  # lengths: one compile for any T (NOTES.md, "Lengths not specialized")
+def chunk_gate_cumsum(
+    g, G, Rs, A_log, dt_bias, lower_bound, cu_seqlens, chunks, T, NBH,
+    HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
+    IS_VARLEN: tl.constexpr, GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr, ROWS: tl.constexpr = False,
+):  # fmt: skip
+    """G [B*T, HV, K] fp32 = the in-chunk inclusive cumulative sum of g, BK of the K columns per
+    program (NKB programs per chunk and value head). GATE: 0 = g as given;
+    1 = g = -exp(A_log) softplus(z + dt_bias); 2 = g = lower_bound sigmoid(exp(A_log) (z + dt_bias)).
+
+    g = -inf is a hard reset (the state is wiped; DESIGN.md's contract includes it). With g
+    as given (GATE 0) Rs [B*T, HV, K] int8 counts the resets in [chunk start, r], and the sum
+    restarts after each one (G = 0 at the reset itself), so that a ratio Gam_r / Gam_i is
+    exp(G_r - G_i) between tokens of one segment and 0 across a reset (chunk_decays): no
+    -inf - -inf. Without a reset in the chunk this is the plain cumulative sum, bit for bit.
+
+    ROWS (ChunkBlocks.CUMSUM_ROWS): the chunk's rows in turn, each [BK] row added to a running
+    fp64 sum held per column (restarted at a reset) and stored at once, instead of a scan
+    across the [BT, BK] tile (whose sm_90 code at BK 32 on 4 warps has 379 shuffles and 20
+    barriers) and the segmented sum's loop over source rows where a reset lies. The same sums
+    in the same order as the scan under the interpreter (bit for bit there); on a GPU the
+    scan's tree order can differ in the fp64 sum's last bits, rarely in the fp32 rounding."""
+    if ROWS:
+        _gate_cumsum_rows(g, G, Rs, A_log, dt_bias, lower_bound, cu_seqlens, chunks, T, NBH,
+                          HV, K, BT, BK, NKB, IS_VARLEN, GATE, HAS_DT_BIAS)  # fmt: skip
+    else:
+        _gate_cumsum_tile(g, G, Rs, A_log, dt_bias, lower_bound, cu_seqlens, chunks, T, NBH,
+                          HV, K, BT, BK, NKB, IS_VARLEN, GATE, HAS_DT_BIAS)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["T", "NBH"])  # lengths: one compile for any T (NOTES.md, "Lengths not specialized")

@@ -689,7 +689,7 @@ def test_sanitizer_sweep_shape_runs_small():
 
 @pytest.mark.parametrize("gate", ["mild", "safe"])
 def test_cumsum_rows_gate_in_kernel(gate, monkeypatch):
-    """The gate cumsum row by row (ChunkBlocks.CUMSUM_ROWS, an A/B candidate) with the gate
+    """The gate cumsum row by row (ChunkBlocks.CUMSUM_ROWS, the GPU default) with the gate
     computed in the kernel, both forms (safe: lower_bound sigmoid): o and the final state
     bitwise those of the tile scan under the interpreter, and the oracle's."""
     from dataclasses import replace

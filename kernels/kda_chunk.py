@@ -117,7 +117,11 @@ class ChunkBlocks:
     # only): predicted gate cumsum 0.217 -> 0.12-0.16 ms at B1 T16384 H32 K = 128 (fla's
     # 0.107 ms moves about the same bytes), in the forward and in fwd+bwd alike. G bitwise
     # equal under the interpreter (test_kda_chunk); on a GPU within the fp64 sum's last bits.
-    CUMSUM_ROWS: int = 0
+    # Measured (twentieth session, H200, that shape, perf.ab CUMSUM_ROWS=0,64,128 --mode fwd,
+    # two rounds within 0.5%): gate cumsum 0.217 -> 0.169 ms at 64 and **0.139 at 128**,
+    # forward 2.567 -> 2.505 ms, o bitwise equal in both. 128 taken. Under the interpreter
+    # the tile scan stays (each row would be a handful of interpreted operations).
+    CUMSUM_ROWS: int = 0 if INTERPRET else 128
     # chunk_pair_grads (one program per sub-chunk): ptxas at sm_90 (kernels/sm90_fit.py
     # --usage), K = 128: spill stores 172 B (bf16) and 12 B (fp32) on 8 warps, 784 and 652 B
     # on 4, 640 and 608 B on 2
@@ -202,6 +206,14 @@ class ChunkBlocks:
     # every gradient bitwise equal (BV only partitions the columns of V). So BV 32 on warps(K).
     # The forward's recurrence miscompiled at BV 32 with bf16 dots on 4 warps (class
     # docstring); this kernel passed the GPU gradient conformance at BV 32 (24 of 24 checks).
+    # With the split and the stored loads (below) the loop's registers fell (sm_90, bf16,
+    # K = V = 128: BV 32 on 8 warps 118, on 4 warps 155, no spills), so the choice was timed
+    # again (twentieth session, H200, same shape, perf.ab DH_BV=32,64 DH_WARPS=0,4 --mode
+    # fwdbwd, two rounds within 0.2%): chunk_dh_recurrence 0.867 ms (BV 32, 8 warps), **0.787
+    # (32, 4)**, 1.002 (64, 8), 1.179 (64, 4); fwd+bwd 11.73 -> 11.65 ms, every output bitwise.
+    # So DH_WARPS = 0 means dh_warps(): 4 warps with 16-bit dots up to K = 128 (the measured
+    # case; at K = 64 warps(K) is 4 already), warps(K) otherwise: fp32 dots at K = 128 spill
+    # 1068 B on 4 warps against 660 on 8, bf16 K = 256 255 registers either way (not timed).
     DH_WARPS: int = 0
     DH_BV: int = 32
     # DH_OPS = 1: the forward keeps QG, KG, KD (3 B*T*HV*K in the dot dtype: 384 MiB at
@@ -321,6 +333,13 @@ class ChunkBlocks:
 
     def bv(self, K: int, V: int) -> int:
         return self.BV
+
+    def dh_warps(self, K: int, dot_dtype) -> int:
+        """chunk_dh_recurrence's warps: DH_WARPS if set, else 4 with 16-bit dots up to K = 128
+        and warps(K) otherwise (the DH_WARPS comment)."""
+        if self.DH_WARPS:
+            return self.DH_WARPS
+        return 4 if dot_dtype != tl.float32 and K <= 128 else self.warps(K)
 
     def dh_ops(self, dot_dtype) -> bool:
         """Whether the forward keeps QG, KG, KD for chunk_dh_recurrence (DH_OPS): only with
@@ -625,7 +644,7 @@ def chunk_kda_backward(
     common = dict(H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
                   DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=BLOCKS.warps(K))  # fmt: skip
     key = (q.device.index, BK, BV, str(dot_dtype), dot_precision)
-    BVD, dh_warps = BLOCKS.DH_BV or BV, BLOCKS.DH_WARPS or BLOCKS.warps(K)
+    BVD, dh_warps = BLOCKS.DH_BV or BV, BLOCKS.dh_warps(K, dot_dtype)
     QG, KG, KD = ops or (q, q, q)  # without ops, never read (OPS off)
     # DH_SPLIT with 16-bit dot operands: W2 and DVL for every chunk first (chunk_dh_operands).
     # W2 goes over the forward's KD where there is one (no other reader after this), else into

@@ -127,7 +127,7 @@ def first_fit(kernel: str, dtype: str, K: int, V: int, usage: bool = False) -> d
         BV = BLOCKS.bv(K, V)
         warps = BLOCKS.recurrence_warps(K) if kernel == "recurrence" else BLOCKS.warps(BK)
         if kernel == "dh_recurrence":  # its own block choices (kda_chunk.chunk_kda_backward)
-            BV, warps = BLOCKS.DH_BV or BV, BLOCKS.DH_WARPS or BLOCKS.warps(K)
+            BV, warps = BLOCKS.DH_BV or BV, BLOCKS.dh_warps(K, dot)
             consts["OPS"] = BLOCKS.dh_ops(dot)
             consts["SPLIT"] = bool(BLOCKS.DH_SPLIT) and dot != tl.float32
         configs = BLOCKS.fitting(BV, dot, reload=kernel == "grads" and BK >= 256)

@@ -19,7 +19,8 @@ errors from zero and larger than 1e-4 in size, 0 otherwise.
 
 Measured on an H200 (4 seeds, fresh processes): chunk_kda -2.579e-4 +- 2.2e-6 by default (tf32
 products), -4.944e-5 +- 1.8e-6 with --f32-default ieee; fused_recurrent_kda -2.4e-6 both
-times. The finding's page has the per-seed figures and the likely cause.
+times. At --K 128: -2.614e-4 +- 2.6e-6 and -4.987e-5 +- 1.9e-6. The finding's page has the
+per-seed figures and the likely cause.
 """
 
 import argparse

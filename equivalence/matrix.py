@@ -191,19 +191,29 @@ def perf_cells(rows: list[dict], names: tuple[str, ...]) -> tuple[str, str]:
     """(error vs float64 at T = 4096 / 16384 per dtype, time at the DESIGN.md section 7 shapes)
     from the perf sweep's rows of this implementation, or "not measured"."""
     mine = [r for r in rows if r.get("provider") in names and r.get("status") in ("ok", "unverified")]
-    errs = [f"{r['dtype']} T{r['T']}: {r['err_rel_rms']:.2g}" for r in mine
+
+    def flag(r):  # a row whose output failed the check before timing says so wherever it is shown
+        return " (unverified)" if r["status"] == "unverified" else ""
+
+    def where(r):
+        return f"{r['dtype']}{'' if r['B'] == 1 else ' B' + str(r['B'])} T{r['T']}"
+
+    errs = [f"{where(r)}: {r['err_rel_rms']:.2g}{flag(r)}" for r in mine
             if r.get("T") in PERF_T and r.get("mode") == "fwd" and r.get("err_rel_rms") is not None]  # fmt: skip
-    times = [f"{r['mode']} B{r['B']} T{r['T']}: {r['ms']:.3g} ms" for r in mine if r.get("ms") is not None]
-    return "; ".join(errs) or "not measured", "; ".join(times) or "not measured"
+    times = [f"{r['mode']} B{r['B']} T{r['T']}: {r['ms']:.3g} ms{flag(r)}" for r in mine if r.get("ms") is not None]
+    runs = sorted({r["run"] for r in mine if r.get("ms") is not None and r.get("run")})
+    timed = "; ".join(times) + (f" (sweep run {', '.join(runs)})" if runs else "")
+    return "; ".join(errs) or "not measured", timed or "not measured"
 
 
 def reference_times(rows: list[dict]) -> list[str]:
-    """flash-linear-attention's and our kernels' times from the same perf.json, for comparison."""
+    """flash-linear-attention's and our kernels' times from the same perf.json, for comparison,
+    each with the sweep run it comes from: compare only times of one run."""
     out = []
     for r in rows:
         if r.get("provider") in ("fla", "ours") and r.get("ms") is not None and r.get("status") == "ok":
             out.append(f"| {r['provider']} | {r['op']} {r['mode']} | B{r['B']} T{r['T']} H{r['H']} K{r['K']} "
-                       f"{r['dtype']} | {r['ms']:.3g} |")  # fmt: skip
+                       f"{r['dtype']} | {r['ms']:.3g} | {r.get('run', '')} |")  # fmt: skip
     return out
 
 
@@ -275,8 +285,11 @@ def build(folder: Path) -> Path:
     if perf_path:
         ref = reference_times(perf)
         if ref:
-            lines += ["Reference times from the same perf.json:", "", "| provider | op | shape | ms |",
-                      "|---|---|---|---|", *ref, ""]  # fmt: skip
+            lines += ["Reference times from the same perf.json (compare times of one sweep run only):",
+                      "", "| provider | op | shape | ms | run |", "|---|---|---|---|---|", *ref, ""]  # fmt: skip
+        notes = json.loads(perf_path.read_text()).get("notes") or []
+        if notes:  # what was learnt about the perf run after it (perf.report shows them too)
+            lines += ["Notes on that perf.json:", "", *(f"- {n}" for n in notes), ""]
     else:
         lines += ["No perf.json for this device: error and time columns are not measured "
                   "(`kdaverify perf` writes reports/<slug>/perf.json).", ""]  # fmt: skip

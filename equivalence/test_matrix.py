@@ -268,9 +268,11 @@ def test_matrix_readme_from_synthetic_reports(tmp_path):
     rows = [{"name": n, "version": "0.5.23"} for n in (a, b, c)]
     rows.append({"name": "vllm-chunk_kda", "version": None, "reason": missing})
     (folder / matrix.RUN).write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "profile": "gpu", "rows": rows}))
-    perf = {"environment": {"device": "NVIDIA H100 80GB HBM3"}, "rows": [
+    perf = {"environment": {"device": "NVIDIA H100 80GB HBM3"}, "notes": ["B8 row: a defect of the check"], "rows": [
         {"provider": a, "op": "chunk_kda", "mode": "fwd", "B": 1, "T": 4096, "H": 32, "K": 128, "dtype": "bfloat16",
-         "status": "ok", "err_rel_rms": 4.5e-3, "ms": 1.02},
+         "status": "ok", "err_rel_rms": 4.5e-3, "ms": 1.02, "run": "2026-11-29 08:52:04 UTC"},
+        {"provider": a, "op": "chunk_kda", "mode": "fwd", "B": 8, "T": 4096, "H": 32, "K": 128, "dtype": "bfloat16",
+         "status": "unverified", "err_rel_rms": 0.27, "ms": 4.11},
         {"provider": "fla", "op": "chunk_kda", "mode": "fwd", "B": 1, "T": 4096, "H": 32, "K": 128, "dtype": "bfloat16",
          "status": "ok", "ms": 1.05},
     ]}  # fmt: skip
@@ -280,7 +282,9 @@ def test_matrix_readme_from_synthetic_reports(tmp_path):
     text = matrix.build(folder).read_text()
     lines = {ln.split(" | ")[0].removeprefix("| "): ln for ln in text.splitlines() if ln.startswith("| ")}
     assert "**conforms**" in lines[a] and "0.90 (guard_bands [bfloat16])" in lines[a]
-    assert f"[report]({a}/report.md)" in lines[a] and "bfloat16 T4096: 0.0045" in lines[a] and "1.02 ms" in lines[a]
+    assert f"[report]({a}/report.md)" in lines[a] and "bfloat16 T4096: 0.0045;" in lines[a] and "1.02 ms;" in lines[a]
+    assert "(sweep run 2026-11-29 08:52:04 UTC)" in lines[a] and "- B8 row: a defect of the check" in text
+    assert "bfloat16 B8 T4096: 0.27 (unverified)" in lines[a] and "fwd B8 T4096: 4.11 ms (unverified)" in lines[a]
     assert "precision=tf32; gva=no" in lines[a]
     assert "**fails** 1: empty_sequences [float32]" in lines[b] and "not measured" in lines[b]
     assert "incomplete" in lines[c]
@@ -289,6 +293,35 @@ def test_matrix_readme_from_synthetic_reports(tmp_path):
     assert flashkda.why_not in lines["flashkda"] and "no adapter" in lines["flashkda"]
     assert "| fla | chunk_kda fwd |" in text and "1 conform, 1 fail at least one check, 1 did not finish" in text
     assert text.count("| not run |") and f", {text.count('| not run |')} not run yet." in text  # not "could not run"
+
+
+def test_perf_sweep_times_adapted_kernels_under_their_matrix_names(engines_missing):
+    """Every adapted matrix row is a perf provider of the same name (the matrix's error and
+    time columns come from those rows), chunked kernels timed as chunk_kda forward and the
+    rest as decode, with the declared precision; swept only when named; without its engine a
+    row is unavailable with the install command, never a crash."""
+    from kdaverify.perf import providers
+    from kdaverify.perf.sweep import cases
+
+    public = {p.name: p for p in providers.PROVIDERS if not p.default}
+    assert set(public) == {e.name for e in ADAPTED}
+    for e in ADAPTED:
+        p = public[e.name]
+        assert (p.op, p.modes) == (
+            ("chunk_kda", ("fwd",)) if "chunk_kda" in e.adapter else ("recurrent_kda", ("decode",))
+        )
+        assert p.precision == getattr(public_kernels, e.adapter).kdaverify_capabilities.precision
+        assert p.devices == ("cuda",)
+    assert not any(c.provider in public for c in cases("quick", "cuda"))
+    named = cases("quick", "cuda", ["vllm-chunk_kda", "sglang-triton-packed-decode"])
+    assert {(c.provider, c.mode, c.B, c.T) for c in named} == {
+        *(("vllm-chunk_kda", "fwd", B, T) for B, T in ((1, 4096), (1, 16384), (8, 4096), (1, 65536))),
+        *(("sglang-triton-packed-decode", "decode", N, 1) for N in (1, 64, 256)),
+    }
+    with pytest.raises(
+        providers.Unavailable, match=r"kernel files are not available; pip download vllm==0\.33\.0 --no-deps"
+    ):
+        providers.find("vllm-chunk_kda", "chunk_kda").callable()
 
 
 def test_plan_on_a_cpu_marks_gpu_only_kernels(engines_missing):

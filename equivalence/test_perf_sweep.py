@@ -87,6 +87,45 @@ def test_wrong_provider_is_timed_but_unverified(fake, name, mode, T, load):
     assert row["err_rel_rms"] > row["budget_rel_rms"] and row["ms"] > 0
 
 
+def _vk(q, k, v, g, beta, initial_state=None, output_final_state=False, **kw):
+    """reference_recurrent_kda with its states in the "VK" layout, as most engines keep them."""
+    h0 = None if initial_state is None else initial_state.transpose(-1, -2)
+    o, S = reference_recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=output_final_state, **kw)
+    return o, None if S is None else S.transpose(-1, -2).contiguous()
+
+
+@pytest.mark.parametrize("mode, T", [("decode", 1), ("fwd", 300)])  # fwd T = 300: the tail starts from its state
+def test_a_vk_provider_gets_and_is_checked_in_its_layout(monkeypatch, mode, T):
+    """A provider declaring state_layout "VK" gets its initial state in that layout and its
+    final state is read back in it: a correct one verifies, and the same kernel declared "KV"
+    (the layout ignored) does not."""
+    base = providers.PROVIDERS
+    for layout, ok in (("VK", True), ("KV", False)):
+        p = Provider("vk", "recurrent_kda", (mode,), lambda: _vk, state_layout=layout)
+        monkeypatch.setattr(providers, "PROVIDERS", [*base, p])
+        row, _ = Sweep("cpu", CEILINGS, 0.0).run(
+            Case(2, T, 2, 2, 8, 8, op="recurrent_kda", provider="vk", mode=mode, dtype="float32")
+        )
+        assert row["verified"] is ok, (layout, row["err_rel_rms"])
+
+
+def _strides_ignored(q, k, v, g, beta, **kw):
+    """The reference reading q, k, v, g, beta from their storage as if contiguous."""
+    from kdaverify.equivalence.layouts import as_if_contiguous
+
+    return reference_recurrent_kda(*(as_if_contiguous(x) for x in (q, k, v, g, beta)), **kw)
+
+
+def test_the_check_before_timing_hands_contiguous_prefixes(fake):
+    """At B > 1 the check's prefix [:, :cut] is a strided slice; a kernel that is right on the
+    contiguous inputs it is timed on must not be marked unverified for how it reads strides."""
+    fake("contiguous-only", "recurrent_kda", ("fwd",), lambda: _strides_ignored)
+    row, _ = Sweep("cpu", CEILINGS, 0.0).run(
+        Case(2, 300, 2, 2, 8, 8, op="recurrent_kda", provider="contiguous-only", mode="fwd", dtype="float32")
+    )
+    assert row["verified"], row["err_rel_rms"]
+
+
 def test_missing_provider_is_unavailable(fake):
     def load():
         raise NotImplementedError("chunk_kda: not written yet")

@@ -62,6 +62,33 @@ class Provider:
     triton: bool = False  # runs Triton kernels: under the CPU interpreter its timings mean nothing
     devices: tuple[str, ...] = ("cuda", "cpu")
     note: str = ""
+    default: bool = True  # in a sweep that names no providers; False: only when named (--providers)
+    state_layout: str = "KV"  # the layout its states take and come in (Capabilities.state_layout)
+
+    def native(self, t: dict) -> dict:
+        """The inputs with the initial state in this provider's layout, made before timing:
+        the timed call gets the state as its kernel takes it (a serving engine keeps its pool
+        in that layout), not a transpose per call."""
+        h0 = t.get("initial_state")
+        if self.state_layout == "KV" or h0 is None:
+            return t
+        return {**t, "initial_state": h0.transpose(-1, -2).contiguous()}
+
+    def in_kv(self, fn):
+        """fn taking and returning states in the suite's "KV" layout, for the check before
+        timing: the suite's own adapter mechanism (Implementation.call) does the conversion."""
+        if self.state_layout == "KV":
+            return fn
+        from kdaverify.equivalence.capabilities import Capabilities
+        from kdaverify.equivalence.implementation import Implementation
+
+        impl = Implementation(fn, self.name, Capabilities(state_layout=self.state_layout))
+
+        def kv(q, k, v, g, beta, initial_state=None, output_final_state=False):
+            t = dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state, cu_seqlens=None)
+            return impl.call(t, output_final_state=output_final_state)
+
+        return kv
 
     def callable(self):
         """The callable, or Unavailable with the reason."""
@@ -117,6 +144,47 @@ def _dplr_reference():
     return dplr_float32
 
 
+def _public(adapter: str):
+    """A public kernel through the matrix's adapter (equivalence/public_kernels.py), or
+    ImportError with the reason it cannot run here (its engine's files or kernel language)."""
+
+    def load():
+        from kdaverify.equivalence import public_kernels
+
+        fn = getattr(public_kernels, adapter)
+        fn.kdaverify_available()  # raises ImportError with the install command
+        return fn
+
+    return load
+
+
+def _public_providers() -> list[Provider]:
+    """One provider per matrix entry that has an adapter, named as its matrix row, so that the
+    matrix's error and time columns (equivalence/matrix.perf_cells) come from the sweep:
+    chunked prefill kernels as chunk_kda (fwd), decode and fused recurrent kernels as
+    recurrent_kda (decode). GPU only and only when named (`--providers`): their engines'
+    files are optional. The initial state is handed over in the declared layout (most are
+    "VK") before timing (Provider.native); the timing includes what the adapter does around
+    the kernel (a decode adapter packs each step's rows and copies the state pool), so a row
+    is an upper bound on the kernel's own time; the note says so."""
+    from kdaverify.equivalence import public_kernels
+
+    out = []
+    for e in public_kernels.MATRIX:
+        if e.adapter is None:
+            continue
+        chunked = "chunk_kda" in e.adapter
+        caps = getattr(public_kernels, e.adapter).kdaverify_capabilities
+        out.append(Provider(
+            e.name, "chunk_kda" if chunked else "recurrent_kda", ("fwd",) if chunked else ("decode",),
+            _public(e.adapter), precision=caps.precision, triton=e.needs in ("triton", "helion"), devices=("cuda",),
+            state_layout=caps.state_layout,
+            note=f"{e.what}, {e.engine}, through kdaverify's adapter (its work around the kernel timed too)",
+            default=False,
+        ))  # fmt: skip
+    return out
+
+
 def _flashkda():
     import flash_kda  # noqa: F401  (FlashKDA, where it installs)
 
@@ -157,6 +225,7 @@ PROVIDERS = [
     Provider("reference-dplr", "chunk_dplr", ("fwd",), _dplr_reference, devices=("cpu",),
              note="dplr_recurrent (PyTorch) in float32"),
 ]  # fmt: skip
+PROVIDERS += _public_providers()
 
 
 def find(name: str, op: str) -> Provider:

@@ -40,7 +40,7 @@ def _grid(names, ops_modes, shapes, dtypes, device):
     cases = []
     for (op, mode), (B, T, H, K), dtype in itertools.product(ops_modes, shapes, dtypes):
         for p in PROVIDERS:
-            if p.op == op and mode in p.modes and device in p.devices and (names is None or p.name in names):
+            if p.op == op and mode in p.modes and device in p.devices and (p.name in names if names else p.default):
                 cases.append(Case(B, T, H, H, K, K, op=op, provider=p.name, mode=mode, dtype=dtype))
     return cases
 
@@ -175,14 +175,14 @@ class Sweep:
         try:
             fn = provider.callable()
             t = inputs(case, self.device)
-            call, out = runner(fn, case, t)
+            call, out = runner(fn, case, provider.native(t))
         except Unavailable as e:
             row["status"] = f"unavailable: {e}"
             return row, None
         except (NotImplementedError, ImportError) as e:
             row["status"] = f"unavailable: {type(e).__name__}: {e}"
             return row, None
-        row.update(summary(verify(fn, case, t, out, provider.precision)))
+        row.update(summary(verify(provider.in_kv(fn), case, t, out, provider.precision)))
         if case.mode == "fwdbwd":
             row["check"] += " (forward output only; gradients not checked)"
         ms, how = median_ms(call, self.device, self.budget_s)

@@ -1,16 +1,20 @@
 """Candidate (not yet a finding): vLLM 0.33.0's chunk_kda reads q and k as if they were
-contiguous. Handed q and k that are views with a batch stride larger than T * H * K (here:
-the first T tokens of longer buffers, as a slice of a fused projection or of a longer
-prefill gives), batch row 0 is right and every later row's o and final state are wrong; v,
-g and beta in the same layout are read right. The same call on contiguous copies agrees with
-the float64 recurrence. Nothing refuses the strided input: the answer is silently wrong.
+contiguous. Handed q and k that are views with a batch stride larger than T * H * K (the
+first T tokens of longer buffers), batch row 0 is right and every later row's o and final
+state are wrong; handed q, k and v as views of one fused projection [B, T, 3, H, K] (token
+stride 3 H K), every row is wrong. v, g and beta sliced by batch are read right. The same
+call on contiguous copies agrees with the float64 recurrence. Nothing refuses the strided
+input: the answer is silently wrong.
 
 Seen first in the perf sweep on an NVIDIA H200 (2026-11-29): its check before timing handed
 a prefix x[:, :cut] of [8, 4096, 32, 128] bf16 inputs, and vllm-chunk_kda and
 sglang-triton-chunk_kda (SGLang 0.5.23 carries the same kernels) were both off by 0.2736
 relative RMS on batch row 7, while right at B = 1. Reduced under Triton's interpreter on a
-CPU (this script, --device cpu, float32): row 1 off by 1.43 relative RMS with q alone strided
-and 1.42 with k alone, row 0 exact, v, g, beta strided harmless. Not yet run standalone on
+CPU (this script, --device cpu, float32, B2 T80 K = V = 16): batch-sliced q and k, row 1 off
+by 1.43 relative RMS (o) and 1.51 (state), row 0 at 9e-7; the fused projection, o off by 7.98
+and 8.14 on rows 0 and 1; batch-sliced v, g, beta at 1e-6. SGLang's copy behaves the same
+under the interpreter through kdaverify's adapter (T = 16: q alone strided 1.31, k alone 1.43,
+the fused projection 100). Not yet run standalone on
 a GPU in a fresh process, which makes it a finding (reports/findings/README.md).
 
 Likely cause, to confirm in vllm/third_party/flash_linear_attention/ops/ (the wheel's files):
@@ -244,18 +248,27 @@ def inputs(B, T, K, pad):
     return q, k, v, g, beta
 
 
-def call_chunk(kda, arrays, T, strided, scale, device):
-    """vLLM's chunk_kda on [B, T, 1, .] float32 inputs from a zero state; the names in `strided` passed as the
-    first T tokens of their [B, T + pad, 1, .] buffers (views, batch stride (T + pad) * K),
-    the rest as contiguous copies. o [B, T, V] and the final state [B, K, V]."""
-    t = {}
-    for name, x in arrays.items():
-        full = torch.tensor(x, dtype=torch.float32, device=device).unsqueeze(2).contiguous()  # [B, T + pad, 1, .]
-        view = full[:, :T]
-        t[name] = view if name in strided else view.contiguous()
+def call_chunk(kda, arrays, T, layout, scale, device):
+    """vLLM's chunk_kda on [B, T, 1, .] float32 inputs from a zero state, laid out as `layout`
+    says: "contiguous"; "q, k batch slices" (q and k the first T tokens of [B, T + pad, 1, K]
+    buffers: batch stride (T + pad) K); "v, g, beta batch slices" (the same for those three);
+    "q, k, v of one fused projection" (views q = qkv[:, :, 0] of one [B, T, 3, 1, K] buffer:
+    token stride 3K, as a fused QKV projection gives). o [B, T, V] and the final state [B, K, V]."""
+
+    def dev(x):
+        return torch.tensor(x, dtype=torch.float32, device=device).unsqueeze(2).contiguous()  # [B, T + pad, 1, .]
+
+    t = {name: dev(x)[:, :T] for name, x in arrays.items()}
+    sliced = {"q, k batch slices": ("q", "k"), "v, g, beta batch slices": ("v", "g", "beta")}.get(layout, ())
+    t = {name: x if name in sliced else x.contiguous() for name, x in t.items()}
+    if layout == "q, k, v of one fused projection":
+        qkv = torch.stack([t["q"], t["k"], t["v"]], dim=2).contiguous()  # [B, T, 3, 1, K]
+        t.update(q=qkv[:, :, 0], k=qkv[:, :, 1], v=qkv[:, :, 2])
     B, K = t["q"].shape[0], t["q"].shape[-1]
     h0 = torch.zeros(B, 1, K, K, dtype=torch.float32, device=device)  # vLLM's chunk_kda needs one ([N, HV, V, K])
-    o, final = kda.chunk_kda(t["q"], t["k"], t["v"].clone(), t["g"], t["beta"], scale=scale, initial_state=h0,
+    # vLLM writes o into v's buffer; in the fused layout that buffer is the projection's own
+    v = t["v"] if layout == "q, k, v of one fused projection" else t["v"].clone()
+    o, final = kda.chunk_kda(t["q"], t["k"], v, t["g"], t["beta"], scale=scale, initial_state=h0,
                              output_final_state=True, use_qk_l2norm_in_kernel=False)  # fmt: skip
     return o[:, :, 0].cpu().double().numpy(), final[:, 0].transpose(-1, -2).cpu().double().numpy()
 
@@ -291,24 +304,21 @@ def main() -> int:
     refs = [recurrence(q[b, : a.T], k[b, : a.T], v[b, : a.T], g[b, : a.T], beta[b, : a.T], np.zeros((a.K, a.K)), scale)
             for b in range(B)]  # fmt: skip
     verdicts = {}
-    for label, strided in (
-        ("contiguous", ()),
-        ("q, k strided", ("q", "k")),
-        ("v, g, beta strided", ("v", "g", "beta")),
-    ):
+    layouts = ("contiguous", "q, k batch slices", "v, g, beta batch slices", "q, k, v of one fused projection")
+    for label in layouts:
         try:
-            o, S = call_chunk(kda, arrays, a.T, strided, scale, a.device)
+            o, S = call_chunk(kda, arrays, a.T, label, scale, a.device)
         except Exception:
             traceback.print_exc()
             stop(f"vLLM's chunk_kda raised (above) with {label}: the check could not run")
         errs = [(relative(o[b], refs[b][0]), relative(S[b], refs[b][1])) for b in range(B)]
         verdicts[label] = all(e_o <= TOLERANCE and e_S <= TOLERANCE for e_o, e_S in errs)
         rows = ", ".join(f"row {b}: o {e_o:.3g}, state {e_S:.3g}" for b, (e_o, e_S) in enumerate(errs))
-        print(f"  {label:20s} rel RMS err against the recurrence: {rows}: {'ok' if verdicts[label] else 'WRONG'}")
+        print(f"  {label:32s} rel RMS err against the recurrence: {rows}: {'ok' if verdicts[label] else 'WRONG'}")
     if not verdicts["contiguous"]:
         print("\nthe contiguous call differs too: not the defect described")
         return 2
-    failed = not verdicts["q, k strided"]
+    failed = not (verdicts["q, k batch slices"] and verdicts["q, k, v of one fused projection"])
     print(f"\n{'FAILS' if failed else 'agrees'} (tolerance {TOLERANCE:g} relative RMS)")
     return 1 if failed else 0
 

@@ -241,6 +241,17 @@ def test_table_marks_launch_bound_rows(gpu_ms, cell):
     assert f"| 0.7 | {cell} |" in line
 
 
+@pytest.mark.parametrize(("err", "verified", "cell"), [(0.0041, True, "yes (rel RMS 0.0041 <= 0.018)"),
+                                                       (0.27, False, "**no** (rel RMS 0.27 > 0.018)")])  # fmt: skip
+def test_table_states_the_error_against_its_budget(err, verified, cell):
+    from kdaverify.perf.report import _table
+
+    row = dict(op="chunk_kda", provider="x", mode="fwd", B=8, T=4096, H=2, HV=2, K=16, V=16, dtype="bfloat16",
+               ms=4.1, status="ok" if verified else "unverified", verified=verified, err_rel_rms=err,
+               budget_rel_rms=0.018)  # fmt: skip
+    assert f"| {cell} |" in _table([row], {})[2]
+
+
 def test_report_shows_notes_added_after_the_run():
     from kdaverify.perf.report import markdown
 

@@ -203,7 +203,10 @@ def _table(rows, fla: dict) -> list[str]:
         ref = fla.get(shape_key(r))
         ok = same_run(r, ref) and r.get("ms") and r["provider"] != "fla" and plotted(r)
         vs = f"{ref['ms'] / r['ms']:.2f}x" if ok else ""
-        err = "" if r.get("err_rel_rms") is None else f" (rel RMS {r['err_rel_rms']:.2g} <= {r['budget_rel_rms']:.2g})"
+        err = ""
+        if r.get("err_rel_rms") is not None:
+            within = "<=" if r["err_rel_rms"] <= r["budget_rel_rms"] else ">"
+            err = f" (rel RMS {r['err_rel_rms']:.2g} {within} {r['budget_rel_rms']:.2g})"
         verified = {True: "yes" + err, False: "**no**" + err, None: ""}[r.get("verified")]
         frac = "" if r.get("roofline_fraction") is None else f"{100 * r['roofline_fraction']:.1f}%"
         out.append(

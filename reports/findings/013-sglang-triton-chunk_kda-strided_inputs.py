@@ -4,7 +4,8 @@ q, k and v as views of one fused projection [1, T, 3, H, K] (token stride 3 H K)
 QKV projection gives them, its o and final state are wrong at every token; the same call on
 contiguous copies agrees with the float64 recurrence. Nothing refuses the strided input.
 
-The companion of candidates/vllm-chunk_kda-strided_qk.py (vLLM carries the same kernels).
+The companion of finding 012 (012-vllm-chunk_kda-strided_inputs.py: vLLM carries the same
+kernels, and its copy fails on an H200).
 Seen first on an NVIDIA H200 in the perf sweep (2026-11-29: 0.2736 relative RMS on the last
 row of a batch whose q and k were batch slices, the same figure as vLLM's); reduced under
 Triton's interpreter on a CPU through kdaverify's adapter (T = 16: q alone sliced 1.31, k

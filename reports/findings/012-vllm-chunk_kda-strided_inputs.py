@@ -1,33 +1,32 @@
-"""Candidate (not yet a finding): vLLM 0.33.0's chunk_kda reads q and k as if they were
-contiguous. Handed q and k that are views with a batch stride larger than T * H * K (the
-first T tokens of longer buffers), batch row 0 is right and every later row's o and final
-state are wrong; handed q, k and v as views of one fused projection [B, T, 3, H, K] (token
-stride 3 H K), every row is wrong. v, g and beta sliced by batch are read right. The same
-call on contiguous copies agrees with the float64 recurrence. Nothing refuses the strided
-input: the answer is silently wrong.
+"""Finding 012: vLLM 0.33.0's chunk_kda reads q and k as if they were contiguous. Handed
+q and k that are views with a batch stride larger than T * H * K (the first T tokens of
+longer buffers), batch row 0 is right and every later row's o and final state are wrong;
+handed q, k and v as views of one fused projection [B, T, 3, H, K] (token stride 3 H K), every
+row is wrong. v, g and beta sliced by batch are read right. The same call on contiguous copies
+agrees with the float64 recurrence. Nothing refuses the strided input: the answer is silently
+wrong. Only with use_qk_l2norm_in_kernel=False: with True (what vLLM's own model code passes)
+q and k are made contiguous on the way to the L2 norm.
 
-Seen first in the perf sweep on an NVIDIA H200 (2026-11-29): its check before timing handed
-a prefix x[:, :cut] of [8, 4096, 32, 128] bf16 inputs, and vllm-chunk_kda and
-sglang-triton-chunk_kda (SGLang 0.5.23 carries the same kernels) were both off by 0.2736
-relative RMS on batch row 7, while right at B = 1. Reduced under Triton's interpreter on a
-CPU (this script, --device cpu, float32, B2 T80 K = V = 16): batch-sliced q and k, row 1 off
-by 1.43 relative RMS (o) and 1.51 (state), row 0 at 9e-7; the fused projection, o off by 7.98
-and 8.14 on rows 0 and 1; batch-sliced v, g, beta at 1e-6. SGLang's copy behaves the same
-under the interpreter through kdaverify's adapter (T = 16: q alone strided 1.31, k alone 1.43,
-the fused projection 100). Not yet run standalone on
-a GPU in a fresh process, which makes it a finding (reports/findings/README.md).
+Reproduced on an NVIDIA H200 in a fresh process (2026-11-29, this script, --device cuda,
+float32, B2 T80 K = V = 16): batch-sliced q and k, row 1 off by 1.43 relative RMS (o) and 1.51
+(state), row 0 at 7.7e-5 (TF32 products); the fused projection, o off by 7.97 and 8.14 on rows
+0 and 1; batch-sliced v, g, beta and the contiguous call at 1e-4 (o) and 1e-3 (state). Seen first in the perf
+sweep on an H200 (2026-11-29): its check before timing handed a strided prefix of [8, 4096,
+32, 128] bf16 inputs, and vllm-chunk_kda was off by 0.2736 relative RMS on batch row 7. The
+same figures under Triton's interpreter on a CPU (--device cpu).
 
-Likely cause, to confirm in vllm/third_party/flash_linear_attention/ops/ (the wheel's files):
-the kernels that read q and k build their pointers from the shapes (an offset of
-(b * T + t) * H * K) rather than from the tensors' strides, and nothing on the way (kda.py's
-chunk_kda and its autograd function) makes q and k contiguous, where the paths of v, g and
-beta do (or take strides). flash-linear-attention 0.6.0's chunk_kda is guarded by its
-input_guard decorator, which makes every input contiguous.
+Cause, in vllm/third_party/flash_linear_attention/ops/kda.py (the wheel's files): chunk_kda
+(line 1392) passes v, g, beta and the initial state through .contiguous() and q and k only
+when use_qk_l2norm_in_kernel is set (lines 1408-1410); the kernels that read q and k then
+build their pointers from the shapes, as an offset of (bos * H + i_h) * K with row stride
+H * K (chunk_kda_scaled_dot_kkt_fwd_kernel_intra_sub_inter, lines 598-599;
+recompute_w_u_fwd_kernel, lines 892 and 900; chunk_gla_fwd_kernel_o, line 1031), never from the tensors' strides. flash-linear-attention
+0.6.0's chunk_kda is guarded by its input_guard decorator, which makes every input contiguous.
 
 Needs torch, NumPy and vLLM's files: an installed vllm, or a vllm wheel or unpacked folder
 named by --vllm or KDAVERIFY_VLLM, of which only the kernel files are imported:
 
-    KDAVERIFY_VLLM=path/to/vllm-0.33.0-...whl python vllm-chunk_kda-strided_qk.py [--device cuda|cpu]
+    KDAVERIFY_VLLM=path/to/vllm-0.33.0-...whl python 012-vllm-chunk_kda-strided_inputs.py [--device cuda|cpu]
 
 --device cpu runs the kernels under Triton's interpreter in float32. Exits 1 while a later
 batch row with strided q and k differs from the recurrence by more than TOLERANCE and the

@@ -1,16 +1,29 @@
-"""Candidate (not yet a finding): SGLang 0.5.23's Triton chunk_kda
-(sglang/kernels/ops/attention/fla/kda.py) reads q and k as if they were contiguous. Handed
-q, k and v as views of one fused projection [1, T, 3, H, K] (token stride 3 H K), as a fused
-QKV projection gives them, its o and final state are wrong at every token; the same call on
-contiguous copies agrees with the float64 recurrence. Nothing refuses the strided input.
+"""Finding 013: SGLang 0.5.23's Triton chunk_kda (sglang/kernels/ops/attention/fla/kda.py)
+reads q and k as if they were contiguous. Handed q and k (with or without v) as views of one
+fused projection [1, T, 3, H, K] (token stride 3 H K), as a fused QKV projection gives them,
+its o and final state are wrong at every token; the same call on contiguous copies agrees with
+the float64 recurrence. Nothing refuses the strided input. Only with
+use_qk_l2norm_in_kernel=False: with True (what SGLang's own KDA backend passes) q and k are
+made contiguous on the way to the L2 norm. The companion of finding 012
+(012-vllm-chunk_kda-strided_inputs.py: vLLM carries the same kernels).
 
-The companion of finding 012 (012-vllm-chunk_kda-strided_inputs.py: vLLM carries the same
-kernels, and its copy fails on an H200).
-Seen first on an NVIDIA H200 in the perf sweep (2026-11-29: 0.2736 relative RMS on the last
-row of a batch whose q and k were batch slices, the same figure as vLLM's); reduced under
-Triton's interpreter on a CPU through kdaverify's adapter (T = 16: q alone sliced 1.31, k
-alone 1.43, the fused projection 100). Not yet run standalone on a GPU in a fresh process,
-which makes it a finding (reports/findings/README.md).
+Reproduced on an NVIDIA H200 in a fresh process (2026-11-29, this script, --device cuda
+--T 1000, float32, H = 2, K = V = 16): o off by 9e3 and the final state by 332 (largest
+absolute error over the oracle's largest magnitude) with q and k from one fused projection,
+and the same with v too; the contiguous call at 1.6e-3 (TF32 products). The run at the default
+T = 16 before it, the first of a cold machine, printed its header and did not finish in 100 s
+(its compiles and autotuning, or a stall: not told apart); T = 1000 then finished in the
+same call. Seen first in the perf sweep on an H200 (0.2736 relative RMS on the last row of a
+batch whose q and k were batch slices, the same figure as vLLM's); reduced under Triton's
+interpreter on a CPU (T = 16: q alone sliced 1.31, k alone 1.43, the fused projection 100,
+through kdaverify's adapter).
+
+Cause (the wheel's files, sglang/kernels/ops/attention/fla/): chunk_kda (kda.py line 1274)
+passes v, g and beta through .contiguous() and q and k only when use_qk_l2norm_in_kernel is
+set (lines 1300-1301); the kernels that read q and k address them from their shapes, an
+offset of (bos * H + i_h) * K with row stride H * K: chunk_intra.py lines 111-112
+(chunk_kda_fwd_kernel_inter_solve_fused) and 843-844 (chunk_kda_fwd_kernel_intra_sub_chunk),
+kda.py line 816 (chunk_gla_fwd_kernel_o).
 
 The script calls chunk_kda as SGLang's backend does (one packed row, cu_seqlens, a "VK" state
 pool updated in place, o written into v's buffer) three times: contiguous q, k, v; q and k as
@@ -19,7 +32,7 @@ views of one fused projection with v a contiguous copy; and all three as views.
 Needs torch, NumPy and SGLang's files: an installed sglang (pip install sglang==0.5.23
 --no-deps is enough), or a wheel or unpacked folder named by --sglang or KDAVERIFY_SGLANG:
 
-    KDAVERIFY_SGLANG=path/to/sglang-0.5.23-...whl python sglang-triton-chunk_kda-strided_qk.py [--device cuda]
+    KDAVERIFY_SGLANG=path/to/sglang-0.5.23-...whl python 013-sglang-triton-chunk_kda-strided_inputs.py [--device cuda --T 1000]
 
 With --device cpu the kernels run under Triton's interpreter; keep --T <= 16 there (Triton
 3.6's interpreter multiplies the stored bits of bfloat16 dot operands, and chunk_kda's blocks

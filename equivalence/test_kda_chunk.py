@@ -660,44 +660,6 @@ def test_dh_split_gradients_hold_to_the_oracle(monkeypatch, spec):
     assert any(not torch.equal(got[0][n], got[1][n]) for n in got[0]), "DH_SPLIT 1 gave the default's gradients"
 
 
-@pytest.mark.parametrize(
-    ("spec", "dtype"),
-    [
-        (CASES[6], "float32"),  # packed, length-1 sequences, masked gates, GVA, initial state
-        (CaseSpec(T=90, K=20, V=12, H=1, G=3, h0=True, seqlens=(70, 20), gate="reset", seed=53), "bfloat16"),
-        (CaseSpec(B=2, T=150, K=64, V=80, H=2, G=1, h0=True, gate="logsigmoid", beta_max=2.0, seed=7), "bfloat16"),
-    ],
-    ids=["fp32-packed", "bf16-reset-gva", "bf16-two-value-blocks"],
-)
-def test_stacked_recurrence_dots_hold_to_the_oracle(monkeypatch, spec, dtype):
-    """ChunkBlocks.STACK_DOTS (chunk_recurrence's KG S and QG S as one dot, M hi + M lo as one
-    over interleaved columns): o and the final state held to the float64 oracle, and within
-    1e-5 relative of the default's (a bf16 o within one unit of it): the same products,
-    summed in another fp32 order (a larger matrix product is blocked otherwise, by NumPy here
-    and by the tensor cores on a GPU; not bitwise, even for fp32 dots), where a pairing of
-    the wrong rows or columns is off by order 1. The gradients through it too (bf16: the
-    backward recomputes V' unstacked)."""
-    from dataclasses import replace
-
-    from kdaverify.kernels import kda_chunk
-
-    h = Harness(DEFAULT, DTYPES[dtype])
-    t = h.inputs(spec.arrays())
-    got = {}
-    for stack in (0, 1):
-        monkeypatch.setattr(kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, STACK_DOTS=stack))
-        got[stack] = DEFAULT.call(t, scale=spec.scale)
-    h.expect_oracle("STACK_DOTS 1", t, spec.scale)
-    for a, b, what in zip(got[0], got[1], ("o", "final_state"), strict=True):
-        if a.dtype == torch.bfloat16:  # a sum reordered by ~1e-7 may round to the next bf16 value
-            torch.testing.assert_close(a, b, rtol=2.0**-7, atol=0.0, msg=f"{what}: more than a bf16 unit apart")
-        else:  # 1e-5: fp32 reordering of the same products (about 1e-7)
-            rel = float((a.double() - b.double()).norm() / b.double().norm())
-            assert rel <= 1e-5, f"{what}: STACK_DOTS 1 is {rel:.3g} from the default"
-    if dtype == "bfloat16":
-        expect_gradients(h, "STACK_DOTS 1", spec)
-
-
 def test_sanitizer_cases_arguments(monkeypatch):
     """kernels.sanitizer_cases takes the device, `sweep` and block choices in any order, and
     refuses anything else by name (its GPU runs are a compute-sanitizer command line)."""

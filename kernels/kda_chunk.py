@@ -122,18 +122,6 @@ class ChunkBlocks:
     # forward 2.567 -> 2.505 ms, o bitwise equal in both. 128 taken. Under the interpreter
     # the tile scan stays (each row would be a handful of interpreted operations).
     CUMSUM_ROWS: int = 0 if INTERPRET else 128
-    # STACK_DOTS = 1 (an A/B candidate, twentieth session, CPU only): chunk_recurrence's six
-    # dots a chunk become four (kda_chunk_inter.chunk_recurrence's STACK). The nineteenth
-    # session found one wgmma.wait_group 0 after each dot of the loop in its sm_90 PTX, and
-    # chaining dots through the accumulator (tried here, twentieth session) left all six:
-    # only fewer dots shorten the loop's chain of waits.
-    # sm_90 (sm90_fit.compile_sm90, bf16, K = V = 128, BV 64): wgmma commit groups in the loop
-    # 6 -> 4, the same 36 wgmma instructions; spill stores 60 -> 464 B on 4 warps (3 stages),
-    # 88 -> 60 B on 8 (RECUR_WARPS). Predicted forward recurrence 1.00 -> 0.7-0.85 ms at B1
-    # T16384 H32 (if the loop's time follows its waits), on 8 warps. A/B: STACK_DOTS=0,1
-    # RECUR_WARPS=0,8, --mode fwd and fwdbwd. fp32 dots: 5 -> 4 groups (no hi/lo pair).
-    STACK_DOTS: int = 0
-    RECUR_WARPS: int = 0
     # chunk_pair_grads (one program per sub-chunk): ptxas at sm_90 (kernels/sm90_fit.py
     # --usage), K = 128: spill stores 172 B (bf16) and 12 B (fp32) on 8 warps, 784 and 652 B
     # on 4, 640 and 608 B on 2
@@ -341,10 +329,8 @@ class ChunkBlocks:
         [BK, BV] state update per chunk), and fewer warps gave the same output faster: on an
         H200 (B1 T16384 H32 K = V = 128 bf16, 2026-11-28) 1.43 ms on 8 warps against 1.18 ms
         on 4, o and every gradient bitwise equal. K = 256 keeps warps(K): not measured there.
-        RECUR_WARPS, where set, instead (an A/B field: STACK_DOTS' [2 BT, K] dot fits two warp
-        groups; sm_90, bf16, K = 128: 456 B of spill stores on 4 warps, 56 on 8)."""
-        if self.RECUR_WARPS:
-            return self.RECUR_WARPS
+        8 warps again on an H200 (twenty-first session, the same shape, perf.ab): 0.996 ->
+        1.244 ms."""
         return 4 if K <= 128 else self.warps(K)
 
     def bv(self, K: int, V: int) -> int:
@@ -590,14 +576,13 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     # the loop over chunks may be software-pipelined (its loads for the next chunk kept in
     # shared memory): where that does not fit, launch_fitting falls back to num_stages=1
     launch_fitting(
-        chunk_recurrence, (device.index, BK, BV, str(dot_dtype), dot_precision, keep, BLOCKS.STACK_DOTS),
+        chunk_recurrence, (device.index, BK, BV, str(dot_dtype), dot_precision, keep),
         BLOCKS.fitting(BV, dot_dtype), lambda cfg: (cdiv(V, cfg["BV"]) * N * HV,),
         (QG, KG, KD, c.v, G, Rs, Aqk, M, o, c.initial_state, ht_arg, h, plan.chunk_first, c.cu_seqlens, T, plan.NT,
          store_ht),
         H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
         HAS_H0=c.initial_state is not None, STORE_H=keep,
-        DOT_DTYPE=dot_dtype, PRECISION=dot_precision, STACK=bool(BLOCKS.STACK_DOTS),
-        num_warps=BLOCKS.recurrence_warps(K),
+        DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=BLOCKS.recurrence_warps(K),
     )  # fmt: skip
     ops = [QG, KG, KD] if keep and BLOCKS.dh_ops(dot_dtype) else None
     return o, ht, (plan, G, Rs, Aqk, M, Minv, h, ops) if keep else None

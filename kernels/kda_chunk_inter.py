@@ -31,7 +31,7 @@ def chunk_recurrence(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, HAS_H0: tl.constexpr, STORE_H: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, STACK: tl.constexpr = False,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """o [B*T, HV, V] for value columns [i_v*BV, (i_v+1)*BV) and, if STORE_HT, the final state
     ht [N, HV, K, V] fp32, from h0 [N, HV, K, V] fp32 (or zero). QG = scale * Gam * Q, KG =
@@ -42,10 +42,7 @@ def chunk_recurrence(
     interpreter take such a trip count). STORE_H (training only): the state entering every
     chunk is also written to h [NC, HV, K, V] fp32 (chunk c of sequence n at row
     chunk_first[n] + c, or n * NT + c without cu_seqlens), for the backward of
-    kda_chunk_backward. STACK (ChunkBlocks.STACK_DOTS): fewer, larger dots a chunk, since
-    Triton 3.6 waits for each of the loop's dots before the next (sm_90 PTX: one
-    wgmma.wait_group 0 per dot): KG S and QG S as one [2 BT, K] x [K, BV] dot, and M hi + M lo
-    as one [BT, 2 BT] x [2 BT, BV] dot over interleaved columns (stack_rows, pair_columns)."""
+    kda_chunk_backward."""
     i_nh, i_v = one_dim_grid((V + BV - 1) // BV)
     i_n, i_hv, i_h, bos, eos, c0 = sequence_span(i_nh, chunk_first, cu_seqlens, T, NT, HV, H, IS_VARLEN)
     o_t = tl.arange(0, BT)
@@ -75,23 +72,11 @@ def chunk_recurrence(
         gam_c = chunk_end_decay(G, Rs, tl.minimum(t0 + BT, eos) - 1, HV, i_hv, cols_k, K, RESETS)
 
         kg = tl.load(KG + ops, mask=m_ops, other=0.0)
-        if STACK:
-            qg = tl.load(QG + ops, mask=m_ops, other=0.0)
-            kg_s, qg_s = unstack_rows(mma(stack_rows(kg, qg, BT, BK), S, DOT_DTYPE, PRECISION), BT, BV)
-            x = v_c - kg_s
-            if DOT_DTYPE == tl.float32:
-                vp = mma(m_c, x, DOT_DTYPE, PRECISION)
-            else:  # mma_split's two dots as one: x = hi + lo, both rounded to DOT_DTYPE
-                hi = round_to(x, DOT_DTYPE).to(tl.float32)
-                m2, x2 = pair_columns(m_c, hi, x - hi, BT, BV)
-                vp = mma(m2, x2, DOT_DTYPE, PRECISION)
-            out = qg_s + mma(a_qk, vp, DOT_DTYPE, PRECISION)
-        else:
-            x = v_c - mma(kg, S, DOT_DTYPE, PRECISION)
-            vp = mma_split(m_c, x, DOT_DTYPE, PRECISION)  # x not rounded to DOT_DTYPE on its own
-            qg = tl.load(QG + ops, mask=m_ops, other=0.0)
-            out = mma(qg, S, DOT_DTYPE, PRECISION)
-            out += mma(a_qk, vp, DOT_DTYPE, PRECISION)
+        x = v_c - mma(kg, S, DOT_DTYPE, PRECISION)
+        vp = mma_split(m_c, x, DOT_DTYPE, PRECISION)  # x not rounded to DOT_DTYPE on its own
+        qg = tl.load(QG + ops, mask=m_ops, other=0.0)
+        out = mma(qg, S, DOT_DTYPE, PRECISION)
+        out += mma(a_qk, vp, DOT_DTYPE, PRECISION)
         o_ptr = o + (rows[:, None] * HV + i_hv) * V + cols_v[None, :]
         tl.store(o_ptr, round_to(out, o.dtype.element_ty), mask=m[:, None] & (cols_v[None, :] < V))
 
@@ -100,23 +85,3 @@ def chunk_recurrence(
         S += mma(tl.trans(kd), vp, DOT_DTYPE, PRECISION)
     if STORE_HT != 0:
         tl.store(ht + s_ptr, S, mask=m_kv)
-
-
-@triton.jit
-def stack_rows(a, b, BT: tl.constexpr, BK: tl.constexpr):
-    """[a; b]: two [BT, BK] tiles as one [2 BT, BK] tile, a's rows first."""
-    return tl.reshape(tl.permute(tl.join(a, b), (2, 0, 1)), (2 * BT, BK))
-
-
-@triton.jit
-def unstack_rows(ab, BT: tl.constexpr, BV: tl.constexpr):
-    """The two [BT, BV] halves of a [2 BT, BV] tile (stack_rows' inverse)."""
-    return tl.split(tl.permute(tl.reshape(ab, (2, BT, BV)), (1, 2, 0)))
-
-
-@triton.jit
-def pair_columns(m, hi, lo, BT: tl.constexpr, BV: tl.constexpr):
-    """([m m], [hi; lo]) with their common dimension interleaved, so that one dot of the two
-    is m hi + m lo: column 2j of the first is m's column j, row 2j of the second hi's row j
-    and row 2j + 1 lo's."""
-    return tl.reshape(tl.join(m, m), (BT, 2 * BT)), tl.reshape(tl.permute(tl.join(hi, lo), (0, 2, 1)), (2 * BT, BV))

@@ -126,8 +126,6 @@ def first_fit(kernel: str, dtype: str, K: int, V: int, usage: bool = False) -> d
     else:
         BV = BLOCKS.bv(K, V)
         warps = BLOCKS.recurrence_warps(K) if kernel == "recurrence" else BLOCKS.warps(BK)
-        if kernel == "recurrence":
-            consts["STACK"] = bool(BLOCKS.STACK_DOTS)
         if kernel == "dh_recurrence":  # its own block choices (kda_chunk.chunk_kda_backward)
             BV, warps = BLOCKS.DH_BV or BV, BLOCKS.dh_warps(K, dot)
             consts["OPS"] = BLOCKS.dh_ops(dot)

@@ -19,9 +19,10 @@ Cause, in vllm/third_party/flash_linear_attention/ops/kda.py (the wheel's files)
 (line 1392) passes v, g, beta and the initial state through .contiguous() and q and k only
 when use_qk_l2norm_in_kernel is set (lines 1408-1410); the kernels that read q and k then
 build their pointers from the shapes, as an offset of (bos * H + i_h) * K with row stride
-H * K (chunk_kda_scaled_dot_kkt_fwd_kernel_intra_sub_inter, lines 598-599;
-recompute_w_u_fwd_kernel, lines 892 and 900; chunk_gla_fwd_kernel_o, line 1031), never from the tensors' strides. flash-linear-attention
-0.6.0's chunk_kda is guarded by its input_guard decorator, which makes every input contiguous.
+H * K, never from the tensors' strides: chunk_kda_scaled_dot_kkt_fwd_kernel_intra_sub_inter
+(lines 598-599), recompute_w_u_fwd_kernel (lines 892 and 900), chunk_gla_fwd_kernel_o (line
+1031). flash-linear-attention 0.6.0's chunk_kda is guarded by its input_guard decorator,
+which makes every input contiguous.
 
 Needs torch, NumPy and vLLM's files: an installed vllm, or a vllm wheel or unpacked folder
 named by --vllm or KDAVERIFY_VLLM, of which only the kernel files are imported:

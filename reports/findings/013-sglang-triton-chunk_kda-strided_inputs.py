@@ -32,7 +32,8 @@ views of one fused projection with v a contiguous copy; and all three as views.
 Needs torch, NumPy and SGLang's files: an installed sglang (pip install sglang==0.5.23
 --no-deps is enough), or a wheel or unpacked folder named by --sglang or KDAVERIFY_SGLANG:
 
-    KDAVERIFY_SGLANG=path/to/sglang-0.5.23-...whl python 013-sglang-triton-chunk_kda-strided_inputs.py [--device cuda --T 1000]
+    KDAVERIFY_SGLANG=path/to/sglang-0.5.23-...whl \\
+        python 013-sglang-triton-chunk_kda-strided_inputs.py [--device cuda --T 1000]
 
 With --device cpu the kernels run under Triton's interpreter; keep --T <= 16 there (Triton
 3.6's interpreter multiplies the stored bits of bfloat16 dot operands, and chunk_kda's blocks

@@ -100,6 +100,9 @@ def _vllm_stubs() -> dict[str, dict]:
         is_device_capability_family=family,
     )  # fmt: skip
 
+    def _to_device(data, dtype, device, pin_memory=False):  # data: a list or a host tensor
+        return torch.as_tensor(data, dtype=dtype).to(device)
+
     class CustomOp(torch.nn.Module):  # only the module classes beside the kernels use it
         @classmethod
         def register(cls, name):
@@ -111,7 +114,7 @@ def _vllm_stubs() -> dict[str, dict]:
         "vllm.model_executor.custom_op": {"CustomOp": CustomOp},
         "vllm.utils.gpu_sync_debug": {"gpu_sync_allowed": contextlib.nullcontext},
         "vllm.utils.torch_utils": {
-            "async_tensor_h2d": lambda data, dtype, device, pin_memory=False: torch.tensor(data, dtype=dtype).to(device)
+            "async_tensor_h2d": _to_device,
         },
         "vllm.utils.platform_utils": {
             "num_compute_units": lambda device_id=0: (

@@ -896,7 +896,7 @@ for _c in (
         guards="zero-length sequences in cu_seqlens: states left unwritten, offsets off by one",
     ),
     Check(
-        "reused_buffers", reused_buffers, "general",
+        "reused_buffers", reused_buffers, "reused",
         guards="anything cached by tensor identity or address (CUDA graph replays refill inputs)",
     ),
     _large_check("packed_offset", "A packed batch whose last sequence starts past 2^31 / (HV * K) tokens."),

@@ -182,6 +182,13 @@ def packed_long(draw, caps: Capabilities):
     )
 
 
+def _reused(caps: Capabilities):
+    """reused_buffers' draws: the general cases and, where packed batches are declared, packed
+    sequences longer than one chunk, whose refill with the lengths reversed changes each
+    sequence's chunk count (a (sequence, chunk) table cached by cu_seqlens' identity goes stale)."""
+    return st.one_of(case_specs(caps), packed_long(caps)) if caps.varlen else case_specs(caps)
+
+
 @st.composite
 def decode_chain(draw, caps: Capabilities):
     """A few hundred tokens for a chained decode (one call per token): small heads, a slow
@@ -217,6 +224,7 @@ CASE_FAMILIES = {
     "block_edges": _edges,
     "packed_long": packed_long,
     "decode_chain": decode_chain,
+    "reused": _reused,
 }
 
 
@@ -444,6 +452,17 @@ def _general_examples():
     ]
 
 
+def _reused_examples():
+    # refilled with the lengths reversed (relations._second_case): 3 + 1 chunks of 64 become
+    # 1 + 3, and 2 + 1 + 1 become 1 + 1 + 2 (at 16 or 32 tokens a chunk too), so a chunk table
+    # cached by cu_seqlens' identity is stale on the second call (vLLM 0.33.0 caches its
+    # prepare_chunk_indices so: reports/findings/README.md, candidates)
+    return [
+        _packed((130, 2), K=3, V=2, seed=13, h0=True),
+        _packed((65, 1, 1), K=2, V=3, seed=14, gate="mild"),
+    ]
+
+
 def _decode_examples():
     return [CaseSpec(T=200, K=4, V=4, gate="near_zero", beta_max=0.1, seed=12, h0=True)]
 
@@ -455,6 +474,7 @@ EXAMPLES = {
     "block_edges": _edge_examples,
     "packed_long": _packed_long_examples,
     "decode_chain": _decode_examples,
+    "reused": lambda: _general_examples() + _reused_examples(),
 }
 
 

@@ -165,7 +165,7 @@ def engine_stubs() -> dict[str, dict]:
         register = classmethod(lambda cls, name: lambda c: c)
 
     def to_device(data, dtype, device, pin_memory=False):
-        return torch.tensor(data, dtype=dtype, device=device)
+        return torch.as_tensor(data, dtype=dtype, device=device)
 
     return {
         "vllm.triton_utils": {"triton": triton, "tl": tl, "tldevice": tldevice},

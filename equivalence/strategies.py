@@ -455,8 +455,8 @@ def _general_examples():
 def _reused_examples():
     # refilled with the lengths reversed (relations._second_case): 3 + 1 chunks of 64 become
     # 1 + 3, and 2 + 1 + 1 become 1 + 1 + 2 (at 16 or 32 tokens a chunk too), so a chunk table
-    # cached by cu_seqlens' identity is stale on the second call (vLLM 0.33.0 caches its
-    # prepare_chunk_indices so: reports/findings/README.md, candidates)
+    # cached by cu_seqlens' identity is stale on the second call (vLLM 0.33.0 and fla-core
+    # 0.6.0 cache their prepare_chunk_indices so: reports/findings/README.md, candidates)
     return [
         _packed((130, 2), K=3, V=2, seed=13, h0=True),
         _packed((65, 1, 1), K=2, V=3, seed=14, gate="mild"),

@@ -7,6 +7,7 @@ it is written as report.json and report.md.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import re
 import time
@@ -197,7 +198,10 @@ def merge(parts: list[dict]) -> dict:
     runs cut off by a time limit): its rows are the union of theirs, and it is finished when
     every (check, dtype) pair has a row. The parts must agree on the implementation, its
     declaration, the tolerance rule and the environment (all but the date), else ValueError.
-    A pair run twice keeps its worst outcome (failed, then passed, then not applicable).
+    A pair run twice keeps its worst outcome (failed, then passed, then not applicable); of
+    two failures, the one further past its budget (a failure with no finite share, a
+    non-finite output or an error, counts as furthest), so that a rerun that finds an
+    order-1 error is not hidden behind an earlier run's failure on a margin.
 
     Runs split by dtype (`--dtypes float32`, `--dtypes bfloat16`: one per GPU) differ in the
     declaration's dtypes only: the merge declares their union, and a pair's row comes from
@@ -221,6 +225,11 @@ def merge(parts: list[dict]) -> dict:
             diff = sorted(k for k in env.keys() | env0.keys() if env.get(k) != env0.get(k))
             raise ValueError(f"parts[{i}]: environment differs from parts[0]'s in {', '.join(diff)}")
     rank = {"failed": 0, "passed": 1, "not applicable": 2}
+
+    def share(r):  # how far a failed row is past its budget
+        used = (r.get("worst") or {}).get("budget_used")
+        return used if isinstance(used, (int, float)) and math.isfinite(used) else math.inf
+
     declared = {d: [p for p in parts if d in p["capabilities"].get("dtypes", ())] for _, d in expected()}
     rows = {}
     for part in parts:
@@ -229,6 +238,8 @@ def merge(parts: list[dict]) -> dict:
             if declared.get(r["dtype"]) and part not in declared[r["dtype"]]:
                 continue  # "not declared" here; a part that declared the dtype says what it did
             if key not in rows or rank.get(r["outcome"], 0) < rank.get(rows[key]["outcome"], 0):
+                rows[key] = r
+            elif r["outcome"] == rows[key]["outcome"] == "failed" and share(r) > share(rows[key]):
                 rows[key] = r
     checks = [rows[k] for k in sorted(rows)]
     counts = defaultdict(int)

@@ -67,6 +67,29 @@ def test_a_pair_run_twice_keeps_its_worst_outcome():
     assert verdict(data) == "does not conform: 1 failed"
 
 
+def test_of_two_failures_the_merge_keeps_the_one_further_past_its_budget():
+    """A rerun that finds an order-1 error replaces an earlier failure on a margin, whichever
+    part comes first; a failure without a finite share (non-finite output, an error) counts
+    as furthest."""
+    a, b = halves()
+    key = a[0]
+
+    def failed(date, used):
+        p = part([key], date, outcome="failed")
+        if used is not None:
+            p["checks"][0]["worst"] = {"budget_used": used}
+        return p
+
+    def kept(*used):
+        parts = [part(a[1:], "d0"), part(b, "d0"), *(failed(f"d{i}", u) for i, u in enumerate(used, 1))]
+        row = next(r for r in merge(parts)["checks"] if (r["check"], r["dtype"]) == key)
+        return (row.get("worst") or {}).get("budget_used")
+
+    assert kept(1.2, 2547.0) == kept(2547.0, 1.2) == 2547.0
+    assert kept(1.2, float("inf")) == float("inf")
+    assert kept(1.2, None) is None and kept(None, 1.2) is None
+
+
 @pytest.mark.parametrize(
     "changes,named",
     [({"implementation": "pkg:other"}, "implementation"),

@@ -58,8 +58,10 @@ from .runtime import (
 
 PRECISIONS = (None, "ieee")
 # tl.dot precision of the (I + L)^{-1} solve in chunk_solve, per `precision` argument: never
-# single-pass tf32 or bf16 by default (kernels/NOTES.md). A module constant so that a timing
-# script can try "tf32" against "tf32x3" in one process (the interpreter does not emulate tf32).
+# single-pass tf32 or bf16 by default (kernels/NOTES.md); ChunkBlocks.SOLVE_BF16X3 replaces
+# the default's "tf32x3" by "bf16x3" (ChunkBlocks.solve_precision). A module constant so that
+# a timing script can try "tf32" against "tf32x3" in one process (the interpreter does not
+# emulate tf32).
 SOLVE_PRECISION = {None: "tf32x3", "ieee": "ieee"}
 
 
@@ -92,13 +94,37 @@ class ChunkBlocks:
     # showed 584 B of spills (sm90_fit, CPU); at 32, 121 registers and none. 32 x 4 taken
     # (chunk_diag keeps its own DIAG_BK). chunk_solve (the [BC, BC] block form) on 4 warps
     # 0.495 ms, on 2 warps 0.318 ms: 2 taken (ptxas: 255 registers, no spills at 2 or 4; it
-    # spills at 1). Older figures (H100, the full-tile solve): kernels/NOTES.md. Under the
+    # spills at 1). With its dots in bf16x3 (SOLVE_BF16X3, below) it fits one warp: ptxas at
+    # sm_90 254 registers and no spills (247 with Minv; fp32 inputs 198 / 246), where tf32x3
+    # spilled 28-128 B at 1 or 2 warps. Twenty-second session (H200, same shape, perf.ab, two
+    # rounds within 0.2%; predicted 0.247 -> 0.15-0.2 ms if, as at 4 -> 2 warps, more programs
+    # per SM hide the chain): **chunk_solve 0.245 -> 0.161 ms on 1 warp, forward 2.428 ->
+    # 2.346 ms**, o bitwise equal. 1 taken for the default precision; precision="ieee" keeps 2
+    # warps (SOLVE_WARPS_IEEE: its fp32 dots were not measured on 1). In the same A/B
+    # chunk_diag on 1 warp took 0.589 ms against 0.561 on 2 (rejected), and before it DIAG_SPAN
+    # 2 or 4 tokens a program (to reuse the earlier rows' k and G in L1) 0.605 / 0.583 ms
+    # against 0.562 (rejected; kernels/NOTES.md). Older figures (H100, the full-tile solve): kernels/NOTES.md. Under the
     # interpreter 64: there each tl operation costs the same at any size, and at K = 64
     # chunk_pairs took about 1.6x as long in blocks of 32 (development CPU); test_kda_chunk
     # holds the GPU's step of 32 (and 16) to the oracle under the interpreter.
     BK_INTRA: int = 64 if INTERPRET else 32
     PAIRS_WARPS: int = 4
-    SOLVE_WARPS: int = 2
+    SOLVE_WARPS: int = 1
+    SOLVE_WARPS_IEEE: int = 2
+    # SOLVE_BF16X3 = 1: chunk_solve's dots at the default precision in "bf16x3" (three bf16
+    # tensor-core passes: hi*hi + hi*lo + lo*hi, about 2^-16 relative) instead of "tf32x3"
+    # (about 2^-22). A [16, 16] x [16, 16] dot is then one k-step of m16n8k16 per pass instead
+    # of two of m16n8k8: the solve's chain of about 23 dependent dots has half the MMAs (ptxas
+    # at sm_90, bf16, no Minv: 108 mma against 216, 237 registers and no spills against 255
+    # and 32 B of spill stores). Predicted chunk_solve 0.318 -> 0.24-0.28 ms. Measured
+    # (twenty-second session, H200, B1 T16384 H32 K = V = 128 bf16, perf.ab, two rounds within
+    # 0.2%): **chunk_solve 0.318 -> 0.247 ms, forward 2.518 -> 2.448 ms** (fla 1.937 in the same
+    # process); o moved by 2.0e-4 relative RMS (a twentieth of a bf16 unit: M is rounded to
+    # bf16 afterwards). float32 inputs, T = 4096: solve 0.090 -> 0.066 ms, o moved by 3.8e-5
+    # (M's products then run as tf32, 2^-11). Taken on the GPU; precision="ieee" keeps "ieee".
+    # Under the interpreter "tf32x3": Triton 3.6's interpreter refuses "bf16x3" (and computes
+    # every dot in fp32 whatever it is told).
+    SOLVE_BF16X3: int = 0 if INTERPRET else 1
     # chunk_gate_cumsum: columns of K per program (0: all of K) and warps. Until the twelfth
     # session it ran all of K on 4 warps. ptxas (sm90_fit.compile_sm90, bf16 g, K = 128, 4
     # warps) showed that launch spilling 852 B with the fp64 sum it now does; at 32 columns
@@ -288,6 +314,16 @@ class ChunkBlocks:
         in turn in one program: with a reset in every chunk there are still NC * B * HV (or
         NC * B * cdiv(HV, BH)) programs, about as many as the GPU holds at once at T = 16384."""
         return units if only == 2 and self.RESET_SPAN else 1
+
+    def solve_precision(self, precision: str | None) -> str:
+        """chunk_solve's tl.dot input_precision for chunk_kda's `precision` argument."""
+        if precision is None and self.SOLVE_BF16X3:
+            return "bf16x3"
+        return SOLVE_PRECISION[precision]
+
+    def solve_warps(self, precision: str | None) -> int:
+        """chunk_solve's warps for chunk_kda's `precision` argument (SOLVE_WARPS' comment)."""
+        return self.SOLVE_WARPS if precision is None else self.SOLVE_WARPS_IEEE
 
     def bk(self, K: int) -> int:
         return max(16, next_power_of_2(K))  # tl.dot needs every tile dimension >= 16
@@ -570,7 +606,7 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     chunk_solve[grid](
         L, c.beta, M, Minv, c.cu_seqlens, plan.chunks, T, plan.NBH,
         HV=HV, BT=BT, BC=BC, IS_VARLEN=plan.varlen, BETA_SIGMOID=opts.beta_sigmoid, NEG_EIGVAL=opts.neg_eigval,
-        SOLVE_PRECISION=SOLVE_PRECISION[opts.precision], num_warps=BLOCKS.SOLVE_WARPS,
+        SOLVE_PRECISION=BLOCKS.solve_precision(opts.precision), num_warps=BLOCKS.solve_warps(opts.precision),
     )  # fmt: skip
     del L
     # the loop over chunks may be software-pipelined (its loads for the next chunk kept in

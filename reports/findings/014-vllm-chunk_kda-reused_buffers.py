@@ -1,18 +1,28 @@
-"""Candidate (not yet a finding): vLLM 0.33.0's chunk_kda reuses a stale (sequence, chunk)
-table when cu_seqlens is refilled in place, as a CUDA graph replay refills its input buffers:
-prepare_chunk_indices (ops/index.py line 25) is wrapped in tensor_cache (ops/utils.py line
-34), which returns the last result for an argument that `is` the same tensor object, whatever
-it now holds; prepare_chunk_offsets (line 37), each sequence's first row in the per-chunk
+"""Finding 014: vLLM 0.33.0's chunk_kda reuses a stale chunk table for a cu_seqlens refilled in place.
+
+A CUDA graph replay refills its input buffers in place, cu_seqlens included, and vLLM looks its
+chunk table up by that tensor's identity: prepare_chunk_indices (ops/index.py line 25), the
+(sequence, chunk) table, is wrapped in tensor_cache (ops/utils.py line 34), which returns the
+last result for an argument that `is` the same tensor object, whatever it now holds (the test at
+line 61); prepare_chunk_offsets (index.py line 37), each sequence's first row in the per-chunk
 state buffer h, is cached the same way. A refill whose sequences have other chunk counts than
-before is then computed over the old table, and the state kernel (chunk_delta_h.py lines 80-97)
-writes each sequence's chunk states from its stale first row: here sequence 1 (3 chunks now)
-from row 3 of an h of 4 rows, two rows past the end of h. Read in the wheel's files; under
-Triton's interpreter on a CPU (--device cpu) that write lands in host memory and the process
-aborts in the second call (glibc: "munmap_chunk(): invalid pointer"; the suite's run of the
-new reused_buffers example through kdaverify's adapter aborted the same way) before the
-script prints a verdict. Not yet run on a GPU, where it is an out-of-bounds write into
-whatever the allocator put after h (run it under compute-sanitizer's memcheck):
-reports/findings/README.md, candidates.
+before is then computed over the old table: chunks that the new lengths add are never computed,
+and the state kernel (chunk_delta_h.py lines 80-81, 97 and 141-146) stores each sequence's chunk
+states from its stale first row into an h sized from the stale table (lines 307 and 312): here
+sequence 1 (3 chunks now) from row 3 of an h of 4 rows, two rows past the end of h.
+
+Reproduced on an NVIDIA H200 in a fresh process (2026-11-29, this script, --device cuda,
+float32, H = HV = 1, K = V = 16): with cu_seqlens [0, 130, 132] refilled in place as
+[0, 2, 132], sequence 0's o is off by 1.12 and sequence 1's by 4.38 (largest absolute error over
+the oracle's largest magnitude), sequence 1's final state by 1, sequence 0's final state right
+(5.6e-4); the control, the same second case with a new cu_seqlens tensor, agrees (7.6e-4 and
+8.3e-4 at most). Under compute-sanitizer's memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1) the
+same figures and no error reported: memcheck flags only accesses outside every live
+allocation, so the two rows past h's end presumably landed in another live tensor
+(014-vllm-chunk_kda-reused_buffers.md, section 5). Seen by the suite's reused_buffers check
+on the H200 (twenty-second session, bf16 and float32). Under Triton's interpreter on a CPU
+(--device cpu) the stores past h's end land in host memory and the process aborts in the
+refilled call (glibc: "munmap_chunk(): invalid pointer") before the script prints a verdict.
 
 The script calls chunk_kda on one packed row with cu_seqlens [0, 130, 132] (3 + 1 chunks of
 64 tokens), then calls again on a second case's inputs with the same cu_seqlens tensor
@@ -24,7 +34,7 @@ float64 recurrence.
 Needs torch, NumPy and vLLM's files: an installed vllm, or a vllm wheel or unpacked folder
 named by --vllm or KDAVERIFY_VLLM, of which only the kernel files are imported:
 
-    KDAVERIFY_VLLM=path/to/vllm-0.33.0-...whl python vllm-chunk_kda-reused_buffers.py [--device cuda|cpu]
+    KDAVERIFY_VLLM=path/to/vllm-0.33.0-...whl python 014-vllm-chunk_kda-reused_buffers.py [--device cuda|cpu]
 
 --device cpu runs the kernels under Triton's interpreter in float32. Exits 1 while the
 refilled call differs from the recurrence by more than TOLERANCE and the control agrees, 0

@@ -1,34 +1,48 @@
-"""Candidate (not yet a finding): flash-linear-attention 0.6.0's chunk_kda reuses a stale
-(sequence, chunk) table and stale state offsets when cu_seqlens is refilled in place, as a
-CUDA graph replay refills its input buffers. prepare_chunk_indices and prepare_chunk_offsets
-(fla/ops/utils/index.py) are wrapped in fla's tensor_cache (fla/utils/decorators.py), which
-returns the cached result for an argument that `is` the same tensor object, whatever it now
-holds; chunk_kda's input_guard hands a contiguous cu_seqlens over as the same object. A refill
-whose sequences have other chunk counts than before is then computed over the old table, and
-the state kernel writes each sequence's chunk states from its stale first row.
+"""Finding 015: flash-linear-attention 0.6.0's chunk_kda reuses a stale chunk table for a refilled cu_seqlens.
+
+In its default mode it reuses a stale (sequence, chunk) table and stale state offsets when
+cu_seqlens is refilled in place, as a CUDA graph replay refills its input buffers.
+prepare_chunk_indices and prepare_chunk_offsets (fla/ops/utils/index.py lines 156 and 168) are
+wrapped in fla's tensor_cache (fla/utils/decorators.py line 33), which returns the cached result
+for an argument that `is` the same tensor object, whatever it now holds (lines 69-74);
+chunk_kda's input_guard hands a contiguous cu_seqlens over as the same object. A refill whose
+sequences have other chunk counts than before is then computed over the old table, and the state
+kernel (fla/ops/common/chunk_delta_h.py) stores each sequence's chunk states from its stale
+first row (line 118) into an h sized from the stale table (lines 713 and 722): the store at line
+185 then writes past h's end.
 
 Here: a call with cu_seqlens [0, 130, 132] (3 + 1 chunks of 64 tokens), then a second case with
 the same cu_seqlens tensor refilled in place with [0, 2, 132] (1 + 3 chunks): sequence 1's
-three chunk states start at the stale row 3 of a 4-row buffer, two rows past its end. Under
-Triton's interpreter on a CPU (--device cpu, 2026-11-29) that write lands in host memory:
-this script's two controls agree with the recurrence (the second case with a new cu_seqlens
-tensor, and the refilled call with fla's FLA_DISABLE_TENSOR_CACHE switch on: 4.8e-7), and
-then the refilled call with fla's defaults aborts the process in each of four runs (glibc:
-"corrupted size vs. prev_size", "double free or corruption", "corrupted double-linked list";
-exit status 134). A first, ad-hoc run with other inputs returned from that call before the
-abort, with o off by 0.659 relative RMS and the final states by 5.86. fla's tensor_cache
-documents its identity test and the switch; chunk_kda's own documentation does not say that
-cu_seqlens must not be refilled. Not yet run on a GPU, where the write past the buffer's end
-lands in whatever the allocator put there (run it under compute-sanitizer's memcheck):
-reports/findings/README.md, candidates.
+three chunk states start at the stale row 3 of a 4-row buffer, two rows past its end.
 
-    python fla_chunk_kda-reused_buffers.py [--device cuda|cpu]
+Reproduced on an NVIDIA H200 in a fresh process (2026-11-29, this script, --device cuda,
+float32, one head, K = V = 16): the refilled call with fla's defaults is off by 0.634 (o) and
+0.639 (final states) relative RMS; both controls agree at 1.0e-3 (o) and 8.4e-4 (the second
+case with a new cu_seqlens tensor, and the refilled call with FLA_DISABLE_TENSOR_CACHE on);
+exit 1. Under compute-sanitizer's memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1, --error-exitcode
+9): 66 errors, invalid global writes of 16 bytes by the state kernel
+(chunk_gated_delta_rule_fwd_kernel_h_blockdim64) at chunk_delta_h.py:185, one of them by
+block (1,0,0), sequence 1's program, 49 bytes past the end of an allocation of 4,096 bytes
+(h's size here: 4 rows of 16 x 16 float32); the kernel then failed ("unspecified launch
+failure") and the process died in the refilled call before printing its verdict (exit 9).
+Seen by the suite's reused_buffers check on the H200 (twenty-second session, K = V = 128, bf16
+and float32). Under Triton's interpreter on a CPU (--device cpu) the controls agree (4.8e-7)
+and the refilled call aborts the process in each of four runs (glibc: "corrupted size vs.
+prev_size", "double free or corruption", "corrupted double-linked list"; exit status 134).
+fla's tensor_cache documents its identity test and the switch; chunk_kda documents a graph mode
+(use_graph=True, which builds the table on the device on every call; not tried here) for
+replays after only the contents of cu_seqlens change, but not that its default mode must not
+see cu_seqlens refilled.
+
+    python 015-fla_chunk_kda-reused_buffers.py [--device cuda|cpu]
 
 Needs torch, NumPy and fla-core 0.6.0 (and einops, which fla imports). Prints each call's
 error against the float64 recurrence written out below and exits 1 while the refilled call
 is off by more than TOLERANCE and both controls agree, 0 once it agrees, 2 when the check
 cannot run. It exits with os._exit right after its verdict, so that no cleanup runs over a
-corrupted heap; under the interpreter the refilled call itself may abort first (134).
+corrupted heap. The refilled call itself may end the process first: under the interpreter by
+an abort (134), under compute-sanitizer on a GPU by the kernel's failure (the sanitizer's
+--error-exitcode).
 """
 
 from __future__ import annotations

@@ -373,6 +373,7 @@ def test_diagonal_tile_forms_agree_bitwise(spec, dtype, l2, monkeypatch):
         "16": dict(DIAG_COLS=16),
         "token, 4 heads": dict(DIAG_COLS=0, DIAG_HEADS=4),
         "token, 1 head": dict(DIAG_COLS=0, DIAG_HEADS=1),
+        "token, columns stored as formed": dict(DIAG_COLS=0, DIAG_HEADS=4, DIAG_EACH=1),
         "1, cumsum in 16 columns": dict(DIAG_COLS=1, CUMSUM_BK=16),
         "1, cumsum by rows of 16 columns": dict(DIAG_COLS=1, CUMSUM_ROWS=16),
         "1, cumsum by rows of 128 columns": dict(DIAG_COLS=1, CUMSUM_ROWS=128),

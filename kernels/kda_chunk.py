@@ -183,6 +183,14 @@ class ChunkBlocks:
     # 2.806 -> 2.787 ms; predicted 0.55-0.65: the column loop was not the cost). 128 x 4 taken
     # (ptxas: 80 registers on 2 warps, no spills); the GPU conformance run passed with it.
     DIAG_BK: int = 128
+    # DIAG_EACH = 1: chunk_diag stores each column's two sums as it forms them (after one
+    # masked store of the zeros), where all of K fits one step of DIAG_BK, instead of
+    # gathering them into [BH, BC] tiles. An A/B candidate (twenty-second session, CPU only):
+    # ptxas at sm_90 shows the gathering as 8 compares, 17 selects and 16 adds of the loop's
+    # ~170 instructions per column (bf16, K = 128, 4 heads, 2 warps). Predicted chunk_diag
+    # 0.56 -> 0.45-0.50 ms if the loop is bound by issuing instructions; no change if by its
+    # loads' latency or L2 traffic.
+    DIAG_EACH: int = 1
     # chunk_pair_grads' pairs inside a sub-chunk, the same choice (its DIAG_COLS): the token
     # loop on the GPU, one step under the interpreter. Not bitwise equal across widths (the
     # terms are added in another order): test_kda_chunk holds the widths within float32
@@ -339,6 +347,11 @@ class ChunkBlocks:
     def bk_diag(self, K: int) -> int:
         """Columns per step of chunk_diag's sums over K: at most DIAG_BK."""
         return min(self.bk(K), self.DIAG_BK)
+
+    def diag_each(self, K: int) -> bool:
+        """Whether chunk_diag stores each column as formed (DIAG_EACH): only where one step of
+        its sum over K covers all of K."""
+        return bool(self.DIAG_EACH) and self.bk_diag(K) >= K
 
     def bk_grads(self, K: int, dot_dtype) -> int:
         """chunk_grads' BK: at least 64 with 16-bit dot operands. Its anchored dots (P^T @ (Q e),
@@ -601,7 +614,7 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
                 c.q, c.k, G, Rs, c.beta, Aqk, L, c.cu_seqlens, plan.chunks, c.scale, T, plan.NBH,
                 H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BLOCKS.bk_diag(K), BH=BH, IS_VARLEN=plan.varlen,
                 RESETS=resets, L2NORM=opts.l2norm, BETA_SIGMOID=opts.beta_sigmoid, NEG_EIGVAL=opts.neg_eigval,
-                ONLY=only, KP=BK, SPAN=span, num_warps=BLOCKS.DIAG_WARPS,
+                ONLY=only, KP=BK, SPAN=span, EACH=BLOCKS.diag_each(K), num_warps=BLOCKS.DIAG_WARPS,
             )  # fmt: skip
     chunk_solve[grid](
         L, c.beta, M, Minv, c.cu_seqlens, plan.chunks, T, plan.NBH,

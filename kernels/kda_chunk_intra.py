@@ -596,7 +596,7 @@ def chunk_diag(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     BH: tl.constexpr, IS_VARLEN: tl.constexpr, RESETS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
-    ONLY: tl.constexpr = 0, KP: tl.constexpr = 16, SPAN: tl.constexpr = 1,
+    ONLY: tl.constexpr = 0, KP: tl.constexpr = 16, SPAN: tl.constexpr = 1, EACH: tl.constexpr = False,
 ):  # fmt: skip
     """The diagonal tiles of Aqk and L, token-parallel (chunk_pairs with DIAG_COLS = 0 leaves
     them out): one program per (chunk, block of BH value heads of one batch row, token r of
@@ -610,7 +610,13 @@ def chunk_diag(
 
     The products and sums are chunk_pairs' own, in its order (K in blocks of BK, each block
     summed, blocks added in turn; q scaled before the product), so the tiles are bitwise those
-    of the column loop under the interpreter (test_kda_chunk)."""
+    of the column loop under the interpreter (test_kda_chunk).
+
+    EACH (only where one block of BK holds all of K): each column's two sums are stored as
+    soon as they are formed, [BH] values to Aqk and L, after one masked store of zeros over
+    the columns the loop does not reach, instead of being gathered into [BH, BC] tiles by a
+    select and an add per column (ChunkBlocks.DIAG_EACH). The same values."""
+    tl.static_assert((not EACH) or (BK >= K))
     eos, t0, i_r0, r0, hb = token_program(cu_seqlens, chunks, T, NBH, HV, BT, BH, IS_VARLEN, SPAN)
     if r0 < eos:
         hv = hb * BH + tl.arange(0, BH)  # the block's value heads
@@ -640,6 +646,10 @@ def chunk_diag(
                         k_norm = tl.sqrt(k_ss + L2NORM_EPS)
                     d_qk = tl.zeros([BH, BC], dtype=tl.float32)
                     d_kk = tl.zeros([BH, BC], dtype=tl.float32)
+                    out = (r * HV + hv[:, None]) * BT + (a - t0) + oj[None, :]
+                    if EACH:  # the columns past r (Aqk) and from r on (L: strictly lower) are 0
+                        tl.store(Aqk + out, d_qk.to(Aqk.dtype.element_ty), mask=m_h[:, None] & (oj > i_r % BC)[None, :])
+                        tl.store(L + out, d_kk, mask=m_h[:, None] & (oj >= i_r % BC)[None, :])
                     # row r's q, k, G and counts loaded once per block of K, not once per column j;
                     # each column's sum over K is still block 0 + block 1 + ..., so bitwise the same
                     if L2NORM:  # the columns' norms first: column j's over all of K
@@ -671,11 +681,16 @@ def chunk_diag(
                             g_j = load_rows(G, src + hv * 0, m_h, HV, hg, cols, K)
                             same = c_r == load_counts(Rs, src + hv * 0, m_h, HV, hg, cols, K, RESETS)
                             k_j = k_j * tl.exp(tl.where(same, g_r - g_j, float("-inf")))
-                            d_qk += tl.where(at_j, tl.sum(q_r * k_j, axis=1)[:, None], 0.0)
-                            d_kk += tl.where(at_j & (j < i_r % BC), tl.sum(k_r * k_j, axis=1)[:, None], 0.0)
-                    out = (r * HV + hv[:, None]) * BT + (a - t0) + oj[None, :]
-                    tl.store(Aqk + out, round_to(d_qk, Aqk.dtype.element_ty), mask=m_h[:, None])
-                    tl.store(L + out, d_kk * b_r[:, None], mask=m_h[:, None])
+                            if EACH:
+                                col = (r * HV + hv) * BT + (a - t0) + j
+                                tl.store(Aqk + col, round_to(tl.sum(q_r * k_j, axis=1), Aqk.dtype.element_ty), mask=m_h)
+                                tl.store(L + col, tl.sum(k_r * k_j, axis=1) * b_r, mask=m_h & (j < i_r % BC))
+                            else:
+                                d_qk += tl.where(at_j, tl.sum(q_r * k_j, axis=1)[:, None], 0.0)
+                                d_kk += tl.where(at_j & (j < i_r % BC), tl.sum(k_r * k_j, axis=1)[:, None], 0.0)
+                    if not EACH:
+                        tl.store(Aqk + out, round_to(d_qk, Aqk.dtype.element_ty), mask=m_h[:, None])
+                        tl.store(L + out, d_kk * b_r[:, None], mask=m_h[:, None])
 
 
 @triton.jit

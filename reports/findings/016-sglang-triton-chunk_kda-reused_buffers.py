@@ -1,4 +1,4 @@
-"""Candidate (not yet a finding): SGLang 0.5.23's Triton chunk_kda reuses a stale chunk table.
+"""Finding 016: SGLang 0.5.23's Triton chunk_kda reuses a stale chunk table for a refilled cu_seqlens.
 
 SGLang's Triton chunk_kda (sglang/kernels/ops/attention/fla/kda.py) works from a stale
 (sequence, chunk) table and stale state offsets when the cu_seqlens tensor it was given before
@@ -31,23 +31,32 @@ stale offsets then keep every store inside h (sequence 0's three chunk states fr
 sequence 1's one from row 1, which sequence 0 also writes), so the answer is wrong without a
 store past the buffer's end.
 
-Under Triton's interpreter on a CPU (--device cpu, 2026-11-29, six runs): the control agrees
-(o 1.2e-3 relative to the oracle's largest magnitude on sequence 1, the bfloat16 blocks; the
-final states 5e-7), and the refilled call aborts the process inside chunk_kda (glibc:
-"corrupted double-linked list (not small)" in five runs, "corrupted size vs. prev_size" in
-one; exit status 134), in the output kernel launched after the state kernel's stores. With
---reverse it returns: sequence 0 (130 tokens) off by 3.05 (o) and a non-finite final state,
-sequence 1 right (1.3e-7), exit 1; its control agrees (1.5e-3, 1.5e-6).
-
-Not yet run on a GPU, where the stores past h's end land in whatever the allocator put after
-h; run it there also under compute-sanitizer's memcheck (with PYTORCH_NO_CUDA_MEMORY_CACHING=1,
-so that each tensor is its own allocation): reports/findings/README.md, candidates.
+Reproduced on an NVIDIA H200 in a fresh process (2026-11-29, this script, --device cuda; largest
+absolute error over the oracle's largest magnitude):
+- default order: the refilled call computes sequence 1 (tokens 2..132) off by 2.26 (o) and 2.55
+  (final state), sequence 0 as right as the control; the control at 1.3e-3 (o) and 1.6e-3
+  (final states) at most; exit 1.
+- --reverse: sequence 0 (tokens 0..130) off by 3.05 (o) and 2.71 (final state), sequence 1 off
+  by 0.853 (o) with its final state right (9.2e-4); the control at 9.9e-4 and 1.4e-3 at most;
+  exit 1.
+- under compute-sanitizer's memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1, --error-exitcode 9,
+  default order): the control as above, then 34 errors, invalid global writes of 16 bytes by
+  the state kernel (chunk_gated_delta_rule_fwd_kernel_h_blockdim64) at chunk_delta_h.py:171, by
+  block (0,1,0), sequence 1's program, starting right at the end of an allocation of 4,096
+  bytes (h's size here: 4 rows of 16 x 16 float32); the kernel then failed ("unspecified launch
+  failure") and the process died in the refilled call before its verdict (exit 9).
+Seen by the suite's reused_buffers check on the H200 (twenty-second session, K = V = 100, bf16
+and float32). Under Triton's interpreter on a CPU (--device cpu, six runs) the control agrees
+and the refilled call aborts the process inside chunk_kda (glibc heap corruption, exit status
+134); with --reverse it returns sequence 0 off by 3.05 (o) and its final state far off (not
+finite in the first run, 43.9 in a rerun: it is built from buffers nothing wrote), sequence 1
+right (1.3e-7), exit 1.
 
 Needs torch, NumPy and SGLang's files: an installed sglang (pip install sglang==0.5.23
 --no-deps is enough), or a wheel or unpacked folder named by --sglang or KDAVERIFY_SGLANG:
 
     KDAVERIFY_SGLANG=path/to/sglang-0.5.23-...whl \\
-        python sglang-triton-chunk_kda-reused_buffers.py [--device cuda|cpu]
+        python 016-sglang-triton-chunk_kda-reused_buffers.py [--device cuda|cpu] [--reverse]
 
 With --device cpu the kernels run under Triton's interpreter, with one more fix than finding
 013's script needs: the interpreter's dot of bfloat16 operands is made to widen them to float32
@@ -55,8 +64,9 @@ first (Triton 3.6's multiplies their stored bits, and the blocks between sub-chu
 bfloat16 dots, so without it any sequence longer than 16 tokens comes back as garbage: finding
 005, section 5). Exits 1 while the refilled call differs from the recurrence by more than
 TOLERANCE and the control agrees, 0 once it agrees, 2 when the check cannot run (the control
-differing too counts as that). Under the interpreter the stores past h's end land in host
-memory, so the process may abort inside the refilled call before its verdict.
+differing too counts as that). The stores past h's end may end the process inside the refilled
+call before its verdict: under the interpreter by an abort, under compute-sanitizer on a GPU by
+the kernel's failure.
 """
 
 from __future__ import annotations

@@ -1,23 +1,35 @@
-"""Candidate (not yet a finding): vLLM 0.33.0's chunk_kda does not compute a sequence that
-follows an empty one in cu_seqlens. Seen in the matrix on an NVIDIA H200 (2026-11-29, the
-suite's empty_sequences check, bf16 and float32): cu_seqlens [0, 0, 1] (an empty sequence,
-then one token), H = 2, K = V = 256, no initial state; o off by 1.26e3 relative RMS and a
-non-finite final state. The same call without the empty sequence agrees with the float64
-recurrence.
+"""Finding 017: vLLM 0.33.0's chunk_kda does not compute a sequence that follows an empty one in cu_seqlens.
+
+Seen in the matrix on an NVIDIA H200 (2026-11-29, the suite's empty_sequences check, bf16 and
+float32): cu_seqlens [0, 0, 1] (an empty sequence, then one token), H = 2, K = V = 256, no
+initial state; o off by 1.26e3 relative RMS, the final state not finite (bf16) or off by 92.5
+relative RMS (float32).
 
 Likely cause, read in vllm/third_party/flash_linear_attention/ops/index.py (the wheel's
 files): prepare_chunk_indices (line 25), the (sequence, chunk) table the chunk kernels run
 over, numbers each row's sequence by counting the rows so far whose chunk counter is 0
 (line 30); an empty sequence has no chunk, so it takes no number and every later sequence's
 number falls behind by one. The rows of the later sequence then carry the empty sequence's
-number, whose length is 0, and compute nothing. Finding 003 (SGLang 0.5.23's Triton
-chunk_kda) is the same table in SGLang's copy of these kernels. Not yet run standalone on a
-GPU in a fresh process, which makes it a finding (reports/findings/README.md).
+number, whose length is 0, and compute nothing: its o stays v (chunk_kda writes o into v's
+buffer), and the state kernel, which numbers sequences correctly, builds its final state from
+buffers the chunk kernels never wrote. Finding 003 (SGLang 0.5.23's Triton chunk_kda) is the
+same table in SGLang's copy of these kernels.
+
+Reproduced on an NVIDIA H200 in a fresh process (2026-11-29, this script, --device cuda,
+float32, H = HV = 1, K = V = 16, an initial state per sequence; the run on a machine whose
+Triton autotuning cache was filled beforehand, an earlier run on a cold machine having been cut
+off at 150 s while vLLM's kernels compiled and autotuned): with cu_seqlens [0, 0, 1] sequence 1
+is off by 1.87 (o) and 0.725 (final state), largest absolute error over the oracle's largest
+magnitude; the empty sequence's final state equals its initial state (2.3e-8); the control
+without the empty sequence agrees (6.7e-4 and 1.5e-4); exit 1. Under Triton's interpreter on a
+CPU (--device cpu) sequence 1 is off by 1.87 (o) and its final state far off (not finite in
+the first run, 0.725 in a rerun: it is built from buffers nothing wrote), and the control
+agrees (8e-8).
 
 Needs torch, NumPy and vLLM's files: an installed vllm, or a vllm wheel or unpacked folder
 named by --vllm or KDAVERIFY_VLLM, of which only the kernel files are imported:
 
-    KDAVERIFY_VLLM=path/to/vllm-0.33.0-...whl python vllm-chunk_kda-empty_sequences.py [--device cuda|cpu]
+    KDAVERIFY_VLLM=path/to/vllm-0.33.0-...whl python 017-vllm-chunk_kda-empty_sequences.py [--device cuda|cpu]
 
 --device cpu runs the kernels under Triton's interpreter in float32. Exits 1 while a
 non-empty sequence's o or final state, or an empty sequence's final state (which must equal

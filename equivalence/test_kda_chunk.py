@@ -408,6 +408,16 @@ def test_pairs_k_steps_match_oracle(bk, monkeypatch):
     h.expect_oracle(f"chunk_pairs in K steps of {bk}", h.inputs(spec.arrays()), spec.scale)
 
 
+def test_scratch_buffers_are_poisoned_in_these_tests():
+    """conftest.py turns runtime.POISON_SCRATCH on: every floating scratch buffer of our
+    kernels starts as NaN here, so an element read before it is written shows."""
+    from kdaverify.kernels import runtime
+
+    assert runtime.POISON_SCRATCH
+    assert torch.isnan(runtime.scratch(2, 3, dtype=torch.bfloat16, device="cpu")).all()
+    assert runtime.scratch(4, dtype=torch.int8, device="cpu").dtype == torch.int8
+
+
 @pytest.mark.parametrize("cols", [0, 1, 4, 16])
 @pytest.mark.parametrize(
     ("spec", "impl", "dtype"),

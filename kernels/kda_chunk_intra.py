@@ -453,7 +453,10 @@ def chunk_pairs(
     interpreter's form (one step); on an H100 its forerunner, all [BC, BC] pairs at once in
     the K loop, was 1.5x slower than the column loop (2.58 -> 3.93 ms, kernels/NOTES.md).
     Earlier columns (sub-chunks J < I): one dot around the anchor a = the first row of
-    sub-chunk I, exp(G_r - G_a) exp(G_a - G_i), both <= 0."""
+    sub-chunk I, exp(G_r - G_a) exp(G_a - G_i), both <= 0: over all BT rows of the chunk, the
+    rows from a on masked to 0. (One [BC, BC] block per earlier sub-chunk instead, loading and
+    exponentiating only the I * BC rows needed, was slower on an H200: 0.484 -> 0.562 ms,
+    kernels/NOTES.md, twenty-second session.)"""
     NB: tl.constexpr = BT // BC
     i_c, rest = one_dim_grid(NBH * (NB // SPAN))  # SPAN sub-chunks per program (ChunkBlocks.span)
     i_bh, I0 = rest // (NB // SPAN), (rest % (NB // SPAN)) * SPAN

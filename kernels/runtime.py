@@ -34,6 +34,24 @@ import triton  # noqa: E402  (after TRITON_INTERPRET is settled)
 cdiv = triton.cdiv.fn
 next_power_of_2 = triton.next_power_of_2.fn
 
+# Whether scratch() fills floating buffers with NaN (this repository's tests set it, conftest.py;
+# KDAVERIFY_POISON_SCRATCH=1 for any run). Under the interpreter the CPU allocator often hands
+# a call the buffers the previous call of the same shapes freed, whose stale values can be the
+# right ones, so a kernel that skipped writing part of a buffer it later reads could pass a
+# test that runs two forms in turn. No such escape has been seen (a mutant of chunk_diag that
+# skips Aqk's diagonal column fails test_diagonal_tile_forms_agree_bitwise either way); with
+# NaN there it cannot happen.
+POISON_SCRATCH = os.environ.get("KDAVERIFY_POISON_SCRATCH", "0") not in ("", "0")
+
+
+def scratch(*shape: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """torch.empty(shape), or filled with NaN (floating dtypes) when POISON_SCRATCH is set:
+    an element read before any kernel wrote it then shows as NaN instead of a stale value."""
+    x = torch.empty(*shape, dtype=dtype, device=device)
+    if POISON_SCRATCH and x.is_floating_point():
+        x.fill_(float("nan"))
+    return x
+
 
 def _interpreter_scalar_index() -> None:
     """Let `range(n)` take a runtime scalar under the interpreter with NumPy >= 2.4.

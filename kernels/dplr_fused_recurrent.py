@@ -34,7 +34,7 @@ import triton.language as tl
 from kdaverify.reference.conventions import check_scale
 
 from .kda_fused_recurrent import col_sum, load_f32, recurrent_program, token_loop_config
-from .runtime import cdiv, check_inputs, check_offsets, check_state, next_power_of_2, state_out
+from .runtime import cdiv, check_inputs, check_offsets, check_state, next_power_of_2, scratch, state_out
 
 
 @triton.jit
@@ -120,8 +120,8 @@ def fused_recurrent_dplr_delta_rule(
     h0 = None if initial_state is None else check_state(initial_state, (N, HV, K, V), "[N, HV, K, V]", device)
     scale = check_scale(scale, K)
     q, k, v, a, b, gk = (x.contiguous() for x in (q, k, v, a, b, gk))
-    o = torch.empty(B, T, HV, V, dtype=q.dtype, device=device)
-    ht = torch.empty(N, HV, K, V, dtype=torch.float32, device=device) if output_final_state else None
+    o = scratch(B, T, HV, V, dtype=q.dtype, device=device)
+    ht = scratch(N, HV, K, V, dtype=torch.float32, device=device) if output_final_state else None
     ht_arg, store_ht = state_out(ht, device)
     cfg = token_loop_config(K, V, N * HV)
     BK = next_power_of_2(K)

@@ -34,7 +34,6 @@ import triton.language as tl
 from kdaverify.equivalence.capabilities import Capabilities
 from kdaverify.reference.gates import beta_activation, kda_gate, l2norm
 
-from . import runtime
 from .kda_chunk_backward import (
     chunk_dg_cumsum,
     chunk_dh_operands,
@@ -54,6 +53,7 @@ from .runtime import (
     check_gate,
     launch_fitting,
     next_power_of_2,
+    scratch,
     state_out,
 )
 
@@ -561,8 +561,8 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     BT, BC = BLOCKS.BT, BLOCKS.BC
     BK, BV = BLOCKS.bk(K), BLOCKS.bv(K, V)
     device = c.q.device
-    o = runtime.scratch(B, T, HV, V, dtype=c.q.dtype, device=device)
-    ht = runtime.scratch(N, HV, K, V, dtype=torch.float32, device=device) if output_final_state else None
+    o = scratch(B, T, HV, V, dtype=c.q.dtype, device=device)
+    ht = scratch(N, HV, K, V, dtype=torch.float32, device=device) if output_final_state else None
     ht_arg, store_ht = state_out(ht, device)
     plan = _Plan.of(c)
     if T == 0 or plan.NC == 0:  # nothing to compute: every sequence is empty
@@ -570,16 +570,16 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
             ht.copy_(c.initial_state) if c.initial_state is not None else ht.zero_()
         return o, ht, (plan, None, None, None, None, None, None, None) if keep else None
     gate = opts.gate
-    G = runtime.scratch(B, T, HV, K, dtype=torch.float32, device=device)
+    G = scratch(B, T, HV, K, dtype=torch.float32, device=device)
     dot_dtype, matrices, dot_precision = opts.dots(c.q.dtype)
-    Aqk = runtime.scratch(B, T, HV, BT, dtype=matrices, device=device)
-    M = runtime.scratch(B, T, HV, BT, dtype=matrices, device=device)
-    Minv = runtime.scratch(B, T, HV, BT, dtype=matrices, device=device) if keep else None
-    h = runtime.scratch(plan.total, HV, K, V, dtype=torch.float32, device=device) if keep else None
+    Aqk = scratch(B, T, HV, BT, dtype=matrices, device=device)
+    M = scratch(B, T, HV, BT, dtype=matrices, device=device)
+    Minv = scratch(B, T, HV, BT, dtype=matrices, device=device) if keep else None
+    h = scratch(plan.total, HV, K, V, dtype=torch.float32, device=device) if keep else None
     gate_kind = 0 if gate is None else (1 if gate.lower_bound is None else 2)
     # resets (g = -inf) counted per chunk, int8 (at most BT per chunk): only a given gate can
     # hold them; one computed from z is finite
-    Rs = runtime.scratch(B, T, HV, K, dtype=torch.int8, device=device) if gate is None else None
+    Rs = scratch(B, T, HV, K, dtype=torch.int8, device=device) if gate is None else None
     grid = (plan.NC * plan.NBH,)  # one axis: see kda_chunk_intra.one_dim_grid
     rows = bool(BLOCKS.CUMSUM_ROWS)
     BKC = min(BLOCKS.bk(K), BLOCKS.CUMSUM_ROWS) if rows else BLOCKS.bk_cumsum(K)
@@ -597,8 +597,8 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
         L2NORM=opts.l2norm, BETA_SIGMOID=opts.beta_sigmoid, NEG_EIGVAL=opts.neg_eigval,
         DOT_DTYPE=dot_dtype, PRECISION=dot_precision,
     )  # fmt: skip
-    L = runtime.scratch(B, T, HV, BT, dtype=torch.float32, device=device)  # fp32: the solve's input
-    QG, KG, KD = (runtime.scratch(B, T, HV, K, dtype=matrices, device=device) for _ in range(3))
+    L = scratch(B, T, HV, BT, dtype=torch.float32, device=device)  # fp32: the solve's input
+    QG, KG, KD = (scratch(B, T, HV, K, dtype=matrices, device=device) for _ in range(3))
     passes = BLOCKS.reset_passes(Rs is not None)
     for only, resets in passes:
         span = BLOCKS.span(only, BT // BC)
@@ -683,7 +683,7 @@ def chunk_kda_backward(
     dg = torch.zeros(B, T, HV, K, dtype=torch.float32, device=device)
     dbeta = torch.zeros(B, T, HV, dtype=torch.float32, device=device)
     dv = torch.zeros(B, T, HV, V, dtype=v.dtype, device=device)
-    dh0 = None if c.initial_state is None else runtime.scratch(N, HV, K, V, dtype=torch.float32, device=device)
+    dh0 = None if c.initial_state is None else scratch(N, HV, K, V, dtype=torch.float32, device=device)
     if T == 0 or plan.NC == 0:
         if dh0 is not None:
             dh0.copy_(dht) if dht is not None else dh0.zero_()
@@ -692,7 +692,7 @@ def chunk_kda_backward(
     dht = None if dht is None else dht.contiguous()
     BT, BK, BV = BLOCKS.BT, BLOCKS.bk(K), BLOCKS.bv(K, V)
     dot_dtype, _, dot_precision = opts.dots(q.dtype)
-    dh = runtime.scratch(plan.total, HV, K, V, dtype=torch.float32, device=device)
+    dh = scratch(plan.total, HV, K, V, dtype=torch.float32, device=device)
     common = dict(H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
                   DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=BLOCKS.warps(K))  # fmt: skip
     key = (q.device.index, BK, BV, str(dot_dtype), dot_precision)
@@ -702,8 +702,8 @@ def chunk_kda_backward(
     # W2 goes over the forward's KD where there is one (no other reader after this), else into
     # a buffer of its own: a second backward through the graph finds the operands freed.
     split = bool(BLOCKS.DH_SPLIT) and dot_dtype != tl.float32
-    W2 = KD if not split or ops else runtime.scratch(B, T, HV, K, dtype=Aqk.dtype, device=device)
-    DVL = runtime.scratch(B, T, HV, V, dtype=torch.float32, device=device) if split else do  # else never read
+    W2 = KD if not split or ops else scratch(B, T, HV, K, dtype=Aqk.dtype, device=device)
+    DVL = scratch(B, T, HV, V, dtype=torch.float32, device=device) if split else do  # else never read
     if split:
         chunk_dh_operands[(plan.NC * plan.NBH,)](
             k, G, Rs, KD, Aqk, M, do, W2, DVL, c.cu_seqlens, plan.chunks, T, plan.NBH,
@@ -722,7 +722,7 @@ def chunk_kda_backward(
         ops.clear()
     BKG = BLOCKS.bk_grads(K, dot_dtype)
     # the pair weights P and dL of each chunk, [B, T, HV, BT] fp32, from chunk_grads to chunk_pair_grads
-    P, DL = (runtime.scratch(B, T, HV, BT, dtype=torch.float32, device=device) for _ in range(2))
+    P, DL = (scratch(B, T, HV, BT, dtype=torch.float32, device=device) for _ in range(2))
     launch_fitting(
         chunk_grads, (*key, BKG), BLOCKS.fitting(BV, dot_dtype, reload=BKG >= 256),
         lambda cfg: (plan.NC * plan.NBH,),

@@ -26,7 +26,7 @@ from kdaverify.reference.gates import L2NORM_EPS, check_gate_args
 from triton.language.extra import libdevice
 
 from .kda_chunk_intra import INTERPRET
-from .runtime import cdiv, check_call, next_power_of_2, state_out
+from .runtime import cdiv, check_call, next_power_of_2, scratch, state_out
 
 
 @dataclass(frozen=True)
@@ -357,12 +357,12 @@ def fused_recurrent_kda(
     if not isinstance(allow_neg_eigval, bool):
         raise ValueError(f"allow_neg_eigval: expected a bool, got {allow_neg_eigval!r}")
     cfg = launch_config(c.K, c.V, c.N * c.HV, c.B * c.T / max(c.N, 1))
-    o = torch.empty_like(c.v)
+    o = scratch(*c.v.shape, dtype=c.v.dtype, device=c.v.device)
     shape = (c.N, c.HV, c.K, c.V) if state_layout == "kv" else (c.N, c.HV, c.V, c.K)
     if inplace_final_state:
         ht = c.initial_state  # the caller's tensor: check_call refused a copy
     elif output_final_state:
-        ht = torch.empty(shape, dtype=torch.float32, device=c.q.device)
+        ht = scratch(*shape, dtype=torch.float32, device=c.q.device)
     else:
         ht = None
     grid = (cdiv(c.V, cfg.BV) * c.N * c.HV,)

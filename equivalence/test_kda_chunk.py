@@ -350,14 +350,15 @@ DIAG_CASES = [  # (spec, dtype, L2 norm in the kernel)
 
 @pytest.mark.parametrize(("spec", "dtype", "l2"), DIAG_CASES, ids=[_id(c[0]) for c in DIAG_CASES])
 def test_diagonal_tile_forms_agree_bitwise(spec, dtype, l2, monkeypatch):
-    """chunk_pairs' diagonal tile in column steps (DIAG_COLS = 1, the GPU's form), in steps of
-    4 and 16 columns (16: the interpreter's form) and token-parallel in chunk_diag (DIAG_COLS =
-    0, one and four value heads a program), and the gate cumsum over all of K or in blocks of
-    16 columns (CUMSUM_BK), or row by row (CUMSUM_ROWS: 16 columns, and 128, past K) give the
-    same o and final state, bit for bit under the interpreter: the interpreter's runs
-    of the suite check the GPU's forms through this test. Compiled, the diagonal forms differ
-    by rounding (about 4e-5 relative in bf16 on an H200: the compiler contracts products and
-    sums in other orders), so there each form is held to the oracle instead."""
+    """chunk_pairs' diagonal tile in column steps (DIAG_COLS = 1, the GPU's form), in steps of 4
+    and 16 columns (16: the interpreter's form) and token-parallel in chunk_diag (DIAG_COLS = 0,
+    one and four value heads a program), and the gate cumsum over all of K or in blocks of 16
+    columns (CUMSUM_BK), or row by row (CUMSUM_ROWS: 16 columns, and 128, past K), and the
+    recurrence's Aqk and M under the row mask (MATS_ROWS) give the same o and final state, bit
+    for bit under the interpreter: the interpreter's runs of the suite check the GPU's forms
+    through this test. Compiled, the diagonal forms differ by rounding (about 4e-5 relative in
+    bf16 on an H200: the compiler contracts products and sums in other orders), so there each
+    form is held to the oracle instead."""
     from dataclasses import replace
 
     from kdaverify.kernels import kda_chunk
@@ -377,11 +378,19 @@ def test_diagonal_tile_forms_agree_bitwise(spec, dtype, l2, monkeypatch):
         "1, cumsum in 16 columns": dict(DIAG_COLS=1, CUMSUM_BK=16),
         "1, cumsum by rows of 16 columns": dict(DIAG_COLS=1, CUMSUM_ROWS=16),
         "1, cumsum by rows of 128 columns": dict(DIAG_COLS=1, CUMSUM_ROWS=128),
+        # MATS_ROWS: the recurrence reads Aqk and M under the row mask alone, so every
+        # element above the diagonal must have been written as 0 by each diagonal form (the
+        # scratch is NaN-filled in these tests: an element left unwritten turns o into NaN)
+        "1, matrices under the row mask": dict(DIAG_COLS=1, MATS_ROWS=1),
+        "16, matrices under the row mask": dict(DIAG_COLS=16, MATS_ROWS=1),
+        "token, stored as formed, matrices under the row mask": dict(
+            DIAG_COLS=0, DIAG_HEADS=4, DIAG_EACH=1, MATS_ROWS=1
+        ),
     }
     got = {}
     # one K step for both diagonal forms (chunk_pairs' BK_INTRA, chunk_diag's DIAG_BK): the sums
     # over K are added block by block, so the forms agree bit for bit only at the same step
-    base = replace(kda_chunk.BLOCKS, DIAG_HEADS=4, CUMSUM_BK=0, BK_INTRA=64, DIAG_BK=64)
+    base = replace(kda_chunk.BLOCKS, DIAG_HEADS=4, CUMSUM_BK=0, BK_INTRA=64, DIAG_BK=64, MATS_ROWS=0)
     for name, fields in forms.items():
         monkeypatch.setattr(kda_chunk, "BLOCKS", replace(base, **fields))
         if INTERPRET:
@@ -506,30 +515,65 @@ def test_dh_operand_forms_change_no_bit(monkeypatch, split):
     (rows past it unwritten in QG), resets, an initial state; and a second backward through
     the same graph (retain_graph), which finds them freed by the first and forms them again:
     it must give the first one's gradients."""
+    forms = {ops: dict(DH_SPLIT=split, DH_OPS=ops) for ops in (0, 1)}
+    got = _block_forms(monkeypatch, forms, seed=53, twice=True)
+    for first, again in got.values():
+        for n, d in again.items():
+            assert torch.equal(first[n], d), f"{n}: the second backward (operands formed again) differs from the first"
+    for n, d in got.get(0, ({}, {}))[0].items():
+        assert torch.equal(d, got[1][0][n]), f"{n}: DH_OPS 1 differs from DH_OPS 0 (DH_SPLIT {split})"
+
+
+def _block_forms(monkeypatch, forms: dict, seed: int, twice: bool = False) -> dict:
+    """Our kernel under each form of `forms` (name -> ChunkBlocks fields) on one bf16 case:
+    GVA, a packed batch whose first sequence ends inside a chunk, resets and an initial state.
+    Under the interpreter {name: _grads(...)} to compare bit for bit; compiled, each form is
+    held to the oracle instead and {} returned."""
     from dataclasses import replace
 
     from kdaverify.kernels import kda_chunk
     from kdaverify.kernels.runtime import INTERPRET
 
-    spec = CaseSpec(T=90, K=20, V=12, H=1, G=3, h0=True, seqlens=(70, 20), gate="reset", seed=53)
+    spec = CaseSpec(T=90, K=20, V=12, H=1, G=3, h0=True, seqlens=(70, 20), gate="reset", seed=seed)
     h = Harness(DEFAULT, DTYPES["bfloat16"])
     t = h.inputs(spec.arrays())
     do, dht = cotangents(spec, h.dtype, DEVICE, "o and final_state")
     got = {}
-    for ops in (0, 1):
-        monkeypatch.setattr(kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, DH_SPLIT=split, DH_OPS=ops))
-        if not INTERPRET:
-            h.expect_oracle(f"DH_SPLIT {split} DH_OPS {ops}", t, spec.scale)
-            continue
-        leaves = {n: t[n].detach().clone().requires_grad_() for n in GRAD_INPUTS if t[n] is not None}
-        o, ht = DEFAULT.call({**t, **leaves}, scale=spec.scale)
-        first = torch.autograd.grad([o, ht], list(leaves.values()), [do, dht], retain_graph=True)
-        again = torch.autograd.grad([o, ht], list(leaves.values()), [do, dht])
-        got[ops] = dict(zip(leaves, first, strict=True))
-        for n, a, b in zip(leaves, first, again, strict=True):
-            assert torch.equal(a, b), f"d{n}: the second backward (operands formed again) differs from the first"
-    for n, d in got.get(0, {}).items():
-        assert torch.equal(d, got[1][n]), f"d{n}: DH_OPS 1 differs from DH_OPS 0 (DH_SPLIT {split})"
+    for name, fields in forms.items():
+        monkeypatch.setattr(kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, **fields))
+        if INTERPRET:
+            got[name] = _grads(t, spec, do, dht, twice)
+        else:
+            h.expect_oracle(f"{fields}", t, spec.scale)
+    return got
+
+
+def _grads(t, spec, do, dht, twice: bool = False):
+    """o, the final state and the gradient of every input, by name (d<input>), of our kernel
+    on t; with twice, also a second backward through the same graph (gradients only)."""
+    leaves = {n: t[n].detach().clone().requires_grad_() for n in GRAD_INPUTS if t[n] is not None}
+    o, ht = DEFAULT.call({**t, **leaves}, scale=spec.scale)
+    first = torch.autograd.grad([o, ht], list(leaves.values()), [do, dht], retain_graph=twice)
+    got = {"o": o, "final_state": ht, **{f"d{n}": g for n, g in zip(leaves, first, strict=True)}}
+    if not twice:
+        return got
+    again = torch.autograd.grad([o, ht], list(leaves.values()), [do, dht])
+    return got, {f"d{n}": g for n, g in zip(leaves, again, strict=True)}
+
+
+@pytest.mark.parametrize("split", [0, 1])
+def test_matrix_row_loads_change_no_bit(monkeypatch, split):
+    """Aqk, M and Minv loaded under the row mask alone (ChunkBlocks.MATS_ROWS = 2: the
+    recurrence's loads and the backward's, in chunk_dh_operands with DH_SPLIT, in
+    chunk_dh_recurrence without it, and in chunk_grads) give o, the final state and every
+    gradient of the triangle-masked loads (MATS_ROWS = 0) bit for bit under the interpreter,
+    where the scratch buffers start as NaN (conftest): an element above the diagonal that the
+    forward left unwritten would reach the result. A packed batch whose first sequence ends
+    inside a chunk, resets, GVA and an initial state. Compiled, each form is held to the
+    oracle. bf16 inputs: only 16-bit dot operands take the row mask (ChunkBlocks.mats_rows)."""
+    got = _block_forms(monkeypatch, {rows: dict(MATS_ROWS=rows, DH_SPLIT=split) for rows in (0, 2)}, seed=54)
+    for what, x in got.get(0, {}).items():
+        assert torch.equal(x, got[2][what]), f"{what}: MATS_ROWS 2 differs from the triangle-masked loads"
 
 
 def test_bfloat16_backward_is_deterministic_and_typed():

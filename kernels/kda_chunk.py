@@ -172,9 +172,14 @@ class ChunkBlocks:
     # round: (1, 1) 0.81, (2, 2) 0.81, (4, 1) 0.75, (4, 2) 0.82, (4, 4) 0.78, (8, 1) 0.91,
     # (8, 2) 0.71 ms, forward 3.44 ms; 2 and 4 warps at 1 or 2 heads 2.5 to 5.0 ms. Bitwise
     # equal to the column loop under the interpreter (test_kda_chunk), 4e-5 relative compiled.
-    # Since the fourteenth session 4 heads, with DIAG_BK = 128 (below).
-    DIAG_HEADS: int = 4
-    DIAG_WARPS: int = 2
+    # Since the fourteenth session 4 heads, with DIAG_BK = 128 (below). Twenty-third session
+    # (H200, B1 T16384 H32 K = V = 128 bf16, perf.ab DIAG_HEADS=4,2 DIAG_WARPS=2,1, one round,
+    # no prediction written first), chunk_diag in ms: (4, 2) 0.477, (4, 1) 0.512, (2, 2)
+    # 0.664, **(2, 1) 0.465**, o bitwise equal at (2, 1) (4e-5 relative at the other two);
+    # forward 2.193 -> 2.182 ms. ptxas at sm_90 (bf16, K = 128): 61 -> 56 registers, no spills
+    # at K = 128 or 256, bf16 or fp32. (2, 1) taken.
+    DIAG_HEADS: int = 2
+    DIAG_WARPS: int = 1
     # chunk_diag's columns of K per step (its K loop runs outside the columns: row r's q, k, G
     # and reset counts loaded once per block of K, not once per column; the thirteenth
     # session's A/B, H200, shape above, two rounds: 0.690 ms against 0.713 with K inside, the
@@ -294,6 +299,32 @@ class ChunkBlocks:
     # thread, 1152 B of spill stores against 8 warps' 1396 B) took 5.44 ms (5.22 at 2
     # stages): more warps did not hide the spills, and that field was removed.
     TWO_STAGES: int = 1
+    # MATS_ROWS: the [BT, BT] matrices Aqk, M (and Minv) are loaded under the row mask alone,
+    # not the triangle (columns j <= r inside the sequence); 1: in chunk_recurrence, 2: also
+    # in the backward's chunk_dh_operands and chunk_grads. The same values: every row inside
+    # the sequence is written in full, zeros above the diagonal (chunk_pairs, chunk_diag and
+    # chunk_solve store them; the NaN-filled scratch of the repository's tests,
+    # runtime.scratch, shows an element left unwritten: test_kda_chunk), and columns past the
+    # sequence end lie above the diagonal of every row inside it. Why: ptxas at sm_90 (bf16,
+    # K = V = 128) showed the triangle-masked tiles as 64 scalar ld.global.b16 a thread a
+    # chunk in chunk_recurrence, issued synchronously in its loop (a per-element mask allows
+    # no 16-byte copy, so Triton's pipeliner leaves them out); under the row mask they are
+    # cp.async copies a chunk ahead, like the operands. Two more pipelined [BT, BT] tiles need
+    # 237568 B of shared memory at 3 stages (over the 232448 limit), so the loop runs at 2
+    # stages (163840 B). Predicted chunk_recurrence 1.00 -> 0.85-0.93 ms (B1 T16384 H32 K = V
+    # = 128 bf16) if the loads' latency was exposed on the chain. Measured (twenty-third
+    # session, H200, that shape, perf.ab MATS_ROWS=2,0, two rounds within 0.2%):
+    # **chunk_recurrence 1.009 -> 0.937 ms, forward 2.274 -> 2.198 ms**, o bitwise equal. In
+    # an earlier call (another machine) the old loads took 0.998 ms at 3 stages and 1.083
+    # forced to 2, so at equal stages the row mask gains about 0.15 ms. Level 2 (the
+    # backward's loads, outside any chunk loop), same shape,
+    # perf.ab MATS_ROWS=1,2 --mode fwdbwd, two rounds within 0.1%: chunk_dh_operands 0.231 ->
+    # 0.218 ms, chunk_grads 2.729 -> 2.722, fwd+bwd 11.218 -> 11.198 ms, every gradient
+    # bitwise equal: taken. Only with 16-bit dot operands (mats_rows): with float32 inputs the
+    # recurrence runs unpipelined (one stage: its fp32 tiles do not fit twice), where the
+    # vector loads only added spills (ptxas 328 -> 400 B) and time: B1 T4096, perf.ab
+    # --dtype float32, two rounds, chunk_recurrence 0.678 -> 0.710 ms.
+    MATS_ROWS: int = 2
     # RESET_SPAN = 1: the pass over the chunks holding a reset runs one program per chunk (and
     # value head, or block of them) that takes the chunk's units in turn (span, below); 0: one
     # program per unit, as the pass without resets.
@@ -382,6 +413,11 @@ class ChunkBlocks:
         8 warps again on an H200 (twenty-first session, the same shape, perf.ab): 0.996 ->
         1.244 ms."""
         return 4 if K <= 128 else self.warps(K)
+
+    def mats_rows(self, level: int, dot_dtype) -> bool:
+        """Whether the kernels of this MATS_ROWS level load Aqk, M, Minv under the row mask
+        alone: at level MATS_ROWS or below, with 16-bit dot operands (the field's comment)."""
+        return self.MATS_ROWS >= level and dot_dtype != tl.float32
 
     def bv(self, K: int, V: int) -> int:
         return self.BV
@@ -626,13 +662,14 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     # the loop over chunks may be software-pipelined (its loads for the next chunk kept in
     # shared memory): where that does not fit, launch_fitting falls back to num_stages=1
     launch_fitting(
-        chunk_recurrence, (device.index, BK, BV, str(dot_dtype), dot_precision, keep),
+        chunk_recurrence, (device.index, BK, BV, str(dot_dtype), dot_precision, keep, BLOCKS.mats_rows(1, dot_dtype)),
         BLOCKS.fitting(BV, dot_dtype), lambda cfg: (cdiv(V, cfg["BV"]) * N * HV,),
         (QG, KG, KD, c.v, G, Rs, Aqk, M, o, c.initial_state, ht_arg, h, plan.chunk_first, c.cu_seqlens, T, plan.NT,
          store_ht),
         H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
         HAS_H0=c.initial_state is not None, STORE_H=keep,
-        DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=BLOCKS.recurrence_warps(K),
+        DOT_DTYPE=dot_dtype, PRECISION=dot_precision, MATS_ROWS=BLOCKS.mats_rows(1, dot_dtype),
+        num_warps=BLOCKS.recurrence_warps(K),
     )  # fmt: skip
     ops = [QG, KG, KD] if keep and BLOCKS.dh_ops(dot_dtype) else None
     return o, ht, (plan, G, Rs, Aqk, M, Minv, h, ops) if keep else None
@@ -693,9 +730,10 @@ def chunk_kda_backward(
     BT, BK, BV = BLOCKS.BT, BLOCKS.bk(K), BLOCKS.bv(K, V)
     dot_dtype, _, dot_precision = opts.dots(q.dtype)
     dh = scratch(plan.total, HV, K, V, dtype=torch.float32, device=device)
+    rows = BLOCKS.mats_rows(2, dot_dtype)  # the [BT, BT] loads under the row mask (ChunkBlocks.MATS_ROWS)
     common = dict(H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
-                  DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=BLOCKS.warps(K))  # fmt: skip
-    key = (q.device.index, BK, BV, str(dot_dtype), dot_precision)
+                  DOT_DTYPE=dot_dtype, PRECISION=dot_precision, MATS_ROWS=rows, num_warps=BLOCKS.warps(K))  # fmt: skip
+    key = (q.device.index, BK, BV, str(dot_dtype), dot_precision, rows)
     BVD, dh_warps = BLOCKS.DH_BV or BV, BLOCKS.dh_warps(K, dot_dtype)
     QG, KG, KD = ops or (q, q, q)  # without ops, never read (OPS off)
     # DH_SPLIT with 16-bit dot operands: W2 and DVL for every chunk first (chunk_dh_operands).
@@ -708,7 +746,7 @@ def chunk_kda_backward(
         chunk_dh_operands[(plan.NC * plan.NBH,)](
             k, G, Rs, KD, Aqk, M, do, W2, DVL, c.cu_seqlens, plan.chunks, T, plan.NBH,
             H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=plan.varlen, RESETS=Rs is not None,
-            OPS=bool(ops), DOT_DTYPE=dot_dtype, PRECISION=dot_precision, num_warps=BLOCKS.warps(K),
+            OPS=bool(ops), DOT_DTYPE=dot_dtype, PRECISION=dot_precision, MATS_ROWS=rows, num_warps=BLOCKS.warps(K),
         )  # fmt: skip
     launch_fitting(
         chunk_dh_recurrence, (*key, BVD, dh_warps, bool(ops), split), BLOCKS.fitting(BVD, dot_dtype),

@@ -71,16 +71,18 @@ from .kda_chunk_intra import (
 
 @triton.jit
 def _load_tril(
-    x, rows, m, HV: tl.constexpr, i_hv, o_t, eos, t0, BT: tl.constexpr, STRICT: tl.constexpr, F32: tl.constexpr = True
+    x, rows, m, HV: tl.constexpr, i_hv, o_t, eos, t0, BT: tl.constexpr, ROWS: tl.constexpr, F32: tl.constexpr = True
 ):
-    """The chunk's [BT, BT] matrix (Aqk or Minv rows, see kda_chunk_intra) in fp32 (or, F32
-    False, as stored: kda_chunk_intra.load_rows_stored says when): the lower triangle
-    (diagonal included unless STRICT) of the rows and columns inside the sequence."""
-    keep = m[:, None] & (t0 + o_t[None, :] < eos)
-    if STRICT:
-        keep = keep & (o_t[None, :] < o_t[:, None])
+    """The chunk's [BT, BT] matrix (Aqk, M or Minv rows, see kda_chunk_intra) in fp32 (or,
+    F32 False, as stored: kda_chunk_intra.load_rows_stored says when): the lower triangle,
+    diagonal included, of the rows and columns inside the sequence. ROWS (ChunkBlocks.
+    MATS_ROWS): under the row mask alone, the same values (the forward wrote every row inside
+    the sequence in full, zeros above the diagonal) in 16-byte loads instead of one load an
+    element."""
+    if ROWS:
+        keep = m[:, None] & (o_t[None, :] < BT)
     else:
-        keep = keep & (o_t[None, :] <= o_t[:, None])
+        keep = m[:, None] & (t0 + o_t[None, :] < eos) & (o_t[None, :] <= o_t[:, None])
     tile = tl.load(x + (rows[:, None] * HV + i_hv) * BT + o_t[None, :], mask=keep, other=0.0)
     return tile.to(tl.float32) if F32 else tile
 
@@ -100,7 +102,7 @@ def chunk_dh_operands(
     k, G, Rs, KD, Aqk, M, do, W2, DVL, cu_seqlens, chunks, T, NBH,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, OPS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, MATS_ROWS: tl.constexpr = False,
 ):  # fmt: skip
     """The parts of chunk_dh_recurrence's dX = M^T (Aqk^T dO + Kd dS) that do not depend on
     the state gradient dS (ChunkBlocks.DH_SPLIT), one program per (chunk, value head), all
@@ -119,8 +121,8 @@ def chunk_dh_operands(
     o_t = tl.arange(0, BT)
     rows = t0 + o_t
     m = rows < eos
-    m_t = tl.trans(_load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, False, False))
-    a_t = tl.trans(_load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False, False))
+    m_t = tl.trans(_load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, MATS_ROWS, False))
+    a_t = tl.trans(_load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, MATS_ROWS, False))
     cols_k = tl.arange(0, BK)
     if OPS:
         kd = load_rows_stored(KD, rows, m, HV, i_hv, cols_k, K)
@@ -146,6 +148,7 @@ def chunk_dh_recurrence(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, OPS: tl.constexpr = False, SPLIT: tl.constexpr = False,
+    MATS_ROWS: tl.constexpr = False,
 ):  # fmt: skip
     """dh [NC, HV, K, V] fp32 for value columns [i_v*BV, (i_v+1)*BV): row c holds dSC of chunk
     c (the loss's gradient with respect to the state leaving it), from dht [N, HV, K, V] (or
@@ -204,8 +207,8 @@ def chunk_dh_recurrence(
                 kd = load_rows(W2, rows, m, HV, i_hv, cols_k, K)  # the forward's KD
             else:
                 kd = k_c * e_d
-            a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
-            m_c = _load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
+            a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, MATS_ROWS)
+            m_c = _load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, MATS_ROWS)
             dvp = mma(tl.trans(a_qk), do_c, DOT_DTYPE, PRECISION) + mma(kd, dS, DOT_DTYPE, PRECISION)
             dx = mma(tl.trans(m_c), dvp, DOT_DTYPE, PRECISION)
         dS = dS * gam_c[:, None]
@@ -225,7 +228,7 @@ def chunk_grads(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    RELOAD: tl.constexpr = False,
+    RELOAD: tl.constexpr = False, MATS_ROWS: tl.constexpr = False,
 ):  # fmt: skip
     """The gradient terms of one chunk of one value head that sum over V: dv [B*T, HV, V]
     (final), and the parts of dq, dk [B*T, HV, K], dG (before its cumulative sum; written to
@@ -251,9 +254,9 @@ def chunk_grads(
     m_k = m[:, None] & (cols_k[None, :] < K)
     k_c = load_rows(k, rows, m, H, i_h, cols_k, K)
     b_c = tl.load(beta + rows * HV + i_hv, mask=m, other=0.0).to(tl.float32)
-    a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
-    m_c = _load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
-    m_inv = _load_tril(Minv, rows, m, HV, i_hv, o_t, eos, t0, BT, False)
+    a_qk = _load_tril(Aqk, rows, m, HV, i_hv, o_t, eos, t0, BT, MATS_ROWS)
+    m_c = _load_tril(M, rows, m, HV, i_hv, o_t, eos, t0, BT, MATS_ROWS)
+    m_inv = _load_tril(Minv, rows, m, HV, i_hv, o_t, eos, t0, BT, MATS_ROWS)
     last = tl.minimum(t0 + BT, eos) - 1
     _, _, e_g, e_d, _ = chunk_decays(G, Rs, rows, m, last, HV, i_hv, cols_k, K, RESETS)
     kg = k_c * e_g

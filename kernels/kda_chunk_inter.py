@@ -31,7 +31,7 @@ def chunk_recurrence(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, HAS_H0: tl.constexpr, STORE_H: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, MATS_ROWS: tl.constexpr = False,
 ):  # fmt: skip
     """o [B*T, HV, V] for value columns [i_v*BV, (i_v+1)*BV) and, if STORE_HT, the final state
     ht [N, HV, K, V] fp32, from h0 [N, HV, K, V] fp32 (or zero). QG = scale * Gam * Q, KG =
@@ -42,7 +42,8 @@ def chunk_recurrence(
     interpreter take such a trip count). STORE_H (training only): the state entering every
     chunk is also written to h [NC, HV, K, V] fp32 (chunk c of sequence n at row
     chunk_first[n] + c, or n * NT + c without cu_seqlens), for the backward of
-    kda_chunk_backward."""
+    kda_chunk_backward. MATS_ROWS: Aqk and M under the row mask alone, so that they are
+    copied a chunk ahead like the operands (ChunkBlocks.MATS_ROWS)."""
     i_nh, i_v = one_dim_grid((V + BV - 1) // BV)
     i_n, i_hv, i_h, bos, eos, c0 = sequence_span(i_nh, chunk_first, cu_seqlens, T, NT, HV, H, IS_VARLEN)
     o_t = tl.arange(0, BT)
@@ -65,7 +66,10 @@ def chunk_recurrence(
         ops = (rows[:, None] * HV + i_hv) * K + cols_k[None, :]
         m_ops = m[:, None] & (cols_k[None, :] < K)
         v_c = load_rows(v, rows, m, HV, i_hv, cols_v, V)
-        tri = m[:, None] & (t0 + o_t[None, :] < eos) & (o_t[None, :] <= o_t[:, None])
+        if MATS_ROWS:  # the row mask alone (ChunkBlocks.MATS_ROWS)
+            tri = m[:, None] & (o_t[None, :] < BT)
+        else:
+            tri = m[:, None] & (t0 + o_t[None, :] < eos) & (o_t[None, :] <= o_t[:, None])
         mat = (rows[:, None] * HV + i_hv) * BT + o_t[None, :]
         a_qk = tl.load(Aqk + mat, mask=tri, other=0.0)
         m_c = tl.load(M + mat, mask=tri, other=0.0)

@@ -120,6 +120,10 @@ def first_fit(kernel: str, dtype: str, K: int, V: int, usage: bool = False) -> d
     consts = dict(H=1, HV=1, K=K, V=V, BT=BLOCKS.BT, BC=BLOCKS.BC, BK=BK, IS_VARLEN=False, RESETS=False,
                   HAS_H0=True, STORE_H=True, HAS_DHT=True, STORE_DH0=True, L2NORM=False, BETA_SIGMOID=False,
                   NEG_EIGVAL=False, DOT_DTYPE=dot, PRECISION="tf32", DIAG_COLS=BLOCKS.GRADS_DIAG_COLS)  # fmt: skip
+    if kernel == "recurrence":
+        consts["MATS_ROWS"] = BLOCKS.mats_rows(1, dot)
+    elif kernel in ("grads", "dh_recurrence"):
+        consts["MATS_ROWS"] = BLOCKS.mats_rows(2, dot)
     tried = []
     if kernel == "pair_grads":  # one config, no fallback (kda_chunk.chunk_kda_backward)
         configs, warps = [{}], BLOCKS.PAIR_GRADS_WARPS

@@ -275,3 +275,24 @@ def test_accuracy_command_measures_gradients_against_the_oracle():
 
     r = measure_grads("kdaverify.equivalence.adapters:reference_recurrent_kda", 100, 1, 16, 8, "float32", None, "cpu")
     assert all(r[f"d{n}"].rel_rms < 1e-5 for n in GRAD_NAMES) and r["seconds"] > 0
+
+
+def test_timers_run_without_the_scratch_poisoning(monkeypatch):
+    """This repository's conftest NaN-fills our kernels' scratch (runtime.POISON_SCRATCH) and
+    the sweep runs as tests: every timer must call with it off, or a row times the fills (0.3
+    ms of chunk_kda's 2.2 at B1 T16384 on an H200 went unnoticed for a session), and restore
+    it after."""
+    from kdaverify.kernels import runtime
+    from kdaverify.perf import timing
+
+    monkeypatch.setattr(runtime, "POISON_SCRATCH", True)
+    seen = []
+
+    def call():
+        seen.append(runtime.POISON_SCRATCH)
+
+    timing.median_ms(call, "cpu", budget_s=0.0)
+    timing.peak_mib(call, "cpu")
+    timing.synchronized(call, "cpu")()
+    assert seen and not any(seen), seen
+    assert runtime.POISON_SCRATCH is True

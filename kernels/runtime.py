@@ -11,6 +11,7 @@ the compiled kernel's speed or its memory safety.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -42,6 +43,20 @@ next_power_of_2 = triton.next_power_of_2.fn
 # skips Aqk's diagonal column fails test_diagonal_tile_forms_agree_bitwise either way); with
 # NaN there it cannot happen.
 POISON_SCRATCH = os.environ.get("KDAVERIFY_POISON_SCRATCH", "0") not in ("", "0")
+
+
+@contextlib.contextmanager
+def scratch_poisoned(on: bool):
+    """POISON_SCRATCH set to `on` inside the block, restored after it. The perf harness times
+    with it off: filling the buffers is not the kernel's work, and at B1 T16384 H32 K = V = 128
+    bf16 the fills of chunk_kda's forward cost 0.3 ms of its 2.2 (H200, twenty-third session:
+    the sweep, run under this repository's conftest, timed them until then)."""
+    global POISON_SCRATCH
+    before, POISON_SCRATCH = POISON_SCRATCH, on
+    try:
+        yield
+    finally:
+        POISON_SCRATCH = before
 
 
 def scratch(*shape: int, dtype: torch.dtype, device) -> torch.Tensor:

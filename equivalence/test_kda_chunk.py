@@ -354,11 +354,11 @@ def test_diagonal_tile_forms_agree_bitwise(spec, dtype, l2, monkeypatch):
     and 16 columns (16: the interpreter's form) and token-parallel in chunk_diag (DIAG_COLS = 0,
     one and four value heads a program), and the gate cumsum over all of K or in blocks of 16
     columns (CUMSUM_BK), or row by row (CUMSUM_ROWS: 16 columns, and 128, past K), and the
-    recurrence's Aqk and M under the row mask (MATS_ROWS) give the same o and final state, bit
-    for bit under the interpreter: the interpreter's runs of the suite check the GPU's forms
-    through this test. Compiled, the diagonal forms differ by rounding (about 4e-5 relative in
-    bf16 on an H200: the compiler contracts products and sums in other orders), so there each
-    form is held to the oracle instead."""
+    recurrence's Aqk and M (MATS_ROWS) or the solve's diagonal blocks (SOLVE_ROWS) under the row
+    mask give the same o and final state, bit for bit under the interpreter: the interpreter's
+    runs of the suite check the GPU's forms through this test. Compiled, the diagonal forms
+    differ by rounding (about 4e-5 relative in bf16 on an H200: the compiler contracts products
+    and sums in other orders), so there each form is held to the oracle instead."""
     from dataclasses import replace
 
     from kdaverify.kernels import kda_chunk
@@ -386,6 +386,7 @@ def test_diagonal_tile_forms_agree_bitwise(spec, dtype, l2, monkeypatch):
         "token, stored as formed, matrices under the row mask": dict(
             DIAG_COLS=0, DIAG_HEADS=4, DIAG_EACH=1, MATS_ROWS=1
         ),
+        "1, the solve's diagonal blocks under the row mask": dict(DIAG_COLS=1, SOLVE_ROWS=1),
     }
     got = {}
     # one K step for both diagonal forms (chunk_pairs' BK_INTRA, chunk_diag's DIAG_BK): the sums
@@ -449,6 +450,28 @@ def test_pair_grads_diagonal_widths_match_oracle(cols, spec, impl, dtype, monkey
 
     monkeypatch.setattr(kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, GRADS_DIAG_COLS=cols))
     expect_gradients(Harness(impl, DTYPES[dtype]), f"pair grads, {cols} columns per step", spec)
+
+
+@pytest.mark.parametrize(
+    ("spec", "impl", "dtype"),
+    [
+        (CaseSpec(T=70, K=40, V=24, G=2, h0=True, gate="strong", seed=49), IEEE, "float32"),
+        (CaseSpec(T=40, K=5, V=7, H=2, G=2, h0=True, seqlens=(3, 21, 16), gate="reset", seed=50), DEFAULT, "bfloat16"),
+        (CaseSpec(T=90, K=20, V=12, G=3, h0=True, seqlens=(70, 20), gate="reset", seed=52), DEFAULT, "float32"),
+    ],
+    ids=["strong-fp32-ieee", "reset-packed-bf16", "reset-packed-fp32"],
+)
+def test_dg_cumsum_by_rows_matches_oracle(spec, impl, dtype, monkeypatch):
+    """chunk_dg_cumsum walking the rows back with one running sum per column (DG_ROWS = 1)
+    gives gradients that pass the oracle under the tolerance rule, with resets in the middle
+    and at the first row of chunks (each sum restarts where the count changes; a reset token
+    gets 0), ragged tails and packed sequences; ragged K (5, 20, 40: masked columns)."""
+    from dataclasses import replace
+
+    from kdaverify.kernels import kda_chunk
+
+    monkeypatch.setattr(kda_chunk, "BLOCKS", replace(kda_chunk.BLOCKS, DG_ROWS=1))
+    expect_gradients(Harness(impl, DTYPES[dtype]), "dg cumsum by rows", spec)
 
 
 def test_pair_grads_token_parallel_head_blocks(monkeypatch):

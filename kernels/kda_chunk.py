@@ -112,6 +112,24 @@ class ChunkBlocks:
     PAIRS_WARPS: int = 4
     SOLVE_WARPS: int = 1
     SOLVE_WARPS_IEEE: int = 2
+    # SOLVE_ROWS = 1: chunk_solve loads its four diagonal [BC, BC] blocks of L under the row
+    # mask alone and keeps their strict lower triangle with a select (the same values, whatever
+    # the buffer holds above it), so the batch loads as 16-byte vectors. An A/B candidate
+    # (twenty-third session, CPU only): ptxas at sm_90 (bf16, 1 warp) 84 scalar ld.global.b32
+    # -> 52 (and 8 more v4), 250 -> 240 registers. Predicted chunk_solve 0.161 -> 0.150-0.158
+    # ms at B1 T16384 H32 K = V = 128 bf16 (the loads come once per program, before the chain
+    # of dots). o bitwise equal under the interpreter (test_kda_chunk).
+    SOLVE_ROWS: int = 0
+    # DG_ROWS = 1: chunk_dg_cumsum walks each chunk's rows from the last back, one running sum
+    # per column on one warp (kda_chunk_backward.chunk_dg_cumsum's ROWS), the backward's
+    # counterpart of CUMSUM_ROWS (the forward's gate cumsum 0.217 -> 0.139 ms that way). An
+    # A/B candidate (twenty-third session, CPU only): ptxas at sm_90 showed the scan form with
+    # 344 scalar shared loads and 156 shared stores at 250 registers (bf16, K = 128, 4 warps).
+    # Predicted chunk_dg_cumsum 0.189 -> 0.12-0.15 ms at B1 T16384 H32 K = V = 128 (fwd+bwd),
+    # and chunks holding a reset no longer take BT masked sums. Not bitwise: each suffix is
+    # summed directly instead of as total - prefix + own (test_kda_chunk holds both forms to
+    # the oracle).
+    DG_ROWS: int = 0
     # SOLVE_BF16X3 = 1: chunk_solve's dots at the default precision in "bf16x3" (three bf16
     # tensor-core passes: hi*hi + hi*lo + lo*hi, about 2^-16 relative) instead of "tf32x3"
     # (about 2^-22). A [16, 16] x [16, 16] dot is then one k-step of m16n8k16 per pass instead
@@ -656,7 +674,8 @@ def _forward(c: Call, opts: _Options, output_final_state: bool, keep: bool):
     chunk_solve[grid](
         L, c.beta, M, Minv, c.cu_seqlens, plan.chunks, T, plan.NBH,
         HV=HV, BT=BT, BC=BC, IS_VARLEN=plan.varlen, BETA_SIGMOID=opts.beta_sigmoid, NEG_EIGVAL=opts.neg_eigval,
-        SOLVE_PRECISION=BLOCKS.solve_precision(opts.precision), num_warps=BLOCKS.solve_warps(opts.precision),
+        SOLVE_PRECISION=BLOCKS.solve_precision(opts.precision), ROWS=bool(BLOCKS.SOLVE_ROWS),
+        num_warps=BLOCKS.solve_warps(opts.precision),
     )  # fmt: skip
     del L
     # the loop over chunks may be software-pipelined (its loads for the next chunk kept in
@@ -790,7 +809,8 @@ def chunk_kda_backward(
     for only, resets in BLOCKS.reset_passes(Rs is not None, level=2):
         chunk_dg_cumsum[(plan.NC * plan.NBH,)](
             dg, Rs, c.cu_seqlens, plan.chunks, T, plan.NBH,
-            HV=HV, K=K, BT=BT, BK=BKP, IS_VARLEN=plan.varlen, RESETS=resets, ONLY=only, KP=BK,
+            HV=HV, K=K, BT=BT, BK=BK if BLOCKS.DG_ROWS else BKP, IS_VARLEN=plan.varlen, RESETS=resets, ONLY=only,
+            KP=BK, ROWS=bool(BLOCKS.DG_ROWS), num_warps=1 if BLOCKS.DG_ROWS else 4,
         )  # fmt: skip
     group = HV // H
     dq = dq.view(B, T, H, group, K).sum(3).to(q.dtype)

@@ -610,15 +610,39 @@ def chunk_dg_cumsum(
     dg, Rs, cu_seqlens, chunks, T, NBH,
     HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     IS_VARLEN: tl.constexpr, RESETS: tl.constexpr, ONLY: tl.constexpr = 0, KP: tl.constexpr = 16,
+    ROWS: tl.constexpr = False,
 ):  # fmt: skip
     """dg [B*T, HV, K] fp32 in place: dg_r = the sum of dG_s over s >= r inside r's chunk (G is
     the in-chunk cumulative sum of g), restarted at each reset: a reset token's g (-inf)
-    gets 0, as in the oracle (its decay multiplies a zero state)."""
+    gets 0, as in the oracle (its decay multiplies a zero state).
+
+    ROWS (ChunkBlocks.DG_ROWS): the chunk's rows walked from its last back to its first, BK
+    columns at a time, one running sum per column (restarted where the reset count changes),
+    instead of a [BT, BK] tile's scan (no reset) or its BT masked sums (a reset): each row
+    read and written once, no shared memory. The sums then run in the other order (each
+    suffix summed directly, without the scan's total - prefix cancellation). The restart at
+    a reset and the zero at a reset token change only rounding: past a reset the loss depends
+    on G only through differences inside the segment (the state entering the chunk is cut),
+    so the segment's dG sums to zero (a mutant without either passed the oracle tests)."""
     i_c, i_bh = one_dim_grid(NBH)
     i_b, i_hv = i_bh // HV, i_bh % HV
     _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
     last = tl.minimum(t0 + BT, eos) - 1
-    if chunk_selected(Rs, last, HV, i_hv + tl.arange(0, 1), K, KP, ONLY):  # ONLY: ChunkBlocks.reset_passes
+    if ROWS:
+        if chunk_selected(Rs, last, HV, i_hv + tl.arange(0, 1), K, KP, ONLY):
+            for i_k in range(0, (K + BK - 1) // BK):
+                cols = i_k * BK + tl.arange(0, BK)
+                acc = tl.zeros([BK], dtype=tl.float32)
+                cnt_next = load_counts_row(Rs, last, True, HV, i_hv, cols, K, RESETS)
+                for j in range(0, last - t0 + 1):
+                    r = last - j
+                    ptr = dg + (r * HV + i_hv) * K + cols
+                    cnt = load_counts_row(Rs, r, True, HV, i_hv, cols, K, RESETS)
+                    acc = tl.where(cnt == cnt_next, acc, 0.0) + tl.load(ptr, mask=cols < K, other=0.0)
+                    cnt_prev = load_counts_row(Rs, r - 1, r > t0, HV, i_hv, cols, K, RESETS)
+                    tl.store(ptr, tl.where(cnt > cnt_prev, 0.0, acc), mask=cols < K)  # a reset token: 0
+                    cnt_next = cnt
+    elif chunk_selected(Rs, last, HV, i_hv + tl.arange(0, 1), K, KP, ONLY):  # ONLY: ChunkBlocks.reset_passes
         o_t = tl.arange(0, BT)
         rows = t0 + o_t
         m = rows < eos

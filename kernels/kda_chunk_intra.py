@@ -721,6 +721,7 @@ def chunk_solve(
     L, beta, M, Minv, cu_seqlens, chunks, T, NBH,
     HV: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
     IS_VARLEN: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, SOLVE_PRECISION: tl.constexpr,
+    ROWS: tl.constexpr = False,
 ):  # fmt: skip
     """M = (I + L)^{-1} Diag(beta) of one chunk of one value head (eq. (6)), and Minv =
     (I + L)^{-1} itself when Minv is given (for the backward), from L of chunk_pairs and
@@ -755,7 +756,11 @@ def chunk_solve(
     # the diagonal blocks as one [NB, BC, BC] batch: 4 KiB of the chunk's 16 KiB of L
     r3 = tl.arange(0, NB)[:, None, None] * BC + o16[None, :, None]
     c3 = tl.arange(0, NB)[:, None, None] * BC + o16[None, None, :]
-    n = -tl.load(L + ((t0 + r3) * HV + i_hv) * BT + c3, mask=(t0 + r3 < eos) & (c3 < r3), other=0.0)
+    if ROWS:  # the row mask alone, the strict lower triangle selected after (ChunkBlocks.SOLVE_ROWS)
+        n = tl.load(L + ((t0 + r3) * HV + i_hv) * BT + c3, mask=(t0 + r3 < eos) & (c3 < BT), other=0.0)
+        n = -tl.where(c3 < r3, n, 0.0)
+    else:
+        n = -tl.load(L + ((t0 + r3) * HV + i_hv) * BT + c3, mask=(t0 + r3 < eos) & (c3 < r3), other=0.0)
     for j in range(1, BC):
         sel = (o16 == j)[None, :, None]
         r = tl.where(sel, n, 0.0)

@@ -194,8 +194,9 @@ class ChunkBlocks:
     # (H200, B1 T16384 H32 K = V = 128 bf16, perf.ab DIAG_HEADS=4,2 DIAG_WARPS=2,1, one round,
     # no prediction written first), chunk_diag in ms: (4, 2) 0.477, (4, 1) 0.512, (2, 2)
     # 0.664, **(2, 1) 0.465**, o bitwise equal at (2, 1) (4e-5 relative at the other two);
-    # forward 2.193 -> 2.182 ms. ptxas at sm_90 (bf16, K = 128): 61 -> 56 registers, no spills
-    # at K = 128 or 256, bf16 or fp32. (2, 1) taken.
+    # forward 2.193 -> 2.182 ms. Confirmed in a later call (two rounds within 0.3%): 0.466
+    # against 0.479 ms, forward 2.200 against 2.216. ptxas at sm_90 (bf16, K = 128): 61 -> 56
+    # registers, no spills at K = 128 or 256, bf16 or fp32. (2, 1) taken.
     DIAG_HEADS: int = 2
     DIAG_WARPS: int = 1
     # chunk_diag's columns of K per step (its K loop runs outside the columns: row r's q, k, G

@@ -80,7 +80,7 @@ def _load_tril(
     the sequence in full, zeros above the diagonal) in 16-byte loads instead of one load an
     element."""
     if ROWS:
-        keep = m[:, None] & (o_t[None, :] < BT)
+        keep = m[:, None] & (o_t[None, :] < BT)  # (always true: the mask's [BT, BT] shape)
     else:
         keep = m[:, None] & (t0 + o_t[None, :] < eos) & (o_t[None, :] <= o_t[:, None])
     tile = tl.load(x + (rows[:, None] * HV + i_hv) * BT + o_t[None, :], mask=keep, other=0.0)
@@ -628,8 +628,8 @@ def chunk_dg_cumsum(
     i_b, i_hv = i_bh // HV, i_bh % HV
     _, _, eos, t0 = chunk_span(i_c, i_b, cu_seqlens, chunks, T, BT, IS_VARLEN)
     last = tl.minimum(t0 + BT, eos) - 1
-    if ROWS:
-        if chunk_selected(Rs, last, HV, i_hv + tl.arange(0, 1), K, KP, ONLY):
+    if chunk_selected(Rs, last, HV, i_hv + tl.arange(0, 1), K, KP, ONLY):  # ONLY: ChunkBlocks.reset_passes
+        if ROWS:
             for i_k in range(0, (K + BK - 1) // BK):
                 cols = i_k * BK + tl.arange(0, BK)
                 acc = tl.zeros([BK], dtype=tl.float32)
@@ -642,25 +642,25 @@ def chunk_dg_cumsum(
                     cnt_prev = load_counts_row(Rs, r - 1, r > t0, HV, i_hv, cols, K, RESETS)
                     tl.store(ptr, tl.where(cnt > cnt_prev, 0.0, acc), mask=cols < K)  # a reset token: 0
                     cnt_next = cnt
-    elif chunk_selected(Rs, last, HV, i_hv + tl.arange(0, 1), K, KP, ONLY):  # ONLY: ChunkBlocks.reset_passes
-        o_t = tl.arange(0, BT)
-        rows = t0 + o_t
-        m = rows < eos
-        for i_k in range(0, (K + BK - 1) // BK):
-            cols = i_k * BK + tl.arange(0, BK)
-            m_k = m[:, None] & (cols[None, :] < K)
-            out_k = (rows[:, None] * HV + i_hv) * K + cols[None, :]
-            dG = tl.load(dg + out_k, mask=m_k, other=0.0)
-            cnt_c = load_counts(Rs, rows, m, HV, i_hv, cols, K, RESETS)
-            if tl.max(tl.max(cnt_c, axis=1), axis=0) > 0:
-                dg_c = tl.zeros([BT, BK], dtype=tl.float32)
-                for s in range(0, BT):
-                    at_s = (o_t == s)[:, None]
-                    dG_s = tl.sum(tl.where(at_s, dG, 0.0), axis=0)
-                    c_s = tl.sum(tl.where(at_s, cnt_c, 0), axis=0)
-                    dg_c += tl.where((o_t <= s)[:, None] & (cnt_c == c_s[None, :]), dG_s[None, :], 0.0)
-                prev = load_counts(Rs, rows - 1, m & (o_t > 0), HV, i_hv, cols, K, RESETS)
-                dg_c = tl.where(cnt_c > prev, 0.0, dg_c)
-            else:
-                dg_c = dG - tl.cumsum(dG, axis=0) + tl.sum(dG, axis=0)[None, :]  # sum over s >= r
-            tl.store(dg + out_k, dg_c, mask=m_k)
+        else:
+            o_t = tl.arange(0, BT)
+            rows = t0 + o_t
+            m = rows < eos
+            for i_k in range(0, (K + BK - 1) // BK):
+                cols = i_k * BK + tl.arange(0, BK)
+                m_k = m[:, None] & (cols[None, :] < K)
+                out_k = (rows[:, None] * HV + i_hv) * K + cols[None, :]
+                dG = tl.load(dg + out_k, mask=m_k, other=0.0)
+                cnt_c = load_counts(Rs, rows, m, HV, i_hv, cols, K, RESETS)
+                if tl.max(tl.max(cnt_c, axis=1), axis=0) > 0:
+                    dg_c = tl.zeros([BT, BK], dtype=tl.float32)
+                    for s in range(0, BT):
+                        at_s = (o_t == s)[:, None]
+                        dG_s = tl.sum(tl.where(at_s, dG, 0.0), axis=0)
+                        c_s = tl.sum(tl.where(at_s, cnt_c, 0), axis=0)
+                        dg_c += tl.where((o_t <= s)[:, None] & (cnt_c == c_s[None, :]), dG_s[None, :], 0.0)
+                    prev = load_counts(Rs, rows - 1, m & (o_t > 0), HV, i_hv, cols, K, RESETS)
+                    dg_c = tl.where(cnt_c > prev, 0.0, dg_c)
+                else:
+                    dg_c = dG - tl.cumsum(dG, axis=0) + tl.sum(dG, axis=0)[None, :]  # sum over s >= r
+                tl.store(dg + out_k, dg_c, mask=m_k)

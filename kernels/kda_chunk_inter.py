@@ -67,7 +67,7 @@ def chunk_recurrence(
         m_ops = m[:, None] & (cols_k[None, :] < K)
         v_c = load_rows(v, rows, m, HV, i_hv, cols_v, V)
         if MATS_ROWS:  # the row mask alone (ChunkBlocks.MATS_ROWS)
-            tri = m[:, None] & (o_t[None, :] < BT)
+            tri = m[:, None] & (o_t[None, :] < BT)  # (always true: the mask's [BT, BT] shape)
         else:
             tri = m[:, None] & (t0 + o_t[None, :] < eos) & (o_t[None, :] <= o_t[:, None])
         mat = (rows[:, None] * HV + i_hv) * BT + o_t[None, :]
